@@ -1,0 +1,1 @@
+"""Pyro guides matching ``pyromtl.models``, same file names; shipped as ``pyromtl.guides``."""

@@ -1,0 +1,47 @@
+"""Guide of the baseline family (STL / BMTL / VSTL / VBMTL), see ``models/baselines.py``.
+
+``q(z | x)`` is the amortised diagonal Gaussian of the shared (or per-task) encoder (VMTL
+eq. 3) and ``q(w_t)`` a diagonal Gaussian per class and task (eq. 8). A site whose prior is
+``deterministic`` gets a point mass at the mean instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
+from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.nn import GaussianEncoder
+
+
+def gaussian_or_point(loc: torch.Tensor, scale: torch.Tensor, event_dim: int, point: bool) -> dist.Distribution:
+    if point:
+        return dist.Delta(loc, event_dim=event_dim)
+    return dist.Normal(loc, scale).to_event(event_dim)
+
+
+class LatentMTLGuide(MultiTaskModule):
+    """Mean-field guide ``q(w) q(z | x)`` matching :class:`~pyromtl.models.baselines.LatentMTLModel`."""
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
+                 w_post: torch.nn.Module, device: torch.device):
+        super().__init__(data.info.to(device), state, cfg["kl_weight"])
+        self.encoder = encoder
+        self.w_post = w_post
+        self.shared_z = data.simo and not cfg["per_task_encoder"]
+        self.point_z = is_point(cfg["priors"]["z"])
+        self.point_w = is_point(cfg["priors"]["w"])
+        self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
+
+    def forward(self, batch: Batch) -> None:
+        plates = Plates(batch, self.mc_z, self.mc_w)
+        loc, scale = self.w_post(batch)
+        with plates.globals(), self.kl_scope():
+            pyro.sample("w", gaussian_or_point(loc, scale, 2, self.point_w))
+        loc, scale = self.encoder(batch.x, batch.simo)
+        with plates.locals(shared=self.shared_z), self.kl_scope():
+            pyro.sample("z", gaussian_or_point(loc, scale, 1, self.point_z))

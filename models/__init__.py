@@ -1,0 +1,1 @@
+"""Pyro models, one method per file; shipped as ``pyromtl.models``."""

@@ -1,0 +1,15 @@
+"""pyromtl: probabilistic multi-task learning written as Pyro models and guides.
+
+    >>> import pyromtl
+    >>> fit = pyromtl.fit("vmtl", "digits-domains", fraction=0.05, seed=0)
+    >>> fit.evaluate()["average"]["accuracy"]
+
+See ``pyromtl.methods.available()``, ``pyromtl.datasets.available()`` and
+``pyromtl.priors.available()`` for what is built in.
+"""
+
+from pyromtl.data.core import MultiTaskData
+from pyromtl.fit import Fit, fit, load
+
+__all__ = ["Fit", "MultiTaskData", "fit", "load", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,279 @@
+"""The ``pyromtl`` command: list, fit, evaluate, compare and report.
+
+The CLI only parses input and calls the Python API. Every user mistake (unknown name, bad
+value, missing or malformed file) ends with exit code 2 and one line on stderr,
+``pyromtl: error: <message>``; a training failure (NaN loss) ends with exit code 1.
+Unexpected exceptions keep their traceback, since they are bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+#: Config keys that may differ when a run directory's checkpoint is resumed: where and how
+#: long to train, not what is trained.
+_RESUMABLE_KEYS = {"device", "quiet", "steps", "epochs", "checkpoint_every"}
+
+
+class UsageError(ValueError):
+    """A user mistake found by the CLI itself (reported like any other ``ValueError``)."""
+
+
+# ---------------------------------------------------------------------------- tables
+def _fmt(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "nan" if math.isnan(v) else f"{v:.4f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def metrics_table(tasks: Mapping[str, Mapping[str, float]], average: Mapping[str, float]) -> str:
+    """Tasks as rows and metric keys (in first-seen order) as columns, then the average."""
+    keys: list[str] = []
+    for m in [*tasks.values(), average]:
+        keys += [k for k in m if k not in keys]
+    rows = [[name, *(_fmt(m[k]) if k in m else "-" for k in keys)] for name, m in tasks.items()]
+    rows.append(["average", *(_fmt(average[k]) if k in average else "-" for k in keys)])
+    return _table(["task", *keys], rows)
+
+
+# ---------------------------------------------------------------------------- list
+def _summaries(section: str) -> list[tuple[str, str]]:
+    """``(name, one-line summary)`` for every entry of a registry."""
+    if section == "methods":
+        from pyromtl import methods
+
+        return [(name, methods.get(name).summary) for name in methods.available()]
+    if section == "datasets":
+        from pyromtl import datasets
+
+        return [(name, datasets.summary(name)) for name in datasets.available()]
+    from pyromtl import priors
+
+    return [(name, priors.summary(name)) for name in priors.available()]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    sections = [args.section] if args.section else ["methods", "datasets", "priors"]
+    blocks = []
+    for section in sections:
+        entries = _summaries(section)
+        width = max((len(n) for n, _ in entries), default=0)
+        blocks.append("\n".join([f"{section}:", *(f"  {n.ljust(width)}  {s}".rstrip() for n, s in entries)]))
+    print("\n\n".join(blocks))
+    return 0
+
+
+# ---------------------------------------------------------------------------- fit
+def fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``fit``: ``--config`` file, then each ``--set`` in order, then explicit flags.
+
+    Method defaults come last, from :func:`pyromtl.config.resolve`, under all of these.
+    """
+    from pyromtl import config
+
+    cfg: dict[str, Any] = config.load_toml(args.config) if args.config else {}
+    for assignment in args.set:
+        config.apply_set(cfg, assignment)
+    flags = {k: getattr(args, k) for k in ("data", "root", "fraction", "seed", "device", "epochs", "steps", "quiet")}
+    if flags["epochs"] is not None and flags["steps"] is None:
+        flags["steps"] = 0  # an explicit --epochs wins over a `steps` from the file or --set
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    if cfg.setdefault("method", args.method) != args.method:
+        raise UsageError(f"the config is for method {cfg['method']!r} but the command fits {args.method!r}")
+    return cfg
+
+
+def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint in ``out`` that was trained with a different configuration.
+
+    The trainer resumes any checkpoint it finds; a rerun into the same default directory with
+    changed options would otherwise load mismatched weights or silently mix two set-ups.
+    """
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file():
+        return
+    import torch
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("config", {})
+    changed = sorted(k for k in set(saved) | set(cfg) if k not in _RESUMABLE_KEYS and saved.get(k) != cfg.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
+        raise UsageError(f"{out} holds a run with a different config ({diffs}); pass another --out or remove it")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import pyromtl
+    from pyromtl import config, methods
+
+    options = fit_options(args)
+    resolved = config.resolve(methods.get(args.method), options)  # fail on bad options before any work
+    out = Path(args.out or f"runs/{args.method}-{resolved['data']}-s{resolved['seed']}")
+    _check_resume(out, resolved)
+    options.pop("method")
+    t0 = time.perf_counter()
+    pyromtl.fit(args.method, out=out, **options)
+    wall = time.perf_counter() - t0
+    doc = json.loads((out / "metrics.json").read_text())
+    print(f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:")
+    print(metrics_table(doc["tasks"], doc["average"]))
+    print(f"trained {doc['train']['steps']} steps in {doc['train']['seconds']:.1f} s; wall time {wall:.1f} s")
+    print(f"run dir: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pyromtl
+
+    f = pyromtl.load(args.run_dir)
+    scores = f.evaluate(args.split)
+    print(f"{f.method.name} on {f.data.name}, {args.split} split:")
+    print(metrics_table(scores["tasks"], scores["average"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------- compare
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's ``metrics.json``; a missing or malformed file is a ``ValueError``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or "dataset" not in doc:
+        raise UsageError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
+    return doc
+
+
+def run_labels(dirs: Sequence[Path]) -> list[str]:
+    """Column names: the directory names, or the paths as given where two names clash."""
+    names = [d.name or str(d) for d in dirs]
+    labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
+    return [lab if labels.count(lab) == 1 else f"{lab}#{labels[:i + 1].count(lab)}" for i, lab in enumerate(labels)]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pyromtl import metrics
+
+    dirs = [Path(d) for d in args.run_dirs]
+    base_index = None
+    if args.baseline is not None:
+        base = Path(args.baseline)
+        same = [i for i, d in enumerate(dirs) if d.resolve() == base.resolve()]
+        if same:
+            base_index = same[0]
+        else:
+            dirs.append(base)
+            base_index = len(dirs) - 1
+    docs = [read_metrics(d) for d in dirs]
+    datasets = {doc["dataset"] for doc in docs}
+    if len(datasets) > 1:
+        found = ", ".join(f"{d}: {doc['dataset']}" for d, doc in zip(dirs, docs))
+        raise UsageError(f"runs on different datasets cannot be compared ({found})")
+    labels = run_labels(dirs)
+    runs = {lab: doc["tasks"] for lab, doc in zip(labels, docs)}
+    baseline = labels[base_index] if base_index is not None else None
+    print(f"dataset: {datasets.pop()}")
+    print(metrics.compare_table(runs, baseline))
+    return 0
+
+
+# ---------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from pyromtl import diagnostics
+
+    print(diagnostics.report(args.run_dir))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser and main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyromtl", description="Probabilistic multi-task learning with Pyro.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("list", help="list methods, datasets and prior kinds")
+    sp.add_argument("section", nargs="?", choices=["methods", "datasets", "priors"])
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("fit", help="train a method and write a run directory",
+                        description="Train METHOD. Precedence: method defaults < --config < --set (in order) "
+                                    "< explicit flags.")
+    sp.add_argument("method", metavar="METHOD")
+    sp.add_argument("--data", metavar="NAME", help="dataset name (see `pyromtl list datasets`)")
+    sp.add_argument("--root", metavar="PATH", help="folder holding a benchmark's files")
+    sp.add_argument("--fraction", type=float, metavar="F", help="few-shot fraction of each task's training split")
+    sp.add_argument("--config", metavar="FILE.toml", help="TOML file of options and [priors.<site>] tables")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one option (TOML value; dotted keys reach into tables); repeatable")
+    sp.add_argument("--device", metavar="auto|cpu|cuda")
+    sp.add_argument("--seed", type=int, metavar="N")
+    sp.add_argument("--epochs", type=int, metavar="N", help="train for N epochs (overrides a configured `steps`)")
+    sp.add_argument("--steps", type=int, metavar="N", help="train for N optimiser steps")
+    sp.add_argument("--out", metavar="DIR", help="run directory (default runs/<method>-<data>-s<seed>)")
+    sp.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    sp.set_defaults(func=cmd_fit)
+
+    sp = sub.add_parser("evaluate", help="print a saved run's per-task metrics (writes nothing)")
+    sp.add_argument("run_dir", metavar="RUN_DIR")
+    sp.add_argument("--split", choices=["test", "val", "train"], default="test")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("compare", help="compare runs task by task, with Δm, Δ_I and η̂ against a baseline")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    sp.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against (e.g. an STL run)")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("report", help="write plots and report.md into a run directory")
+    sp.add_argument("run_dir", metavar="RUN_DIR")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def _error(message: str, code: int) -> int:
+    # One line, whatever the exception text holds (TOML errors, for one, span lines).
+    print(f"pyromtl: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help and argparse's usage errors
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    from pyromtl.train import TrainingError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        return _error(str(err), 2)
+    except KeyError as err:  # str(KeyError) quotes its message
+        return _error(str(err.args[0]) if err.args else "missing key", 2)
+    except TrainingError as err:
+        return _error(str(err), 1)
+    except KeyboardInterrupt:
+        return _error("interrupted; a `fit` started again with the same --out resumes from its checkpoint", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Distributions pyromtl adds to Pyro.
+
+:class:`TaskMixture` is the prior of VMTL: a mixture of diagonal Gaussians whose components
+are the other tasks' variational posteriors, of the classifier ``w`` (eq. 6) or of the
+representation ``z`` (eq. 9). Its KL from a diagonal Gaussian guide is registered with
+:func:`torch.distributions.kl.register_kl` as the closed-form upper bound that VMTL's objective
+(eq. 11) uses, so ``pyro.infer.TraceMeanField_ELBO`` picks it up analytically.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import Independent, Normal, constraints
+from torch.distributions.kl import register_kl
+
+__all__ = ["TaskMixture", "KL_MODES"]
+
+#: Values of :attr:`TaskMixture.kl`.
+KL_MODES = ("upper_bound", "monte_carlo")
+
+
+class _MixtureWeights(constraints.Constraint):
+    """The simplex, up to the rounding of a sum over C weights.
+
+    ``constraints.simplex`` allows a fixed 1e-6, which float32 Gumbel-Softmax weights of many
+    tasks can exceed.
+    """
+
+    event_dim = 1
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        tolerance = max(1e-6, 4 * value.shape[-1] * torch.finfo(value.dtype).eps)
+        return (value >= 0).all(-1) & ((value.sum(-1) - 1).abs() <= tolerance)
+
+
+class TaskMixture(TorchDistribution):
+    r"""Mixture of diagonal Gaussians ``p(x) = Σ_c w_c N(x | loc_c, diag scale_c²)``.
+
+    VMTL's priors are of this form: ``p(w_t) = Σ_{i≠t} α_ti q(w_i)`` (eq. 6) and
+    ``p(z_tn | x_tn) = Σ_{i≠t} β_ti q(z | x_tn, D_i)`` (eq. 9), with the own task's weight 0.
+
+    :param weights: mixing weights ``[..., C]`` on the simplex; zero weights are allowed and
+        contribute nothing (no NaN in values or gradients).
+    :param loc: component means ``[..., C, *event_shape]``.
+    :param scale: component standard deviations, same layout as ``loc``.
+    :param event_dim: number of rightmost dims of ``loc`` that form one event (1 for ``z [d]``,
+        2 for ``w [K, d]``); the component dim sits just left of them.
+    :param kl: how ``kl_divergence(diagonal Normal, TaskMixture)`` is computed. ``"upper_bound"``
+        returns the closed-form bound ``Σ_c w_c KL(q ‖ N(loc_c, scale_c))`` (eq. 11); with
+        ``"monte_carlo"`` it raises ``NotImplementedError``, so ``TraceMeanField_ELBO`` falls
+        back to a Monte-Carlo estimate of the exact KL to the mixture.
+
+    ``batch_shape`` is the broadcast of ``weights.shape[:-1]`` and the batch dims of ``loc`` and
+    ``scale``. :meth:`expand` returns a ``TaskMixture`` (not an ``ExpandedDistribution``), which
+    keeps the registered KL reachable under ``pyro.plate``.
+
+    ``has_rsample`` is ``False``: :meth:`rsample` reparameterises only the Gaussian draw given a
+    sampled component, so no gradient flows to ``weights`` through samples. As a prior, the site is
+    replayed from the guide in SVI and never sampled from in the loss.
+    """
+
+    arg_constraints = {"weights": _MixtureWeights(), "loc": constraints.real, "scale": constraints.positive}
+    has_rsample = False
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        event_dim: int,
+        kl: Literal["upper_bound", "monte_carlo"] = "upper_bound",
+        validate_args: bool | None = None,
+    ):
+        if event_dim < 0:
+            raise ValueError(f"event_dim must be >= 0, got {event_dim}")
+        if kl not in KL_MODES:
+            raise ValueError(f"kl must be one of {list(KL_MODES)}, got {kl!r}")
+        for name, t in (("loc", loc), ("scale", scale)):
+            if t.dim() < event_dim + 1:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} needs a component dim left of its {event_dim} event dim(s)")
+        if weights.dim() < 1:
+            raise ValueError("weights need a component dim (the last one)")
+        comp = -(event_dim + 1)
+        event_shape = torch.broadcast_shapes(loc.shape[loc.dim() - event_dim:], scale.shape[scale.dim() - event_dim:])
+        batch_shape = torch.broadcast_shapes(weights.shape[:-1], loc.shape[:comp], scale.shape[:comp])
+        num_components = torch.broadcast_shapes(weights.shape[-1:], loc.shape[comp:comp + 1], scale.shape[comp:comp + 1])
+        # Broadcast views (no copies) so every method can index the component dim uniformly.
+        self.weights = weights.expand(batch_shape + num_components)
+        self.loc = loc.expand(batch_shape + num_components + event_shape)
+        self.scale = scale.expand(batch_shape + num_components + event_shape)
+        self.kl = kl
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    @property
+    def num_components(self) -> int:
+        return self.weights.shape[-1]
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None) -> "TaskMixture":
+        new = self._get_checked_instance(TaskMixture, _instance)
+        batch_shape = torch.Size(batch_shape)
+        C, E = torch.Size([self.num_components]), self.event_shape
+        new.weights = self.weights.expand(batch_shape + C)
+        new.loc = self.loc.expand(batch_shape + C + E)
+        new.scale = self.scale.expand(batch_shape + C + E)
+        new.kl = self.kl
+        super(TaskMixture, new).__init__(batch_shape, E, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _log_weights(self) -> torch.Tensor:
+        # log(0) has an infinite derivative and 0 * inf = NaN in backward: only take the log of
+        # positive weights, and give zero weights -inf so logsumexp ignores them.
+        positive = self.weights > 0
+        safe = torch.where(positive, self.weights, torch.ones_like(self.weights))
+        return torch.where(positive, safe.log(), torch.full_like(safe, -torch.inf))
+
+    def _component_dim(self) -> int:
+        return -(len(self.event_shape) + 1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Exact ``log Σ_c w_c Π_e N(value_e | loc_ce, scale_ce)``, shape ``sample_shape + batch_shape``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        E = len(self.event_shape)
+        per_elem = Normal(self.loc, self.scale, validate_args=False).log_prob(value.unsqueeze(self._component_dim()))
+        per_comp = per_elem.sum(dim=tuple(range(-E, 0))) if E else per_elem
+        return torch.logsumexp(per_comp + self._log_weights(), dim=-1)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Draw a component per element of the batch, then a Gaussian (reparameterised given the component)."""
+        sample_shape = torch.Size(sample_shape)
+        E = len(self.event_shape)
+        comp = self._component_dim()
+        with torch.no_grad():
+            index = torch.distributions.Categorical(probs=self.weights, validate_args=False).sample(sample_shape)
+        full = sample_shape + self.batch_shape + torch.Size([self.num_components]) + self.event_shape
+        index = index.reshape(index.shape + (1,) * (E + 1)).expand(sample_shape + self.batch_shape + (1,) + self.event_shape)
+        loc = self.loc.expand(full).gather(comp, index).squeeze(comp)
+        scale = self.scale.expand(full).gather(comp, index).squeeze(comp)
+        return loc + scale * torch.randn_like(loc)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def _weights_over_event(self) -> torch.Tensor:
+        return self.weights.reshape(self.weights.shape + (1,) * len(self.event_shape))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self._weights_over_event() * self.loc).sum(self._component_dim())
+
+    @property
+    def variance(self) -> torch.Tensor:
+        second_moment = (self._weights_over_event() * (self.scale**2 + self.loc**2)).sum(self._component_dim())
+        return second_moment - self.mean**2
+
+
+def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_event_dim: int, p: TaskMixture) -> torch.Tensor:
+    r"""``Σ_c w_c KL(N(q_loc, q_scale) ‖ N(loc_c, scale_c))``, summed over the event dims.
+
+    This is the upper bound of ``KL(q ‖ Σ_c w_c p_c)`` that VMTL uses (eq. 11, by convexity of
+    the KL in its second argument); all components at once, no loop.
+    """
+    if p.kl == "monte_carlo":
+        # TraceMeanField_ELBO catches this and estimates the exact mixture KL by sampling.
+        raise NotImplementedError("TaskMixture(kl='monte_carlo') has no closed-form KL")
+    p_event_dim = len(p.event_shape)
+    if q_event_dim != p_event_dim:
+        raise ValueError(
+            f"KL(Normal ‖ TaskMixture): the guide has {q_event_dim} event dim(s) but the TaskMixture prior has "
+            f"{p_event_dim}; declare the guide's distribution with .to_event({p_event_dim})"
+        )
+    comp = -(p_event_dim + 1)
+    q_loc, q_scale = q_loc.unsqueeze(comp), q_scale.unsqueeze(comp)
+    var_ratio = (q_scale / p.scale) ** 2
+    kl = 0.5 * (var_ratio + ((q_loc - p.loc) / p.scale) ** 2 - 1.0 - var_ratio.log())
+    if p_event_dim:
+        kl = kl.sum(dim=tuple(range(-p_event_dim, 0)))
+    return (p.weights * kl).sum(-1)
+
+
+@register_kl(Independent, TaskMixture)
+def _kl_independent_task_mixture(q: Independent, p: TaskMixture) -> torch.Tensor:
+    # `.to_event(a).to_event(b)` may nest Independents; count all reinterpreted dims.
+    base, event_dim = q, 0
+    while isinstance(base, Independent):
+        event_dim += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if not isinstance(base, Normal):
+        raise NotImplementedError(f"no closed-form KL from {type(base).__name__} to TaskMixture")
+    return _kl_diag_normal_mixture_bound(base.loc, base.scale, event_dim, p)
+
+
+@register_kl(Normal, TaskMixture)
+def _kl_normal_task_mixture(q: Normal, p: TaskMixture) -> torch.Tensor:
+    return _kl_diag_normal_mixture_bound(q.loc, q.scale, 0, p)

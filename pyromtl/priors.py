@@ -1,0 +1,508 @@
+"""Declarative priors: a prior is a ``kind`` plus parameters, built by a registered function.
+
+A spec is written as a :class:`PriorSpec`, a kind name, or a table (dict / TOML)::
+
+    [priors.w]
+    kind = "task_mixture"
+    weights = "gumbel_softmax"
+    temperature = { start = 5.0, end = 0.5, rate = 1e-3 }
+
+:func:`parse_spec` validates it against the kind's registered defaults (unknown kinds and
+parameters fail fast, naming the valid ones) and fills in the missing parameters, so a parsed
+spec is the fully resolved prior. :func:`build` turns a spec plus a :class:`PriorContext`
+(the site's shapes, the task count, the step, the mixture components) into a distribution.
+Models own one :class:`PriorSite` per latent site, which holds the prior's learned
+parameters (e.g. VMTL's π, eq. 7) as ordinary ``torch.nn.Parameter`` s.
+
+Built-in kinds: ``normal``, ``learned_normal``, ``task_mixture`` (VMTL eq. 6, 7, 9) and
+``deterministic`` (a flat prior; the guide then uses a point mass). New kinds are one
+decorated function away, see :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any, Callable, Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch.distributions import Distribution, constraints
+
+from pyromtl.distributions import KL_MODES, TaskMixture
+from pyromtl.schedules import as_schedule
+
+__all__ = [
+    "PriorSpec",
+    "PriorContext",
+    "PriorSite",
+    "parse_spec",
+    "register",
+    "build",
+    "available",
+    "describe",
+    "expected_weights",
+    "MIXTURE_WEIGHTS",
+]
+
+#: Values of the ``weights`` parameter of ``task_mixture`` (the ablation of VMTL Table 2).
+MIXTURE_WEIGHTS = ("gumbel_softmax", "learned", "uniform")
+
+Builder = Callable[["PriorSpec", "PriorContext"], Distribution]
+Check = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """A prior as data: its registered ``kind`` and its parameters.
+
+    Treat ``params`` as read-only. :func:`parse_spec` returns specs whose ``params`` hold every
+    parameter of the kind (defaults filled in), so two specs of the same prior compare equal
+    however they were written.
+    """
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML table of this spec: ``{"kind": ..., **params}``."""
+        return {"kind": self.kind, **{k: dict(v) if isinstance(v, Mapping) else v for k, v in self.params.items()}}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    builder: Builder
+    defaults: dict[str, Any]
+    checks: dict[str, Check]
+
+
+_REGISTRY: dict[str, _Kind] = {}
+
+
+def register(
+    kind: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    checks: Mapping[str, Check] | None = None,
+    replace: bool = False,
+) -> Callable[[Builder], Builder]:
+    """Decorator that registers ``fn(spec, ctx) -> Distribution`` as the builder of prior ``kind``.
+
+    :param defaults: the accepted parameter names and their default values (``None``: the kind
+        takes no parameters). Values given by a user are checked against the type of the
+        default (bool, number, string) unless ``checks`` has an entry for that name.
+    :param checks: per-parameter functions ``value -> normalised value`` that raise
+        ``ValueError`` with a short reason for an invalid value.
+    :param replace: allow re-registering an existing kind.
+
+    Example::
+
+        @register("laplace", defaults={"scale": 1.0})
+        def laplace(spec, ctx):
+            d = dist.Laplace(torch.zeros((), device=ctx.device), spec.params["scale"])
+            return d.expand(ctx.batch_shape + ctx.event_shape).to_event(len(ctx.event_shape))
+    """
+    defaults = dict(defaults or {})
+    checks = dict(checks or {})
+    if unknown := sorted(set(checks) - set(defaults)):
+        raise ValueError(f"checks for parameter(s) {unknown} of prior kind {kind!r}, which has no defaults for them")
+    if kind in _REGISTRY and not replace:
+        raise ValueError(f"prior kind {kind!r} is already registered; pass replace=True to override it")
+
+    def decorator(fn: Builder) -> Builder:
+        _REGISTRY[kind] = _Kind(fn, defaults, checks)
+        return fn
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of the registered prior kinds, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe(kind: str) -> dict[str, Any]:
+    """The parameters of prior ``kind`` with their default values."""
+    return dict(_lookup(kind).defaults)
+
+
+def _lookup(kind: Any) -> _Kind:
+    if not isinstance(kind, str) or kind not in _REGISTRY:
+        raise ValueError(f"unknown prior kind {kind!r}; available kinds: {available()}")
+    return _REGISTRY[kind]
+
+
+def _check_like_default(value: Any, default: Any) -> Any:
+    """Generic check: the value must have the type of its default (ints count as numbers)."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if isinstance(default, Real):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ValueError(f"must be an integer, got {value!r}")
+        return type(default)(value)
+    if not isinstance(value, type(default)):
+        raise ValueError(f"must be of type {type(default).__name__}, got {value!r}")
+    return value
+
+
+def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
+    """Validate a prior spec and fill in its defaults.
+
+    ``obj`` is a :class:`PriorSpec`, a kind name (``"normal"``) or a table with a ``kind`` key and
+    the kind's parameters (a dict, e.g. from ``tomllib``). Raises ``ValueError`` naming an unknown
+    kind or parameter (with the valid ones) or an invalid value.
+    """
+    if isinstance(obj, PriorSpec):
+        kind, given = obj.kind, dict(obj.params)
+    elif isinstance(obj, str):
+        kind, given = obj, {}
+    elif isinstance(obj, Mapping):
+        if "kind" not in obj:
+            raise ValueError(f"prior table {dict(obj)!r} has no 'kind'; available kinds: {available()}")
+        given = {k: v for k, v in obj.items() if k != "kind"}
+        kind = obj["kind"]
+    else:
+        raise ValueError(f"a prior spec is a kind name, a table with a 'kind' key or a PriorSpec, got {obj!r}")
+    entry = _lookup(kind)
+    if unknown := sorted(set(given) - set(entry.defaults)):
+        raise ValueError(f"unknown parameter(s) {unknown} for prior kind {kind!r}; valid parameters: {sorted(entry.defaults)}")
+    params = {}
+    for name, default in entry.defaults.items():
+        value = given.get(name, default)
+        try:
+            params[name] = entry.checks[name](value) if name in entry.checks else _check_like_default(value, default)
+        except ValueError as err:
+            raise ValueError(f"prior kind {kind!r}, parameter {name!r}: {err}") from None
+    return PriorSpec(kind, params)
+
+
+@dataclass
+class PriorContext:
+    """What a prior builder may know about the site it builds for.
+
+    :param site: the latent site's name (``"w"``, ``"z"``).
+    :param batch_shape: batch shape of the site's distribution (e.g. ``(T, 1)`` for ``w``,
+        ``(T, B)`` for ``z``).
+    :param event_shape: event shape (``(K, d)`` for ``w``, ``(d,)`` for ``z``).
+    :param num_tasks: the number of tasks T.
+    :param step: the training step, for annealed parameters.
+    :param components: ``(loc, scale)`` of mixture components, broadcastable to
+        ``batch_shape + (T,) + event_shape``; component ``i`` is task i's variational posterior
+        (VMTL eq. 6) or ``q(z | f(x, D_i))`` (eq. 9). The caller detaches them (the paper uses the
+        previous iteration's posteriors); builders pass them through unchanged.
+    :param task_axis: the dim of ``batch_shape`` that indexes the task owning each row (negative
+        or non-negative; default: the first batch dim). Stored as a negative index.
+    :param device: where new tensors go; default the components' device, else the CPU.
+    :param dtype: their dtype; default the components' dtype, else torch's default dtype.
+    :param owner: the :class:`PriorSite` that stores learned parameters (see :meth:`param`).
+    """
+
+    site: str
+    batch_shape: torch.Size
+    event_shape: torch.Size
+    num_tasks: int
+    step: int = 0
+    components: tuple[torch.Tensor, torch.Tensor] | None = None
+    task_axis: int | None = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    owner: "PriorSite | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.batch_shape = torch.Size(self.batch_shape)
+        self.event_shape = torch.Size(self.event_shape)
+        n = len(self.batch_shape)
+        if self.task_axis is None:
+            self.task_axis = -n if n else None
+        elif not -n <= self.task_axis < n:
+            raise ValueError(f"task_axis {self.task_axis} is out of range for batch_shape {tuple(self.batch_shape)}")
+        else:
+            self.task_axis = self.task_axis - n if self.task_axis >= 0 else self.task_axis
+        if self.components is not None:
+            loc, scale = self.components
+            self.device = self.device if self.device is not None else loc.device
+            self.dtype = self.dtype if self.dtype is not None else loc.dtype
+        self.device = torch.device(self.device if self.device is not None else "cpu")
+        self.dtype = self.dtype if self.dtype is not None else torch.get_default_dtype()
+
+    def full(self, shape: tuple[int, ...] | torch.Size, value: float) -> torch.Tensor:
+        """A constant tensor on this context's device and dtype."""
+        return torch.full(tuple(shape), float(value), device=self.device, dtype=self.dtype)
+
+    def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
+        """A persistent learnable parameter of this site, created from ``init`` on first use.
+
+        The owner stores it unconstrained and returns ``transform_to(constraint)`` of it, so
+        the optimiser works in unconstrained space.
+        """
+        if self.owner is None:
+            raise RuntimeError(
+                f"prior of site {self.site!r} wants a learned parameter {name!r}, but its context has no owner; "
+                "build it through a PriorSite"
+            )
+        return self.owner.param(name, init, constraint)
+
+    def along_tasks(self, matrix: torch.Tensor) -> torch.Tensor:
+        """View a ``[T, C]`` matrix with its rows on ``task_axis`` of ``batch_shape`` (other dims 1), then ``C``."""
+        if self.task_axis is None:
+            raise ValueError(f"site {self.site!r} has no batch dims, so no task axis")
+        n = len(self.batch_shape)
+        shape = [1] * n + [matrix.shape[-1]]
+        shape[n + self.task_axis] = matrix.shape[0]
+        return matrix.reshape(shape)
+
+
+def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> Distribution:
+    """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``."""
+    spec = parse_spec(spec)
+    prior = _REGISTRY[spec.kind].builder(spec, ctx)
+    if prior.batch_shape != ctx.batch_shape or prior.event_shape != ctx.event_shape:
+        raise ValueError(
+            f"prior kind {spec.kind!r} for site {ctx.site!r} built batch_shape {tuple(prior.batch_shape)} and event_shape "
+            f"{tuple(prior.event_shape)}, but the site needs {tuple(ctx.batch_shape)} and {tuple(ctx.event_shape)}"
+        )
+    return prior
+
+
+class PriorSite(PyroModule):
+    """The prior of one latent site, owned by a model; builds a distribution per call.
+
+    Learned prior parameters (``learned_normal``'s loc/scale, ``task_mixture``'s logits π) are
+    created lazily on the first :meth:`build` as ``torch.nn.Parameter`` s in :attr:`params`, so
+    they appear in ``parameters()`` and ``state_dict()``. Build optimisers after one dry-run
+    call. ``load_state_dict`` also creates parameters it finds in the state dict and does not hold
+    yet, so a checkpoint loads into a fresh site (the trainer's dry run beforehand is harmless).
+
+    :param site: the latent site's name.
+    :param spec: its prior spec (anything :func:`parse_spec` takes).
+    :param device: default device for new tensors (follows ``.to()``); a build's components or an
+        explicit ``device=`` take precedence.
+    """
+
+    def __init__(self, site: str, spec: PriorSpec | str | Mapping[str, Any], device: torch.device | str | None = None):
+        super().__init__()
+        self.site = site
+        self.spec = parse_spec(spec)
+        self.params = torch.nn.ParameterDict()
+        # An empty buffer that moves with .to(): the device for priors without components.
+        self.register_buffer("_anchor", torch.empty(0, device=device), persistent=False)
+        self.num_tasks: int | None = None
+
+    def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
+        """See :meth:`PriorContext.param`."""
+        transform = torch.distributions.transform_to(constraint)
+        if name not in self.params:
+            with torch.no_grad():
+                self.params[name] = torch.nn.Parameter(transform.inv(init.detach()).clone())
+        raw = self.params[name]
+        if raw.shape != init.shape:
+            raise ValueError(
+                f"prior parameter {self.site}.{name} has shape {tuple(raw.shape)} but {tuple(init.shape)} is asked; "
+                "did the number of tasks or the latent size change?"
+            )
+        return transform(raw)
+
+    def context(
+        self,
+        *,
+        batch_shape: tuple[int, ...] | torch.Size,
+        event_shape: tuple[int, ...] | torch.Size,
+        num_tasks: int,
+        step: int = 0,
+        components: tuple[torch.Tensor, torch.Tensor] | None = None,
+        task_axis: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> PriorContext:
+        """The :class:`PriorContext` of one build, owned by this site."""
+        if device is None and components is None:
+            device = self._anchor.device
+        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, components=components,
+                            task_axis=task_axis, device=device, owner=self)
+
+    def build(self, **context: Any) -> Distribution:
+        """Build the prior; keyword arguments as in :meth:`context`."""
+        ctx = self.context(**context)
+        self.num_tasks = ctx.num_tasks
+        return build(self.spec, ctx)
+
+    def forward(self, **context: Any) -> Distribution:
+        return self.build(**context)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Create lazily-made parameters that a checkpoint holds, so strict loading works before
+        # the first build; the ParameterDict's own loader then copies the values in.
+        head = prefix + "params."
+        for key, value in state_dict.items():
+            name = key[len(head):] if key.startswith(head) else ""
+            if name and "." not in name and name not in self.params:
+                self.params[name] = torch.nn.Parameter(torch.empty_like(value, device=self._anchor.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in kinds
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _one_of(options: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {list(options)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _temperature(value: Any) -> float | dict[str, Any]:
+    schedule = as_schedule(value)
+    if schedule.minimum() <= 0:
+        raise ValueError(f"the temperature must stay > 0, got {value!r}")
+    return schedule.to_config()
+
+
+def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext) -> Distribution:
+    return dist.Normal(loc, scale).expand(ctx.batch_shape + ctx.event_shape).to_event(len(ctx.event_shape))
+
+
+@register("normal", defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": _positive})
+def _normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+    """``N(loc, scale²)`` on every element: VSTL / VBMTL's ``N(0, I)`` prior."""
+    return _diag_normal(ctx.full((), spec.params["loc"]), ctx.full((), spec.params["scale"]), ctx)
+
+
+@register(
+    "learned_normal",
+    defaults={"loc": 0.0, "scale": 1.0, "learn_loc": True, "per_task": False},
+    checks={"scale": _positive},
+)
+def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+    """Diagonal Gaussian with a learned scale and (unless ``learn_loc = false``) a learned mean.
+
+    Parameters have the event shape, shared by the whole batch, or with ``per_task = true`` one
+    set per task (along ``task_axis``). A frozen zero mean is HIB's best-training marginal
+    (``ν_j = 0``, eq. 7–8).
+    """
+    shape = ctx.event_shape
+    if spec.params["per_task"]:
+        rows = [1] * len(ctx.batch_shape)
+        rows[len(rows) + ctx.task_axis] = ctx.num_tasks
+        shape = torch.Size(rows) + ctx.event_shape
+    loc = ctx.full(shape, spec.params["loc"])
+    if spec.params["learn_loc"]:
+        loc = ctx.param("loc", loc)
+    scale = ctx.param("scale", ctx.full(shape, spec.params["scale"]), constraints.positive)
+    return _diag_normal(loc, scale, ctx)
+
+
+@register("deterministic")
+def _deterministic(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+    """A flat (improper, log density 0) prior: the site is a point estimate (STL / BMTL)."""
+    support = constraints.independent(constraints.real, len(ctx.event_shape)) if ctx.event_shape else constraints.real
+    return dist.ImproperUniform(support, ctx.batch_shape, ctx.event_shape)
+
+
+def _others(num_tasks: int, device: torch.device) -> torch.Tensor:
+    """``[T, T-1]`` column indices of the other tasks of each row: row t lists ``i ≠ t`` in order."""
+    j = torch.arange(num_tasks - 1, device=device)
+    t = torch.arange(num_tasks, device=device).unsqueeze(-1)
+    return j + (j >= t).long()
+
+
+def _scatter_rows(rows: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``[T, T-1]`` weights over the other tasks → ``[T, T]`` with a zero diagonal (α_tt = 0)."""
+    index = _others(num_tasks, rows.device)
+    return torch.zeros(num_tasks, num_tasks, device=rows.device, dtype=rows.dtype).scatter(1, index, rows)
+
+
+def _uniform_rows(num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((num_tasks, num_tasks - 1), 1.0 / (num_tasks - 1), device=device, dtype=dtype)
+
+
+@register(
+    "task_mixture",
+    defaults={"weights": "gumbel_softmax", "temperature": 1.0, "kl": "upper_bound"},
+    checks={"weights": _one_of(MIXTURE_WEIGHTS), "temperature": _temperature, "kl": _one_of(KL_MODES)},
+)
+def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+    """VMTL's prior: a mixture of the other tasks' posteriors (eq. 6 for ``w``, eq. 9 for ``z``).
+
+    Row t (along ``task_axis``) mixes the components ``i ≠ t`` with weights α_t:
+
+    * ``gumbel_softmax``: one ``RelaxedOneHotCategorical(τ(step), logits=π_t)`` draw per task and
+      call (eq. 7), differentiable in the learned logits π ``[T, T-1]``;
+    * ``learned``: ``softmax(π_t)``, no noise;
+    * ``uniform``: ``1 / (T-1)`` (the mean of the others' posteriors).
+
+    The ``[T, T]`` matrix α (zero diagonal) is recorded as ``pyro.deterministic(f"{site}_weights")``.
+    ``kl`` selects the closed-form upper bound of eq. 11 or a Monte-Carlo KL (see TaskMixture).
+    """
+    T = ctx.num_tasks
+    if T < 2:
+        raise ValueError(f"task_mixture needs at least 2 tasks (site {ctx.site!r} has {T})")
+    if ctx.components is None:
+        raise ValueError(
+            f"prior 'task_mixture' of site {ctx.site!r} needs the other tasks' posteriors as components "
+            "(loc, scale); this model/method provides none"
+        )
+    if ctx.task_axis is None or ctx.batch_shape[ctx.task_axis] != T:
+        raise ValueError(
+            f"task_mixture for site {ctx.site!r}: batch_shape {tuple(ctx.batch_shape)} needs the {T} tasks on "
+            f"task_axis {ctx.task_axis}"
+        )
+    loc, scale = ctx.components
+    comp = -(len(ctx.event_shape) + 1)
+    if loc.dim() < -comp or loc.shape[comp] != T:
+        raise ValueError(
+            f"task_mixture for site {ctx.site!r}: components must be shaped batch_shape + ({T},) + event_shape "
+            f"{tuple(ctx.event_shape)}, got loc {tuple(loc.shape)}"
+        )
+    mode = spec.params["weights"]
+    if mode == "uniform":
+        rows = _uniform_rows(T, ctx.device, ctx.dtype)
+    else:
+        logits = ctx.param("logits", ctx.full((T, T - 1), 0.0))
+        if mode == "learned":
+            rows = torch.softmax(logits, dim=-1)
+        else:
+            tau = as_schedule(spec.params["temperature"])(ctx.step)
+            rows = dist.RelaxedOneHotCategorical(ctx.full((), tau), logits=logits).rsample()
+            # At small τ the sample is computed from large log-space scores and its rows can miss
+            # 1 by more than rounding; renormalise so the weights are on the simplex.
+            rows = rows / rows.sum(-1, keepdim=True)
+    alpha = _scatter_rows(rows, T)
+    # event_dim=2: α is one [T, T] value per call, independent of the enclosing plates.
+    pyro.deterministic(f"{ctx.site}_weights", alpha, event_dim=2)
+    mixture = TaskMixture(ctx.along_tasks(alpha), loc, scale, event_dim=len(ctx.event_shape), kl=spec.params["kl"])
+    return mixture.expand(torch.broadcast_shapes(mixture.batch_shape, ctx.batch_shape))
+
+
+def expected_weights(site: PriorSite, num_tasks: int | None = None) -> torch.Tensor:
+    """The ``[T, T]`` expected mixing weights of a ``task_mixture`` site, detached (for relatedness plots).
+
+    ``softmax(π_t)`` over the other tasks for ``gumbel_softmax`` (the Gumbel-Softmax's class
+    probabilities, eq. 7) and ``learned``; ``1 / (T-1)`` for ``uniform``. The diagonal is 0.
+    """
+    if site.spec.kind != "task_mixture":
+        raise ValueError(f"site {site.site!r} has prior kind {site.spec.kind!r}, not 'task_mixture'")
+    T = num_tasks if num_tasks is not None else site.num_tasks
+    if T is None:
+        raise ValueError(f"site {site.site!r} has not been built yet; pass num_tasks")
+    if site.spec.params["weights"] == "uniform":
+        return _scatter_rows(_uniform_rows(T, site._anchor.device, torch.get_default_dtype()), T)
+    if "logits" not in site.params:
+        raise ValueError(f"site {site.site!r} has no learned weights yet; build the prior once first")
+    return _scatter_rows(torch.softmax(site.params["logits"].detach(), dim=-1), T)

@@ -1,0 +1,56 @@
+"""Shared fixtures: small, fast multi-task datasets built in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+
+from pyromtl.data import MultiTaskData
+
+pyro.enable_validation(True)
+
+#: Small networks and short runs: the unit tests check behaviour, not accuracy.
+TINY = {"latent_dim": 8, "hidden": [16], "eval_every": 10, "eval_samples": 4, "quiet": True}
+
+
+def blobs_mimo(num_tasks: int = 3, n: int = 60, dim: int = 6, classes: int = 3, seed: int = 0) -> MultiTaskData:
+    """MIMO classification: class means shared by every task, per-task shift of the inputs."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, dim)) * 2.5
+    xs, ys = [], []
+    for t in range(num_tasks):
+        y = np.arange(n) % classes
+        xs.append(means[y] + rng.normal(size=(n, dim)) + 0.3 * t)
+        ys.append(y)
+    return MultiTaskData.from_arrays(xs, ys, "classification", name="blobs")
+
+
+def mixed_simo(n: int = 90, dim: int = 5, seed: int = 0) -> MultiTaskData:
+    """SIMO with one task of each type."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    y = {
+        "cls": (x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int),
+        "bin": (x[:, 2] > 0).astype(int),
+        "reg": 3.0 * x[:, 3] + 10.0 + 0.1 * rng.normal(size=n),
+    }
+    return MultiTaskData.from_arrays(x, y, ["classification", "binary", "regression"], name="mixed")
+
+
+def regression_mimo(num_tasks: int = 2, n: int = 50, dim: int = 4, seed: int = 0) -> MultiTaskData:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=dim)
+    xs = [rng.normal(size=(n, dim)) for _ in range(num_tasks)]
+    ys = [x @ w + 0.1 * rng.normal(size=n) for x in xs]
+    return MultiTaskData.from_arrays(xs, ys, "regression", name="reg")
+
+
+@pytest.fixture
+def blobs() -> MultiTaskData:
+    return blobs_mimo()
+
+
+@pytest.fixture
+def mixed() -> MultiTaskData:
+    return mixed_simo()
