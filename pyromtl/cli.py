@@ -21,10 +21,6 @@ from typing import Any, Mapping, Sequence
 _RESUMABLE_KEYS = {"device", "quiet", "steps", "epochs", "checkpoint_every"}
 
 
-class UsageError(ValueError):
-    """A user mistake found by the CLI itself (reported like any other ``ValueError``)."""
-
-
 # ---------------------------------------------------------------------------- tables
 def _fmt(value: Any) -> str:
     try:
@@ -67,7 +63,12 @@ def _summaries(section: str) -> list[tuple[str, str]]:
         return [(name, datasets.summary(name)) for name in datasets.available()]
     from pyromtl import priors
 
-    return [(name, priors.summary(name)) for name in priors.available()]
+    def params(kind: str) -> str:
+        defaults = priors.describe(kind)
+        # json writes these scalars as TOML does (true, "text"), the syntax a config file takes
+        return ", ".join(f"{k}={json.dumps(v)}" for k, v in defaults.items()) if defaults else "(no parameters)"
+
+    return [(name, params(name)) for name in priors.available()]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -97,7 +98,7 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
         flags["steps"] = 0  # an explicit --epochs wins over a `steps` from the file or --set
     cfg.update({k: v for k, v in flags.items() if v is not None})
     if cfg.setdefault("method", args.method) != args.method:
-        raise UsageError(f"the config is for method {cfg['method']!r} but the command fits {args.method!r}")
+        raise ValueError(f"the config is for method {cfg['method']!r} but the command fits {args.method!r}")
     return cfg
 
 
@@ -116,7 +117,7 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
     changed = sorted(k for k in set(saved) | set(cfg) if k not in _RESUMABLE_KEYS and saved.get(k) != cfg.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
-        raise UsageError(f"{out} holds a run with a different config ({diffs}); pass another --out or remove it")
+        raise ValueError(f"{out} holds a run with a different config ({diffs}); pass another --out or remove it")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -155,13 +156,13 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     """A run directory's ``metrics.json``; a missing or malformed file is a ``ValueError``."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        raise UsageError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
+        raise ValueError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: invalid JSON ({err})") from None
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or "dataset" not in doc:
-        raise UsageError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
+        raise ValueError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
     return doc
 
 
@@ -189,7 +190,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     datasets = {doc["dataset"] for doc in docs}
     if len(datasets) > 1:
         found = ", ".join(f"{d}: {doc['dataset']}" for d, doc in zip(dirs, docs))
-        raise UsageError(f"runs on different datasets cannot be compared ({found})")
+        raise ValueError(f"runs on different datasets cannot be compared ({found})")
     labels = run_labels(dirs)
     runs = {lab: doc["tasks"] for lab, doc in zip(labels, docs)}
     baseline = labels[base_index] if base_index is not None else None
@@ -259,20 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help and argparse's usage errors
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    except SystemExit as exit_:  # --help (0) and argparse's usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     from pyromtl.train import TrainingError
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a path that is missing, unreadable or not writable
         return _error(str(err), 2)
     except KeyError as err:  # str(KeyError) quotes its message
         return _error(str(err.args[0]) if err.args else "missing key", 2)
     except TrainingError as err:
         return _error(str(err), 1)
     except KeyboardInterrupt:
-        return _error("interrupted; a `fit` started again with the same --out resumes from its checkpoint", 130)
+        hint = "; the same command resumes from the last checkpoint" if args.command == "fit" else ""
+        return _error("interrupted" + hint, 130)
 
 
 if __name__ == "__main__":

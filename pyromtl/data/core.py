@@ -137,31 +137,38 @@ class MultiTaskData:
         ``x`` one array with ``y`` a dict ``{task: [N]}`` gives SIMO. ``task_types`` is one of
         ``classification``, ``binary``, ``regression``, or a sequence with one per task.
         ``splits`` optionally maps ``train``/``val``/``test`` to per-task index arrays (or to one
-        index array shared by all tasks in SIMO); otherwise a stratified random split is drawn.
+        index array shared by all tasks in SIMO), disjoint; otherwise a random split stratified by
+        class is drawn with ``seed`` (SIMO: one split, stratified by the task with the most classes).
         Every problem raises ``ValueError`` naming the task and what is wrong.
         """
-        from pyromtl.data.validate import validate_arrays
+        from pyromtl.data.validate import as_names, as_real_array, validate_arrays
 
         checked = validate_arrays(x, y, task_types, task_names, num_classes)
         xs, ys, names, types, ncls, simo = checked
         T = len(names)
         if splits is None:
-            split_idx = _random_splits(ys, types, simo, val_fraction, test_fraction, seed)
+            split_idx = _random_splits(ys, types, names, simo, val_fraction, test_fraction, seed)
         else:
             split_idx = _check_splits(splits, ys, names, simo)
         stats: list[tuple[float, float]] = []
         for t in range(T):
             if types[t] == "regression" and standardize:
-                tr = ys[t][split_idx["train"][t]]
+                # float64, so targets near the float32 limits do not overflow on the way
+                y64 = ys[t].double()
+                tr = y64[split_idx["train"][t]]
                 mean = float(tr.mean())
-                std = float(tr.std()) if tr.numel() > 1 and float(tr.std()) > 0 else 1.0
-                ys[t] = (ys[t] - mean) / std
+                std = float(tr.std()) if tr.numel() > 1 else 0.0
+                std = std if std > 0 else 1.0
+                z = (y64 - mean) / std
+                if not bool(torch.isfinite(z.float()).all()):
+                    raise ValueError(f"task {names[t]!r}: regression targets overflow float32 once standardised")
+                ys[t] = z.float()
                 stats.append((mean, std))
             else:
                 stats.append((0.0, 1.0))
         rel = None
         if relatedness is not None:
-            rel = np.asarray(relatedness, dtype=float)
+            rel = as_real_array(relatedness, "relatedness")
             if rel.shape != (T, T):
                 raise ValueError(f"relatedness: expected shape ({T}, {T}), got {rel.shape}")
         return cls(
@@ -174,8 +181,8 @@ class MultiTaskData:
             splits=split_idx,
             target_stats=stats,
             relatedness=rel,
-            class_names=list(class_names) if class_names is not None else None,
-            description=description,
+            class_names=as_names(class_names, "class_names") if class_names is not None else None,
+            description=str(description),
         )
 
     # ------------------------------------------------------------------ facts
@@ -228,19 +235,30 @@ class MultiTaskData:
     def with_fraction(self, fraction: float | None, seed: int = 0) -> "MultiTaskData":
         """Keep ``fraction`` of each task's training split, stratified by class (few-shot).
 
-        Classification tasks keep at least one sample per class present in train. val and test
-        are untouched. ``fraction=None`` or 1 returns the data unchanged.
+        Classification tasks keep at least one sample per class present in train. SIMO tasks
+        share one subset, stratified by the task with the most classes, and every class of every
+        classification or binary task keeps at least one sample. val and test are untouched.
+        ``fraction=None`` or 1 returns the data unchanged.
         """
         if fraction is None or fraction >= 1.0:
             return self
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         if self.simo:
-            strat = next((t for t, k in enumerate(self.task_types) if k != "regression"), None)
             idx = self.splits["train"][0].numpy()
-            labels = self.y[strat][idx].numpy() if strat is not None else None
-            keep = torch.as_tensor(np.sort(idx[_stratified_take(labels, len(idx), fraction, rng)]))
+            discrete = [self.y[t][idx].numpy() for t, k in enumerate(self.task_types) if k != "regression"]
+            labels = _finest(discrete)
+            picked = _stratified_take(labels, len(idx), fraction, rng)
+            # one stratifying task cannot guarantee the others' classes (e.g. one-vs-rest
+            # positives): add one random sample of every class a task would otherwise lose
+            chosen = np.zeros(len(idx), dtype=bool)
+            chosen[picked] = True
+            for lab in discrete:
+                for c in np.unique(lab):
+                    if not chosen[lab == c].any():
+                        chosen[rng.choice(np.flatnonzero(lab == c))] = True
+            keep = torch.as_tensor(idx[chosen])
             new_train = [keep] * self.num_tasks
         else:
             new_train = []
@@ -261,6 +279,10 @@ class MultiTaskData:
             nmax = int(n.max())
             pad_idx = torch.zeros(self.num_tasks, nmax, dtype=torch.long)
             for t, i in enumerate(idx):  # data preparation, once per split
+                # pad with the split's own first row: masked entries still never show another
+                # split's inputs to batch-level statistics (e.g. normalisation layers)
+                if i.numel():
+                    pad_idx[t] = i[0]
                 pad_idx[t, : i.numel()] = i
             if self.simo:
                 x = self.x.to(device)
@@ -361,17 +383,36 @@ def _stratified_take(labels: np.ndarray | None, n: int, fraction: float, rng: np
     return np.concatenate(picked)
 
 
-def _random_splits(ys, types, simo, val_fraction, test_fraction, seed) -> dict[str, list[torch.Tensor]]:
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+def _rng(seed) -> np.random.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return np.random.default_rng(int(seed))
+
+
+def _finest(labels: list[np.ndarray]) -> np.ndarray | None:
+    """The label array with the most distinct values (first on ties), or None if there is none."""
+    if not labels:
+        return None
+    return max(labels, key=lambda lab: len(np.unique(lab)))
+
+
+def _random_splits(ys, types, names, simo, val_fraction, test_fraction, seed) -> dict[str, list[torch.Tensor]]:
+    fractions_ok = all(isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(f, bool)
+                       for f in (val_fraction, test_fraction))
+    if not (fractions_ok and 0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
-            f"val_fraction and test_fraction must be in [0, 1) and sum below 1, got {val_fraction} and {test_fraction}"
+            "val_fraction and test_fraction must be in [0, 1) and sum below 1, "
+            f"got {val_fraction!r} and {test_fraction!r}"
         )
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     out: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
     tasks = [0] if simo else range(len(ys))
     for t in tasks:
         n = ys[t].numel()
-        labels = ys[t].numpy() if types[t] != "regression" else None
+        if simo:  # one split for all tasks: stratify on the task with the most classes
+            labels = _finest([y.numpy() for y, k in zip(ys, types) if k != "regression"])
+        else:
+            labels = ys[t].numpy() if types[t] != "regression" else None
         groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if labels is not None else [np.arange(n)]
         parts = {s: [] for s in SPLITS}
         for g in groups:
@@ -385,15 +426,18 @@ def _random_splits(ys, types, simo, val_fraction, test_fraction, seed) -> dict[s
             out[s].append(torch.as_tensor(np.sort(np.concatenate(parts[s])), dtype=torch.long))
     if simo:
         out = {s: out[s] * len(ys) for s in SPLITS}
-    for s in ("train",):
-        for t, idx in enumerate(out[s]):
-            if idx.numel() == 0:
-                raise ValueError(f"task {t}: the train split is empty; give more samples or smaller val/test fractions")
+    for t, idx in enumerate(out["train"]):
+        if idx.numel() == 0:
+            raise ValueError(
+                f"task {names[t]!r}: the train split is empty; give more samples or smaller val/test fractions"
+            )
     return out
 
 
 def _check_splits(splits, ys, names, simo) -> dict[str, list[torch.Tensor]]:
-    unknown = set(splits) - set(SPLITS)
+    if not isinstance(splits, Mapping):
+        raise ValueError(f"splits: expected a mapping of split name to indices, got {type(splits).__name__}")
+    unknown = set(map(str, splits)) - set(SPLITS)
     if unknown:
         raise ValueError(f"splits: unknown split names {sorted(unknown)}; use {list(SPLITS)}")
     if "train" not in splits:
@@ -402,14 +446,21 @@ def _check_splits(splits, ys, names, simo) -> dict[str, list[torch.Tensor]]:
     T = len(names)
     for s in SPLITS:
         given = splits.get(s, [np.zeros(0, dtype=int)] * T if not simo else np.zeros(0, dtype=int))
-        per_task = [given] * T if simo else list(given)
+        try:
+            per_task = [given] * T if simo else list(given)
+        except TypeError:  # not iterable
+            raise ValueError(f"splits[{s!r}]: expected one index array per task, got {given!r}") from None
         if len(per_task) != T:
             raise ValueError(f"splits[{s!r}]: expected {T} index arrays (one per task), got {len(per_task)}")
         idx_list = []
         for t, idx in enumerate(per_task):
-            a = np.asarray(idx)
+            bad = ValueError(f"splits[{s!r}] for task {names[t]!r}: expected a 1-d integer index array")
+            try:
+                a = np.asarray(idx)
+            except (TypeError, ValueError, OverflowError):
+                raise bad from None
             if a.size and (a.ndim != 1 or not np.issubdtype(a.dtype, np.integer)):
-                raise ValueError(f"splits[{s!r}] for task {names[t]!r}: expected a 1-d integer index array")
+                raise bad
             a = a.astype(np.int64)
             n = ys[t].numel()
             if a.size and (a.min() < 0 or a.max() >= n):
@@ -419,4 +470,8 @@ def _check_splits(splits, ys, names, simo) -> dict[str, list[torch.Tensor]]:
     for t in range(T):
         if out["train"][t].numel() == 0:
             raise ValueError(f"splits['train'] for task {names[t]!r} is empty")
+        # a row listed twice, or in two splits, would leak between training and evaluation
+        every = np.concatenate([out[s][t].numpy() for s in SPLITS])
+        if len(np.unique(every)) != len(every):
+            raise ValueError(f"splits for task {names[t]!r}: an index appears twice (within or across splits)")
     return out

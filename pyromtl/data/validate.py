@@ -6,7 +6,7 @@ never reaches torch or Pyro.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,35 +14,55 @@ import torch
 from pyromtl.data.core import TASK_TYPES
 
 
-def _numeric(a, what: str) -> np.ndarray:
+_F32_MAX = float(np.finfo(np.float32).max)
+#: The most classes one classification task may have.
+MAX_CLASSES = 1_000_000
+
+
+def as_real_array(a, what: str) -> np.ndarray:
+    """``a`` as a finite float64 array that fits float32, or ``ValueError``."""
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        if a.is_complex():
+            raise ValueError(f"{what}: expected real numbers, got dtype {a.dtype}")
+        # via float64: numpy has no bfloat16, so ``.numpy()`` alone can raise TypeError
+        a = a.detach().cpu().to(torch.float64).numpy()
     try:
         arr = np.asarray(a)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{what}: cannot be read as an array ({err})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"{what}: expected numbers, got dtype {arr.dtype}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
+        raise ValueError(f"{what}: expected real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         bad = "NaN" if np.isnan(arr).any() else "inf"
         raise ValueError(f"{what}: contains {bad} values")
+    if arr.size and np.abs(arr).max() > _F32_MAX:
+        # stored as float32: larger values would silently become inf
+        raise ValueError(f"{what}: values beyond the float32 range (|v| > {_F32_MAX:.3g})")
     return arr
 
 
-def _task_types(task_types, T: int) -> list[str]:
+def as_names(task_names, what: str = "task_names") -> list[str]:
+    """A sequence of names as strings; a bare string or a non-iterable raises ``ValueError``."""
+    if isinstance(task_names, (str, bytes)) or not isinstance(task_names, Iterable):
+        raise ValueError(f"{what}: expected a sequence of names, got {task_names!r}")
+    return [str(n) for n in task_names]
+
+
+def _task_types(task_types, names: list[str]) -> list[str]:
+    T = len(names)
     if isinstance(task_types, str):
         types = [task_types] * T
     else:
         try:
             types = list(task_types)
-        except TypeError:
+        except TypeError:  # not iterable
             raise ValueError(f"task_types: expected a string or a sequence of strings, got {task_types!r}") from None
         if len(types) != T:
             raise ValueError(f"task_types: expected {T} entries (one per task), got {len(types)}")
     for t, kind in enumerate(types):
-        if kind not in TASK_TYPES:
-            raise ValueError(f"task {t}: unknown task type {kind!r}; use one of {TASK_TYPES}")
+        if not isinstance(kind, str) or kind not in TASK_TYPES:
+            raise ValueError(f"task {names[t]!r}: unknown task type {kind!r}; use one of {TASK_TYPES}")
     return [str(k) for k in types]
 
 
@@ -58,9 +78,17 @@ def _labels(y: np.ndarray, kind: str, name: str, ncls: int | None) -> int:
         if y.max() > 1:
             raise ValueError(f"task {name!r}: binary labels must be 0 or 1, found {int(y.max())}")
         return 2
-    c = int(y.max()) + 1 if ncls is None else int(ncls)
+    if ncls is None:
+        c = int(y.max()) + 1
+    elif isinstance(ncls, (int, np.integer)) and not isinstance(ncls, bool):
+        c = int(ncls)
+    else:
+        raise ValueError(f"task {name!r}: num_classes must be an integer, got {ncls!r}")
     if c < 2:
         raise ValueError(f"task {name!r}: classification needs at least 2 classes, got {c}")
+    if c > MAX_CLASSES:
+        # every head is [T, classes] wide: a huge label is almost surely a continuous target
+        raise ValueError(f"task {name!r}: {c} classes is more than {MAX_CLASSES}; is this a regression target?")
     if y.max() >= c:
         raise ValueError(f"task {name!r}: label {int(y.max())} out of range for {c} classes")
     return c
@@ -75,9 +103,9 @@ def validate_arrays(x, y, task_types, task_names, num_classes):
         if len(y) == 0:
             raise ValueError("y: no tasks given")
         names = [str(k) for k in y.keys()]
-        if task_names is not None and list(map(str, task_names)) != names:
+        if task_names is not None and as_names(task_names) != names:
             raise ValueError(f"task_names {list(task_names)} do not match the keys of y {names}")
-        xa = _numeric(x, "x")
+        xa = as_real_array(x, "x")
         if xa.ndim < 2:
             raise ValueError(f"x: expected shape [N, features...], got {xa.shape}")
         if xa.shape[0] == 0:
@@ -91,18 +119,20 @@ def validate_arrays(x, y, task_types, task_names, num_classes):
             raise ValueError("x: no tasks given")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} tasks but y has {len(y)}")
-        names = [f"task{t}" for t in range(len(x))] if task_names is None else [str(n) for n in task_names]
+        names = [f"task{t}" for t in range(len(x))] if task_names is None else as_names(task_names)
         if len(names) != len(x):
             raise ValueError(f"task_names: expected {len(x)} names, got {len(names)}")
-        xs_np = [_numeric(xt, f"task {names[t]!r}: x") for t, xt in enumerate(x)]
+        xs_np = [as_real_array(xt, f"task {names[t]!r}: x") for t, xt in enumerate(x)]
         raw_y = list(y)
     if len(set(names)) != len(names):
         raise ValueError(f"task_names must be unique, got {names}")
     T = len(names)
-    types = _task_types(task_types, T)
+    types = _task_types(task_types, names)
     if num_classes is None or isinstance(num_classes, (int, np.integer)):
         ncls_in: Sequence[int | None] = [num_classes] * T
     else:
+        if isinstance(num_classes, str) or not isinstance(num_classes, Iterable):
+            raise ValueError(f"num_classes: expected an integer or one per task, got {num_classes!r}")
         ncls_in = list(num_classes)
         if len(ncls_in) != T:
             raise ValueError(f"num_classes: expected {T} entries, got {len(ncls_in)}")
@@ -114,9 +144,11 @@ def validate_arrays(x, y, task_types, task_names, num_classes):
             raise ValueError(f"task {names[t]!r}: x must have shape [N, features...], got {xt.shape}")
         if xt.shape[0] == 0:
             raise ValueError(f"task {names[t]!r}: empty task (no samples)")
+        if xt[0].size == 0:
+            raise ValueError(f"task {names[t]!r}: x has no features (shape {xt.shape})")
         if xt.shape[1:] != shape0:
             raise ValueError(f"task {names[t]!r}: input shape {xt.shape[1:]} differs from task {names[0]!r}'s {shape0}")
-        yt = _numeric(raw_y[t], f"task {names[t]!r}: y")
+        yt = as_real_array(raw_y[t], f"task {names[t]!r}: y")
         if yt.ndim != 1:
             raise ValueError(f"task {names[t]!r}: y must be 1-d, got shape {yt.shape}")
         if yt.shape[0] != xt.shape[0]:
