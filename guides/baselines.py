@@ -13,7 +13,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
+from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point, site_kl_weights
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.nn import GaussianEncoder
 
@@ -29,7 +29,7 @@ class LatentMTLGuide(MultiTaskModule):
 
     def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
                  w_post: torch.nn.Module, device: torch.device):
-        super().__init__(data.info.to(device), state, cfg["kl_weight"])
+        super().__init__(data.info.to(device), state, cfg["kl_weight"], site_kl_weights(cfg))
         self.encoder = encoder
         self.w_post = w_post
         self.shared_z = data.simo and not cfg["per_task_encoder"]
@@ -40,8 +40,8 @@ class LatentMTLGuide(MultiTaskModule):
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch, self.mc_z, self.mc_w)
         loc, scale = self.w_post(batch)
-        with plates.globals(), self.kl_scope():
+        with plates.globals(), self.kl_scope("w"):
             pyro.sample("w", gaussian_or_point(loc, scale, 2, self.point_w))
         loc, scale = self.encoder(batch.x, batch.simo)
-        with plates.locals(shared=self.shared_z), self.kl_scope():
+        with plates.locals(shared=self.shared_z), self.kl_scope("z"):
             pyro.sample("z", gaussian_or_point(loc, scale, 1, self.point_z))

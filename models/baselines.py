@@ -33,7 +33,7 @@ import pyro
 import torch
 from pyro.nn import PyroParam
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.base import MultiTaskModel, Plates, TrainState, site_kl_weights
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.nn import GaussianEncoder
 from pyromtl.priors import PriorSite
@@ -61,7 +61,7 @@ class LatentMTLModel(MultiTaskModel):
     def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
                  w_post: torch.nn.Module, device: torch.device):
         info = data.info.to(device)
-        super().__init__(info, state, cfg["kl_weight"])
+        super().__init__(info, state, cfg["kl_weight"], site_kl_weights(cfg))
         self.encoder = encoder
         self.w_post = w_post
         self.latent_dim = cfg["latent_dim"]
@@ -81,7 +81,7 @@ class LatentMTLModel(MultiTaskModel):
     def sample_w(self, plates: Plates) -> torch.Tensor:
         """``w [..., M, T, 1, K, d]``: M Monte-Carlo draws per task (eq. 11)."""
         T, K, d = self.info.num_tasks, self.info.out_dim, self.latent_dim
-        with plates.globals(), self.kl_scope():
+        with plates.globals(), self.kl_scope("w"):
             prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, step=self.state.step,
                                        components=self.w_components(), task_axis=-2)
             return pyro.sample("w", prior)
@@ -89,7 +89,7 @@ class LatentMTLModel(MultiTaskModel):
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
         """``z [..., L, 1, T|1, B, d]``: L Monte-Carlo draws per sample (eq. 11)."""
         rows = 1 if self.shared_z else batch.num_tasks
-        with plates.locals(shared=self.shared_z), self.kl_scope():
+        with plates.locals(shared=self.shared_z), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
                                        num_tasks=batch.num_tasks, step=self.state.step,
                                        components=self.z_components(batch), task_axis=-2)
@@ -99,7 +99,10 @@ class LatentMTLModel(MultiTaskModel):
         plates = Plates(batch, self.mc_z, self.mc_w)
         w = self.sample_w(plates)
         z = self.sample_z(batch, plates)
-        # z [..., L, 1, T|1, B, d] @ w^T [..., M, T, d, K] -> [..., L, M, T, B, K]: all L x M pairs
-        outputs = torch.matmul(z, w.squeeze(-3).transpose(-1, -2)) + self.bias
+        # z [..., L, 1, T|1, B, d] x w [..., M, T, K, d] -> [..., L, M, T, B, K]: all L x M pairs.
+        # One batched product per task over (L B) x (M K); a broadcast matmul would first copy z M times.
+        w = w.squeeze(-3)
+        w = w.reshape((1,) * (z.dim() - w.dim()) + w.shape)  # w's batch dims lack mc_z without outer plates
+        outputs = torch.einsum("...lotbd,...lmtkd->...lmtbk", z, w) + self.bias
         with plates.observations():
             self.observe(outputs, batch)

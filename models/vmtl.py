@@ -79,9 +79,11 @@ class VMTLModel(LatentMTLModel):
 
     def w_components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every task's ``q(w_i)`` as a mixture component, ``[1, 1, T, K, d]``, gradients stopped (eq. 6)."""
-        with torch.no_grad():
+        with torch.no_grad():  # no graph through VMTL-AC's network
             loc, scale = self.w_post()
-        return loc.squeeze(1)[None, None], scale.squeeze(1)[None, None]
+        # no_grad() alone does not stop gradients here: ClassifierPosterior returns its loc
+        # Parameter itself, a leaf that requires grad.
+        return loc.detach().squeeze(1)[None, None], scale.detach().squeeze(1)[None, None]
 
     def z_components(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``q_phi(z | f(x_tn, D_i))`` for every task i, ``[T, B, T, d]`` (eq. 9–10).

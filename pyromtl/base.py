@@ -101,6 +101,11 @@ class Plates:
             yield
 
 
+def site_kl_weights(cfg: dict) -> dict[str, float]:
+    """Per-site KL multipliers from config keys ``kl_weight_<site>`` (e.g. ``kl_weight_z``)."""
+    return {k.removeprefix("kl_weight_"): float(v) for k, v in cfg.items() if k.startswith("kl_weight_")}
+
+
 class MultiTaskModule(PyroModule):
     """Base of every pyromtl model and guide: task facts, training state and the KL weight.
 
@@ -109,15 +114,18 @@ class MultiTaskModule(PyroModule):
     scale of an analytic KL term from the guide site.
     """
 
-    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0):
+    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
+                 site_weights: dict[str, float] | None = None):
         super().__init__()
         self.info = info
         self.state = state
         self.kl_weight = as_schedule(kl_weight)
+        self.site_weights = dict(site_weights or {})
 
     @contextmanager
-    def kl_scope(self) -> Iterator[None]:
-        weight = float(self.kl_weight(self.state.step))
+    def kl_scope(self, site: str) -> Iterator[None]:
+        """Scale the KL of ``site`` by the annealed weight times the site's own weight."""
+        weight = float(self.kl_weight(self.state.step)) * self.site_weights.get(site, 1.0)
         # Pyro rejects a zero scale; a zero weight masks the KL terms out instead.
         with poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False):
             yield
@@ -126,8 +134,9 @@ class MultiTaskModule(PyroModule):
 class MultiTaskModel(MultiTaskModule):
     """A model: adds the regression noise scales and the shared likelihood site ``y``."""
 
-    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0):
-        super().__init__(info, state, kl_weight)
+    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
+                 site_weights: dict[str, float] | None = None):
+        super().__init__(info, state, kl_weight, site_weights)
         self.noise = PyroParam(torch.ones(info.num_tasks, device=info.type_code.device), constraint=constraints.positive)
 
     def observe(self, outputs: torch.Tensor, batch: Batch) -> None:

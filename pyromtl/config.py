@@ -19,7 +19,7 @@ from pyromtl.priors import parse_spec
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data": "digits-domains",
     "root": "",
-    "fraction": 0.0,  # 0 means the full training split
+    "fraction": 0.0,  # 0: the dataset's default (datasets.default_fraction); 1: the whole train split
     "seed": 0,
     "device": "auto",
     "steps": 0,  # 0 means: use epochs
@@ -120,7 +120,7 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg["device"]):
         raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     if not 0.0 <= cfg["fraction"] <= 1.0:
-        raise ValueError(f"config key 'fraction' must be in (0, 1], got {cfg['fraction']}")
+        raise ValueError(f"config key 'fraction' must be in [0, 1] (0: the dataset's default), got {cfg['fraction']}")
     for key in ("batch_size", "num_particles", "eval_every", "eval_samples", "checkpoint_every"):
         if cfg[key] < 1:
             raise ValueError(f"config key {key!r} must be at least 1, got {cfg[key]}")

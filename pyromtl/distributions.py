@@ -9,6 +9,7 @@ representation ``z`` (eq. 9). Its KL from a diagonal Gaussian guide is registere
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -88,16 +89,31 @@ class TaskMixture(TorchDistribution):
         event_shape = torch.broadcast_shapes(loc.shape[loc.dim() - event_dim:], scale.shape[scale.dim() - event_dim:])
         batch_shape = torch.broadcast_shapes(weights.shape[:-1], loc.shape[:comp], scale.shape[:comp])
         num_components = torch.broadcast_shapes(weights.shape[-1:], loc.shape[comp:comp + 1], scale.shape[comp:comp + 1])
-        # Broadcast views (no copies) so every method can index the component dim uniformly.
-        self.weights = weights.expand(batch_shape + num_components)
-        self.loc = loc.expand(batch_shape + num_components + event_shape)
-        self.scale = scale.expand(batch_shape + num_components + event_shape)
+        # Kept as given: plates expand the batch shape (e.g. over Monte-Carlo draws), and the KL
+        # and log_prob broadcast these small tensors instead of materialising the expansion.
+        self._weights, self._loc, self._scale = weights, loc, scale
+        self._num_components = num_components[0]
         self.kl = kl
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     @property
+    def weights(self) -> torch.Tensor:
+        """Mixing weights ``[*batch_shape, C]`` (a broadcast view, no copy)."""
+        return self._weights.expand(self.batch_shape + (self._num_components,))
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """Component means ``[*batch_shape, C, *event_shape]`` (a broadcast view)."""
+        return self._loc.expand(self.batch_shape + (self._num_components,) + self.event_shape)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Component standard deviations, laid out as :attr:`loc` (a broadcast view)."""
+        return self._scale.expand(self.batch_shape + (self._num_components,) + self.event_shape)
+
+    @property
     def num_components(self) -> int:
-        return self.weights.shape[-1]
+        return self._num_components
 
     @property
     def support(self) -> constraints.Constraint:
@@ -106,20 +122,21 @@ class TaskMixture(TorchDistribution):
     def expand(self, batch_shape, _instance=None) -> "TaskMixture":
         new = self._get_checked_instance(TaskMixture, _instance)
         batch_shape = torch.Size(batch_shape)
-        C, E = torch.Size([self.num_components]), self.event_shape
-        new.weights = self.weights.expand(batch_shape + C)
-        new.loc = self.loc.expand(batch_shape + C + E)
-        new.scale = self.scale.expand(batch_shape + C + E)
+        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
+            raise RuntimeError(f"cannot expand TaskMixture of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+        new._weights, new._loc, new._scale = self._weights, self._loc, self._scale
+        new._num_components = self._num_components
         new.kl = self.kl
-        super(TaskMixture, new).__init__(batch_shape, E, validate_args=False)
+        super(TaskMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
     def _log_weights(self) -> torch.Tensor:
         # log(0) has an infinite derivative and 0 * inf = NaN in backward: only take the log of
         # positive weights, and give zero weights -inf so logsumexp ignores them.
-        positive = self.weights > 0
-        safe = torch.where(positive, self.weights, torch.ones_like(self.weights))
+        weights = _compact(self._weights)
+        positive = weights > 0
+        safe = torch.where(positive, weights, torch.ones_like(weights))
         return torch.where(positive, safe.log(), torch.full_like(safe, -torch.inf))
 
     def _component_dim(self) -> int:
@@ -130,9 +147,18 @@ class TaskMixture(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         E = len(self.event_shape)
-        per_elem = Normal(self.loc, self.scale, validate_args=False).log_prob(value.unsqueeze(self._component_dim()))
-        per_comp = per_elem.sum(dim=tuple(range(-E, 0))) if E else per_elem
-        return torch.logsumexp(per_comp + self._log_weights(), dim=-1)
+        # Work on the unexpanded parameters (plates broadcast them over Monte-Carlo draws) and
+        # touch the full [..., C, *event] broadcast only in the subtraction, scaling and square-sum.
+        loc, scale = _compact(self._loc), _compact(self._scale)
+        norm = (value.unsqueeze(self._component_dim()) - loc) * scale.reciprocal()
+        if E:
+            norm = norm.flatten(-E)
+            sq, log_scale = torch.linalg.vecdot(norm, norm), scale.log().flatten(-E).sum(-1)
+        else:
+            sq, log_scale = norm.square(), scale.log()
+        per_comp = -0.5 * sq - log_scale - 0.5 * math.log(2 * math.pi) * self.event_shape.numel()
+        log_prob = torch.logsumexp(per_comp + self._log_weights(), dim=-1)
+        return log_prob.expand(torch.broadcast_shapes(value.shape[: value.dim() - E], self.batch_shape))
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Draw a component per element of the batch, then a Gaussian (reparameterised given the component)."""
@@ -164,6 +190,17 @@ class TaskMixture(TorchDistribution):
         return second_moment - self.mean**2
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with each broadcast dim (stride 0, from ``expand``) cut to size 1.
+
+    Such a dim repeats the same values, so computing on the view and broadcasting afterwards
+    gives the same numbers (and gradients) with less work.
+    """
+    if all(stride or size == 1 for stride, size in zip(t.stride(), t.shape)):
+        return t
+    return t[tuple(slice(None) if stride or size == 1 else slice(0, 1) for stride, size in zip(t.stride(), t.shape))]
+
+
 def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_event_dim: int, p: TaskMixture) -> torch.Tensor:
     r"""``Σ_c w_c KL(N(q_loc, q_scale) ‖ N(loc_c, scale_c))``, summed over the event dims.
 
@@ -180,12 +217,16 @@ def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_
             f"{p_event_dim}; declare the guide's distribution with .to_event({p_event_dim})"
         )
     comp = -(p_event_dim + 1)
-    q_loc, q_scale = q_loc.unsqueeze(comp), q_scale.unsqueeze(comp)
-    var_ratio = (q_scale / p.scale) ** 2
-    kl = 0.5 * (var_ratio + ((q_loc - p.loc) / p.scale) ** 2 - 1.0 - var_ratio.log())
+    batch_shape = torch.broadcast_shapes(q_loc.shape[: q_loc.dim() - p_event_dim], p.batch_shape)
+    # Plates broadcast q over the prior's MC draws and p over q's: compute on the unexpanded
+    # tensors and broadcast the (event-summed) result, not the [..., C, *event] terms.
+    q_loc, q_scale = _compact(q_loc).unsqueeze(comp), _compact(q_scale).unsqueeze(comp)
+    p_loc, p_scale = _compact(p._loc), _compact(p._scale)
+    var_ratio = (q_scale / p_scale) ** 2
+    kl = 0.5 * (var_ratio + ((q_loc - p_loc) / p_scale) ** 2 - 1.0 - var_ratio.log())
     if p_event_dim:
         kl = kl.sum(dim=tuple(range(-p_event_dim, 0)))
-    return (p.weights * kl).sum(-1)
+    return (_compact(p._weights) * kl).sum(-1).expand(batch_shape)
 
 
 @register_kl(Independent, TaskMixture)

@@ -70,7 +70,7 @@ class Fit:
         return {
             "method": self.method.name,
             "dataset": self.data.name,
-            "fraction": self.config["fraction"] or None,
+            "fraction": self.config["fraction"],
             "seed": self.config["seed"],
             "device": self.device.type,
             "split": split,
@@ -102,10 +102,14 @@ class Fit:
 
 
 def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTaskData:
-    fraction = cfg["fraction"] or None
-    if data is None or isinstance(data, str):
-        from pyromtl import datasets
+    """Load (or re-split) the data; ``cfg["fraction"] = 0`` becomes the dataset's default, in place."""
+    from pyromtl import datasets
 
+    if not cfg["fraction"]:
+        name = data.name if isinstance(data, MultiTaskData) else data or cfg["data"]
+        cfg["fraction"] = datasets.default_fraction(name) or 1.0
+    fraction = cfg["fraction"]
+    if data is None or isinstance(data, str):
         name = data or cfg["data"]
         options = {"root": cfg["root"]} if cfg["root"] else {}
         return datasets.load(name, fraction=fraction, seed=cfg["seed"], **options)
