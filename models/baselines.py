@@ -81,18 +81,21 @@ class LatentMTLModel(MultiTaskModel):
     def sample_w(self, plates: Plates) -> torch.Tensor:
         """``w [..., M, T, 1, K, d]``: M Monte-Carlo draws per task (eq. 11)."""
         T, K, d = self.info.num_tasks, self.info.out_dim, self.latent_dim
+        # components first: parameter reads inside scale handlers each cost a device op
+        components = self.w_components()
         with plates.globals(), self.kl_scope("w"):
             prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, step=self.state.step,
-                                       components=self.w_components(), task_axis=-2)
+                                       components=components, task_axis=-2)
             return pyro.sample("w", prior)
 
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
         """``z [..., L, 1, T|1, B, d]``: L Monte-Carlo draws per sample (eq. 11)."""
         rows = 1 if self.shared_z else batch.num_tasks
+        components = self.z_components(batch)
         with plates.locals(shared=self.shared_z), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
                                        num_tasks=batch.num_tasks, step=self.state.step,
-                                       components=self.z_components(batch), task_axis=-2)
+                                       components=components, task_axis=-2)
             return pyro.sample("z", prior)
 
     def forward(self, batch: Batch) -> None:

@@ -83,21 +83,32 @@ class Plates:
         ``shared=True`` is for a SIMO representation all tasks share: no task plate, and the
         scale and mask of the first task (SIMO tasks share their samples).
         """
+        with self._sample_weights(shared), self._local_plates(shared):
+            yield
+
+    @contextmanager
+    def observations(self) -> Iterator[None]:
+        """The likelihood of every (L, M) pair of draws, each weighted ``1/(L M)`` (VMTL eq. 11)."""
+        with self._sample_weights(), self.mc_w, poutine.scale(scale=1.0 / self.mc_w.size), self._local_plates():
+            yield
+
+    @contextmanager
+    def _sample_weights(self, shared: bool = False) -> Iterator[None]:
+        # The per-task tensor scale and the mask go outermost: Pyro applies the innermost handlers
+        # first, so the plates and float weights inside multiply a Python float, and the tensor
+        # multiplies in once per site (not once per plate: tiny device ops add up every step).
         b = self.batch
+        with poutine.scale(scale=b.scale[:1] if shared else b.scale), poutine.mask(mask=b.mask[:1] if shared else b.mask):
+            yield
+
+    @contextmanager
+    def _local_plates(self, shared: bool = False) -> Iterator[None]:
         with ExitStack() as stack:
             stack.enter_context(self.mc_z)
             stack.enter_context(poutine.scale(scale=1.0 / self.mc_z.size))
             if not shared:
                 stack.enter_context(self.task)
             stack.enter_context(self.data)
-            stack.enter_context(poutine.scale(scale=b.scale[:1] if shared else b.scale))
-            stack.enter_context(poutine.mask(mask=b.mask[:1] if shared else b.mask))
-            yield
-
-    @contextmanager
-    def observations(self) -> Iterator[None]:
-        """The likelihood of every (L, M) pair of draws, each weighted ``1/(L M)`` (VMTL eq. 11)."""
-        with self.mc_w, poutine.scale(scale=1.0 / self.mc_w.size), self.locals():
             yield
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.distributions.util import broadcast_shape
 from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 
@@ -86,9 +87,10 @@ class TaskMixture(TorchDistribution):
         if weights.dim() < 1:
             raise ValueError("weights need a component dim (the last one)")
         comp = -(event_dim + 1)
-        event_shape = torch.broadcast_shapes(loc.shape[loc.dim() - event_dim:], scale.shape[scale.dim() - event_dim:])
-        batch_shape = torch.broadcast_shapes(weights.shape[:-1], loc.shape[:comp], scale.shape[:comp])
-        num_components = torch.broadcast_shapes(weights.shape[-1:], loc.shape[comp:comp + 1], scale.shape[comp:comp + 1])
+        # Pyro's broadcast_shape: torch.broadcast_shapes costs ~50 us a call, and this runs every step.
+        event_shape = torch.Size(broadcast_shape(loc.shape[loc.dim() - event_dim:], scale.shape[scale.dim() - event_dim:]))
+        batch_shape = torch.Size(broadcast_shape(weights.shape[:-1], loc.shape[:comp], scale.shape[:comp]))
+        num_components = broadcast_shape(weights.shape[-1:], loc.shape[comp:comp + 1], scale.shape[comp:comp + 1])
         # Kept as given: plates expand the batch shape (e.g. over Monte-Carlo draws), and the KL
         # and log_prob broadcast these small tensors instead of materialising the expansion.
         self._weights, self._loc, self._scale = weights, loc, scale
@@ -122,7 +124,7 @@ class TaskMixture(TorchDistribution):
     def expand(self, batch_shape, _instance=None) -> "TaskMixture":
         new = self._get_checked_instance(TaskMixture, _instance)
         batch_shape = torch.Size(batch_shape)
-        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
+        if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
             raise RuntimeError(f"cannot expand TaskMixture of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
         new._weights, new._loc, new._scale = self._weights, self._loc, self._scale
         new._num_components = self._num_components
@@ -158,7 +160,7 @@ class TaskMixture(TorchDistribution):
             sq, log_scale = norm.square(), scale.log()
         per_comp = -0.5 * sq - log_scale - 0.5 * math.log(2 * math.pi) * self.event_shape.numel()
         log_prob = torch.logsumexp(per_comp + self._log_weights(), dim=-1)
-        return log_prob.expand(torch.broadcast_shapes(value.shape[: value.dim() - E], self.batch_shape))
+        return log_prob.expand(broadcast_shape(value.shape[: value.dim() - E], self.batch_shape))
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """Draw a component per element of the batch, then a Gaussian (reparameterised given the component)."""
@@ -217,7 +219,7 @@ def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_
             f"{p_event_dim}; declare the guide's distribution with .to_event({p_event_dim})"
         )
     comp = -(p_event_dim + 1)
-    batch_shape = torch.broadcast_shapes(q_loc.shape[: q_loc.dim() - p_event_dim], p.batch_shape)
+    batch_shape = broadcast_shape(q_loc.shape[: q_loc.dim() - p_event_dim], p.batch_shape)
     # Plates broadcast q over the prior's MC draws and p over q's: compute on the unexpanded
     # tensors and broadcast the (event-summed) result, not the [..., C, *event] terms.
     q_loc, q_scale = _compact(q_loc).unsqueeze(comp), _compact(q_scale).unsqueeze(comp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
+from pyro.distributions.util import broadcast_shape
 from torch.distributions import constraints
 
 from pyromtl.data.core import TYPE_CODE, TaskInfo
@@ -68,7 +69,7 @@ class MultiTaskOutput(TorchDistribution):
 
         def cls():
             logp = torch.log_softmax(masked_logits(out, self.info), dim=-1)
-            shape = torch.broadcast_shapes(logp.shape[:-1], value.shape)
+            shape = torch.Size(broadcast_shape(logp.shape[:-1], value.shape))
             labels = value.long().clamp(0, out.shape[-1] - 1).expand(shape).unsqueeze(-1)
             return torch.gather(logp.expand(shape + logp.shape[-1:]), -1, labels).squeeze(-1)
 

@@ -109,7 +109,8 @@ def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, devi
     info = data.info
     encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
     if cfg["amortized_classifier"]:
-        w_post = AmortizedClassifier(data, encoder, cfg["hidden"], cfg["activation"], device).to(device)
+        w_post = AmortizedClassifier(data, encoder, cfg["hidden"], cfg["activation"], device,
+                                     min_scale=cfg["ac_min_scale"]).to(device)
     else:
         w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
     attention = ClassAttention(data, device, cfg["attention_max_mb"])
@@ -130,6 +131,12 @@ def vmtl_relatedness(model, guide) -> dict[str, np.ndarray]:
     return out
 
 
+#: KL settings of every variational method (vstl, vbmtl, vmtl, vmtl-ac), so they compare fairly:
+#: Bowman et al.'s linear warm-up, and z's KL at 0.1 because it adds d terms per sample against
+#: one log-likelihood term and at full weight drowns it (measured: README, "What we found").
+VARIATIONAL_KL: dict[str, Any] = {"kl_weight": {"start": 0.0, "end": 1.0, "steps": 200}, "kl_weight_z": 0.1}
+
+
 def _register_builtin() -> None:
     point = {"z": "deterministic", "w": "deterministic"}
     normal = {"z": "normal", "w": "normal"}
@@ -141,14 +148,14 @@ def _register_builtin() -> None:
         ("vbmtl", False, normal, "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
     ):
         register(Method(name=name, summary=summary, paper=vmtl_paper + " (baselines)", build=build_latent,
-                        defaults={**LATENT_DEFAULTS, "per_task_encoder": per_task}, priors=dict(priors)))
+                        defaults={**LATENT_DEFAULTS, **(VARIATIONAL_KL if priors is normal else {}),
+                                  "per_task_encoder": per_task}, priors=dict(priors)))
     mixture = {"kind": "task_mixture", "weights": "gumbel_softmax",
                "temperature": {"start": 5.0, "end": 0.5, "rate": 5e-3}, "kl": "upper_bound"}
-    vmtl_defaults = {**LATENT_DEFAULTS, "mc_z": 10, "mc_w": 10, "amortized_classifier": False,
-                     "attention_max_mb": 1024.0, "kl_weight": {"start": 0.0, "end": 1.0, "steps": 200},
-                     # z's KL is d terms per sample against one log-likelihood term; at full weight it
-                     # drowns the likelihood (measured: README, "What we found")
-                     "kl_weight_z": 0.1}
+    vmtl_defaults = {**LATENT_DEFAULTS, **VARIATIONAL_KL, "mc_z": 10, "mc_w": 10, "amortized_classifier": False,
+                     "ac_min_scale": 0.2,  # floor of the amortised classifier's scales (guides/vmtl.py)
+                     "eval_samples": 2,  # each draw already averages L x M = 100 inner pairs
+                     "attention_max_mb": 1024.0}
     for name, amortized, summary in (
         ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),
         ("vmtl-ac", True, "VMTL-AC: VMTL with an amortised classifier from per-class mean representations"),

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.util import broadcast_shape
 from pyro.nn import PyroModule
 from torch.distributions import Distribution, constraints
 
@@ -263,7 +264,10 @@ class PriorContext:
 
 def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> Distribution:
     """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``."""
-    spec = parse_spec(spec)
+    return _build_parsed(parse_spec(spec), ctx)
+
+
+def _build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     prior = _REGISTRY[spec.kind].builder(spec, ctx)
     if prior.batch_shape != ctx.batch_shape or prior.event_shape != ctx.event_shape:
         raise ValueError(
@@ -332,7 +336,7 @@ class PriorSite(PyroModule):
         """Build the prior; keyword arguments as in :meth:`context`."""
         ctx = self.context(**context)
         self.num_tasks = ctx.num_tasks
-        return build(self.spec, ctx)
+        return _build_parsed(self.spec, ctx)  # parsed in __init__: skip re-validating it every step
 
     def forward(self, **context: Any) -> Distribution:
         return self.build(**context)
@@ -487,7 +491,7 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     # event_dim=2: α is one [T, T] value per call, independent of the enclosing plates.
     pyro.deterministic(f"{ctx.site}_weights", alpha, event_dim=2)
     mixture = TaskMixture(ctx.along_tasks(alpha), loc, scale, event_dim=len(ctx.event_shape), kl=spec.params["kl"])
-    return mixture.expand(torch.broadcast_shapes(mixture.batch_shape, ctx.batch_shape))
+    return mixture.expand(broadcast_shape(mixture.batch_shape, ctx.batch_shape))
 
 
 def expected_weights(site: PriorSite, num_tasks: int | None = None) -> torch.Tensor:

@@ -91,7 +91,7 @@ def test_mean_field_elbo_uses_the_analytic_normal_kl():
 
     @local_params
     def kl_terms():
-        cfg = config.resolve(m, dict(TINY))
+        cfg = config.resolve(m, {**TINY, "kl_weight": 1.0})
         model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
         batch = data.train_batch(8, None, "cpu")
         elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=4)
