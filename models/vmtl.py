@@ -30,7 +30,8 @@ class ClassAttention:
     class's queries only attend over keys of that class, which bounds the memory of the
     score matrices even with DomainNet's 345 classes). The result ``[T, N, T, D]`` stays on the
     model's device unless it exceeds ``max_device_mb``; then it stays in host memory and each
-    batch's rows are copied over.
+    batch's rows are copied over. Regression tasks have no classes, so their queries attend
+    over all of task i's training samples.
     """
 
     def __init__(self, data: MultiTaskData, device: torch.device, max_device_mb: float = 1024.0):
@@ -40,7 +41,9 @@ class ClassAttention:
         for t in range(data.num_tasks):  # data preparation: flatten each task's training split once
             idx = data.splits["train"][t]
             xs.append(data.x[t][idx].reshape(len(idx), -1))
-            ys.append(data.y[t][idx].long())
+            y = data.y[t][idx]
+            # regression has no classes: every sample of task i is a key (one group)
+            ys.append(torch.zeros(len(idx), dtype=torch.long) if data.task_types[t] == "regression" else y.long())
         T, D = data.num_tasks, xs[0].shape[1]
         n_max = max(len(x) for x in xs)
         out = torch.zeros(T, n_max, T, D)
