@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyro
 import pytest
+import torch
 
 from pyromtl.data import MultiTaskData
 
 pyro.enable_validation(True)
+# The test networks are tiny: intra-op threads add only overhead, and on a busy machine their
+# spinning made tests several times slower.
+torch.set_num_threads(1)
 
 #: Small networks and short runs: the unit tests check behaviour, not accuracy.
 TINY = {"latent_dim": 8, "hidden": [16], "eval_every": 10, "eval_samples": 4, "quiet": True}

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyromtl import config, methods
+from pyromtl import methods
 from pyromtl.config import TRAIN_DEFAULTS, apply_set, load_toml, parse_value, resolve, to_toml
 
 VBMTL = methods.get("vbmtl")

@@ -33,15 +33,6 @@ ABLATIONS = {
 QUICK = ["steps=3", "latent_dim=8", "hidden=[16]", "mc_z=1", "mc_w=1", "eval_every=10", "eval_samples=2", "quiet=true"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: intra-op threads add only overhead (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(name: str) -> dict:
     return config.load_toml(CONFIGS / f"{name}.toml")
 

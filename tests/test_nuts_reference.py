@@ -164,13 +164,8 @@ def fit_svi(spec, kind: str = "regression", steps: int = 1000, particles: int = 
     elbo = TraceMeanField_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=2)
     # The step size decays 50-fold so the last iterates settle on the optimum despite the noise.
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.02 ** (1 / steps)}), elbo)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add contention
-    try:
-        for _ in range(steps):
-            svi.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        svi.step()
     return guide.loc.detach().numpy().reshape(T, D), guide.scale().detach().numpy().reshape(T, D)
 
 

@@ -33,19 +33,10 @@ MIXTURE_WEIGHTS = ["gumbel_softmax", "learned", "uniform"]
 
 @pytest.fixture(autouse=True)
 def _local_params_one_thread():
-    """Models own their parameters (no global param store), as in training; torch on one thread.
-
-    The networks here are tiny: intra-op threads add only overhead, and on a busy machine their
-    spinning made these tests several times slower.
-    """
+    """Models own their parameters (no global param store), as in training."""
     pyro.set_rng_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pyro.settings.context(module_local_params=True):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with pyro.settings.context(module_local_params=True):
+        yield
 
 
 def build(method: str = "vmtl", data: MultiTaskData | None = None, priors: dict | None = None, **options):

@@ -1,0 +1,94 @@
+"""MeanFieldELBO computes TraceMeanField_ELBO's loss and gradients while scoring fewer sites."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from conftest import TINY, blobs_mimo, mixed_simo
+from pyromtl import methods
+from pyromtl.base import TrainState
+from pyromtl.config import resolve
+from pyromtl.infer.meanfield import MeanFieldELBO
+
+
+def _loss_and_grads(elbo_cls, model, guide, batch, num_particles, seed):
+    fn = elbo_cls(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=4)(model, guide)
+    torch.manual_seed(seed)
+    fn(batch)  # creates lazily built parameters
+    for p in fn.parameters():
+        p.grad = None
+    torch.manual_seed(seed + 1)
+    loss = fn(batch)
+    loss.backward()
+    return loss.detach(), [None if p.grad is None else p.grad.clone() for p in fn.parameters()]
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize(
+    "name, simo, extra",
+    [
+        ("vmtl", False, {}),
+        ("vmtl", False, {"priors": {"z": {"kl": "monte_carlo"}}}),  # no closed form: Monte-Carlo KL
+        ("vbmtl", True, {"num_particles": 3}),  # vectorised particles
+        ("stl", True, {}),  # point-mass guide, flat prior
+    ],
+)
+def test_matches_trace_mean_field_elbo(name, simo, extra, validate):
+    data = mixed_simo() if simo else blobs_mimo()
+    method = methods.get(name)
+    cfg = resolve(method, {**TINY, **extra, "kl_weight": 0.7})
+    batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
+    with pyro.settings.context(module_local_params=True), pyro.validation_enabled(validate):
+        state = TrainState(step=50)
+        model, guide = method.build(data, cfg, state, torch.device("cpu"))
+        ref_loss, ref_grads = _loss_and_grads(TraceMeanField_ELBO, model, guide, batch, cfg["num_particles"], 3)
+        loss, grads = _loss_and_grads(MeanFieldELBO, model, guide, batch, cfg["num_particles"], 3)
+    torch.testing.assert_close(loss, ref_loss)
+    assert len(grads) == len(ref_grads)
+    for g, ref in zip(grads, ref_grads):
+        assert (g is None) == (ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, ref)
+
+
+def test_skips_prior_log_density_of_latents_with_a_closed_form_kl():
+    calls = []
+
+    class Spy(dist.Normal):
+        def log_prob(self, value):
+            calls.append(value.shape)
+            return super().log_prob(value)
+
+    def model():
+        with pyro.plate("n", 3):
+            z = pyro.sample("z", Spy(torch.zeros(3), 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=torch.ones(3))
+
+    loc = torch.zeros(3, requires_grad=True)
+
+    def guide():
+        with pyro.plate("n", 3):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    with pyro.validation_enabled(False):
+        loss = MeanFieldELBO().differentiable_loss(model, guide)
+    assert calls == []  # KL(Normal, Normal) is analytic: the prior's log_prob is never evaluated
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_loss_is_a_float_matching_the_differentiable_loss():
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(torch.tensor(0.2), 0.8))
+
+    elbo = MeanFieldELBO()
+    loss = elbo.loss(model, guide)
+    assert isinstance(loss, float)
+    torch.testing.assert_close(torch.tensor(loss), elbo.differentiable_loss(model, guide).detach())
