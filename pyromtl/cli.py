@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pyromtl.io import read_metrics
+
 #: Config keys that may differ when a run directory's checkpoint is resumed: where and how
 #: long to train, not what is trained.
 _RESUMABLE_KEYS = {"device", "quiet", "steps", "epochs", "checkpoint_every"}
@@ -152,20 +154,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- compare
-def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """A run directory's ``metrics.json``; a missing or malformed file is a ``ValueError``."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or "dataset" not in doc:
-        raise ValueError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
-    return doc
-
-
 def run_labels(dirs: Sequence[Path]) -> list[str]:
     """Column names: the directory names, or the paths as given where two names clash."""
     names = [d.name or str(d) for d in dirs]

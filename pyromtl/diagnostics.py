@@ -45,7 +45,7 @@ import torch
 from pyromtl import config
 from pyromtl.base import local_params
 from pyromtl.data.core import Batch
-from pyromtl.io import atomic_write_bytes, atomic_write_text
+from pyromtl.io import atomic_write_bytes, atomic_write_text, read_metrics
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.predict import draw
 
@@ -343,15 +343,7 @@ CONFIG_HIGHLIGHTS = ("data", "steps", "epochs", "batch_size", "lr", "latent_dim"
 
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, float]]]:
     """``metrics.json`` (required), ``config.toml`` and the checkpoint's training history."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict):
-        raise ValueError(f"{path} lacks the 'tasks' entry of a pyromtl metrics.json")
+    doc = read_metrics(run_dir)
     cfg: dict[str, Any] = {}
     if (run_dir / "config.toml").is_file():
         cfg = config.load_toml(run_dir / "config.toml")

@@ -40,3 +40,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's ``metrics.json``; a missing or malformed file is a ``ValueError``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or "dataset" not in doc:
+        raise ValueError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
+    return doc

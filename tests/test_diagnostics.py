@@ -83,7 +83,7 @@ def test_report_rejects_a_directory_that_is_no_run(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text("{broken")
     with pytest.raises(ValueError, match="invalid JSON"):
         diagnostics.report(tmp_path)
-    (tmp_path / "metrics.json").write_text('{"tasks": {"t0": {"accuracy": 0.5}}}')
+    (tmp_path / "metrics.json").write_text('{"dataset": "d", "tasks": {"t0": {"accuracy": 0.5}}}')
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt cannot be read"):
         diagnostics.report(tmp_path)
