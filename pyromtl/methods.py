@@ -12,16 +12,19 @@ from typing import Any, Callable
 import numpy as np
 import pyro
 import torch
-from pyro.infer import ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 
 from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 
 
 def meanfield_elbo(method: "Method", cfg: dict[str, Any]) -> ELBO:
-    """``TraceMeanField_ELBO``: analytic KL terms wherever one is registered."""
+    """``TraceMeanField_ELBO`` (as :class:`~pyromtl.infer.meanfield.MeanFieldELBO`, which skips the
+    log-densities its analytic KL terms replace): analytic KL wherever one is registered."""
+    from pyromtl.infer.meanfield import MeanFieldELBO
+
     n = cfg["num_particles"]
-    return TraceMeanField_ELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)
+    return MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)
 
 
 @dataclass(frozen=True)
