@@ -105,17 +105,15 @@ def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTa
     """Load (or re-split) the data; ``cfg["fraction"] = 0`` becomes the dataset's default, in place."""
     from pyromtl import datasets
 
-    if not cfg["fraction"]:
-        name = data.name if isinstance(data, MultiTaskData) else data or cfg["data"]
-        cfg["fraction"] = datasets.default_fraction(name) or 1.0
-    fraction = cfg["fraction"]
-    if data is None or isinstance(data, str):
-        name = data or cfg["data"]
-        options = {"root": cfg["root"]} if cfg["root"] else {}
-        return datasets.load(name, fraction=fraction, seed=cfg["seed"], **options)
-    if not isinstance(data, MultiTaskData):
+    if data is not None and not isinstance(data, (str, MultiTaskData)):
         raise ValueError(f"data must be a dataset name or a MultiTaskData, got {type(data).__name__}")
-    return data.with_fraction(fraction, cfg["seed"])
+    name = data.name if isinstance(data, MultiTaskData) else data or cfg["data"]
+    if not cfg["fraction"]:
+        cfg["fraction"] = datasets.default_fraction(name) or 1.0
+    if isinstance(data, MultiTaskData):
+        return data.with_fraction(cfg["fraction"], cfg["seed"])
+    options = {"root": cfg["root"]} if cfg["root"] else {}
+    return datasets.load(name, fraction=cfg["fraction"], seed=cfg["seed"], **options)
 
 
 def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[str, Any] | None = None, seed: int = 0,

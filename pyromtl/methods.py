@@ -16,13 +16,12 @@ from pyro.infer import ELBO
 
 from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
+from pyromtl.infer.meanfield import MeanFieldELBO
 
 
 def meanfield_elbo(method: "Method", cfg: dict[str, Any]) -> ELBO:
     """``TraceMeanField_ELBO`` (as :class:`~pyromtl.infer.meanfield.MeanFieldELBO`, which skips the
     log-densities its analytic KL terms replace): analytic KL wherever one is registered."""
-    from pyromtl.infer.meanfield import MeanFieldELBO
-
     n = cfg["num_particles"]
     return MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)
 
