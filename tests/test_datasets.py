@@ -271,3 +271,17 @@ def test_fraction_on_simo_keeps_every_class_of_every_task(name):
 def test_fraction_one_or_none_keeps_the_whole_train_split():
     a, b = datasets.load("digits-rotation"), datasets.load("digits-rotation", fraction=1.0)
     assert a.split_sizes("train") == b.split_sizes("train")
+
+
+@pytest.mark.parametrize(("name", "fraction", "expected"), [
+    ("digits-domains", 0.0, 0.05),  # the config's 0: the dataset's few-shot default
+    ("digits-domains", 1.0, 1.0),   # 1: always the whole train split
+    ("digits-binary", 0.0, 1.0),    # no default: the whole train split
+])
+def test_runs_take_the_dataset_default_fraction(name, fraction, expected):
+    import pyromtl
+    from conftest import TINY
+
+    fit = pyromtl.fit("stl", name, fraction=fraction, steps=1, device="cpu", **TINY)
+    assert fit.config["fraction"] == expected
+    assert fit.data.split_sizes("train") == datasets.load(name, fraction=expected).split_sizes("train")

@@ -278,6 +278,18 @@ def test_class_attention_matches_a_loop_over_same_class_samples():
             torch.testing.assert_close(got[t, b], attention.attended[t, batch.index[t, b]])
 
 
+def test_class_attention_on_regression_attends_over_every_training_sample():
+    """Regression has no classes: each query attends over all of task i's training samples."""
+    data = regression_mimo(num_tasks=2, n=20, dim=3)
+    attention = ClassAttention(data, torch.device("cpu"))
+    for t in range(2):
+        for pos, row in enumerate(data.splits["train"][t].tolist()):
+            for i in range(2):
+                keys = data.x[i][data.splits["train"][i]]
+                expected = torch.softmax(keys @ data.x[t][row] / math.sqrt(3), dim=0) @ keys
+                torch.testing.assert_close(attention.attended[t, pos, i], expected)
+
+
 # ----------------------------------------------------------------- relatedness on known clusters
 @pytest.mark.parametrize("weights", ["learned", "gumbel_softmax"])
 def test_alpha_puts_its_mass_on_tasks_of_the_same_cluster(weights):
@@ -333,6 +345,11 @@ def test_vmtl_ac_classifier_is_one_network_of_the_class_mean_features():
 
     fit = pyromtl.fit("vmtl-ac", blobs_mimo(), steps=5, device="cpu", **SMALL)
     assert np.isfinite(fit.train_info["final_loss"])
+    # the scales never fall below their floor: otherwise the mixture KL can explode
+    with torch.no_grad():
+        raw = fit.guide.w_post.net[-1].bias
+        raw[raw.shape[0] // 2:] = -50.0  # drive the softplus part of every scale to ~0
+        assert fit.guide.w_post()[1].min() >= fit.config["ac_min_scale"]
     assert set(fit.relatedness()) == {"alpha", "beta"}
 
 
