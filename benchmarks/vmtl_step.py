@@ -110,7 +110,7 @@ def build_ours(data, cfg, device, optim_kind, elbo=None):
 
 
 def build_plain(data, cfg, device, optim_kind):
-    pad = data._padded("train", torch.device("cpu"))
+    pad = data.padded("train", torch.device("cpu"))
     T = data.num_tasks
     x = pad.x.reshape(T, pad.x.shape[1], -1)
     attended = precompute_attention(x, pad.y.long(), pad.n)
@@ -125,7 +125,7 @@ def schedules(cfg):
     """Temperature and the KL weights of w and z at ``STEP`` (annealed weight times the site's weight)."""
     tau = float(as_schedule(cfg["priors"]["z"]["temperature"])(STEP))
     weight = float(as_schedule(cfg["kl_weight"])(STEP))
-    return tau, weight * cfg.get("kl_weight_w", 1.0), weight * cfg.get("kl_weight_z", 1.0)
+    return tau, weight * cfg["kl_weights"]["w"], weight * cfg["kl_weights"]["z"]
 
 
 def time_steps(step, batches, warmup: int, steps: int, device) -> list[float]:

@@ -23,7 +23,7 @@ from torch.distributions import constraints, transform_to
 
 import pyromtl
 from pyromtl import priors
-from pyromtl.cli import metrics_table
+from pyromtl.tables import metrics_table
 
 
 def _positive(value: Any) -> float:

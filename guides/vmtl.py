@@ -1,24 +1,47 @@
 """Guides of VMTL and VMTL-AC (Shen et al., NeurIPS 2021).
 
 VMTL's guide is the baseline guide: ``q_phi(z | x)`` amortised (eq. 3) and ``q_theta(w_t)`` a
-diagonal Gaussian per class and task (eq. 8). VMTL-AC swaps ``q_theta(w_t)`` for
-:class:`AmortizedClassifier`.
+diagonal Gaussian per class and task (eq. 8), under VMTL's Monte-Carlo plates
+(:class:`MonteCarloDraws`). VMTL-AC swaps ``q_theta(w_t)`` for :class:`AmortizedClassifier`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyromtl.data.core import MultiTaskData
+from pyromtl.base import Plates, TrainState
+from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.baselines import LatentMTLGuide
 from pyromtl.nn import MLP, GaussianEncoder
 
-VMTLGuide = LatentMTLGuide
+
+class MonteCarloDraws:
+    """VMTL's plates: L draws of each ``z`` and M of each ``w`` (eq. 11), for model and guide alike.
+
+    The likelihood averages all L x M pairs; each draw of a latent carries weight ``1/L`` or
+    ``1/M`` (see :class:`~pyromtl.base.Plates`). Mixed into a model or guide that sets
+    ``mc_z`` and ``mc_w``.
+    """
+
+    mc_z: int
+    mc_w: int
+
+    def plates(self, batch: Batch) -> Plates:
+        return Plates(batch, self.mc_z, self.mc_w)
+
+
+class VMTLGuide(MonteCarloDraws, LatentMTLGuide):
+    """The baseline guide under VMTL's Monte-Carlo plates."""
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
+                 w_post: nn.Module, device: torch.device):
+        super().__init__(data, cfg, state, encoder, w_post, device)
+        self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
 
 
 class AmortizedClassifier(nn.Module):
@@ -40,7 +63,7 @@ class AmortizedClassifier(nn.Module):
                  device: torch.device, init_scale: float = 0.1, min_scale: float = 0.2):
         super().__init__()
         info = data.info
-        pad = data._padded("train", device)
+        pad = data.padded("train", device)
         labels = torch.where(info.type_code.to(device)[:, None] == 0, pad.y.long(), torch.zeros_like(pad.y, dtype=torch.long))
         valid = (torch.arange(pad.y.shape[1], device=device) < pad.n[:, None]).float()
         onehot = F.one_hot(labels, info.out_dim).float() * valid[..., None]  # [T, N, K]

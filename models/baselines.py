@@ -5,9 +5,6 @@ Latents, each with a prior from the registry (``pyromtl.priors``):
 * ``z`` — per-sample representation, ``[T, B, d]`` (or ``[1, B, d]`` when SIMO tasks share it);
 * ``w`` — per-task classifier, ``[T, 1, K, d]`` (one weight vector per class, eq. 8).
 
-``mc_z = L`` and ``mc_w = M`` Monte-Carlo draws of each are taken under plates of their own
-(dims -4 and -3), and the likelihood is averaged over all L x M pairs (VMTL eq. 11).
-
 The four baselines differ only in configuration:
 
 ========  ==========================  ==========================
@@ -27,32 +24,22 @@ mixture priors (VMTL) are built from them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro.nn import PyroParam
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState, site_kl_weights
+from pyromtl.base import MultiTaskModel, Plates, TrainState
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.guides.baselines import ClassifierPosterior, LatentMTLGuide
+from pyromtl.method import ExportSite, Method
+from pyromtl.methods import register
 from pyromtl.nn import GaussianEncoder
+from pyromtl.options import Options
 from pyromtl.priors import PriorSite
-
-
-class ClassifierPosterior(torch.nn.Module):
-    """``q(w_t) = prod_c N(mu_{t,c}, diag sigma^2_{t,c})`` (VMTL eq. 8), one row per task.
-
-    Shared by the guide (which samples from it) and by mixture priors (which use the other
-    tasks' rows as components).
-    """
-
-    def __init__(self, num_tasks: int, out_dim: int, latent_dim: int, init_scale: float = 0.1):
-        super().__init__()
-        self.loc = torch.nn.Parameter(torch.randn(num_tasks, 1, out_dim, latent_dim) / latent_dim**0.5)
-        self.raw_scale = torch.nn.Parameter(torch.full((num_tasks, 1, out_dim, latent_dim), init_scale).expm1().log())
-
-    def forward(self, batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loc, torch.nn.functional.softplus(self.raw_scale) + 1e-5
 
 
 class LatentMTLModel(MultiTaskModel):
@@ -61,15 +48,17 @@ class LatentMTLModel(MultiTaskModel):
     def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
                  w_post: torch.nn.Module, device: torch.device):
         info = data.info.to(device)
-        super().__init__(info, state, cfg["kl_weight"], site_kl_weights(cfg))
+        super().__init__(info, state, cfg["kl_weight"], cfg["kl_weights"])
         self.encoder = encoder
         self.w_post = w_post
         self.latent_dim = cfg["latent_dim"]
-        self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
         self.shared_z = info.simo and not cfg["per_task_encoder"]
         self.z_prior = PriorSite("z", cfg["priors"]["z"], device=device)
         self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
         self.bias = PyroParam(torch.zeros(info.num_tasks, 1, info.out_dim, device=device))
+
+    def plates(self, batch: Batch) -> Plates:
+        return Plates(batch)
 
     def z_components(self, batch: Batch):
         """Mixture components for the prior of ``z``; the baselines' priors need none."""
@@ -79,7 +68,7 @@ class LatentMTLModel(MultiTaskModel):
         return None
 
     def sample_w(self, plates: Plates) -> torch.Tensor:
-        """``w [..., M, T, 1, K, d]``: M Monte-Carlo draws per task (eq. 11)."""
+        """``w [..., T, 1, K, d]``, one per task."""
         T, K, d = self.info.num_tasks, self.info.out_dim, self.latent_dim
         # components first: parameter reads inside scale handlers each cost a device op
         components = self.w_components()
@@ -89,7 +78,7 @@ class LatentMTLModel(MultiTaskModel):
             return pyro.sample("w", prior)
 
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
-        """``z [..., L, 1, T|1, B, d]``: L Monte-Carlo draws per sample (eq. 11)."""
+        """``z [..., T|1, B, d]``, one per sample."""
         rows = 1 if self.shared_z else batch.num_tasks
         components = self.z_components(batch)
         with plates.locals(shared=self.shared_z), self.kl_scope("z"):
@@ -98,14 +87,79 @@ class LatentMTLModel(MultiTaskModel):
                                        components=components, task_axis=-2)
             return pyro.sample("z", prior)
 
+    def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``[..., T, B, K]`` of ``z [..., T|1, B, d]`` and ``w [..., T, 1, K, d]``."""
+        return torch.matmul(z, w.squeeze(-3).transpose(-1, -2)) + self.bias
+
     def forward(self, batch: Batch) -> None:
-        plates = Plates(batch, self.mc_z, self.mc_w)
+        plates = self.plates(batch)
         w = self.sample_w(plates)
         z = self.sample_z(batch, plates)
-        # z [..., L, 1, T|1, B, d] x w [..., M, T, K, d] -> [..., L, M, T, B, K]: all L x M pairs.
-        # One batched product per task over (L B) x (M K); a broadcast matmul would first copy z M times.
-        w = w.squeeze(-3)
-        w = w.reshape((1,) * (z.dim() - w.dim()) + w.shape)  # w's batch dims lack mc_z without outer plates
-        outputs = torch.einsum("...lotbd,...lmtkd->...lmtbk", z, w) + self.bias
+        outputs = self.head(z, w)
         with plates.observations():
             self.observe(outputs, batch)
+
+
+# ---------------------------------------------------------------------------- declarations
+@dataclass
+class LatentOptions(Options):
+    """Options of the baseline family (and VMTL's, which extends them)."""
+
+    latent_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [256])
+    activation: str = "elu"
+    per_task_encoder: bool = False
+    #: Per-site KL multipliers (a tempered posterior: the likelihood keeps weight 1).
+    kl_weights: dict[str, float] = field(default_factory=lambda: {"z": 1.0, "w": 1.0})
+
+
+def build_latent(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    """Model and guide of the baseline family; they share the encoder and ``q(w)``."""
+    info = data.info
+    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"],
+                              per_task=cfg["per_task_encoder"]).to(device)
+    w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
+    model = LatentMTLModel(data, cfg, state, encoder, w_post, device)
+    guide = LatentMTLGuide(data, cfg, state, encoder, w_post, device)
+    return model, guide
+
+
+def _classifier_draws(model, guide, n: int) -> torch.Tensor:
+    """``n`` draws of ``q(w)``, ``[n, T, K, d]``; NaN where a task lacks the class (heads are padded)."""
+    loc, scale = guide.w_post()
+    loc, scale = loc.squeeze(1), scale.squeeze(1)
+    w = loc.expand(n, *loc.shape) if guide.point_w else loc + scale * torch.randn(n, *loc.shape, device=loc.device)
+    return w.masked_fill(~model.info.class_mask[None, :, :, None], float("nan"))
+
+
+def _classifier_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Class names where the dataset has one per head output, else ``0..K-1``; latent dims by index."""
+    K, d = shape[-2:]
+    names = data.class_names
+    return {"class": list(names) if names is not None and len(names) == K else list(range(K)),
+            "latent_dim": np.arange(d)}
+
+
+#: The classifier ``w``, exported by every method of this family and by VMTL.
+CLASSIFIER_EXPORT = ExportSite("w", ("task", "class", "latent_dim"), _classifier_draws, _classifier_coords)
+
+VMTL_PAPER = "Shen et al., Variational Multi-Task Learning with Gumbel-Softmax Priors, NeurIPS 2021"
+
+#: KL settings of every variational method (vstl, vbmtl, vmtl, vmtl-ac), so they compare fairly:
+#: Bowman et al.'s linear warm-up, and z's KL at 0.1 because it adds d terms per sample against
+#: one log-likelihood term and at full weight drowns it (measured: README, "What we found").
+VARIATIONAL_KL: dict[str, Any] = {"kl_weight": {"start": 0.0, "end": 1.0, "steps": 200},
+                                  "kl_weights": {"z": 0.1, "w": 1.0}}
+
+_POINT = {"z": "deterministic", "w": "deterministic"}
+_NORMAL = {"z": "normal", "w": "normal"}
+for _name, _per_task, _priors, _summary in (
+    ("stl", True, _POINT, "single-task learning: one encoder and head per task, maximum likelihood"),
+    ("bmtl", False, _POINT, "shared encoder with task heads, maximum likelihood"),
+    ("vstl", True, _NORMAL, "variational STL: probabilistic z and w under N(0, I) priors"),
+    ("vbmtl", False, _NORMAL, "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
+):
+    register(Method(name=_name, summary=_summary, paper=VMTL_PAPER + " (baselines)", build=build_latent,
+                    options=LatentOptions,
+                    overrides={**(VARIATIONAL_KL if _priors is _NORMAL else {}), "per_task_encoder": _per_task},
+                    priors=dict(_priors), export=(CLASSIFIER_EXPORT,)))

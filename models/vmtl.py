@@ -1,7 +1,7 @@
 """VMTL: variational multi-task learning with Gumbel-Softmax priors (Shen et al., NeurIPS 2021).
 
-The model is the baseline latent model (``models/baselines.py``) with conditional priors
-that mix the other tasks' variational posteriors:
+The model is the baseline latent model (``models/baselines.py``) under L x M Monte-Carlo
+plates (eq. 11), with conditional priors that mix the other tasks' variational posteriors:
 
 * classifier (eq. 6–7): ``p(w_t) = sum_{i != t} alpha_ti q(w_i)``; the components are the other
   tasks' current posteriors with gradients stopped (they act as "the previous iteration");
@@ -11,16 +11,29 @@ that mix the other tasks' variational posteriors:
 
 The mixing weights and the KL treatment come from the prior specs (``task_mixture`` with
 ``weights = gumbel_softmax | learned | uniform`` and ``kl = upper_bound | monte_carlo``), so the
-paper's ablations (Tables 1–2) are configuration, not code paths.
+paper's ablations (Tables 1–2) are configuration, not code paths. α and β are recorded as the
+deterministic sites ``w_weights`` and ``z_weights``, exported to ArviZ, and their expectations
+are ``Fit.relatedness()``'s ``alpha`` and ``beta``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 
+from pyromtl.base import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.models.baselines import LatentMTLModel
-from pyromtl.nn import cross_attention
+from pyromtl.guides.baselines import ClassifierPosterior
+from pyromtl.guides.vmtl import AmortizedClassifier, MonteCarloDraws, VMTLGuide
+from pyromtl.method import ExportSite, Method
+from pyromtl.methods import register
+from pyromtl.models.baselines import CLASSIFIER_EXPORT, VARIATIONAL_KL, VMTL_PAPER, LatentMTLModel, LatentOptions
+from pyromtl.nn import GaussianEncoder, cross_attention
+from pyromtl.priors import PriorSite, mixture_weights
+from pyromtl.schedules import as_schedule
 
 
 class ClassAttention:
@@ -73,12 +86,21 @@ class ClassAttention:
         return self.attended[rows, index]
 
 
-class VMTLModel(LatentMTLModel):
+class VMTLModel(MonteCarloDraws, LatentMTLModel):
     """VMTL's generative model: eq. 5 with the mixture priors of eq. 6 and 9."""
 
-    def __init__(self, *args, attention: ClassAttention, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
+                 w_post: torch.nn.Module, device: torch.device, attention: ClassAttention):
+        super().__init__(data, cfg, state, encoder, w_post, device)
+        self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
         self.attention = attention
+
+    def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """All L x M pairs: ``z [..., L, 1, T, B, d]`` and ``w [..., M, T, 1, K, d]`` give ``[..., L, M, T, B, K]``."""
+        # One batched product per task over (L B) x (M K); a broadcast matmul would first copy z M times.
+        w = w.squeeze(-3)
+        w = w.reshape((1,) * (z.dim() - w.dim()) + w.shape)  # w's batch dims lack mc_z without outer plates
+        return torch.einsum("...lotbd,...lmtkd->...lmtbk", z, w) + self.bias
 
     def w_components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every task's ``q(w_i)`` as a mixture component, ``[1, 1, T, K, d]``, gradients stopped (eq. 6)."""
@@ -101,3 +123,94 @@ class VMTLModel(LatentMTLModel):
         attended = self.attention(batch.index)  # [T, B, T, D]
         loc, scale = self.encoder(attended.reshape(T, B * T, -1), False)
         return loc.reshape(T, B, T, -1), scale.reshape(T, B, T, -1)
+
+
+# ---------------------------------------------------------------------------- declarations
+@dataclass
+class VMTLOptions(LatentOptions):
+    """VMTL's options: the baselines' plus its Monte-Carlo draws and the VMTL-AC switch."""
+
+    mc_z: int = 10  # L draws of each z (eq. 11)
+    mc_w: int = 10  # M draws of each w
+    amortized_classifier: bool = False  # VMTL-AC
+    ac_min_scale: float = 0.2  # floor of the amortised classifier's scales (guides/vmtl.py)
+    attention_max_mb: float = 1024.0  # the precomputed attention stays on the device up to this size
+
+
+def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    """VMTL (and VMTL-AC when ``amortized_classifier``): mixture priors over the other tasks."""
+    info = data.info
+    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
+    if cfg["amortized_classifier"]:
+        w_post = AmortizedClassifier(data, encoder, cfg["hidden"], cfg["activation"], device,
+                                     min_scale=cfg["ac_min_scale"]).to(device)
+    else:
+        w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
+    attention = ClassAttention(data, device, cfg["attention_max_mb"])
+    model = VMTLModel(data, cfg, state, encoder, w_post, device, attention=attention)
+    guide = VMTLGuide(data, cfg, state, encoder, w_post, device)
+    return model, guide
+
+
+def expected_weights(site: PriorSite, num_tasks: int | None = None) -> torch.Tensor:
+    """The ``[T, T]`` expected mixing weights of a ``task_mixture`` site, detached (for relatedness).
+
+    ``softmax(π_t)`` over the other tasks for ``gumbel_softmax`` (the Gumbel-Softmax's class
+    probabilities, eq. 7) and ``learned``; ``1 / (T-1)`` for ``uniform``. The diagonal is 0.
+    """
+    if site.spec.kind != "task_mixture":
+        raise ValueError(f"site {site.site!r} has prior kind {site.spec.kind!r}, not 'task_mixture'")
+    T = num_tasks if num_tasks is not None else site.num_tasks
+    if T is None:
+        raise ValueError(f"site {site.site!r} has not been built yet; pass num_tasks")
+    mode = site.spec.params["weights"]
+    if mode != "uniform" and "logits" not in site.params:
+        raise ValueError(f"site {site.site!r} has no learned weights yet; build the prior once first")
+    logits = None if mode == "uniform" else site.params["logits"].detach()
+    return mixture_weights("uniform" if mode == "uniform" else "learned", T, logits,
+                           device=site._anchor.device, dtype=torch.get_default_dtype())
+
+
+def _mixture_sites(model) -> dict[str, PriorSite]:
+    """α's and β's prior sites; the Table 1 ablations give a site another prior kind (no weights)."""
+    sites = {"alpha": model.w_prior, "beta": model.z_prior}
+    return {k: s for k, s in sites.items() if s.spec.kind == "task_mixture"}
+
+
+def vmtl_relatedness(model, guide) -> dict[str, np.ndarray]:
+    """Expected mixing weights: α (classifier prior, eq. 7) and β (representation prior, eq. 9)."""
+    return {k: expected_weights(s).cpu().numpy() for k, s in _mixture_sites(model).items()}
+
+
+def _weight_draws(which: str):
+    """Draws of α or β as the model samples them at its current step; None for an ablated site."""
+
+    def draw(model, guide, n: int) -> torch.Tensor | None:
+        site = _mixture_sites(model).get(which)
+        if site is None:
+            return None
+        logits = site.params["logits"].detach() if "logits" in site.params else None
+        tau = as_schedule(site.spec.params["temperature"])(model.state.step)
+        return mixture_weights(site.spec.params["weights"], site.num_tasks, logits, tau, (n,),
+                               device=site._anchor.device, dtype=torch.get_default_dtype())
+
+    return draw
+
+
+_MIXTURE = {"kind": "task_mixture", "weights": "gumbel_softmax",
+            "temperature": {"start": 5.0, "end": 0.5, "rate": 5e-3}, "kl": "upper_bound"}
+for _name, _amortized, _summary in (
+    ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),
+    ("vmtl-ac", True, "VMTL-AC: VMTL with an amortised classifier from per-class mean representations"),
+):
+    register(Method(
+        name=_name, summary=_summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
+        overrides={**VARIATIONAL_KL, "amortized_classifier": _amortized,
+                   "eval_samples": 2},  # each draw already averages L x M = 100 inner pairs
+        priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), max_plate_nesting=4,
+        relatedness=vmtl_relatedness,
+        relatedness_titles={"alpha": "α: classifier-prior mixing weights", "beta": "β: representation-prior mixing weights"},
+        export=(CLASSIFIER_EXPORT,
+                ExportSite("w_weights", ("task", "other_task"), _weight_draws("alpha")),
+                ExportSite("z_weights", ("task", "other_task"), _weight_draws("beta"))),
+    ))

@@ -1,12 +1,14 @@
 """Pieces every Pyro model and guide of pyromtl shares: plates, KL weighting and the likelihood.
 
-Plate layout (``max_plate_nesting = 4``, see :class:`Plates`):
+Plate layout (see :class:`Plates`):
 
-* ``mc_z`` at dim -4 and ``mc_w`` at dim -3: L and M Monte-Carlo draws of local and global
-  latents, each draw weighted ``1/L`` or ``1/M`` (VMTL eq. 11);
 * ``task`` at dim -2 (size T): global per-task latents have batch shape ``[T, 1]``;
 * ``data`` at dim -1 (size B): local latents have batch shape ``[T, B]`` (or ``[1, B]`` for a
   representation shared by all tasks in SIMO data).
+
+A method may add Monte-Carlo plates outside them (VMTL takes L and M draws of its local and
+global latents: ``Plates(batch, mc_z=L, mc_w=M)`` puts ``mc_z`` at dim -4 and ``mc_w`` at -3);
+it then declares ``max_plate_nesting = 4``. Without them a method nests two plates.
 
 Local sites are scaled by ``N_t / B_t`` per task (``poutine.scale`` with a ``[T, 1]`` tensor,
 since MIMO tasks have different sizes: one subsampled plate size cannot express that) and
@@ -15,19 +17,19 @@ masked where a task's row is padding.
 
 from __future__ import annotations
 
-import functools
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from pyromtl.data.core import Batch, TaskInfo
 from pyromtl.likelihoods import MultiTaskOutput
+from pyromtl.params import LocalParamsModule
 from pyromtl.priors import parse_spec
 from pyromtl.schedules import Schedule, as_schedule
 
@@ -35,18 +37,6 @@ from pyromtl.schedules import Schedule, as_schedule
 def is_point(spec) -> bool:
     """A ``deterministic`` prior makes the site a point estimate (flat prior, Delta guide)."""
     return parse_spec(spec).kind == "deterministic"
-
-
-def local_params(fn):
-    """Run ``fn`` with Pyro's module-local parameters, so PyroModules own their parameters
-    (no global param store) and ``ELBO()(model, guide)`` is a plain ``nn.Module``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with pyro.settings.context(module_local_params=True):
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 @dataclass
@@ -61,24 +51,26 @@ class Plates:
 
     Pyro identifies a plate by its object, so a run creates each plate once here and re-enters
     it for every site; the context managers below compose them for the three kinds of site.
+    ``mc_z``/``mc_w`` (``None`` by default) add Monte-Carlo plates of L and M draws, each draw
+    weighted ``1/L`` or ``1/M`` (VMTL eq. 11).
     """
 
-    def __init__(self, batch: Batch, mc_z: int = 1, mc_w: int = 1):
+    def __init__(self, batch: Batch, mc_z: int | None = None, mc_w: int | None = None):
         self.batch = batch
-        self.mc_z = pyro.plate("mc_z", mc_z, dim=-4)
-        self.mc_w = pyro.plate("mc_w", mc_w, dim=-3)
+        self.mc_z = pyro.plate("mc_z", mc_z, dim=-4) if mc_z is not None else None
+        self.mc_w = pyro.plate("mc_w", mc_w, dim=-3) if mc_w is not None else None
         self.task = pyro.plate("task", batch.num_tasks, dim=-2)
         self.data = pyro.plate("data", batch.size, dim=-1)
 
     @contextmanager
     def globals(self) -> Iterator[None]:
-        """Per-task latents (batch ``[M, T, 1]``), each Monte-Carlo draw weighted ``1/M``."""
-        with self.mc_w, poutine.scale(scale=1.0 / self.mc_w.size), self.task:
+        """Per-task latents (batch ``[M, T, 1]``, or ``[T, 1]``)."""
+        with self._draws(self.mc_w), self.task:
             yield
 
     @contextmanager
     def locals(self, shared: bool = False) -> Iterator[None]:
-        """Per-sample latents (batch ``[L, 1, T|1, B]``), scaled by ``N_t / B_t / L`` and masked.
+        """Per-sample latents (batch ``[L, 1, T|1, B]``, or ``[T|1, B]``), scaled by ``N_t / B_t`` and masked.
 
         ``shared=True`` is for a SIMO representation all tasks share: no task plate, and the
         scale and mask of the first task (SIMO tasks share their samples).
@@ -88,8 +80,18 @@ class Plates:
 
     @contextmanager
     def observations(self) -> Iterator[None]:
-        """The likelihood of every (L, M) pair of draws, each weighted ``1/(L M)`` (VMTL eq. 11)."""
-        with self._sample_weights(), self.mc_w, poutine.scale(scale=1.0 / self.mc_w.size), self._local_plates():
+        """The likelihood of every sample (and of every (L, M) pair of draws, each weighted ``1/(L M)``)."""
+        with self._sample_weights(), self._draws(self.mc_w), self._local_plates():
+            yield
+
+    @staticmethod
+    @contextmanager
+    def _draws(plate) -> Iterator[None]:
+        """Enter a Monte-Carlo plate with its ``1/size`` weight; nothing without one."""
+        if plate is None:
+            yield
+            return
+        with plate, poutine.scale(scale=1.0 / plate.size):
             yield
 
     @contextmanager
@@ -104,34 +106,31 @@ class Plates:
     @contextmanager
     def _local_plates(self, shared: bool = False) -> Iterator[None]:
         with ExitStack() as stack:
-            stack.enter_context(self.mc_z)
-            stack.enter_context(poutine.scale(scale=1.0 / self.mc_z.size))
+            stack.enter_context(self._draws(self.mc_z))
             if not shared:
                 stack.enter_context(self.task)
             stack.enter_context(self.data)
             yield
 
 
-def site_kl_weights(cfg: dict) -> dict[str, float]:
-    """Per-site KL multipliers from config keys ``kl_weight_<site>`` (e.g. ``kl_weight_z``)."""
-    return {k.removeprefix("kl_weight_"): float(v) for k, v in cfg.items() if k.startswith("kl_weight_")}
-
-
-class MultiTaskModule(PyroModule):
+class MultiTaskModule(LocalParamsModule):
     """Base of every pyromtl model and guide: task facts, training state and the KL weight.
 
-    ``kl_weight`` is a schedule over training steps (Bowman et al. annealing). Models and guides
-    both wrap their latent sites in :meth:`kl_scope`, because ``TraceMeanField_ELBO`` takes the
-    scale of an analytic KL term from the guide site.
+    ``kl_weight`` is a schedule over training steps (Bowman et al. annealing) and
+    ``kl_weights`` maps a latent site to its own constant multiplier (config ``kl_weights =
+    {z = 0.1, w = 1.0}``; a site not named has 1). Together they temper the posterior: the KL of
+    each site is scaled, the likelihood is not. Models and guides both wrap their latent sites in
+    :meth:`kl_scope`, because ``TraceMeanField_ELBO`` takes the scale of an analytic KL term from
+    the guide site.
     """
 
     def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
-                 site_weights: dict[str, float] | None = None):
+                 kl_weights: Mapping[str, float] | None = None):
         super().__init__()
         self.info = info
         self.state = state
         self.kl_weight = as_schedule(kl_weight)
-        self.site_weights = dict(site_weights or {})
+        self.site_weights = dict(kl_weights or {})
 
     @contextmanager
     def kl_scope(self, site: str) -> Iterator[None]:
@@ -146,8 +145,8 @@ class MultiTaskModel(MultiTaskModule):
     """A model: adds the regression noise scales and the shared likelihood site ``y``."""
 
     def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
-                 site_weights: dict[str, float] | None = None):
-        super().__init__(info, state, kl_weight, site_weights)
+                 kl_weights: Mapping[str, float] | None = None):
+        super().__init__(info, state, kl_weight, kl_weights)
         self.noise = PyroParam(torch.ones(info.num_tasks, device=info.type_code.device), constraint=constraints.positive)
 
     def observe(self, outputs: torch.Tensor, batch: Batch) -> None:

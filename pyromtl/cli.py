@@ -10,46 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pyromtl.io import read_metrics
+from pyromtl.rundir import RunDir
+from pyromtl.tables import metrics_table
 
 #: Config keys that may differ when a run directory's checkpoint is resumed: where and how
 #: long to train, not what is trained.
 _RESUMABLE_KEYS = {"device", "quiet", "steps", "epochs", "checkpoint_every"}
-
-
-# ---------------------------------------------------------------------------- tables
-def _fmt(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return "nan" if math.isnan(v) else f"{v:.4f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain aligned text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def metrics_table(tasks: Mapping[str, Mapping[str, float]], average: Mapping[str, float]) -> str:
-    """Tasks as rows and metric keys (in first-seen order) as columns, then the average."""
-    keys: list[str] = []
-    for m in [*tasks.values(), average]:
-        keys += [k for k in m if k not in keys]
-    rows = [[name, *(_fmt(m[k]) if k in m else "-" for k in keys)] for name, m in tasks.items()]
-    rows.append(["average", *(_fmt(average[k]) if k in average else "-" for k in keys)])
-    return _table(["task", *keys], rows)
 
 
 # ---------------------------------------------------------------------------- list
@@ -110,12 +81,10 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
     The trainer resumes any checkpoint it finds; a rerun into the same default directory with
     changed options would otherwise load mismatched weights or silently mix two set-ups.
     """
-    ckpt = out / "checkpoint.pt"
-    if not ckpt.is_file():
+    run = RunDir(out)
+    if not run.has_checkpoint():
         return
-    import torch
-
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("config", {})
+    saved = run.read_checkpoint().get("config", {})
     changed = sorted(k for k in set(saved) | set(cfg) if k not in _RESUMABLE_KEYS and saved.get(k) != cfg.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
@@ -174,7 +143,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             dirs.append(base)
             base_index = len(dirs) - 1
-    docs = [read_metrics(d) for d in dirs]
+    docs = [RunDir(d).read_metrics() for d in dirs]
     datasets = {doc["dataset"] for doc in docs}
     if len(datasets) > 1:
         found = ", ".join(f"{d}: {doc['dataset']}" for d, doc in zip(dirs, docs))
@@ -189,9 +158,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from pyromtl import diagnostics
+    from pyromtl.report import report
 
-    print(diagnostics.report(args.run_dir))
+    print(report(args.run_dir))
     return 0
 
 

@@ -7,93 +7,16 @@ against the type of their default, so a typo fails fast with a message that name
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
+from pyromtl.options import TrainOptions, check
 from pyromtl.priors import parse_spec
 
-#: Options every method understands (the trainer's and the run's).
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "data": "digits-domains",
-    "root": "",
-    "fraction": 0.0,  # 0: the dataset's default (datasets.default_fraction); 1: the whole train split
-    "seed": 0,
-    "device": "auto",
-    "steps": 0,  # 0 means: use epochs
-    "epochs": 100,
-    "batch_size": 64,
-    "lr": 3e-3,
-    "lr_decay": 1.0,  # ClippedAdam's per-step multiplicative decay
-    "clip_norm": 10.0,
-    "weight_decay": 0.0,
-    "num_particles": 1,
-    "eval_every": 50,
-    "eval_samples": 20,
-    "checkpoint_every": 200,
-    "kl_weight": 1.0,
-    "quiet": False,
-}
-
-#: Keys whose value may be a number or a schedule table ({start, end, rate|steps}).
-SCHEDULE_KEYS = {"kl_weight"}
-
-#: Integer options must fit an int64: torch (seeds, sizes) overflows beyond it.
-_INT_MAX = 2**63 - 1
-
-
-def _type_name(v: Any) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(type(v), type(v).__name__)
-
-
-def _finite(value: int | float) -> bool:
-    """Finite and representable as a float (a huge TOML integer is not)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _check_value(key: str, value: Any, default: Any, method: str) -> Any:
-    if key in SCHEDULE_KEYS:
-        from pyromtl.schedules import as_schedule
-
-        try:
-            lowest = as_schedule(value).minimum()
-        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: ints too big for a float
-            raise ValueError(f"config key {key!r}: {err}") from None
-        if lowest < 0:
-            raise ValueError(f"config key {key!r} must stay >= 0, got {value!r}")
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # TOML writes 1e4 as a float
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
-        if not 0 <= value <= _INT_MAX:
-            raise ValueError(f"config key {key!r} must be in [0, 2**63), got {value}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ValueError(f"config key {key!r} must be >= 0, got {value}")
-        return float(value)
-    if isinstance(default, list):
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _INT_MAX for v in value
-        ):
-            raise ValueError(f"config key {key!r} must be a list of positive integers, got {value!r}")
-        return value
-    if not isinstance(value, type(default)):
-        raise ValueError(f"config key {key!r} must be {_type_name(default)}, got {value!r}")
-    return value
+#: Options every method understands (the trainer's and the run's), with their defaults.
+TRAIN_DEFAULTS: dict[str, Any] = TrainOptions.defaults()
 
 
 def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -103,7 +26,8 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
     (objects, dicts or kind names); it may also come as ``options["priors"]``.
     """
     defaults = {**TRAIN_DEFAULTS, **method.defaults}
-    cfg: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items()}
+    hints = {**TrainOptions.hints(), **method.options.hints()}
+    cfg: dict[str, Any] = dict(defaults)
     options = dict(options or {})
     prior_opts: dict[str, Any] = {}
     for table in (options.pop("priors", None), priors):
@@ -116,7 +40,10 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
         if key not in defaults:
             known = ", ".join(sorted(defaults))
             raise ValueError(f"unknown config key {key!r} for method {method.name!r}; known keys: {known}")
-        cfg[key] = _check_value(key, value, defaults[key], method.name)
+        value = check(key, value, hints[key])
+        if key == "kl_weights":
+            value = _kl_weights(method, defaults[key], value)
+        cfg[key] = value
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg["device"]):
         raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     if not 0.0 <= cfg["fraction"] <= 1.0:
@@ -142,6 +69,14 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
         )
     cfg["priors"] = resolved_priors
     return cfg
+
+
+def _kl_weights(method, default: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:
+    """A partial ``kl_weights`` table tunes the defaults; every key must be a latent site."""
+    if unknown := sorted(set(given) - set(method.priors)):
+        raise ValueError(f"config key 'kl_weights' names unknown site(s) {unknown} of method {method.name!r}; "
+                         f"its latent sites are {sorted(method.priors)}")
+    return {**default, **given}
 
 
 # ---------------------------------------------------------------------------- TOML and --set
@@ -225,9 +160,10 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
             return "{ " + ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items()) + " }"
         raise ValueError(f"cannot write {v!r} to TOML")
 
-    lines = [f"{key(k)} = {value(v)}" for k, v in cfg.items() if not isinstance(v, Mapping) or k in SCHEDULE_KEYS]
+    # `priors` is a table of tables; every other table (schedules, kl_weights) is written inline
+    lines = [f"{key(k)} = {value(v)}" for k, v in cfg.items() if k != "priors"]
     for k, v in cfg.items():
-        if isinstance(v, Mapping) and k not in SCHEDULE_KEYS:
+        if k == "priors":
             for site, spec in v.items():
                 lines.append(f"\n[{key(k)}.{key(site)}]")
                 lines += [f"{key(kk)} = {value(vv)}" for kk, vv in spec.items()]

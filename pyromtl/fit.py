@@ -1,14 +1,16 @@
 """``pyromtl.fit`` and the :class:`Fit` it returns; ``pyromtl.load`` reads a saved run back.
 
-A run directory holds ``config.toml`` (resolved: running it again reproduces the run),
-``metrics.json``, ``posterior.nc`` (ArviZ DataTree), ``checkpoint.pt`` and ``plots/``.
-Every file is written atomically.
+A run directory (:class:`~pyromtl.rundir.RunDir`) holds ``config.toml`` (resolved: running it
+again reproduces the run), ``metrics.json``, ``posterior.nc`` (ArviZ DataTree),
+``checkpoint.pt`` and ``plots/``. Every file is written atomically.
+
+Every public entry point runs with Pyro's module-local parameters, so two fits in one process
+never share a parameter.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,13 @@ import torch
 
 from pyromtl import config as config_mod
 from pyromtl import methods
-from pyromtl.base import TrainState, local_params
+from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import SplitPrediction, predict_split, score_prediction
-from pyromtl.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pyromtl.method import Method
+from pyromtl.objective import Objective
+from pyromtl.params import local_params
+from pyromtl.rundir import RunDir
 from pyromtl.train import TrainResult, resolve_device, train
 
 
@@ -28,23 +33,41 @@ from pyromtl.train import TrainResult, resolve_device, train
 class Fit:
     """A trained method on a dataset: evaluate it, read task relatedness, export to ArviZ, save."""
 
-    method: methods.Method
+    method: Method
     data: MultiTaskData
     config: dict[str, Any]
-    model: Any
-    guide: Any
-    loss_fn: torch.nn.Module
+    objective: Objective
     device: torch.device
     train_info: dict[str, Any]
     history: list[dict[str, float]]
+    #: The run directory the trainer checkpointed into, if any.
+    trained_in: Path | None = None
+    _predictions: dict[str, SplitPrediction] = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self):
+        return self.objective.model
+
+    @property
+    def guide(self):
+        return self.objective.guide
 
     @local_params
     def predict(self, split: str = "test", num_samples: int | None = None, keep: tuple[str, ...] = ()) -> SplitPrediction:
-        """Monte-Carlo posterior predictive of a split (VMTL eq. 12), on the original target scale."""
+        """Monte-Carlo posterior predictive of a split (VMTL eq. 12), on the original target scale.
+
+        With the default draws and nothing kept, a split is predicted once and reused.
+        """
+        cached = num_samples is None and not keep
+        if cached and split in self._predictions:
+            return self._predictions[split]
         n = num_samples or self.config["eval_samples"]
         torch.manual_seed(self.config["seed"])
-        return predict_split(self.model, self.guide, self.data, split, num_samples=n,
-                             max_plate_nesting=self.method.max_plate_nesting, device=self.device, keep=keep)
+        sp = predict_split(self.model, self.guide, self.data, split, num_samples=n,
+                           max_plate_nesting=self.method.max_plate_nesting, device=self.device, keep=keep)
+        if cached:
+            self._predictions[split] = sp
+        return sp
 
     def evaluate(self, split: str = "test", num_samples: int | None = None) -> dict[str, dict]:
         """Per-task metrics and their average, shaped like ``metrics.json``'s ``tasks``/``average``."""
@@ -60,7 +83,7 @@ class Fit:
 
     def to_arviz(self, num_samples: int | None = None, split: str = "test"):
         """An ArviZ DataTree with posterior, posterior_predictive, log_likelihood, observed_data."""
-        from pyromtl.diagnostics import to_datatree
+        from pyromtl.export import to_datatree
 
         return to_datatree(self, num_samples=num_samples, split=split)
 
@@ -80,25 +103,29 @@ class Fit:
             "relatedness": {k: v.tolist() for k, v in self.relatedness().items()},
         }
 
-    def save(self, out: str | Path) -> Path:
-        """Write the run directory; every file is replaced atomically."""
-        from pyromtl.diagnostics import plot_run
+    def checkpoint(self) -> dict[str, Any]:
+        """A checkpoint of this fit's kept state (loadable with ``weights_only=True``)."""
+        return {"step": self.train_info["steps"], "objective": self.objective.state_dict(), "best": {"state": None},
+                "config": self.config, "history": self.history}
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.toml", config_mod.to_toml(self.config))
-        ckpt = out / "checkpoint.pt"
-        if not ckpt.exists():  # the trainer writes it when it was given the directory
-            atomic_torch_save({"step": self.train_info["steps"], "params": self.loss_fn.state_dict(),
-                               "best": {"state": None}, "config": self.config, "history": self.history}, ckpt)
+    def save(self, out: str | Path) -> Path:
+        """Write the run directory; every file is replaced atomically.
+
+        A checkpoint already there is kept only if it is this fit's own (the trainer wrote it
+        while training into ``out``); any other is replaced by this fit's state.
+        """
+        from pyromtl.plots import plot_run
+
+        run = RunDir(out).create()
+        run.write_config(self.config)
+        if self.trained_in is None or self.trained_in.resolve() != run.path.resolve():
+            run.write_checkpoint(self.checkpoint())
         doc = self.metrics()
-        atomic_write_json(out / "metrics.json", doc)
+        run.write_metrics(doc)
         tree = self.to_arviz()
-        tmp = out / ".posterior.nc.tmp"
-        tree.to_netcdf(tmp, engine="h5netcdf")
-        tmp.replace(out / "posterior.nc")
-        plot_run(self, out / "plots", tree=tree)
-        return out
+        run.write_posterior(tree)
+        plot_run(run, history=self.history, doc=doc)
+        return run.path
 
 
 def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTaskData:
@@ -131,15 +158,14 @@ def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[st
     dataset = _load_data(cfg, data)
     cfg["data"] = dataset.name
     m.check_data(dataset)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    result: TrainResult = train(m, dataset, cfg, out_dir=out)
+    run = RunDir(out).create() if out is not None else None
+    result: TrainResult = train(m, dataset, cfg, run=run)
     info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
             "best_step": result.best_step, "best_val_score": result.best_score}
-    f = Fit(method=m, data=dataset, config=cfg, model=result.model, guide=result.guide, loss_fn=result.loss_fn,
-            device=resolve_device(cfg["device"]), train_info=info, history=result.history)
-    if out is not None:
-        f.save(out)
+    f = Fit(method=m, data=dataset, config=cfg, objective=result.objective, device=resolve_device(cfg["device"]),
+            train_info=info, history=result.history, trained_in=run.path if run is not None else None)
+    if run is not None:
+        f.save(run.path)
     return f
 
 
@@ -150,11 +176,11 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
     Embedded and benchmark datasets are rebuilt from the config; a custom ``MultiTaskData``
     must be passed as ``data``.
     """
-    run_dir = Path(run_dir)
-    for name in ("config.toml", "checkpoint.pt"):
-        if not (run_dir / name).exists():
-            raise ValueError(f"{run_dir} is not a pyromtl run directory (no {name})")
-    raw = config_mod.load_toml(run_dir / "config.toml")
+    run = RunDir(run_dir)
+    for path in (run.config_path, run.checkpoint_path):
+        if not path.exists():
+            raise ValueError(f"{run.path} is not a pyromtl run directory (no {path.name})")
+    raw = run.read_config()
     m = methods.get(raw.get("method", ""))
     raw.pop("method", None)
     if device is not None:
@@ -162,15 +188,14 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
     cfg = config_mod.resolve(m, raw)
     dataset = _load_data(cfg, data)
     dev = resolve_device(cfg["device"])
+    saved = run.read_checkpoint(dev)
     state = TrainState()
     model, guide = m.build(dataset, cfg, state, dev)
-    loss_fn = m.elbo(m, cfg)(model, guide)
-    loss_fn(dataset.train_batch(cfg["batch_size"], torch.Generator().manual_seed(0), dev))  # create lazy params
-    saved = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=False)
+    objective = m.objective(m, cfg, model, guide)
+    objective(dataset.train_batch(cfg["batch_size"], torch.Generator().manual_seed(0), dev))  # create lazy params
     best = saved.get("best") or {}
-    loss_fn.load_state_dict(best.get("state") or saved["params"])
-    metrics_path = run_dir / "metrics.json"
-    info = json.loads(metrics_path.read_text())["train"] if metrics_path.exists() else {"steps": saved["step"]}
+    objective.load_state_dict(best.get("state") or saved["objective"])
+    info = run.read_metrics()["train"] if run.metrics_path.exists() else {"steps": saved["step"]}
     state.step = info.get("steps", 0)
-    return Fit(method=m, data=dataset, config=cfg, model=model, guide=guide, loss_fn=loss_fn, device=dev,
-               train_info=info, history=saved.get("history", []))
+    return Fit(method=m, data=dataset, config=cfg, objective=objective, device=dev, train_info=info,
+               history=saved.get("history", []))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,25 +33,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    """Strict JSON: NaN and infinities are written as ``null``, which every parser accepts."""
+    atomic_write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """A run directory's ``metrics.json``; a missing or malformed file is a ``ValueError``."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a pyromtl run directory (no metrics.json)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or "dataset" not in doc:
-        raise ValueError(f"{path} lacks the 'dataset' and 'tasks' entries of a pyromtl metrics.json")
-    return doc

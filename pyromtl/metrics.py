@@ -22,10 +22,11 @@ Every function validates its input and raises :class:`ValueError` naming the pro
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from pyromtl.tables import fmt, render
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -292,9 +293,15 @@ def task_metrics(task_type: str, pred, y) -> dict[str, float]:
     return {"accuracy": accuracy(p, y), "auc": auc(p, y), "ece": ece(p, y), "brier": brier(p, y)}
 
 
-def primary_metric(task_type: str) -> str:
-    """The headline metric of a task type: ``accuracy`` (classification, binary) or ``nmse``."""
-    return "nmse" if _check_task_type(task_type) == "regression" else "accuracy"
+def primary_metric(task: str | Mapping[str, float]) -> str | None:
+    """The headline metric of a task: ``accuracy`` (classification, binary) or ``nmse`` (regression).
+
+    ``task`` is a task type, or one task's results (``accuracy`` if reported, else ``nmse``,
+    else ``None``).
+    """
+    if isinstance(task, Mapping):
+        return next((k for k in ("accuracy", "nmse") if k in task), None)
+    return "nmse" if _check_task_type(task) == "regression" else "accuracy"
 
 
 def selection_score(task_results: TaskResults, task_types: Sequence[str]) -> float:
@@ -355,14 +362,6 @@ def average(tasks: TaskResults) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- vs. a baseline
-def _infer_primary(metrics: Mapping[str, float]) -> str | None:
-    if "accuracy" in metrics:
-        return "accuracy"
-    if "nmse" in metrics:
-        return "nmse"
-    return None
-
-
 def _relative(
     method: TaskResults, baseline: TaskResults, metrics: Sequence[str] | str | None
 ) -> dict[str, list[tuple[str, float]]]:
@@ -395,7 +394,7 @@ def _relative(
     for task, base in baseline.items():
         meth = method[task]
         if metrics is None:
-            key = _infer_primary(base)
+            key = primary_metric(base)
             if key is None:
                 raise ValueError(f"task {task!r}: baseline has neither 'accuracy' nor 'nmse'; pass metrics=")
             keys = [key]
@@ -473,19 +472,6 @@ def eta_hat(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
 _ARROW = {True: "↑", False: "↓"}
 
 
-def _width(text: str) -> int:
-    """Display width of ``text`` in a monospaced font (combining marks such as η̂'s take none)."""
-    return sum(0 if unicodedata.combining(ch) else 1 for ch in text)
-
-
-def _fmt(value) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "nan" if math.isnan(v) else f"{v:.4f}"
-
-
 def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) -> str:
     """A markdown table comparing runs task by task on each task's primary metric.
 
@@ -512,7 +498,7 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
                 tasks.append(task)
                 primary[task] = None
             if primary[task] is None:
-                primary[task] = _infer_primary(metrics)
+                primary[task] = primary_metric(metrics)
     if not tasks:
         raise ValueError("no tasks in any run")
 
@@ -523,7 +509,7 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
         cells = []
         for run in names:
             metrics = runs[run].get(task)
-            cells.append("–" if metrics is None or key is None or key not in metrics else _fmt(metrics[key]))
+            cells.append("–" if metrics is None or key is None or key not in metrics else fmt(metrics[key], 'n/a'))
         rows.append([task, label, *cells])
 
     used = [k for k in ("accuracy", "nmse") if any(primary[t] == k for t in tasks)]
@@ -534,12 +520,12 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
                 float(runs[run][t][key]) for t in tasks if primary[t] == key and t in runs[run] and key in runs[run][t]
             ]
             vals = [v for v in vals if not math.isnan(v)]
-            cells.append(_fmt(np.mean(vals)) if vals else "–")
+            cells.append(fmt(np.mean(vals), 'n/a') if vals else "–")
         rows.append(["average", f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}", *cells])
 
     if baseline is not None:
         base = runs[baseline]
-        for label, fn, fmt in (
+        for label, fn, pattern in (
             ("Δm% ↓", delta_m, "{:+.2f}"),
             ("Δ_I% ↑", delta_i, "{:+.2f}"),
             ("η̂ ↑", eta_hat, "{:.1f}"),
@@ -550,18 +536,9 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
                     cells.append("—")
                     continue
                 try:
-                    cells.append(fmt.format(fn(runs[run], base)))
+                    cells.append(pattern.format(fn(runs[run], base)))
                 except ValueError:
                     cells.append("n/a")
             rows.append([label, f"vs {baseline}", *cells])
 
-    header = ["task", "metric", *names]
-    widths = [max(_width(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        pads = [" " * (w - _width(c)) for c, w in zip(cells, widths)]
-        padded = [c + pad if i < 2 else pad + c for i, (c, pad) in enumerate(zip(cells, pads))]
-        return "| " + " | ".join(padded) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 2)) if i < 2 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+    return render(["task", "metric", *names], rows, left=2)

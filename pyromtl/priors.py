@@ -30,10 +30,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import broadcast_shape
-from pyro.nn import PyroModule
 from torch.distributions import Distribution, constraints
 
 from pyromtl.distributions import KL_MODES, TaskMixture
+from pyromtl.params import LocalParamsModule
 from pyromtl.schedules import as_schedule
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "build",
     "available",
     "describe",
-    "expected_weights",
+    "mixture_weights",
     "MIXTURE_WEIGHTS",
 ]
 
@@ -277,7 +277,7 @@ def _build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return prior
 
 
-class PriorSite(PyroModule):
+class PriorSite(LocalParamsModule):
     """The prior of one latent site, owned by a model; builds a distribution per call.
 
     Learned prior parameters (``learned_normal``'s loc/scale, ``task_mixture``'s logits π) are
@@ -427,13 +427,36 @@ def _others(num_tasks: int, device: torch.device) -> torch.Tensor:
 
 
 def _scatter_rows(rows: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """``[T, T-1]`` weights over the other tasks → ``[T, T]`` with a zero diagonal (α_tt = 0)."""
-    index = _others(num_tasks, rows.device)
-    return torch.zeros(num_tasks, num_tasks, device=rows.device, dtype=rows.dtype).scatter(1, index, rows)
+    """``[..., T, T-1]`` weights over the other tasks → ``[..., T, T]`` with a zero diagonal (α_tt = 0)."""
+    index = _others(num_tasks, rows.device).expand(rows.shape)
+    return torch.zeros(*rows.shape[:-1], num_tasks, device=rows.device, dtype=rows.dtype).scatter(-1, index, rows)
 
 
 def _uniform_rows(num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((num_tasks, num_tasks - 1), 1.0 / (num_tasks - 1), device=device, dtype=dtype)
+
+
+def mixture_weights(mode: str, num_tasks: int, logits: torch.Tensor | None = None, tau: float = 1.0,
+                    sample_shape: tuple[int, ...] = (), *, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mixing weights of a ``task_mixture`` prior, ``[*sample_shape, T, T]`` with a zero diagonal.
+
+    ``mode`` is the prior's ``weights``: ``gumbel_softmax`` draws ``RelaxedOneHotCategorical(τ,
+    logits=π_t)`` (eq. 7), one per ``sample_shape`` entry; ``learned`` gives ``softmax(π_t)``
+    (also the Gumbel-Softmax's expected class); ``uniform`` gives ``1 / (T-1)`` (``logits``
+    unused). ``logits`` ``[T, T-1]`` are the learned π.
+    """
+    if mode == "uniform":
+        rows = _uniform_rows(num_tasks, device, dtype).expand(*sample_shape, num_tasks, num_tasks - 1)
+    elif mode == "learned":
+        rows = torch.softmax(logits, dim=-1).expand(*sample_shape, num_tasks, num_tasks - 1)
+    else:
+        rows = dist.RelaxedOneHotCategorical(torch.full((), tau, device=logits.device, dtype=logits.dtype),
+                                             logits=logits).rsample(sample_shape)
+        # At small τ the sample is computed from large log-space scores and its rows can miss
+        # 1 by more than rounding; renormalise so the weights are on the simplex.
+        rows = rows / rows.sum(-1, keepdim=True)
+    return _scatter_rows(rows, num_tasks)
 
 
 @register(
@@ -475,38 +498,10 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
             f"{tuple(ctx.event_shape)}, got loc {tuple(loc.shape)}"
         )
     mode = spec.params["weights"]
-    if mode == "uniform":
-        rows = _uniform_rows(T, ctx.device, ctx.dtype)
-    else:
-        logits = ctx.param("logits", ctx.full((T, T - 1), 0.0))
-        if mode == "learned":
-            rows = torch.softmax(logits, dim=-1)
-        else:
-            tau = as_schedule(spec.params["temperature"])(ctx.step)
-            rows = dist.RelaxedOneHotCategorical(ctx.full((), tau), logits=logits).rsample()
-            # At small τ the sample is computed from large log-space scores and its rows can miss
-            # 1 by more than rounding; renormalise so the weights are on the simplex.
-            rows = rows / rows.sum(-1, keepdim=True)
-    alpha = _scatter_rows(rows, T)
+    logits = None if mode == "uniform" else ctx.param("logits", ctx.full((T, T - 1), 0.0))
+    tau = as_schedule(spec.params["temperature"])(ctx.step)
+    alpha = mixture_weights(mode, T, logits, tau, device=ctx.device, dtype=ctx.dtype)
     # event_dim=2: α is one [T, T] value per call, independent of the enclosing plates.
     pyro.deterministic(f"{ctx.site}_weights", alpha, event_dim=2)
     mixture = TaskMixture(ctx.along_tasks(alpha), loc, scale, event_dim=len(ctx.event_shape), kl=spec.params["kl"])
     return mixture.expand(broadcast_shape(mixture.batch_shape, ctx.batch_shape))
-
-
-def expected_weights(site: PriorSite, num_tasks: int | None = None) -> torch.Tensor:
-    """The ``[T, T]`` expected mixing weights of a ``task_mixture`` site, detached (for relatedness plots).
-
-    ``softmax(π_t)`` over the other tasks for ``gumbel_softmax`` (the Gumbel-Softmax's class
-    probabilities, eq. 7) and ``learned``; ``1 / (T-1)`` for ``uniform``. The diagonal is 0.
-    """
-    if site.spec.kind != "task_mixture":
-        raise ValueError(f"site {site.site!r} has prior kind {site.spec.kind!r}, not 'task_mixture'")
-    T = num_tasks if num_tasks is not None else site.num_tasks
-    if T is None:
-        raise ValueError(f"site {site.site!r} has not been built yet; pass num_tasks")
-    if site.spec.params["weights"] == "uniform":
-        return _scatter_rows(_uniform_rows(T, site._anchor.device, torch.get_default_dtype()), T)
-    if "logits" not in site.params:
-        raise ValueError(f"site {site.site!r} has no learned weights yet; build the prior once first")
-    return _scatter_rows(torch.softmax(site.params["logits"].detach(), dim=-1), T)

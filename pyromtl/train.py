@@ -1,10 +1,12 @@
 """The SVI loop: seeds, devices, ClippedAdam, annealing, model selection on val, checkpoints.
 
-One step draws a task-stacked batch, evaluates the method's ELBO module on it and takes an
-optimiser step. Every ``eval_every`` steps the validation split is scored and the best state
-kept (model selection uses val, never test). Every ``checkpoint_every`` steps the whole state,
-RNGs included, is written atomically, so an interrupted run resumed from its checkpoint ends
-exactly where an uninterrupted one would.
+One step draws a task-stacked batch, lets the method's objective (``Method.objective``, by
+default the ELBO and ``backward()``, see :mod:`pyromtl.objective`) set the gradients, and takes
+an optimiser step; the objective's hooks run after each step and at each epoch's end. Every
+``eval_every`` steps the validation split is scored and the best state kept (model selection
+uses val, never test). Every ``checkpoint_every`` steps the whole state (the objective's, the
+optimiser's, the RNGs) is written atomically, so an interrupted run resumed from its
+checkpoint ends exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pyro
@@ -22,10 +23,12 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyromtl import metrics
-from pyromtl.base import TrainState, local_params
+from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import predict_split, score_prediction
-from pyromtl.io import atomic_torch_save
+from pyromtl.objective import Objective, TrainContext
+from pyromtl.params import local_params
+from pyromtl.rundir import RunDir
 
 
 class TrainingError(RuntimeError):
@@ -41,19 +44,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def steps_per_epoch(cfg: dict[str, Any], data: MultiTaskData) -> int:
+    """Steps of one pass over the largest task's training split."""
+    return math.ceil(max(data.split_sizes("train")) / cfg["batch_size"])
+
+
 def total_steps(cfg: dict[str, Any], data: MultiTaskData) -> int:
     """``steps`` if set, else ``epochs`` passes over the largest task's training split."""
     if cfg["steps"]:
         return int(cfg["steps"])
-    per_epoch = math.ceil(max(data.split_sizes("train")) / cfg["batch_size"])
-    return int(cfg["epochs"]) * per_epoch
+    return int(cfg["epochs"]) * steps_per_epoch(cfg, data)
 
 
 @dataclass
 class TrainResult:
-    model: Any
-    guide: Any
-    loss_fn: torch.nn.Module
+    objective: Objective
     state: TrainState
     steps: int
     seconds: float
@@ -92,9 +97,9 @@ def validation_score(method, model, guide, data: MultiTaskData, cfg: dict[str, A
 
 
 @local_params
-def train(method, data: MultiTaskData, cfg: dict[str, Any], *, out_dir: str | Path | None = None,
+def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | None = None,
           callback: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Fit ``method`` on ``data`` by SVI; resume from ``out_dir/checkpoint.pt`` when it exists.
+    """Fit ``method`` on ``data`` by SVI; resume from ``run``'s checkpoint when it has one.
 
     ``callback(step, loss)`` runs after every step (tests use it to interrupt a run).
     """
@@ -104,68 +109,71 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, out_dir: str | Pa
     gen = torch.Generator().manual_seed(seed)
     state = TrainState()
     model, guide = method.build(data, cfg, state, device)
-    loss_fn = method.elbo(method, cfg)(model, guide)
+    objective = method.objective(method, cfg, model, guide)
     has_val = all(n > 0 for n in data.split_sizes("val"))
     n_steps = total_steps(cfg, data)
+    per_epoch = steps_per_epoch(cfg, data)
 
     # Parameters of priors and guides may be created on first use: run once before optimising.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        loss_fn(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device))
-    optim = ClippedAdam(list(loss_fn.parameters()), lr=cfg["lr"], clip_norm=cfg["clip_norm"], lrd=cfg["lr_decay"],
-                        weight_decay=cfg["weight_decay"])
+        objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device))
+    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
+                        lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
 
     start, history, seconds = 0, [], 0.0
     best = {"score": -math.inf, "step": -1, "state": None}
-    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+    if run is not None and run.has_checkpoint():
+        saved = run.read_checkpoint(device)
         if saved.get("config", {}).get("method") != cfg["method"]:
-            raise ValueError(f"{ckpt} belongs to method {saved.get('config', {}).get('method')!r}, not {cfg['method']!r}")
-        loss_fn.load_state_dict(saved["params"])
+            raise ValueError(f"{run.checkpoint_path} belongs to method {saved.get('config', {}).get('method')!r}, "
+                             f"not {cfg['method']!r}")
+        objective.load_state_dict(saved["objective"])
         optim.load_state_dict(saved["optim"])
         _set_rng_state(saved["rng"], gen)
         start, history, seconds, best = saved["step"], saved["history"], saved["seconds"], saved["best"]
 
     def checkpoint(step: int) -> None:
-        if ckpt is not None:
-            atomic_torch_save({"step": step, "params": loss_fn.state_dict(), "optim": optim.state_dict(),
-                               "rng": _rng_state(gen), "history": history, "seconds": seconds, "best": best,
-                               "config": cfg}, ckpt)
+        if run is not None:
+            run.write_checkpoint({"step": step, "objective": objective.state_dict(), "optim": optim.state_dict(),
+                                  "rng": _rng_state(gen), "history": history, "seconds": seconds, "best": best,
+                                  "config": cfg})
 
+    ctx = TrainContext(data=data, cfg=cfg, device=device, generator=gen, step=start, epoch=start // per_epoch)
     loss_val = math.nan
     bar = tqdm(range(start, n_steps), initial=start, total=n_steps, disable=bool(cfg["quiet"]),
                desc=f"{cfg['method']} on {data.name}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    step = start
     try:
         with pyro.validation_enabled(False):
             for step in bar:
                 state.step = step
                 batch = data.train_batch(cfg["batch_size"], gen, device)
-                loss = loss_fn(batch)
-                loss_val = float(loss.detach())
+                optim.zero_grad(set_to_none=True)
+                loss_val = float(objective.backward(batch))
                 if not math.isfinite(loss_val):
                     raise TrainingError(
                         f"loss became {loss_val} at step {step} of {cfg['method']} on {data.name}; training stopped. "
                         f"Try a smaller lr (now {cfg['lr']}), kl_weight or clip_norm"
-                        + (f"; the last checkpoint is {ckpt}" if ckpt is not None and ckpt.exists() else "")
+                        + (f"; the last checkpoint is {run.checkpoint_path}" if run is not None and run.has_checkpoint() else "")
                     )
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
                 optim.step()
-                done = step + 1
+                done = ctx.step = step + 1
+                objective.after_step(ctx)
+                if done % per_epoch == 0:
+                    ctx.epoch = done // per_epoch
+                    objective.end_epoch(ctx)
                 if done % cfg["eval_every"] == 0 or done == n_steps:
                     record = {"step": done, "loss": loss_val}
                     if has_val:
                         score = validation_score(method, model, guide, data, cfg, device, seed + done)
                         record["val_score"] = score
                         if score > best["score"]:
-                            best = {"score": score, "step": done, "state": copy.deepcopy(loss_fn.state_dict())}
+                            best = {"score": score, "step": done, "state": copy.deepcopy(objective.state_dict())}
                         bar.set_postfix(loss=f"{loss_val:.4g}", val=f"{score:.4f}")
                     history.append(record)
                 if callback is not None:
                     callback(done, loss_val)
-                if ckpt is not None and (done % cfg["checkpoint_every"] == 0 or done == n_steps):
+                if run is not None and (done % cfg["checkpoint_every"] == 0 or done == n_steps):
                     seconds_now = seconds + time.perf_counter() - t0
                     seconds, t0 = seconds_now, time.perf_counter()
                     checkpoint(done)
@@ -173,7 +181,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, out_dir: str | Pa
         bar.close()
     seconds += time.perf_counter() - t0
     if best["state"] is not None:
-        loss_fn.load_state_dict(best["state"])
+        objective.load_state_dict(best["state"])
     state.step = n_steps
-    return TrainResult(model=model, guide=guide, loss_fn=loss_fn, state=state, steps=n_steps, seconds=seconds,
+    return TrainResult(objective=objective, state=state, steps=n_steps, seconds=seconds,
                        final_loss=loss_val, best_step=best["step"], best_score=best["score"], history=history)

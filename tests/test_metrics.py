@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyromtl import metrics as M
+from pyromtl.tables import width
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -359,7 +360,7 @@ def test_compare_table_layout_and_deltas():
     assert rows[("Δ_I% ↑", "vs stl")] == ["—", "+35.00", "n/a"]
     assert rows[("η̂ ↑", "vs stl")] == ["—", "100.0", "n/a"]
     # every line has the same display width (η̂ carries a combining mark)
-    assert len({M._width(line) for line in lines}) == 1
+    assert len({width(line) for line in lines}) == 1
 
 
 def test_compare_table_without_baseline_and_errors():

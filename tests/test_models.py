@@ -57,10 +57,11 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
     from pyro import poutine
 
     from pyromtl import config
-    from pyromtl.base import TrainState, local_params
+    from pyromtl.base import TrainState
+    from pyromtl.params import local_params
 
     data = blobs_mimo()
-    m = methods.get("vbmtl")
+    m = methods.get("vmtl")
 
     @local_params
     def run():
@@ -84,7 +85,8 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
 def test_mean_field_elbo_uses_the_analytic_normal_kl():
     """With z and w from fixed guide draws, two loss evaluations agree only if every KL is analytic."""
     from pyromtl import config
-    from pyromtl.base import TrainState, local_params
+    from pyromtl.base import TrainState
+    from pyromtl.params import local_params
 
     data = blobs_mimo()
     m = methods.get("vbmtl")

@@ -10,7 +10,8 @@ from torch.distributions import kl_divergence
 
 from pyromtl import priors
 from pyromtl.distributions import TaskMixture
-from pyromtl.priors import PriorContext, PriorSite, PriorSpec, available, build, describe, expected_weights, parse_spec, register
+from pyromtl.models.vmtl import expected_weights
+from pyromtl.priors import PriorContext, PriorSite, PriorSpec, available, build, describe, parse_spec, register
 
 T, B, K, D = 4, 5, 3, 2
 

@@ -15,7 +15,7 @@ from pyromtl.train import TrainingError, resolve_device, total_steps
 
 
 def _params(fit) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in fit.loss_fn.state_dict().items()}
+    return {k: v.detach().clone() for k, v in fit.objective.state_dict().items()}
 
 
 def test_same_seed_same_numbers_and_other_seed_differs(blobs):
@@ -37,6 +37,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(blobs, tmp_path):
     full = pyromtl.fit("vbmtl", blobs, **opts)
 
     from pyromtl import config, methods
+    from pyromtl.rundir import RunDir
     from pyromtl.train import train
 
     m = methods.get("vbmtl")
@@ -47,12 +48,12 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(blobs, tmp_path):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train(m, blobs, cfg, out_dir=tmp_path, callback=stop_at_45)
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        train(m, blobs, cfg, run=RunDir(tmp_path), callback=stop_at_45)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 40  # the last periodic checkpoint before the interruption
-    resumed = train(m, blobs, cfg, out_dir=tmp_path)
+    resumed = train(m, blobs, cfg, run=RunDir(tmp_path))
     pf = _params(full)
-    pr = {k: v.detach() for k, v in resumed.loss_fn.state_dict().items()}
+    pr = {k: v.detach() for k, v in resumed.objective.state_dict().items()}
     assert pf.keys() == pr.keys()
     for k in pf:
         torch.testing.assert_close(pr[k], pf[k], rtol=0, atol=0, msg=k)
@@ -70,7 +71,8 @@ def test_nan_loss_stops_with_a_clear_message(blobs, monkeypatch):
 
 def test_vectorized_particles_reduce_the_variance_of_the_loss(blobs):
     from pyromtl import config, methods
-    from pyromtl.base import TrainState, local_params
+    from pyromtl.base import TrainState
+    from pyromtl.params import local_params
 
     m = methods.get("vbmtl")
 
@@ -142,7 +144,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_each_step_runs_the_encoder_once_whatever_the_number_of_tasks():
     """Vectorised over tasks: a step's work is one batched call, not a loop over tasks."""
     from pyromtl import config, methods
-    from pyromtl.base import TrainState, local_params
+    from pyromtl.base import TrainState
+    from pyromtl.params import local_params
     from pyromtl.nn import GaussianEncoder
 
     calls = []

@@ -128,7 +128,7 @@ def test_elbo_kl_terms_are_the_weighted_pairwise_normal_kls_and_bound_the_mixtur
         bound_z = (beta[:, None, :] * pair_z).sum(-1)  # [T, B]
     # Each site's KL carries its configured weight; z terms also the subsampling scale N_t / B_t
     # and the padding mask. The M and L draws each weigh 1/M and 1/L: one copy of each term.
-    expected = cfg["kl_weight_w"] * bound_w.sum() + cfg["kl_weight_z"] * (bound_z * batch.scale * batch.mask).sum()
+    expected = cfg["kl_weights"]["w"] * bound_w.sum() + cfg["kl_weights"]["z"] * (bound_z * batch.scale * batch.mask).sum()
     assert loss == pytest.approx(expected.item(), rel=1e-5)
 
     # the bound is above a Monte-Carlo estimate of the exact KL to the mixture

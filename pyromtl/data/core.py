@@ -81,7 +81,7 @@ class Batch:
 
 
 @dataclass
-class _Padded:
+class Padded:
     x: torch.Tensor  # [T, Nmax, ...] (MIMO) or [N, ...] (SIMO)
     y: torch.Tensor  # [T, Nmax]
     n: torch.Tensor  # [T]
@@ -271,7 +271,12 @@ class MultiTaskData:
         return replace(self, splits=splits, fraction=fraction, _cache={})
 
     # ------------------------------------------------------------------ batching
-    def _padded(self, split: str, device: torch.device) -> _Padded:
+    def padded(self, split: str, device: torch.device) -> Padded:
+        """A split stacked over tasks and padded to its largest task, on ``device`` (cached).
+
+        MIMO: ``x [T, Nmax, ...]``, ``y [T, Nmax]``; SIMO: the shared ``x [N, ...]`` and ``y [T, N]``.
+        ``n [T]`` holds each task's size and ``index [T, Nmax]`` each entry's row (padding repeats the first).
+        """
         key = (split, str(device))
         if key not in self._cache:
             idx = self.splits[split]
@@ -287,11 +292,11 @@ class MultiTaskData:
             if self.simo:
                 x = self.x.to(device)
                 y = torch.stack([yt for yt in self.y]).to(device)  # [T, N]
-                pad = _Padded(x=x, y=y, n=n.to(device), index=pad_idx.to(device))
+                pad = Padded(x=x, y=y, n=n.to(device), index=pad_idx.to(device))
             else:
                 x = torch.stack([self.x[t][pad_idx[t]] for t in range(self.num_tasks)]).to(device)
                 y = torch.stack([self.y[t][pad_idx[t]] for t in range(self.num_tasks)]).to(device)
-                pad = _Padded(x=x, y=y, n=n.to(device), index=pad_idx.to(device))
+                pad = Padded(x=x, y=y, n=n.to(device), index=pad_idx.to(device))
             self._cache[key] = pad
         return self._cache[key]
 
@@ -302,7 +307,7 @@ class MultiTaskData:
         of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased.
         """
         device = torch.device(device)
-        pad = self._padded("train", device)
+        pad = self.padded("train", device)
         T = self.num_tasks
         n = pad.n
         if self.simo:
@@ -333,7 +338,7 @@ class MultiTaskData:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         device = torch.device(device)
-        pad = self._padded(split, device)
+        pad = self.padded(split, device)
         T = self.num_tasks
         nmax = pad.index.shape[1]
         for start in range(0, nmax, batch_size):

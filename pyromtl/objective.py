@@ -1,0 +1,89 @@
+"""The objective hook: what the trainer calls every step, and at every epoch's end.
+
+The default :class:`Objective` is the method's ELBO plus ``backward()``. A method whose paper
+does more than that supplies its own subclass through ``Method.objective``:
+
+* :meth:`Objective.backward` may set the gradients itself, e.g. push an aggregated gradient into
+  a shared representation with ``h.backward(g)`` (BayesAgg-MTL) or call torchjd's
+  ``mtl_backward`` (the gradient-weighting baselines);
+* :meth:`Objective.after_step` runs after each optimiser step (e.g. a second optimiser over
+  gates on a validation batch, SMTL's bi-level variant);
+* :meth:`Objective.end_epoch` runs at every epoch's end (e.g. a full-data prior);
+* parameters listed by :meth:`Objective.own_parameters` are left out of the trainer's optimiser,
+  so the objective can update them with optimisers of its own. Checkpoint those optimisers (and
+  any other state) through ``get_extra_state``/``set_extra_state``, the ``nn.Module`` hooks that
+  put it into :meth:`state_dict`: a resumed run then continues exactly.
+
+An objective is an ``nn.Module`` whose :meth:`state_dict` is what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pyromtl.data.core import Batch, MultiTaskData
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells an objective's hooks: the run, and how far it has got.
+
+    ``generator`` is the trainer's data RNG (checkpointed with the run), for hooks that draw
+    batches. ``step`` counts the optimiser steps done, ``epoch`` the epochs done.
+    """
+
+    data: MultiTaskData
+    cfg: dict[str, Any]
+    device: torch.device
+    generator: torch.Generator
+    step: int = 0
+    epoch: int = 0
+
+
+class Objective(torch.nn.Module):
+    """The method's ELBO (an ``ELBOModule`` holding the model and guide) and ``backward()``."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    @property
+    def model(self):
+        return self.loss.model
+
+    @property
+    def guide(self):
+        return self.loss.guide
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The loss of ``batch`` (a differentiable tensor)."""
+        return self.loss(batch)
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        """Set the gradients of one training step; return the (detached) loss.
+
+        The trainer stops on a NaN or infinite loss before its optimiser steps; such a loss is
+        not back-propagated.
+        """
+        loss = self.loss(batch)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
+    def own_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters this objective optimises itself (none by default)."""
+        return []
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of the trainer's optimiser: all of them but :meth:`own_parameters`."""
+        own = {id(p) for p in self.own_parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
+    def after_step(self, ctx: TrainContext) -> None:
+        """Runs after every optimiser step."""
+
+    def end_epoch(self, ctx: TrainContext) -> None:
+        """Runs at the end of every epoch (``ctx.epoch`` epochs done)."""

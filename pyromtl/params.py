@@ -1,0 +1,55 @@
+"""Module-local Pyro parameters, always: two fits in one process never share a parameter.
+
+Under Pyro's default (global) parameter store, a ``PyroModule`` called inside a model trace
+looks its ``PyroParam`` s up by name in the store and *replaces* its own with what it finds there.
+Two fits whose models both have a ``bias`` would then read, and overwrite, each other's.
+:class:`LocalParamsModule` makes every pyromtl module use its own parameters whatever the
+global setting, and :func:`local_params` does the same for a whole function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pyro
+from pyro.nn import PyroModule
+
+
+def local_params(fn):
+    """Run ``fn`` with Pyro's module-local parameters, so PyroModules own their parameters
+    (no global param store) and ``ELBO()(model, guide)`` is a plain ``nn.Module``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class LocalParamsModule(PyroModule):
+    """A ``PyroModule`` that never reads or writes the global parameter store.
+
+    Attribute access and calls switch module-local parameters on for their duration (a no-op
+    when they already are, as during training), so tracing the module from user code cannot
+    pick up another fit's parameters.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if pyro.settings.get("module_local_params"):
+            return super().__getattr__(name)
+        with pyro.settings.context(module_local_params=True):
+            return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if pyro.settings.get("module_local_params"):
+            return super().__setattr__(name, value)
+        with pyro.settings.context(module_local_params=True):
+            return super().__setattr__(name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if pyro.settings.get("module_local_params"):
+            return super().__call__(*args, **kwargs)
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)

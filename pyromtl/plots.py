@@ -1,0 +1,132 @@
+"""Plots of a run: training curves, per-task metrics and task-relatedness heatmaps.
+
+Plots read only what a run directory holds (the training history, ``metrics.json``), so
+``pyromtl report`` draws the same pictures as ``fit`` did. Data reach matplotlib as numpy
+arrays: its unit lookup would otherwise probe for jax (which ArviZ leaves as a lazy module)
+and import it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pyromtl.metrics import primary_metric
+from pyromtl.rundir import RunDir
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float):
+    # A bare Figure renders with Agg and never enters pyplot's registry, so there is
+    # nothing to close and no GUI backend is touched.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_training(history: Sequence[Mapping[str, float]], kept_step: int | None = None):
+    """Training loss and, when recorded, the validation score against the step (stacked panels).
+
+    ``kept_step`` (the state model selection kept) is marked on both panels.
+    """
+    scored = [h for h in history if "val_score" in h]
+    fig = _figure(6.0, 5.0 if scored else 3.0)
+    axes = fig.subplots(2 if scored else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(np.array([h["step"] for h in history]), np.array([h["loss"] for h in history]), marker=".")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_title("training")
+    if scored:
+        axes[1].plot(np.array([h["step"] for h in scored]), np.array([h["val_score"] for h in scored]), marker=".",
+                     color="tab:orange")
+        axes[1].set_ylabel("validation score\n(higher is better)")
+    if kept_step is not None and kept_step > 0:
+        for ax in axes:
+            ax.axvline(kept_step, color="grey", linestyle="--", linewidth=1)
+        axes[-1].annotate(f"kept: step {kept_step}", (kept_step, 0.02), xycoords=("data", "axes fraction"),
+                          fontsize=8, color="grey", ha="left")
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def plot_task_metrics(tasks: Mapping[str, Mapping[str, float]], split: str = "test"):
+    """One bar per task: its headline metric (accuracy, or NMSE for regression tasks)."""
+    names = list(tasks)
+    keys = [primary_metric(tasks[n]) or next(iter(tasks[n])) for n in names]
+    values = np.array([float(tasks[n][k]) for n, k in zip(names, keys)])
+    fig = _figure(max(4.0, 0.7 * len(names) + 2.0), 3.5)
+    ax = fig.add_subplot()
+    bars = ax.bar(np.arange(len(names)), values, color=["tab:blue" if k == "accuracy" else "tab:green" for k in keys])
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(np.arange(len(names)), [f"{n}\n{k}" for n, k in zip(names, keys)], fontsize=8)
+    ax.set_ylabel("metric")
+    ax.set_title(f"{split} metric per task")
+    return fig
+
+
+def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
+    """Heatmap of a task-by-task matrix, task names on both axes and each value written in.
+
+    The colour scale spans the off-diagonal values (a task's weight on itself is 0 by
+    construction and drawn grey), so 0.08 and 0.16 look different.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    T = len(task_names)
+    off = ~np.eye(T, dtype=bool)
+    values = matrix[off] if T > 1 else matrix.ravel()
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    hi = hi if hi > lo else lo + 1e-9
+    fig = _figure(1.0 + 0.6 * T + 1.5, 1.0 + 0.6 * T)
+    ax = fig.add_subplot()
+    shown = np.where(off, matrix, np.nan) if T > 1 else matrix
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=lo, vmax=hi)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ticks = np.arange(T)
+    ax.set_xticks(ticks, task_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, task_names)
+    ax.set_xlabel("other task")
+    ax.set_ylabel("task")
+    for (i, j), value in np.ndenumerate(matrix):
+        bright = (value - lo) / (hi - lo) > 0.6 if off[i, j] else True
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="black" if bright else "white")
+    ax.set_title(title)
+    return fig
+
+
+def relatedness_titles(method: str) -> Mapping[str, str]:
+    """The titles a registered method declares for its relatedness matrices (none if unknown)."""
+    from pyromtl import methods
+
+    try:
+        return methods.get(method).relatedness_titles
+    except ValueError:
+        return {}
+
+
+def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mapping[str, Any],
+             only_missing: bool = False) -> list[Path]:
+    """Write ``training.png``, ``task_metrics.png`` and one ``relatedness_<name>.png`` per matrix.
+
+    ``doc`` is the run's ``metrics.json``. Returns the paths written; with ``only_missing``
+    existing files are kept as they are.
+    """
+    tasks = doc["tasks"]
+    names = list(tasks)
+    titles = relatedness_titles(doc.get("method", ""))
+    jobs = {"task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))}
+    if history:
+        jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
+    for key, matrix in (doc.get("relatedness") or {}).items():
+        jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
+    return [run.write_png(name, _png(make())) for name, make in jobs.items()
+            if not (only_missing and (run.plots_dir / name).exists())]
