@@ -333,12 +333,16 @@ def gaussian_optimal_precisions(
         1/σ_i² = max(0, (1 − λ_i)/β − 1) / (λ_i v_iᵀ C_X v_i)
 
     Dimension i is open (finite noise) exactly when ``β < 1 − λ_i``: the critical value is
-    ``β_i = 1 − λ_i``, and the smallest λ open first as β decreases. The paper's text states this
-    threshold as ``β > 1/(1 − λ_i)`` and speaks of singular vectors in descending order; both
-    come from Chechik et al. (2005), whose β weighs ``I(Y; W)`` instead. With eq. 9's β the
-    formula above is what the optimum satisfies (the tests minimise eq. 9 numerically). The
-    vectors must be eigenvectors, not singular vectors: they are what makes ``A C_X Aᵀ`` and
-    ``A C_{X|Y} Aᵀ`` both diagonal, so that eq. 9 splits into one problem per dimension.
+    ``β_i = 1 − λ_i``, and as β decreases the dimensions open in order of increasing λ. Where
+    the paper's text differs, the formula is what the optimum satisfies (the tests minimise
+    eq. 9 numerically):
+
+    * it gives the threshold as ``β > 1/(1 − λ_i)``, the critical value of Chechik et al. (2005),
+      whose β weighs ``I(Y; W)`` rather than ``I(X; W)``;
+    * it calls ``v_i, λ_i`` left singular vectors and values, in descending order. They are left
+      eigenvectors and eigenvalues (the matrix is not symmetric): only those make ``A C_X Aᵀ``
+      and ``A C_{X|Y} Aᵀ`` both diagonal, so that eq. 9 splits into one problem per dimension.
+      In ascending order the open dimensions come first.
 
     The left eigenvectors solve ``C_{X|Y} v = λ C_X v``; they are scaled to ``v_iᵀ C_X v_i = 1``
     (unit-variance coordinates ``v_iᵀ X``). Eq. 10 is invariant to that choice: scaling ``v_i``
