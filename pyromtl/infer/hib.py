@@ -441,7 +441,9 @@ class TwoTaskGaussian:
             rows.append(torch.einsum("i,id->d", precisions, directions.square()))
         return torch.stack(rows)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` joint draws: ``(x [n, D], x_latent [n, D], y [n, 2, K])``."""
         x_latent = torch.randn(n, self.dim, generator=generator, dtype=self.latent_var.dtype) * self.latent_var.sqrt()
         noise = torch.randn(n, *self.noise_var.shape, generator=generator, dtype=self.latent_var.dtype)
