@@ -20,6 +20,7 @@ from pyromtl.infer.bayesagg import (
     aggregate,
     classification_gradient,
     classification_moments,
+    laplace_as_prior,
     laplace_posterior,
     regression_gradient,
     regression_moments,
@@ -103,7 +104,8 @@ def test_regression_posterior_matches_dense_solve():
 
     # A scalar prior precision is that multiple of the identity.
     mean, _ = regression_posterior(h, y, 0.0, 3.0)
-    ref_mean, _ = _dense_posterior(h, y, torch.zeros(k, d, dtype=DT), 3 * torch.eye(d, dtype=DT).expand(k, d, d), [1.0] * k)
+    identity = torch.eye(d, dtype=DT).expand(k, d, d)
+    ref_mean, _ = _dense_posterior(h, y, torch.zeros(k, d, dtype=DT), 3 * identity, [1.0] * k)
     torch.testing.assert_close(mean, ref_mean)
 
 
@@ -180,7 +182,8 @@ def test_regression_posterior_matches_nuts():
 
     # The prior as a whitened transform, w = m_p + L⁻ᵀ z with Λ_p = L Lᵀ and z ~ N(0, I): NUTS on an
     # iid-Normal site compiles in about half the time of a MultivariateNormal one.
-    whiten = torch.linalg.solve_triangular(torch.linalg.cholesky(prior_precision).mT, torch.eye(3, dtype=DT), upper=True)
+    factor = torch.linalg.cholesky(prior_precision)
+    whiten = torch.linalg.solve_triangular(factor.mT, torch.eye(3, dtype=DT), upper=True)
 
     def model(x, y):
         z = numpyro.sample("z", nd.Normal(0.0, 1.0).expand([3]).to_event(1))
@@ -332,6 +335,9 @@ def test_laplace_mean_is_one_newton_step(kind):
     # Summing over data in chunks changes nothing.
     chunked = laplace_posterior(h, y, w, b, prior_mean, prior_precision, kind=kind, chunk=7)
     torch.testing.assert_close(chunked, (mean, cov))
+    prior_mean_next, precision = laplace_as_prior(h, y, w, b, prior_mean, prior_precision, kind=kind)
+    torch.testing.assert_close(prior_mean_next, mean)
+    torch.testing.assert_close(precision, torch.linalg.inv(cov))
 
 
 @pytest.mark.parametrize("kind", ["binary", "multiclass"])
@@ -435,6 +441,30 @@ def test_classification_moments_without_uncertainty_are_the_plain_gradient(kind)
     mu, var = classification_moments(h, mean, tiny, y, kind, num_samples=8)
     torch.testing.assert_close(mu, classification_gradient(h, mean, y, kind))
     assert var.max() < 1e-9
+
+
+def test_classification_moments_with_singular_covariances():
+    """A rank-1 covariance (binary) and a zero one (multiclass) factorise with jitter in both modes."""
+    h, mean, _, y = _posterior_for_moments("binary", 27)
+    v = torch.randn(mean.shape, generator=_gen(28), dtype=DT)
+    rank_one = v.unsqueeze(-1) * v.unsqueeze(-2)
+    mu, var = classification_moments(h, mean, rank_one, y, "binary")
+    draws = classification_gradient(h, _draws_rank_one(_gen(29), mean, v, 40_000), y, "binary")
+    _assert_moments_match_draws(mu, var, draws, "rank-1 binary")
+    mc = classification_moments(h, mean, rank_one, y, "binary", moments="monte_carlo", num_samples=40_000,
+                                chunk=8192, generator=_gen(30))
+    _assert_moments_match_draws(*mc, draws, "rank-1 binary monte_carlo", se_factor=math.sqrt(2))
+
+    h, mean, cov, y = _posterior_for_moments("multiclass", 31)
+    for moments in ("quadrature", "monte_carlo"):
+        mu, var = classification_moments(h, mean, torch.zeros_like(cov), y, "multiclass", moments=moments)
+        torch.testing.assert_close(mu, classification_gradient(h, mean, y, "multiclass"))
+        assert var.max() < 1e-9
+
+
+def _draws_rank_one(g: torch.Generator, mean: torch.Tensor, v: torch.Tensor, num: int) -> torch.Tensor:
+    """Draws of ``mean + z v``, ``z ~ N(0, 1)``: the law ``N(mean, v vᵀ)`` without a Cholesky factor."""
+    return mean + torch.randn(num, mean.shape[0], 1, generator=g, dtype=DT) * v
 
 
 def test_classification_moments_reject_bad_input():

@@ -9,8 +9,13 @@ result is pushed into the shared extractor (``h.backward(g)``). Equation numbers
   :class:`GaussianStats` for the full-data prior rebuilt every epoch, and the closed-form
   gradient moments :func:`regression_moments` (eq. 3–4).
 * Classification (§3.2): :func:`laplace_posterior` (eq. 8–10) and :func:`classification_moments`
-  (eq. 11, plus a quadrature alternative).
-* :func:`aggregate` (eq. 7).
+  (eq. 11, plus a quadrature alternative). The gradient formulas themselves are
+  :func:`regression_gradient` and :func:`classification_gradient`.
+* :func:`aggregate` (eq. 7). Algorithm 1 then gives the shared parameters
+  ``(1/B) Σ_i g_i ∂h_i/∂θ``, i.e. ``h.backward(g / B)``.
+* Full-data priors: :meth:`GaussianStats.as_prior` and :func:`laplace_as_prior` return a
+  posterior as ``(mean, precision)``, the form every ``prior_*`` argument takes, so no
+  covariance is inverted back.
 
 Conventions:
 
@@ -44,6 +49,7 @@ __all__ = [
     "aggregate",
     "classification_gradient",
     "classification_moments",
+    "laplace_as_prior",
     "laplace_posterior",
     "regression_gradient",
     "regression_moments",
@@ -72,13 +78,15 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
     """Lower Cholesky factor of a batch of SPD matrices.
 
     Matrices whose factorisation fails (rounding makes a PSD matrix indefinite) are retried with
-    a diagonal jitter growing from 10 to 10⁶ machine epsilons of their mean diagonal.
+    a diagonal jitter growing from 10 to 10⁶ machine epsilons of their mean diagonal (of 1 for
+    an all-zero matrix, e.g. a head without uncertainty).
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
     if not bool((info > 0).any()):
         return factor
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(matrix.dtype).tiny)
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    scale = torch.where(scale > 0, scale, 1.0)
     for exponent in range(1, 7):
         jitter = (torch.finfo(matrix.dtype).eps * 10.0**exponent) * scale
         failed = (info > 0)[..., None, None]
@@ -217,7 +225,8 @@ class GaussianStats:
         """Forget every chunk (start of an epoch)."""
         self.__init__()
 
-    def _solve(self, prior_mean, prior_precision, noise) -> tuple[Tensor, Tensor, Tensor]:
+    def _solve(self, prior_mean: Tensor | float, prior_precision: Tensor | float,
+               noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         _require(self.gram is not None, "GaussianStats has seen no data; call update() first")
         mean_p, precision_p = _prior(prior_mean, prior_precision, self.cross.shape[0], (self.gram.shape[0],),
                                      self.gram)
@@ -356,7 +365,8 @@ def _classification_shapes(h: Tensor, mean: Tensor, cov: Tensor, kind: Kind) -> 
 
 
 def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
-                      prior_precision: Tensor | float, kind: Kind = "binary", chunk: int = 4096) -> tuple[Tensor, Tensor]:
+                      prior_precision: Tensor | float, kind: Kind = "binary",
+                      chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """Gaussian posterior of linear classification heads around the current heads (eq. 8–10).
 
     The log joint is expanded to second order at ``θ̂ = [ŵ, b̂]``, keeping the first-order term:
@@ -383,6 +393,21 @@ def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_
         ``(mean, cov)``: ``[K, d+1]`` and ``[K, d+1, d+1]`` (binary) or ``[K, C, d+1]`` and
         ``[K, C(d+1), C(d+1)]`` (multiclass); the bias is the last entry of each class's row.
     """
+    mean, cov, _ = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
+    return mean, cov
+
+
+def laplace_as_prior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
+                     prior_precision: Tensor | float, kind: Kind = "binary",
+                     chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """:func:`laplace_posterior` as ``(mean, precision B̃)``, ready to be the next prior (the full-data prior)."""
+    mean, _, precision = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
+    return mean, precision
+
+
+def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
+             prior_precision: Tensor | float, kind: Kind, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 8–10; returns the mean, the covariance and the precision."""
     _check_kind(kind)
     _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [N, d]")
     _require(chunk >= 1, f"chunk is {chunk}; expected a positive integer")
@@ -416,8 +441,8 @@ def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_
     a = grad.reshape(num_tasks, size) + _matvec(precision_p, theta_flat - mean_p)
     factor = _cholesky(ggn + precision_p, "the Gauss-Newton precision B̃")
     mean = theta_flat - torch.cholesky_solve(a.unsqueeze(-1), factor).squeeze(-1)
-    cov = torch.cholesky_inverse(factor)
-    return (mean if kind == "binary" else mean.view(num_tasks, classes, dim + 1)), cov
+    mean = mean if kind == "binary" else mean.view(num_tasks, classes, dim + 1)
+    return mean, torch.cholesky_inverse(factor), ggn + precision_p
 
 
 def _gauss_hermite(nodes: int, like: Tensor) -> tuple[Tensor, Tensor]:
