@@ -109,10 +109,35 @@ def test_regression_posterior_matches_dense_solve():
     torch.testing.assert_close(mean, ref_mean)
 
 
+def test_regression_posterior_with_missing_labels():
+    """A mask gives each task the posterior of its observed rows only, in one shot and streamed."""
+    g = _gen(32)
+    n, d, k = 40, 3, 3
+    h, y = torch.randn(n, d, generator=g, dtype=DT), torch.randn(n, k, generator=g, dtype=DT)
+    mask = torch.rand(n, k, generator=g) < 0.6
+    y = torch.where(mask, y, float("nan"))
+    prior_precision = _spd(g, 1, d, 1.0, 0.5)[0]
+    mean, cov = regression_posterior(h, y, 0.1, prior_precision, 0.8, mask=mask)
+    for t in range(k):
+        rows = mask[:, t]
+        ref_mean, ref_cov = regression_posterior(h[rows], y[rows, t:t + 1], 0.1, prior_precision, 0.8)
+        torch.testing.assert_close(mean[t], ref_mean[0])
+        torch.testing.assert_close(cov[t], ref_cov[0])
+
+    stats = GaussianStats()
+    stats.update(h[:15], y[:15].nan_to_num(), None)  # a chunk without missing labels first ...
+    stats.update(h[15:], y[15:], mask[15:])  # ... then per-task sums from here on
+    full = mask.clone()
+    full[:15] = True
+    torch.testing.assert_close(stats.posterior(0.1, prior_precision, 0.8),
+                               regression_posterior(h, y.nan_to_num(), 0.1, prior_precision, 0.8, mask=full))
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
         ((torch.zeros(5, 2), torch.zeros(4, 3), 0.0, 1.0), "y has shape"),
+        ((torch.zeros(5, 2), torch.zeros(5, 3), 0.0, 1.0, 1.0, torch.ones(5, 2)), "mask has shape"),
         ((torch.zeros(5), torch.zeros(5, 3), 0.0, 1.0), "h has shape"),
         ((torch.zeros(5, 2), torch.zeros(5, 3), torch.zeros(2, 2), 1.0), "prior_mean has shape"),
         ((torch.zeros(5, 2), torch.zeros(5, 3), 0.0, torch.eye(3)), "prior_precision has shape"),

@@ -152,8 +152,22 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
     return mean, torch.cholesky_inverse(factor), precision
 
 
+def _sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``HᵀH`` (``[d, d]``, or ``[K, d, d]`` over each task's observed rows) and ``Hᵀy`` as ``[K, d]``."""
+    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [N, d]")
+    _require(y.dim() == 2 and y.shape[0] == h.shape[0],
+             f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
+    y = y.to(h.dtype)
+    if mask is None:
+        return h.T @ h, y.T @ h
+    _require(mask.shape == y.shape, f"mask has shape {_shape(mask)}; expected {_shape(y)} as y")
+    keep = mask.to(torch.bool)
+    weights = keep.T.to(h.dtype)  # [K, N]
+    return (h.T * weights[:, None, :]) @ h, torch.where(keep, y, 0.0).T @ h
+
+
 def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior_precision: Tensor | float,
-                         noise: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+                         noise: Tensor | float = 1.0, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Posterior of K linear-Gaussian heads sharing the features ``h`` (eq. 2).
 
     ``S_k = (S_p⁻¹ + HᵀH/τ²)⁻¹`` and ``m_k = S_k (S_p⁻¹ m_p + Hᵀy_k/τ²)``, one head per column of
@@ -161,20 +175,21 @@ def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior
 
     Args:
         h: features ``[N, d]``; use :func:`add_bias` for a bias.
-        y: targets ``[N, K]``, every entry observed.
+        y: targets ``[N, K]``.
         prior_mean: scalar, ``[d]`` or ``[K, d]``.
         prior_precision: scalar (times I), ``[d, d]`` or ``[K, d, d]``.
         noise: observation sd τ, a scalar or ``[K]``.
+        mask: optional ``[N, K]`` bool, False where a label is missing (its ``y`` may be NaN).
+            Each task then has its own ``HᵀH``, O(K·d²) memory and O(N·K·d²) time.
 
     Returns:
-        ``(mean [K, d], cov [K, d, d])``. With a scalar noise and a shared prior precision, the
-        covariance is one matrix broadcast to ``[K, d, d]`` (a view: copy it before writing).
+        ``(mean [K, d], cov [K, d, d])``. Without a mask, with a scalar noise and a shared prior
+        precision, the covariance is one matrix broadcast to ``[K, d, d]`` (a view: copy it
+        before writing).
     """
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [N, d]")
-    _require(y.dim() == 2 and y.shape[0] == h.shape[0],
-             f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
+    gram, cross = _sufficient_stats(h, y, mask)
     mean_p, precision_p = _prior(prior_mean, prior_precision, y.shape[1], (h.shape[1],), h)
-    mean, cov, _ = _linear_gaussian(h.T @ h, (h.T @ y.to(h.dtype)).T, mean_p, precision_p, noise)
+    mean, cov, _ = _linear_gaussian(gram, cross, mean_p, precision_p, noise)
     return mean, cov
 
 
@@ -185,7 +200,8 @@ class GaussianStats:
     from the features collected during the previous epoch, under an isotropic prior. This
     accumulates that posterior's sufficient statistics chunk by chunk, in float64 so 10⁵-sample
     sums lose nothing: memory is ``d² + K·d`` numbers whatever N is. ``HᵀH`` is one matrix for
-    all outputs since they share ``h``. Results come back in the dtype of the first chunk.
+    all outputs since they share ``h`` (one per task, ``K·d²``, once a chunk has missing labels).
+    Results come back in the dtype of the first chunk.
 
     Example::
 
@@ -203,22 +219,21 @@ class GaussianStats:
         self.count = 0
         self._dtype: torch.dtype | None = None
 
-    def update(self, h: Tensor, y: Tensor) -> None:
-        """Add a chunk: ``h [n, d]`` (detached here) and ``y [n, K]``."""
-        _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [n, d]")
-        _require(y.dim() == 2 and y.shape[0] == h.shape[0],
-                 f"y has shape {_shape(y)}; expected [n, K] with n = {h.shape[0]} as in h")
-        h64 = h.detach().to(torch.float64)
-        y64 = y.detach().to(device=h.device, dtype=torch.float64)
+    def update(self, h: Tensor, y: Tensor, mask: Tensor | None = None) -> None:
+        """Add a chunk: ``h [n, d]`` (detached here), ``y [n, K]`` and an optional ``mask [n, K]``.
+
+        The first chunk with a mask switches to one ``HᵀH`` per task (``[K, d, d]``).
+        """
+        gram, cross = _sufficient_stats(h.detach().to(torch.float64), y.detach().to(h.device), mask)
         if self.gram is None:
-            self.gram = h64.new_zeros(h.shape[1], h.shape[1])
-            self.cross = h64.new_zeros(y.shape[1], h.shape[1])
-            self._dtype = h.dtype
-        _require(self.gram.shape[0] == h.shape[1] and self.cross.shape[0] == y.shape[1],
+            self.gram, self.cross, self._dtype = gram.new_zeros(gram.shape[-2:]), torch.zeros_like(cross), h.dtype
+        _require(self.gram.shape[-1] == h.shape[1] and self.cross.shape[0] == y.shape[1],
                  f"chunk has d = {h.shape[1]} and K = {y.shape[1]}; earlier chunks had "
-                 f"d = {self.gram.shape[0]} and K = {self.cross.shape[0]}")
-        self.gram.addmm_(h64.T, h64)
-        self.cross.addmm_(y64.T, h64)
+                 f"d = {self.gram.shape[-1]} and K = {self.cross.shape[0]}")
+        if gram.dim() > self.gram.dim():
+            self.gram = self.gram.expand_as(gram).clone()
+        self.gram += gram
+        self.cross += cross
         self.count += h.shape[0]
 
     def reset(self) -> None:
