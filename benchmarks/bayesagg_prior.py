@@ -24,9 +24,9 @@ streamed (float64 sums) and the one-shot (float32) posterior means.
 
     | d   | stream s | one-shot s | laplace s | peak MB | extra MB (stream / one-shot / laplace) | mean gap |
     |-----|----------|------------|-----------|---------|----------------------------------------|----------|
-    | 64  |    0.074 |      0.056 |     0.372 |     570 |    5.3 / 0.6 / 25.5 | 2.8e-06 |
-    | 128 |    0.163 |      0.178 |     1.596 |     625 |    6.6 / 0.6 / 67.6 | 1.9e-06 |
-    | 160 |    0.150 |      0.093 |     1.406 |     648 |    9.4 / 0.6 / 82.0 | 1.5e-06 |
+    | 64  |    0.062 |      0.023 |     0.345 |     579 | 5.5 / 0.6 / 34.1                       |  2.4e-07 |
+    | 128 |    0.144 |      0.032 |     1.064 |     625 | 7.5 / 0.5 / 67.6                       |  2.1e-07 |
+    | 160 |    0.149 |      0.059 |     1.709 |     673 | 9.2 / 0.6 / 108.3                      |  1.8e-07 |
 
 The target for the stream was 30 s and 4 GB: it takes under 0.2 s and adds under 10 MB. The
 Laplace row's extra memory is its chunk's ``[4096, K, d+1]`` intermediates (``chunk`` bounds it).
@@ -100,9 +100,9 @@ def main() -> None:
         child = [sys.executable, __file__, "--one", str(dim), "--n", str(args.n), "--outputs", str(args.outputs),
                  "--tasks", str(args.tasks), "--chunk", str(args.chunk)]
         r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+        extra = f"{r['stream_extra_mb']:.1f} / {r['one_shot_extra_mb']:.1f} / {r['laplace_extra_mb']:.1f}"
         print(f"| {dim:<3} | {r['stream_s']:8.3f} | {r['one_shot_s']:10.3f} | {r['laplace_s']:9.3f} | "
-              f"{r['peak_mb']:7.0f} | {r['stream_extra_mb']:6.1f} / {r['one_shot_extra_mb']:.1f} / "
-              f"{r['laplace_extra_mb']:.1f} | {r['max_mean_gap']:.1e} |")
+              f"{r['peak_mb']:7.0f} | {extra:<38} | {r['max_mean_gap']:8.1e} |")
 
 
 if __name__ == "__main__":

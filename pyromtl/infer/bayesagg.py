@@ -291,6 +291,7 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``.
 
     Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built.
+    A missing label (NaN in ``y``) spoils only its own ``[b, k]`` entry: mask it in :func:`aggregate`.
 
     Args:
         h: ``[B, d]``; mean: ``[K, d]``; cov: ``[K, d, d]``; y: ``[B, K]``.
