@@ -7,8 +7,9 @@ Plate layout (see :class:`Plates`):
   representation shared by all tasks in SIMO data).
 
 A method may add Monte-Carlo plates outside them (VMTL takes L and M draws of its local and
-global latents: ``Plates(batch, mc_z=L, mc_w=M)`` puts ``mc_z`` at dim -4 and ``mc_w`` at -3);
-it then declares ``max_plate_nesting = 4``. Without them a method nests two plates.
+global latents: ``Plates(batch, local_draws=L, global_draws=M)`` puts ``local_draws`` at dim -4
+and ``global_draws`` at -3); it then declares ``max_plate_nesting = 4``. Without them a method
+nests two plates.
 
 Local sites are scaled by ``N_t / B_t`` per task (``poutine.scale`` with a ``[T, 1]`` tensor,
 since MIMO tasks have different sizes: one subsampled plate size cannot express that) and
@@ -51,21 +52,21 @@ class Plates:
 
     Pyro identifies a plate by its object, so a run creates each plate once here and re-enters
     it for every site; the context managers below compose them for the three kinds of site.
-    ``mc_z``/``mc_w`` (``None`` by default) add Monte-Carlo plates of L and M draws, each draw
-    weighted ``1/L`` or ``1/M`` (VMTL eq. 11).
+    ``local_draws``/``global_draws`` (``None`` by default) add Monte-Carlo plates of L draws of
+    every local and M of every global latent, each draw weighted ``1/L`` or ``1/M`` (VMTL eq. 11).
     """
 
-    def __init__(self, batch: Batch, mc_z: int | None = None, mc_w: int | None = None):
+    def __init__(self, batch: Batch, local_draws: int | None = None, global_draws: int | None = None):
         self.batch = batch
-        self.mc_z = pyro.plate("mc_z", mc_z, dim=-4) if mc_z is not None else None
-        self.mc_w = pyro.plate("mc_w", mc_w, dim=-3) if mc_w is not None else None
+        self.local_draws = pyro.plate("local_draws", local_draws, dim=-4) if local_draws is not None else None
+        self.global_draws = pyro.plate("global_draws", global_draws, dim=-3) if global_draws is not None else None
         self.task = pyro.plate("task", batch.num_tasks, dim=-2)
         self.data = pyro.plate("data", batch.size, dim=-1)
 
     @contextmanager
     def globals(self) -> Iterator[None]:
         """Per-task latents (batch ``[M, T, 1]``, or ``[T, 1]``)."""
-        with self._draws(self.mc_w), self.task:
+        with self._draws(self.global_draws), self.task:
             yield
 
     @contextmanager
@@ -81,7 +82,7 @@ class Plates:
     @contextmanager
     def observations(self) -> Iterator[None]:
         """The likelihood of every sample (and of every (L, M) pair of draws, each weighted ``1/(L M)``)."""
-        with self._sample_weights(), self._draws(self.mc_w), self._local_plates():
+        with self._sample_weights(), self._draws(self.global_draws), self._local_plates():
             yield
 
     @staticmethod
@@ -106,7 +107,7 @@ class Plates:
     @contextmanager
     def _local_plates(self, shared: bool = False) -> Iterator[None]:
         with ExitStack() as stack:
-            stack.enter_context(self._draws(self.mc_z))
+            stack.enter_context(self._draws(self.local_draws))
             if not shared:
                 stack.enter_context(self.task)
             stack.enter_context(self.data)

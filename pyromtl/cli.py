@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pyromtl import __version__
 from pyromtl.rundir import RunDir
 from pyromtl.tables import metrics_table
 
@@ -92,18 +93,18 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    import pyromtl
     from pyromtl import config, methods
+    from pyromtl.fit import fit_resolved, resolve_fraction
 
-    options = fit_options(args)
-    resolved = config.resolve(methods.get(args.method), options)  # fail on bad options before any work
-    out = Path(args.out or f"runs/{args.method}-{resolved['data']}-s{resolved['seed']}")
-    _check_resume(out, resolved)
-    options.pop("method")
+    method = methods.get(args.method)
+    cfg = config.resolve(method, fit_options(args))  # fail on bad options before any work
+    resolve_fraction(cfg)
+    out = Path(args.out or f"runs/{args.method}-{cfg['data']}-s{cfg['seed']}")
+    _check_resume(out, cfg)
     t0 = time.perf_counter()
-    pyromtl.fit(args.method, out=out, **options)
+    fit_resolved(method, cfg, out=out)
     wall = time.perf_counter() - t0
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = RunDir(out).read_metrics()
     print(f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:")
     print(metrics_table(doc["tasks"], doc["average"]))
     print(f"trained {doc['train']['steps']} steps in {doc['train']['seconds']:.1f} s; wall time {wall:.1f} s")
@@ -165,15 +166,47 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser and main
+def import_plugins(specs: Sequence[str]) -> None:
+    """Import the modules named by ``--import``: a module name or a ``.py`` file path.
+
+    This is how a run of a user's own method, prior kind or dataset is fitted, evaluated or
+    reported: the module registers it. Only modules given on the command line are imported;
+    nothing named inside a run directory ever is.
+    """
+    import importlib
+    import importlib.util
+
+    for spec in specs:
+        path = Path(spec)
+        if spec.endswith(".py") or len(path.parts) > 1:
+            if not path.is_file():
+                raise ValueError(f"--import: no such file {spec}")
+            name = f"pyromtl_plugin_{path.stem}"
+            loader = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[name] = module
+            loader.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(spec)
+            except ModuleNotFoundError as err:
+                raise ValueError(f"--import: cannot import {spec!r} ({err})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module or .py file first (it registers your own methods, priors or "
+                             "datasets); repeatable")
     p = argparse.ArgumentParser(prog="pyromtl", description="Probabilistic multi-task learning with Pyro.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sp = sub.add_parser("list", help="list methods, datasets and prior kinds")
+    sp = sub.add_parser("list", parents=[common], help="list methods, datasets and prior kinds")
     sp.add_argument("section", nargs="?", choices=["methods", "datasets", "priors"])
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("fit", help="train a method and write a run directory",
+    sp = sub.add_parser("fit", parents=[common], help="train a method and write a run directory",
                         description="Train METHOD. Precedence: method defaults < --config < --set (in order) "
                                     "< explicit flags.")
     sp.add_argument("method", metavar="METHOD")
@@ -191,17 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     sp.set_defaults(func=cmd_fit)
 
-    sp = sub.add_parser("evaluate", help="print a saved run's per-task metrics (writes nothing)")
+    sp = sub.add_parser("evaluate", parents=[common], help="print a saved run's per-task metrics (writes nothing)")
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.add_argument("--split", choices=["test", "val", "train"], default="test")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("compare", help="compare runs task by task, with Δm, Δ_I and η̂ against a baseline")
+    sp = sub.add_parser("compare", parents=[common], help="compare runs task by task, with Δm, Δ_I and η̂ against a baseline")
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     sp.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against (e.g. an STL run)")
     sp.set_defaults(func=cmd_compare)
 
-    sp = sub.add_parser("report", help="write plots and report.md into a run directory")
+    sp = sub.add_parser("report", parents=[common], help="write plots and report.md into a run directory")
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.set_defaults(func=cmd_report)
     return p
@@ -222,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pyromtl.train import TrainingError
 
     try:
+        import_plugins(args.imports)
         return args.func(args)
     except (ValueError, OSError) as err:  # OSError: a path that is missing, unreadable or not writable
         return _error(str(err), 2)

@@ -1,8 +1,8 @@
 """ArviZ export: :func:`to_datatree` builds an ArviZ (>= 1.0) DataTree with one chain of D draws.
 
 * ``posterior``: the sites the method declares (``Method.export``; e.g. the classifier ``w``
-  ``(chain, draw, task, class, latent_dim)`` and VMTL's mixing weights ``w_weights``/``z_weights``
-  ``(chain, draw, task, other_task)``), plus ``noise`` ``(chain, draw, regression_task)``: the
+  ``(chain, draw, task, class, latent_dim)`` and VMTL's mixing weights ``(chain, draw, task,
+  other_task)``), plus ``noise`` ``(chain, draw, regression_task)``: the
   regression noise scale on the target's original scale, a point estimate repeated over the draws.
   Each declared site draws its D values in one vectorised call.
 * ``posterior_predictive``, ``log_likelihood``, ``observed_data``: ``y`` over one ``obs`` dim
@@ -12,10 +12,10 @@
   log-likelihoods are on the original target scale.
 * ``relatedness``: ``Fit.relatedness()`` ``(task, other_task)``.
 
-Methods with inner Monte-Carlo plates (VMTL's L x M draws of z and w per outer draw) are
-reduced to one value per outer draw d: ``log_likelihood`` is the log of the mean over the inner
-draws of ``p(y | draw)`` (the eq. 12 predictive of that draw, so the lppd equals that of
-``Fit.evaluate``'s predictive), and ``posterior_predictive`` samples from the first inner draw.
+Methods with inner Monte-Carlo plates (VMTL's L x M draws of z and w per model pass) give
+L·M joint draws per pass: each is a draw of the DataTree, so D draws take ``ceil(D / (L M))``
+passes (the inner draws of one pass share their z and w draws crosswise, so they are
+correlated, as MCMC draws are).
 """
 
 from __future__ import annotations
@@ -39,42 +39,43 @@ CHUNK_ELEMENTS = 2**24
 OBS_GROUPS = ("posterior_predictive", "log_likelihood", "observed_data")
 
 
-def _draw_chunk(fit, batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``loglik [n, T, B]`` and ``y_rep [n, T, B]`` from ``n`` outer draws, and the inner draws per outer one."""
+def _draw_chunk(fit, batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loglik [n I, T, B]`` and ``y_rep [n I, T, B]`` from ``n`` model passes of I inner draws each."""
     d = draw(fit.model, fit.guide, batch, n, fit.method.max_plate_nesting)
-    T, B = batch.y.shape
-    inner = d.loglik.shape[0] // n  # draw() folds (outer, inner...) into one dim, outer first
-    loglik = torch.logsumexp(d.loglik.reshape(n, inner, T, B), 1) - math.log(inner)
-    first = d.outputs.reshape(n, inner, T, B, -1)[:, 0]
-    y_rep = MultiTaskOutput(first, fit.model.info, fit.model.noise).sample()
-    return loglik, y_rep, inner
+    y_rep = MultiTaskOutput(d.outputs, fit.model.info, fit.model.noise).sample()
+    return d.loglik, y_rep
 
 
 @local_params
 @torch.no_grad()
-def _draw_split(fit, split: str, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``loglik [D, T, N]``, ``y_rep [D, T, N]`` (standardised), ``y [T, N]`` and ``mask [T, N]``.
+def _draw_split(fit, split: str, num_samples: int):
+    """``loglik [D, T, N]``, ``y_rep [D, T, N]`` (standardised), ``y [T, N]``, ``mask [T, N]`` and the
+    declared sites' draws.
 
-    Vectorised over outer draws in chunks that hold about :data:`CHUNK_ELEMENTS` outputs.
+    Vectorised over model passes, in chunks that hold about :data:`CHUNK_ELEMENTS` outputs.
     """
     batches = list(fit.data.eval_batches(split, fit.device))
     device = [fit.device] if fit.device.type == "cuda" else []
     with torch.random.fork_rng(devices=device):
         torch.manual_seed(fit.config["seed"])
-        parts = [_draw_chunk(fit, b, 1) for b in batches]  # one draw first: it tells the inner size
-        inner = parts[0][2]
-        per_draw = inner * max(b.y.numel() for b in batches) * fit.model.info.out_dim
-        chunk = max(1, CHUNK_ELEMENTS // per_draw)
-        lls, reps = [torch.cat([p[0] for p in parts], -1)], [torch.cat([p[1] for p in parts], -1)]
-        for start in range(1, num_samples, chunk):
-            n = min(chunk, num_samples - start)
+        lls, reps = [], []
+
+        def passes(n: int) -> int:
             parts = [_draw_chunk(fit, b, n) for b in batches]
             lls.append(torch.cat([p[0] for p in parts], -1))
             reps.append(torch.cat([p[1] for p in parts], -1))
+            return lls[-1].shape[0] // n
+
+        inner = passes(1)  # the first pass tells how many draws a pass gives
+        total = math.ceil(num_samples / inner)
+        chunk = max(1, CHUNK_ELEMENTS // (inner * max(b.y.numel() for b in batches) * fit.model.info.out_dim))
+        for start in range(1, total, chunk):
+            passes(min(chunk, total - start))
         posterior = _draw_sites(fit, num_samples)
     y = torch.cat([b.y for b in batches], 1).cpu().numpy()
     mask = torch.cat([b.mask for b in batches], 1).cpu().numpy()
-    return torch.cat(lls).cpu().numpy(), torch.cat(reps).cpu().numpy(), y, mask, posterior
+    loglik, y_rep = torch.cat(lls)[:num_samples], torch.cat(reps)[:num_samples]
+    return loglik.cpu().numpy(), y_rep.cpu().numpy(), y, mask, posterior
 
 
 def _draw_sites(fit, num_samples: int) -> dict[str, np.ndarray]:
@@ -136,8 +137,8 @@ def _stack_obs(fit, loglik, y_rep, y, mask, split: str):
 def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
     """Export ``fit`` to an ArviZ DataTree (layout in the module docstring).
 
-    ``num_samples`` outer draws (default ``max(eval_samples, MIN_DRAWS)``, enough for PSIS-LOO)
-    of the posterior and of the predictive on ``split``.
+    ``num_samples`` draws (default ``max(eval_samples, MIN_DRAWS)``, enough for PSIS-LOO) of the
+    posterior and of the predictive on ``split``.
     """
     import arviz as az
     import xarray as xr
@@ -151,7 +152,7 @@ def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
         {"posterior": post, **{g: {"y": v} for g, v in obs.items()}},
         dims={**dims, "y": ["obs"]},
         coords={"task": names, "other_task": names, **coords},
-        attrs={"/": {"method": fit.method.name, "dataset": fit.data.name, "split": split, "outer_draws": D}},
+        attrs={"/": {"method": fit.method.name, "dataset": fit.data.name, "split": split, "draws": D}},
     )
     for group in OBS_GROUPS:
         tree[group] = tree[group].to_dataset().assign_coords(obs_coords)

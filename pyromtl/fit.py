@@ -122,23 +122,37 @@ class Fit:
             run.write_checkpoint(self.checkpoint())
         doc = self.metrics()
         run.write_metrics(doc)
-        tree = self.to_arviz()
-        run.write_posterior(tree)
+        # plots before the ArviZ export: ArviZ leaves a lazy `jax` module behind, and
+        # matplotlib's unit lookup probes it, which imports jax (about a second)
         plot_run(run, history=self.history, doc=doc)
+        run.write_posterior(self.to_arviz())
         return run.path
 
 
-def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTaskData:
-    """Load (or re-split) the data; ``cfg["fraction"] = 0`` becomes the dataset's default, in place."""
-    from pyromtl import datasets
-
+def _check_data_arg(data: Any) -> None:
     if data is not None and not isinstance(data, (str, MultiTaskData)):
         raise ValueError(f"data must be a dataset name or a MultiTaskData, got {type(data).__name__}")
+
+
+def resolve_fraction(cfg: dict[str, Any], data: MultiTaskData | str | None = None) -> None:
+    """Turn ``fraction = 0`` into the dataset's default fraction, in place (DESIGN: two configs
+    are the same run when they agree after this)."""
+    from pyromtl import datasets
+
+    _check_data_arg(data)
     name = data.name if isinstance(data, MultiTaskData) else data or cfg["data"]
     if not cfg["fraction"]:
         cfg["fraction"] = datasets.default_fraction(name) or 1.0
+
+
+def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTaskData:
+    """Load (or re-split) the data of a config whose fraction is resolved."""
+    from pyromtl import datasets
+
+    resolve_fraction(cfg, data)
     if isinstance(data, MultiTaskData):
         return data.with_fraction(cfg["fraction"], cfg["seed"])
+    name = data or cfg["data"]
     options = {"root": cfg["root"]} if cfg["root"] else {}
     return datasets.load(name, fraction=cfg["fraction"], seed=cfg["seed"], **options)
 
@@ -152,18 +166,26 @@ def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[st
     there during training (an existing checkpoint is resumed) and the run directory is saved.
     """
     m = methods.get(method)
+    _check_data_arg(data)
     if isinstance(data, str):
         options["data"] = data
     cfg = config_mod.resolve(m, {**options, "seed": seed, "device": device}, priors)
+    return fit_resolved(m, cfg, data if isinstance(data, MultiTaskData) else None, out)
+
+
+def fit_resolved(method: Method, cfg: dict[str, Any], data: MultiTaskData | None = None,
+                 out: str | Path | None = None) -> Fit:
+    """:func:`fit` from a config that :func:`pyromtl.config.resolve` already resolved (the CLI's path)."""
     dataset = _load_data(cfg, data)
     cfg["data"] = dataset.name
-    m.check_data(dataset)
+    method.check_data(dataset)
     run = RunDir(out).create() if out is not None else None
-    result: TrainResult = train(m, dataset, cfg, run=run)
+    result: TrainResult = train(method, dataset, cfg, run=run)
     info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
             "best_step": result.best_step, "best_val_score": result.best_score}
-    f = Fit(method=m, data=dataset, config=cfg, objective=result.objective, device=resolve_device(cfg["device"]),
-            train_info=info, history=result.history, trained_in=run.path if run is not None else None)
+    f = Fit(method=method, data=dataset, config=cfg, objective=result.objective,
+            device=resolve_device(cfg["device"]), train_info=info, history=result.history,
+            trained_in=run.path if run is not None else None)
     if run is not None:
         f.save(run.path)
     return f

@@ -4,7 +4,7 @@ A method is a plug-in. Its declaration sits beside its code in ``models/<name>.p
 
     register(Method(name="vmtl", summary=..., paper=..., build=build_vmtl, options=VMTLOptions,
                     priors={"z": ..., "w": ...}, settings=("mimo",), relatedness=vmtl_relatedness,
-                    export=(ExportSite("w_weights", ...),)))
+                    export=(CLASSIFIER_EXPORT, ...)))
 
 The core (trainer, Fit, diagnostics, CLI) reads only this declaration: it never names a
 method's sites.

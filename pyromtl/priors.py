@@ -205,6 +205,9 @@ class PriorContext:
     :param device: where new tensors go; default the components' device, else the CPU.
     :param dtype: their dtype; default the components' dtype, else torch's default dtype.
     :param owner: the :class:`PriorSite` that stores learned parameters (see :meth:`param`).
+    :param extras: whatever else a prior kind needs, by name, from the model that builds it
+        (e.g. statistics of the full training set's features, or the previous batch's
+        posterior, for a last-layer prior); builders read what they need and say so.
     """
 
     site: str
@@ -217,6 +220,7 @@ class PriorContext:
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     owner: "PriorSite | None" = field(default=None, repr=False)
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.batch_shape = torch.Size(self.batch_shape)
@@ -325,12 +329,13 @@ class PriorSite(LocalParamsModule):
         components: tuple[torch.Tensor, torch.Tensor] | None = None,
         task_axis: int | None = None,
         device: torch.device | str | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> PriorContext:
         """The :class:`PriorContext` of one build, owned by this site."""
         if device is None and components is None:
             device = self._anchor.device
         return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, components=components,
-                            task_axis=task_axis, device=device, owner=self)
+                            task_axis=task_axis, device=device, owner=self, extras=dict(extras or {}))
 
     def build(self, **context: Any) -> Distribution:
         """Build the prior; keyword arguments as in :meth:`context`."""
