@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
+from pyromtl.data.digit_tasks import overlay_pairs
+
 # Construction seeds: fixed, and different per dataset, so no two share random draws.
 DOMAINS_SEED = 1001
 ROTATION_SEED = 1002
@@ -126,11 +128,7 @@ def overlay() -> dict[str, np.ndarray]:
     partner = rng.permutation(n)
     near = rng.integers(0, 2, size=(n, 2))
     far = rng.integers(3, 5, size=(n, 2))
-    frame = np.zeros((n, OVERLAY_SIZE, OVERLAY_SIZE), dtype=np.float32)
-    for i in range(n):  # data preparation, once per machine (cached)
-        (r1, c1), (r2, c2) = near[i], far[i]
-        frame[i, r1:r1 + 8, c1:c1 + 8] = images[i]
-        frame[i, r2:r2 + 8, c2:c2 + 8] = np.maximum(frame[i, r2:r2 + 8, c2:c2 + 8], images[partner[i]])
+    frame = overlay_pairs(images, partner, near, far, OVERLAY_SIZE)
     return {"x": flat(frame), "first": labels, "second": labels[partner]}
 
 

@@ -9,20 +9,25 @@ The builders are registered with :mod:`pyromtl.datasets`; use ``pyromtl.datasets
 from __future__ import annotations
 
 import inspect
-from itertools import combinations
 from typing import Callable
 
 import numpy as np
 
 from pyromtl.data.cache import cached_arrays
 from pyromtl.data.core import MultiTaskData
+from pyromtl.data.digit_tasks import GROUPS, check_int, digit_groups, group_targets
+
+__all__ = [
+    "ARRAY_VERSIONS", "BUILDERS", "GROUPS", "TEST_FRACTION", "VAL_FRACTION", "digits_binary", "digits_conflict",
+    "digits_domains", "digits_grouped", "digits_mixed", "digits_overlay", "digits_regression", "digits_rotation",
+    "synthetic_clusters",
+]
 
 #: Fraction of every task held out for validation (model selection) and for test.
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.25
 
 _CLUSTERS_SEED = 1004
-_GROUPS_SEED = 1008
 
 _DIGIT_NAMES = [str(d) for d in range(10)]
 
@@ -131,17 +136,6 @@ def digits_mixed(*, seed: int = 0) -> MultiTaskData:
     )
 
 
-#: digits-grouped: each task's digit subset, and the cluster it belongs to.
-GROUPS: dict[str, tuple[tuple[int, ...], int]] = {
-    "d012": ((0, 1, 2), 0),
-    "d1234": ((1, 2, 3, 4), 0),
-    "d024": ((0, 2, 4), 0),
-    "d567": ((5, 6, 7), 1),
-    "d6789": ((6, 7, 8, 9), 1),
-    "d579": ((5, 7, 9), 1),
-}
-
-
 def digits_grouped(
     *, seed: int = 0, group_size: int | None = None, num_clusters: int = 2, tasks_per_cluster: int = 3
 ) -> MultiTaskData:
@@ -163,49 +157,12 @@ def digits_grouped(
     is smaller than ``group_size``, or has fewer distinct subsets than ``tasks_per_cluster``,
     raises ``ValueError``.
     """
-    groups = _digit_groups(group_size, num_clusters, tasks_per_cluster)
     a = _arrays("plain")
-    labels = a["digit"]
-    y, ncls, cluster = {}, [], []
-    for name, (digits, c) in groups.items():
-        position = np.full(len(labels), len(digits), dtype=np.int64)  # "none" by default
-        for k, d in enumerate(digits):
-            position[labels == d] = k
-        y[name] = position
-        ncls.append(len(digits) + 1)
-        cluster.append(c)
-    cluster_arr = np.asarray(cluster)
+    y, ncls, rel = group_targets(a["digit"], digit_groups(group_size, num_clusters, tasks_per_cluster))
     return MultiTaskData.from_arrays(
-        a["x"], y, "classification", num_classes=ncls, name="digits-grouped",
-        relatedness=(cluster_arr[:, None] == cluster_arr[None, :]).astype(float),
+        a["x"], y, "classification", num_classes=ncls, name="digits-grouped", relatedness=rel,
         description=_doc(digits_grouped), **_split(seed),
     )
-
-
-def _digit_groups(
-    group_size: int | None, num_clusters: int, tasks_per_cluster: int
-) -> dict[str, tuple[tuple[int, ...], int]]:
-    """:data:`GROUPS` for the default options, else ``tasks_per_cluster`` drawn subsets per cluster."""
-    if group_size is None and num_clusters == 2 and tasks_per_cluster == 3:
-        return GROUPS
-    size = 3 if group_size is None else group_size
-    if isinstance(size, bool) or size not in (3, 4):
-        raise ValueError(f"group_size must be 3 or 4 (digits per task), got {group_size!r}")
-    _check_int("num_clusters", num_clusters, 2)
-    _check_int("tasks_per_cluster", tasks_per_cluster, 1)
-    rng = np.random.default_rng(_GROUPS_SEED)
-    groups: dict[str, tuple[tuple[int, ...], int]] = {}
-    for c, block in enumerate(np.array_split(np.arange(10), num_clusters)):
-        subsets = list(combinations(block.tolist(), size))
-        if len(subsets) < tasks_per_cluster:
-            raise ValueError(
-                f"digits-grouped: cluster {c} holds digits {block.tolist()}, which give {len(subsets)} distinct "
-                f"groups of {size}, fewer than tasks_per_cluster={tasks_per_cluster}; use fewer clusters or tasks"
-            )
-        for k in sorted(rng.choice(len(subsets), tasks_per_cluster, replace=False)):
-            digits = subsets[k]
-            groups["d" + "".join(map(str, digits))] = (digits, c)
-    return groups
 
 
 def synthetic_clusters(
@@ -232,11 +189,11 @@ def synthetic_clusters(
     all tasks label one shared set of ``samples_per_task`` inputs. ``relatedness`` is the TxT
     cluster indicator (1 within a cluster and on the diagonal, 0 across). Fixed construction seed.
     """
-    _check_int("num_tasks", num_tasks, 1)
-    _check_int("num_clusters", num_clusters, 1)
-    _check_int("samples_per_task", samples_per_task, 8)
-    _check_int("dim", dim, 1)
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_tasks", num_tasks, 1)
+    check_int("num_clusters", num_clusters, 1)
+    check_int("samples_per_task", samples_per_task, 8)
+    check_int("dim", dim, 1)
+    check_int("num_classes", num_classes, 2)
     if num_clusters > num_tasks:
         raise ValueError(f"num_clusters ({num_clusters}) cannot exceed num_tasks ({num_tasks})")
     if num_classes > dim:
@@ -328,11 +285,6 @@ def digits_conflict(*, seed: int = 0) -> MultiTaskData:
         a["x"], y, ["classification", "binary", "binary", "binary"], name="digits-conflict",
         class_names=_DIGIT_NAMES, description=_doc(digits_conflict), **_split(seed),
     )
-
-
-def _check_int(what: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
 
 
 def _doc(fn: Callable) -> str:
