@@ -2,13 +2,17 @@
 
 Every builder is deterministic: the images, domain shifts, rotations and synthetic tasks come
 from fixed construction seeds, so only the train/val/test split depends on ``seed``. Inputs are
-flattened to ``float32`` features (64 for the digits, pixel values scaled from 0..16 to [0, 1]).
-The builders are registered with :mod:`pyromtl.datasets`; use ``pyromtl.datasets.load(name)``.
+flattened to ``float32`` features (64 for the digits, 144 for the 12x12 overlays, pixel values
+scaled from 0..16 to [0, 1]). The digits arrays come from :mod:`pyromtl.data.digit_arrays` and
+are cached on disk (:mod:`pyromtl.data.cache`), so only the first build on a machine pays for
+scikit-learn and the image work. The builders are registered with :mod:`pyromtl.datasets`; use
+``pyromtl.datasets.load(name)``.
 """
 
 from __future__ import annotations
 
 import inspect
+from importlib.metadata import version as installed_version
 from typing import Callable
 
 import numpy as np
@@ -53,7 +57,9 @@ def _arrays(kind: str) -> dict[str, np.ndarray]:
 
         return getattr(digit_arrays, kind)()
 
-    return cached_arrays(f"digits-{kind}", build, version=ARRAY_VERSIONS[kind])
+    # the image work is scipy's and the images scikit-learn's: an upgrade of either rebuilds
+    libraries = {lib: installed_version(lib) for lib in ("scipy", "scikit-learn")}
+    return cached_arrays(f"digits-{kind}", build, version=ARRAY_VERSIONS[kind], options=libraries)
 
 
 def _split(seed: int) -> dict:
