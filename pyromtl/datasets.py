@@ -1,7 +1,8 @@
 """The dataset registry: ``load(name, fraction=..., seed=...)`` returns a split :class:`MultiTaskData`.
 
 The embedded datasets (:mod:`pyromtl.data.embedded`) and the papers' benchmark loaders
-(:data:`pyromtl.data.loaders.BENCHMARKS`, which read files from ``root``) are registered here;
+(:data:`pyromtl.data.loaders.BENCHMARKS` and :data:`pyromtl.data.simo_benchmarks.SIMO_BENCHMARKS`,
+which read files from ``root``) are registered here;
 more can be added with :func:`register`.
 
 A builder is a function ``builder(*, seed=0, root=None, **options) -> MultiTaskData``:
@@ -25,6 +26,7 @@ from typing import Any, Callable, TypeVar
 from pyromtl.data.core import MultiTaskData
 from pyromtl.data.embedded import BUILDERS, TEST_FRACTION, VAL_FRACTION
 from pyromtl.data.loaders import BENCHMARKS
+from pyromtl.data.simo_benchmarks import SIMO_BENCHMARKS
 
 __all__ = ["available", "default_fraction", "describe", "load", "register", "summary", "VAL_FRACTION", "TEST_FRACTION"]
 
@@ -162,5 +164,5 @@ def _build_cached(name: str, key: tuple[tuple[str, Any], ...]) -> MultiTaskData:
     return _build(name, dict(key))
 
 
-for _name, _fn in {**BUILDERS, **BENCHMARKS}.items():
+for _name, _fn in {**BUILDERS, **BENCHMARKS, **SIMO_BENCHMARKS}.items():
     register(_name)(_fn)

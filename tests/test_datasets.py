@@ -13,6 +13,7 @@ from pyromtl.data import MultiTaskData
 
 EMBEDDED = [
     "digits-domains", "digits-rotation", "digits-binary", "digits-mixed", "digits-grouped", "synthetic-clusters",
+    "digits-regression", "digits-overlay", "digits-conflict",
 ]
 
 # name: (setting, task count, task types, class counts, total samples per task)
@@ -23,7 +24,19 @@ FACTS = {
     "digits-mixed": ("simo", 3, {"regression", "binary", "classification"}, {0, 2, 10}, 1797),
     "digits-grouped": ("simo", 6, {"classification"}, {4, 5}, 1797),
     "synthetic-clusters": ("mimo", 8, {"classification"}, {4}, 120),
+    "digits-regression": ("simo", 5, {"regression"}, {0}, 1797),
+    "digits-overlay": ("simo", 2, {"classification"}, {10}, 1797),
+    "digits-conflict": ("simo", 4, {"classification", "binary"}, {10, 2}, 1797),
 }
+INPUT_SHAPE = {"synthetic-clusters": (16,), "digits-overlay": (144,)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+    """Builds in this module go to a temporary dataset cache, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYROMTL_CACHE", str(tmp_path_factory.mktemp("pyromtl-cache")))
+        yield
 
 
 def _total(data: MultiTaskData, t: int) -> int:
@@ -35,7 +48,8 @@ def test_available_lists_the_embedded_datasets_first():
     assert datasets.available()[: len(EMBEDDED)] == EMBEDDED
     for name in EMBEDDED:
         line = datasets.describe(name)
-        assert line and "\n" not in line and line.split(",")[0] in {"MIMO", "SIMO", "MIMO regression", "MIMO or SIMO"}
+        settings = {"MIMO", "SIMO", "MIMO regression", "SIMO regression", "MIMO or SIMO"}
+        assert line and "\n" not in line and line.split(",")[0] in settings
 
 
 @pytest.mark.parametrize("name", EMBEDDED)
@@ -44,7 +58,7 @@ def test_embedded_dataset_matches_its_documented_facts(name):
     data = datasets.load(name)
     assert data.name == name and data.setting == setting and data.num_tasks == T
     assert set(data.task_types) == types and set(data.num_classes) == classes
-    assert data.input_shape == ((16,) if name == "synthetic-clusters" else (64,))
+    assert data.input_shape == INPUT_SHAPE.get(name, (64,))
     assert data.description.startswith(datasets.describe(name))
     for t in range(T):
         x = data.x if data.simo else data.x[t]
@@ -258,7 +272,7 @@ def test_fraction_on_digits_domains_keeps_five_percent_with_every_class():
         assert few.split_sizes("test")[t] == full.split_sizes("test")[t]  # evaluation stays whole
 
 
-@pytest.mark.parametrize("name", ["digits-binary", "digits-mixed", "digits-grouped"])
+@pytest.mark.parametrize("name", ["digits-binary", "digits-mixed", "digits-grouped", "digits-conflict"])
 def test_fraction_on_simo_keeps_every_class_of_every_task(name):
     for seed in range(3):
         few = datasets.load(name, fraction=0.05, seed=seed)

@@ -19,9 +19,10 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-TASK_TYPES = ("classification", "binary", "regression")
-TYPE_CODE = {name: code for code, name in enumerate(TASK_TYPES)}
-SPLITS = ("train", "val", "test")
+from pyromtl.data.constants import SPLITS, TASK_TYPES, TYPE_CODE
+from pyromtl.data.validate import as_names, as_real_array, validate_arrays
+
+__all__ = ["Batch", "MultiTaskData", "TaskInfo", "SPLITS", "TASK_TYPES", "TYPE_CODE"]
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,6 @@ class MultiTaskData:
         class is drawn with ``seed`` (SIMO: one split, stratified by the task with the most classes).
         Every problem raises ``ValueError`` naming the task and what is wrong.
         """
-        from pyromtl.data.validate import as_names, as_real_array, validate_arrays
-
         checked = validate_arrays(x, y, task_types, task_names, num_classes)
         xs, ys, names, types, ncls, simo = checked
         T = len(names)
@@ -364,15 +363,35 @@ class MultiTaskData:
             ys.append(self.y[t][i].numpy())
         return xs, ys
 
+    def __repr__(self) -> str:
+        """Name, setting, input shape and every task's type and train/val/test sizes; no tensors."""
+        tasks = [f"{self._task_kind(t)} {self._task_sizes(t)}" for t in range(min(self.num_tasks, _REPR_TASKS))]
+        if self.num_tasks > _REPR_TASKS:
+            tasks.append(f"... {self.num_tasks - _REPR_TASKS} more")
+        few = f", fraction={self.fraction}" if self.fraction is not None else ""
+        return (
+            f"MultiTaskData({self.name!r}, {self.setting.upper()}, input {self.input_shape}{few}, "
+            f"{self.num_tasks} tasks (train/val/test): {'; '.join(tasks)})"
+        )
+
+    def _task_kind(self, t: int) -> str:
+        """``name: type`` of task ``t``, with the class count of a classification task."""
+        kind = self.task_types[t]
+        extra = f" ({self.num_classes[t]} classes)" if kind == "classification" else ""
+        return f"{self.task_names[t]}: {kind}{extra}"
+
+    def _task_sizes(self, t: int) -> str:
+        return "/".join(str(self.splits[s][t].numel()) for s in SPLITS)
+
     def summary(self) -> str:
         """One line per task: type, classes and split sizes."""
         lines = [f"{self.name}: {self.setting.upper()}, {self.num_tasks} tasks, input {self.input_shape}"]
-        for t, name in enumerate(self.task_names):
-            sizes = "/".join(str(self.splits[s][t].numel()) for s in SPLITS)
-            kind = self.task_types[t]
-            extra = f" ({self.num_classes[t]} classes)" if kind == "classification" else ""
-            lines.append(f"  {name}: {kind}{extra}, train/val/test = {sizes}")
+        lines += [f"  {self._task_kind(t)}, train/val/test = {self._task_sizes(t)}" for t in range(self.num_tasks)]
         return "\n".join(lines)
+
+
+#: Tasks ``repr`` lists before it only counts the rest (CIFAR-MTL has 40).
+_REPR_TASKS = 12
 
 
 def _stratified_take(labels: np.ndarray | None, n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:

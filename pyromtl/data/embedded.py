@@ -2,55 +2,64 @@
 
 Every builder is deterministic: the images, domain shifts, rotations and synthetic tasks come
 from fixed construction seeds, so only the train/val/test split depends on ``seed``. Inputs are
-flattened to ``float32`` features (64 for the digits, pixel values scaled from 0..16 to [0, 1]).
-The builders are registered with :mod:`pyromtl.datasets`; use ``pyromtl.datasets.load(name)``.
+flattened to ``float32`` features (64 for the digits, 144 for the 12x12 overlays, pixel values
+scaled from 0..16 to [0, 1]). The digits arrays come from :mod:`pyromtl.data.digit_arrays` and
+are cached on disk (:mod:`pyromtl.data.cache`), so only the first build on a machine pays for
+scikit-learn and the image work. The builders are registered with :mod:`pyromtl.datasets`; use
+``pyromtl.datasets.load(name)``.
 """
 
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from importlib.metadata import version as installed_version
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage
 
+from pyromtl.data.cache import cached_arrays
 from pyromtl.data.core import MultiTaskData
+from pyromtl.data.digit_tasks import GROUPS, check_int, digit_groups, group_targets
+
+__all__ = [
+    "ARRAY_VERSIONS", "BUILDERS", "GROUPS", "TEST_FRACTION", "VAL_FRACTION", "digits_binary", "digits_conflict",
+    "digits_domains", "digits_grouped", "digits_mixed", "digits_overlay", "digits_regression", "digits_rotation",
+    "synthetic_clusters",
+]
 
 #: Fraction of every task held out for validation (model selection) and for test.
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.25
 
-# Construction seeds: fixed, and different per dataset, so no two share random draws.
-_DOMAINS_SEED = 1001
-_ROTATION_SEED = 1002
-_MIXED_SEED = 1003
 _CLUSTERS_SEED = 1004
 
 _DIGIT_NAMES = [str(d) for d in range(10)]
 
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """``(images [1797, 8, 8] in [0, 1], labels [1797])``, read-only (shared by every builder)."""
-    from sklearn.datasets import load_digits  # slow import, only when a digits set is built
-
-    raw = load_digits()
-    images = (raw.images / 16.0).astype(np.float32)
-    labels = raw.target.astype(np.int64)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def _flat(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images.reshape(len(images), -1), dtype=np.float32)
+#: Version of every :mod:`pyromtl.data.digit_arrays` builder's output, part of its cache key:
+#: bump one whenever that function's arrays change, so stale cache entries are not read.
+ARRAY_VERSIONS: dict[str, str] = {
+    "plain": "1",
+    "domains": "1",
+    "rotation": "1",
+    "mixed": "1",
+    "regression": "1",
+    "overlay": "1",
+    "conflict": "1",
+}
 
 
-def _rotate(images: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotate each image by its angle in degrees (bilinear, same 8x8 frame, zero fill)."""
-    out = np.stack([ndimage.rotate(im, float(a), reshape=False, order=1) for im, a in zip(images, angles)])
-    return np.clip(out, 0.0, 1.0)  # interpolation round-off can step a hair outside [0, 1]
+def _arrays(kind: str) -> dict[str, np.ndarray]:
+    """The named arrays of ``digit_arrays.<kind>()``, from the on-disk cache after the first build."""
+
+    def build() -> dict[str, np.ndarray]:
+        # only on a cache miss: the module imports scikit-learn and scipy.ndimage (about 2 s)
+        from pyromtl.data import digit_arrays
+
+        return getattr(digit_arrays, kind)()
+
+    # the image work is scipy's and the images scikit-learn's: an upgrade of either rebuilds
+    libraries = {lib: installed_version(lib) for lib in ("scipy", "scikit-learn")}
+    return cached_arrays(f"digits-{kind}", build, version=ARRAY_VERSIONS[kind], options=libraries)
 
 
 def _split(seed: int) -> dict:
@@ -77,18 +86,10 @@ def digits_domains(*, seed: int = 0) -> MultiTaskData:
     class and task, an MLP cannot align such domains, and every multi-task method then loses
     to single-task learning.
     """
-    images, labels = _digits()
-    parts = np.array_split(np.random.default_rng(_DOMAINS_SEED).permutation(len(images)), 4)
-    shifts: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "original": lambda im: im,
-        "blurred": lambda im: ndimage.gaussian_filter(im, sigma=(0.0, 1.0, 1.0)),
-        "shifted": lambda im: np.roll(im, 1, axis=2),
-        "thick": lambda im: ndimage.grey_dilation(im, size=(1, 2, 2)),
-    }
-    xs = [_flat(shift(images[idx])) for shift, idx in zip(shifts.values(), parts)]
-    ys = [labels[idx] for idx in parts]
+    a = _arrays("domains")
+    xs, ys = [a[f"x{t}"] for t in range(4)], [a[f"y{t}"] for t in range(4)]
     return MultiTaskData.from_arrays(
-        xs, ys, "classification", list(shifts), num_classes=10, name="digits-domains",
+        xs, ys, "classification", ["original", "blurred", "shifted", "thick"], num_classes=10, name="digits-domains",
         class_names=_DIGIT_NAMES, description=_doc(digits_domains), **_split(seed),
     )
 
@@ -102,13 +103,10 @@ def digits_rotation(*, seed: int = 0) -> MultiTaskData:
     degrees, standardised on the training split (``target_stats`` holds the mean and sd). The
     tasks share the target but not the input distribution: a stand-in for Rotated MNIST in VMTL.
     """
-    images, labels = _digits()
-    rng = np.random.default_rng(_ROTATION_SEED)
-    angles = rng.integers(0, 10, size=len(images)) * 10.0
-    rotated = _flat(_rotate(images, angles))
-    tasks = [np.flatnonzero(labels == d) for d in range(10)]
+    a = _arrays("rotation")
+    tasks = [np.flatnonzero(a["digit"] == d) for d in range(10)]
     return MultiTaskData.from_arrays(
-        [rotated[i] for i in tasks], [angles[i] for i in tasks], "regression", [f"digit{d}" for d in range(10)],
+        [a["x"][i] for i in tasks], [a["angle"][i] for i in tasks], "regression", [f"digit{d}" for d in range(10)],
         name="digits-rotation", description=_doc(digits_rotation), **_split(seed),
     )
 
@@ -119,10 +117,10 @@ def digits_binary(*, seed: int = 0) -> MultiTaskData:
     All 1,797 images are the shared input; task ``isK`` labels an image 1 if it shows digit K.
     Every task is imbalanced, as the 40 attributes of CIFAR-MTL in BayesAgg are.
     """
-    images, labels = _digits()
-    y = {f"is{d}": (labels == d).astype(np.int64) for d in range(10)}
+    a = _arrays("plain")
+    y = {f"is{d}": (a["digit"] == d).astype(np.int64) for d in range(10)}
     return MultiTaskData.from_arrays(
-        _flat(images), y, "binary", name="digits-binary", description=_doc(digits_binary), **_split(seed),
+        a["x"], y, "binary", name="digits-binary", description=_doc(digits_binary), **_split(seed),
     )
 
 
@@ -135,49 +133,40 @@ def digits_mixed(*, seed: int = 0) -> MultiTaskData:
     0, 2, 4, 6, 8, and ``digit`` is the digit. A stand-in for UTKFace (age, gender, ethnicity)
     in BayesAgg.
     """
-    images, labels = _digits()
-    rng = np.random.default_rng(_MIXED_SEED)
-    angles = rng.uniform(-45.0, 45.0, size=len(images))
-    y = {"angle": angles, "even": (labels % 2 == 0).astype(np.int64), "digit": labels}
+    a = _arrays("mixed")
+    labels = a["digit"]
+    y = {"angle": a["angle"], "even": (labels % 2 == 0).astype(np.int64), "digit": labels}
     return MultiTaskData.from_arrays(
-        _flat(_rotate(images, angles)), y, ["regression", "binary", "classification"], name="digits-mixed",
+        a["x"], y, ["regression", "binary", "classification"], name="digits-mixed",
         class_names=_DIGIT_NAMES, description=_doc(digits_mixed), **_split(seed),
     )
 
 
-#: digits-grouped: each task's digit subset, and the cluster it belongs to.
-GROUPS: dict[str, tuple[tuple[int, ...], int]] = {
-    "d012": ((0, 1, 2), 0),
-    "d1234": ((1, 2, 3, 4), 0),
-    "d024": ((0, 2, 4), 0),
-    "d567": ((5, 6, 7), 1),
-    "d6789": ((6, 7, 8, 9), 1),
-    "d579": ((5, 7, 9), 1),
-}
-
-
-def digits_grouped(*, seed: int = 0) -> MultiTaskData:
+def digits_grouped(
+    *, seed: int = 0, group_size: int | None = None, num_clusters: int = 2, tasks_per_cluster: int = 3
+) -> MultiTaskData:
     """SIMO, 6 tasks over overlapping digit subsets in 2 known clusters (like HIB's Grouped-MNIST).
+
+    (Counts are the defaults; see the options below.)
 
     Task ``dABC`` classifies an image among its digits A, B, C plus a last class "none": the
     target is the digit's position in the subset, or ``len(subset)`` when the digit is not in
-    it. Cluster 0 is ``d012``, ``d1234``, ``d024`` (digits 0-4), cluster 1 is ``d567``,
-    ``d6789``, ``d579`` (digits 5-9): tasks overlap within a cluster and never across.
-    ``relatedness`` is the 6x6 cluster indicator (1 within a cluster, 0 across).
+    it. By default the tasks are :data:`GROUPS`: cluster 0 is ``d012``, ``d1234``, ``d024``
+    (digits 0-4), cluster 1 is ``d567``, ``d6789``, ``d579`` (digits 5-9), so subsets of 3 and
+    4 digits overlap within a cluster and never across. ``relatedness`` is the TxT cluster
+    indicator (1 within a cluster, 0 across).
+
+    Options: ``group_size`` (3 or 4) gives every task that many digits; ``num_clusters`` (2 or
+    more) cuts the digits 0-9 into that many contiguous blocks (``np.array_split``); each cluster
+    then gets ``tasks_per_cluster`` distinct subsets of its block, drawn with a fixed seed.
+    Setting only ``num_clusters`` or ``tasks_per_cluster`` uses groups of 3. A cluster whose block
+    is smaller than ``group_size``, or has fewer distinct subsets than ``tasks_per_cluster``,
+    raises ``ValueError``.
     """
-    images, labels = _digits()
-    y, ncls, cluster = {}, [], []
-    for name, (digits, c) in GROUPS.items():
-        position = np.full(len(labels), len(digits), dtype=np.int64)  # "none" by default
-        for k, d in enumerate(digits):
-            position[labels == d] = k
-        y[name] = position
-        ncls.append(len(digits) + 1)
-        cluster.append(c)
-    cluster_arr = np.asarray(cluster)
+    a = _arrays("plain")
+    y, ncls, rel = group_targets(a["digit"], digit_groups(group_size, num_clusters, tasks_per_cluster))
     return MultiTaskData.from_arrays(
-        _flat(images), y, "classification", num_classes=ncls, name="digits-grouped",
-        relatedness=(cluster_arr[:, None] == cluster_arr[None, :]).astype(float),
+        a["x"], y, "classification", num_classes=ncls, name="digits-grouped", relatedness=rel,
         description=_doc(digits_grouped), **_split(seed),
     )
 
@@ -206,11 +195,11 @@ def synthetic_clusters(
     all tasks label one shared set of ``samples_per_task`` inputs. ``relatedness`` is the TxT
     cluster indicator (1 within a cluster and on the diagonal, 0 across). Fixed construction seed.
     """
-    _check_int("num_tasks", num_tasks, 1)
-    _check_int("num_clusters", num_clusters, 1)
-    _check_int("samples_per_task", samples_per_task, 8)
-    _check_int("dim", dim, 1)
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_tasks", num_tasks, 1)
+    check_int("num_clusters", num_clusters, 1)
+    check_int("samples_per_task", samples_per_task, 8)
+    check_int("dim", dim, 1)
+    check_int("num_classes", num_classes, 2)
     if num_clusters > num_tasks:
         raise ValueError(f"num_clusters ({num_clusters}) cannot exceed num_tasks ({num_tasks})")
     if num_classes > dim:
@@ -248,9 +237,60 @@ def synthetic_clusters(
     return MultiTaskData.from_arrays(xs, ys, "classification", names, **common)
 
 
-def _check_int(what: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+def digits_regression(*, seed: int = 0) -> MultiTaskData:
+    """SIMO regression, 5 continuous targets of transformed digits: angle, scale, ink, row, col.
+
+    Every image is rotated by an angle uniform in [-30, 30] degrees, scaled by a factor uniform
+    in [0.8, 1.2] and shifted by up to one pixel per axis about the centre of its 8x8 frame
+    (bilinear, zero fill, fixed seed); the transformed image is the shared input. ``angle`` and
+    ``scale`` are the drawn transform, ``ink`` is the summed pixel intensity and ``row`` /
+    ``col`` the centre of mass in pixels, measured on the input. Targets are standardised on
+    train (``target_stats`` keeps the scale). Several related properties of one input, as
+    QM9's molecular properties are; a stand-in for QM9 in BayesAgg.
+    """
+    a = _arrays("regression")
+    names = ["angle", "scale", "ink", "row", "col"]
+    return MultiTaskData.from_arrays(
+        a["x"], {k: a[k] for k in names}, "regression", name="digits-regression",
+        description=_doc(digits_regression), **_split(seed),
+    )
+
+
+def digits_overlay(*, seed: int = 0) -> MultiTaskData:
+    """SIMO, 2 tasks of 10 classes: two overlapping digits in one 12x12 frame (like MultiMNIST).
+
+    Every image is paired with another through a fixed permutation. The first goes in near the
+    top-left corner (offset 0 or 1 pixel per axis), the second near the bottom-right (offset 3
+    or 4), and where they overlap the brighter pixel wins. Task ``first`` is the top-left
+    digit, ``second`` the bottom-right one. Inputs are the 144 pixels in [0, 1].
+    """
+    a = _arrays("overlay")
+    return MultiTaskData.from_arrays(
+        a["x"], {"first": a["first"], "second": a["second"]}, "classification", num_classes=10,
+        name="digits-overlay", class_names=_DIGIT_NAMES, description=_doc(digits_overlay), **_split(seed),
+    )
+
+
+def digits_conflict(*, seed: int = 0) -> MultiTaskData:
+    """SIMO, 4 tasks: digit (10 classes), even, large, and a conflicting task, clockwise.
+
+    Every image is rotated by 5-20 degrees, clockwise for half the images of each digit and
+    counter-clockwise for the other half (fixed seed). ``digit``, ``even`` (0, 2, 4, 6, 8) and
+    ``large`` (5-9) ask what the digit is, so they reward shared features that ignore the
+    rotation; ``clockwise`` asks only for the rotation's direction, which is independent of
+    the digit. The conflict is over what the shared representation keeps: hard sharing lets
+    the three digit tasks pull it towards rotation invariance, which is expected to hurt
+    ``clockwise``, the task safe-MTL methods should protect. (A task that only relabels the
+    digits, e.g. a permutation, would not conflict: its own head absorbs any relabelling.)
+    """
+    a = _arrays("conflict")
+    labels = a["digit"]
+    y = {"digit": labels, "even": (labels % 2 == 0).astype(np.int64), "large": (labels >= 5).astype(np.int64),
+         "clockwise": a["clockwise"]}
+    return MultiTaskData.from_arrays(
+        a["x"], y, ["classification", "binary", "binary", "binary"], name="digits-conflict",
+        class_names=_DIGIT_NAMES, description=_doc(digits_conflict), **_split(seed),
+    )
 
 
 def _doc(fn: Callable) -> str:
@@ -266,4 +306,7 @@ BUILDERS: dict[str, Callable[..., MultiTaskData]] = {
     "digits-mixed": digits_mixed,
     "digits-grouped": digits_grouped,
     "synthetic-clusters": synthetic_clusters,
+    "digits-regression": digits_regression,
+    "digits-overlay": digits_overlay,
+    "digits-conflict": digits_conflict,
 }

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from pyromtl.data.core import TASK_TYPES
+from pyromtl.data.constants import TASK_TYPES
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
