@@ -207,7 +207,7 @@ for _name, _amortized, _summary in (
         name=_name, summary=_summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
         overrides={**VARIATIONAL_KL, "amortized_classifier": _amortized,
                    "eval_samples": 2},  # each draw already averages L x M = 100 inner pairs
-        priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), max_plate_nesting=4,
+        priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), min_tasks=2, max_plate_nesting=4,
         relatedness=vmtl_relatedness,
         relatedness_titles={"alpha": "α: classifier-prior mixing weights", "beta": "β: representation-prior mixing weights"},
         export=(CLASSIFIER_EXPORT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,11 +19,6 @@ from typing import Any, Mapping, Sequence
 from pyromtl import __version__
 from pyromtl.rundir import RunDir
 from pyromtl.tables import metrics_table
-
-#: Config keys that may differ when a run directory's checkpoint is resumed: where and how
-#: long to train, not what is trained.
-_RESUMABLE_KEYS = {"device", "quiet", "steps", "epochs", "checkpoint_every"}
-
 
 # ---------------------------------------------------------------------------- list
 def _summaries(section: str) -> list[tuple[str, str]]:
@@ -34,7 +30,7 @@ def _summaries(section: str) -> list[tuple[str, str]]:
     if section == "datasets":
         from pyromtl import datasets
 
-        return [(name, datasets.summary(name)) for name in datasets.available()]
+        return [(name, _plain(datasets.summary(name))) for name in datasets.available()]
     from pyromtl import priors
 
     def params(kind: str) -> str:
@@ -43,6 +39,12 @@ def _summaries(section: str) -> list[tuple[str, str]]:
         return ", ".join(f"{k}={json.dumps(v)}" for k, v in defaults.items()) if defaults else "(no parameters)"
 
     return [(name, params(name)) for name in priors.available()]
+
+
+def _plain(text: str) -> str:
+    """A docstring line without reST markup: ``code`` and :role:`target` become plain words."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -76,22 +78,6 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
-    """Refuse to resume a checkpoint in ``out`` that was trained with a different configuration.
-
-    The trainer resumes any checkpoint it finds; a rerun into the same default directory with
-    changed options would otherwise load mismatched weights or silently mix two set-ups.
-    """
-    run = RunDir(out)
-    if not run.has_checkpoint():
-        return
-    saved = run.read_checkpoint().get("config", {})
-    changed = sorted(k for k in set(saved) | set(cfg) if k not in _RESUMABLE_KEYS and saved.get(k) != cfg.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
-        raise ValueError(f"{out} holds a run with a different config ({diffs}); pass another --out or remove it")
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
     from pyromtl import config, methods
     from pyromtl.fit import fit_resolved, resolve_fraction
@@ -100,14 +86,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = config.resolve(method, fit_options(args))  # fail on bad options before any work
     resolve_fraction(cfg)
     out = Path(args.out or f"runs/{args.method}-{cfg['data']}-s{cfg['seed']}")
-    _check_resume(out, cfg)
     t0 = time.perf_counter()
-    fit_resolved(method, cfg, out=out)
+    fit = fit_resolved(method, cfg, out=out)
     wall = time.perf_counter() - t0
     doc = RunDir(out).read_metrics()
+    train = doc["train"]
     print(f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:")
     print(metrics_table(doc["tasks"], doc["average"]))
-    print(f"trained {doc['train']['steps']} steps in {doc['train']['seconds']:.1f} s; wall time {wall:.1f} s")
+    if fit.train_info.get("complete"):
+        print(f"{out} already holds this run, complete at {train['steps']} steps; nothing was trained or written")
+    else:
+        print(f"trained {train['steps']} steps in {train['seconds']:.1f} s; wall time {wall:.1f} s")
+    if train.get("best_step", -1) > 0:
+        print(f"kept step {train['best_step']} (best validation score {train['best_val_score']:.4f})")
     print(f"run dir: {out}")
     return 0
 
@@ -152,9 +143,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labels = run_labels(dirs)
     runs = {lab: doc["tasks"] for lab, doc in zip(labels, docs)}
     baseline = labels[base_index] if base_index is not None else None
+    for key in ("fraction", "seed"):
+        values = {d: doc.get(key) for d, doc in zip(labels, docs)}
+        if len(set(values.values())) > 1:
+            found = ", ".join(f"{d}: {v}" for d, v in values.items())
+            print(f"pyromtl: warning: the runs differ in {key} ({found}); they are not a like-for-like comparison",
+                  file=sys.stderr)
     print(f"dataset: {datasets.pop()}")
     print(metrics.compare_table(runs, baseline))
+    if baseline is not None:
+        print(COMPARE_LEGEND)
     return 0
+
+
+#: What the rows under the table mean (each uses every task's primary metric).
+COMPARE_LEGEND = """\
+Δm%  mean relative change against the baseline, signed so that lower is better (BayesAgg-MTL's Δm)
+Δ_I% mean relative improvement over the baseline, averaged per task first; higher is better (SMTL)
+η̂    percentage of tasks on which the run is no worse than the baseline; 100 means no negative sharing (SMTL)"""
 
 
 # ---------------------------------------------------------------------------- report
@@ -252,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) and argparse's usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    from pyromtl.train import TrainingError
+    from pyromtl.train import TrainingError, TrainingInterrupted
 
     try:
         import_plugins(args.imports)
@@ -263,9 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(err.args[0]) if err.args else "missing key", 2)
     except TrainingError as err:
         return _error(str(err), 1)
+    except TrainingInterrupted as err:
+        return _error(str(err), 130)
     except KeyboardInterrupt:
-        hint = "; the same command resumes from the last checkpoint" if args.command == "fit" else ""
-        return _error("interrupted" + hint, 130)
+        return _error("interrupted", 130)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Run configuration: defaults, TOML files, ``--set KEY=VALUE`` overrides and validation.
 
 A resolved configuration is one flat dict of options plus a ``priors`` table (site -> spec).
-Every key is checked against the method's known keys before training starts, and values
-against the type of their default, so a typo fails fast with a message that names it.
+Every key is checked against :class:`~pyromtl.options.TrainOptions` and the method's options
+dataclass before training starts, and every value against its field's type, so a typo fails
+fast with a message that names it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
         raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     if not 0.0 <= cfg["fraction"] <= 1.0:
         raise ValueError(f"config key 'fraction' must be in [0, 1] (0: the dataset's default), got {cfg['fraction']}")
+    if cfg["lr"] <= 0:
+        raise ValueError(f"config key 'lr' must be > 0 (0 would train nothing), got {cfg['lr']}")
     for key in ("batch_size", "num_particles", "eval_every", "eval_samples", "checkpoint_every"):
         if cfg[key] < 1:
             raise ValueError(f"config key {key!r} must be at least 1, got {cfg[key]}")

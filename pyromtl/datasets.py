@@ -11,7 +11,8 @@ A builder is a function ``builder(*, seed=0, root=None, **options) -> MultiTaskD
   (fractions :data:`VAL_FRACTION` and :data:`TEST_FRACTION`); a builder that reads a fixed,
   official split simply does not take ``seed``;
 * if it takes ``root``, it gets the folder the user passed. A ``root`` without a default makes
-  :func:`load` refuse to run without one; builders that do not take ``root`` ignore it;
+  :func:`load` refuse to run without one; a ``root`` given to a builder that reads no files
+  is refused (it was meant for another dataset);
 * its other keyword parameters are the dataset's options; anything else is refused.
 """
 
@@ -134,7 +135,7 @@ def _bind(name: str, builder: Callable[..., MultiTaskData], seed: int, options: 
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
         if key == "root" and "root" not in named and not takes_any:
-            continue  # embedded datasets read no files; a --root meant for another dataset is harmless
+            raise ValueError(f"dataset {name!r} is built in and reads no files; drop --root (root=)")
         if key not in named and not takes_any:
             choices = sorted(named - {"seed", "root", "fraction"})  # fraction is load()'s own
             raise ValueError(

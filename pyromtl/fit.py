@@ -26,7 +26,7 @@ from pyromtl.method import Method
 from pyromtl.objective import Objective
 from pyromtl.params import local_params
 from pyromtl.rundir import RunDir
-from pyromtl.train import TrainResult, resolve_device, train
+from pyromtl.train import TrainResult, resolve_device, total_steps, train
 
 
 @dataclass
@@ -173,19 +173,66 @@ def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[st
     return fit_resolved(m, cfg, data if isinstance(data, MultiTaskData) else None, out)
 
 
+#: Config keys that may differ when a run directory's checkpoint is resumed: where and how
+#: long to train, not what is trained.
+RESUMABLE_KEYS = frozenset({"device", "quiet", "steps", "epochs", "checkpoint_every"})
+
+
+def check_resume(run: RunDir, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint in ``run`` if it belongs to this resolved config (else ``ValueError``), or None.
+
+    A run directory is one run: its checkpoint is resumed only by the config that wrote it,
+    compared after both are resolved.
+    """
+    if not run.has_checkpoint():
+        return None
+    saved = run.read_checkpoint()
+    old = saved.get("config", {})
+    changed = sorted(k for k in set(old) | set(cfg) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
+        raise ValueError(f"{run.path} holds a run with a different config ({diffs}); pass another run directory "
+                         "or remove it")
+    return saved
+
+
+def _check_splits(data: MultiTaskData) -> None:
+    """Every task needs test rows (metrics) and training rows; say which lacks them before training."""
+    for split in ("train", "test"):
+        empty = [name for name, n in zip(data.task_names, data.split_sizes(split)) if n == 0]
+        if empty:
+            raise ValueError(f"task(s) {', '.join(map(repr, empty))} of {data.name!r} have no {split} rows; "
+                             "give each task more samples or explicit splits")
+
+
 def fit_resolved(method: Method, cfg: dict[str, Any], data: MultiTaskData | None = None,
                  out: str | Path | None = None) -> Fit:
-    """:func:`fit` from a config that :func:`pyromtl.config.resolve` already resolved (the CLI's path)."""
+    """:func:`fit` from a config that :func:`pyromtl.config.resolve` already resolved (the CLI's path).
+
+    With ``out``: a checkpoint there is resumed if this config wrote it (else ``ValueError``);
+    a run that is already complete is loaded and returned as it is, with nothing written
+    (``Fit.train_info["complete"]`` is then true).
+    """
+    device = resolve_device(cfg["device"])  # before anything is written: no empty run directory
+    if cfg["root"]:
+        cfg["root"] = str(Path(cfg["root"]).expanduser().resolve())
     dataset = _load_data(cfg, data)
     cfg["data"] = dataset.name
     method.check_data(dataset)
-    run = RunDir(out).create() if out is not None else None
+    _check_splits(dataset)
+    run = RunDir(out) if out is not None else None
+    if run is not None:
+        saved = check_resume(run, cfg)
+        if saved is not None and saved["step"] == total_steps(cfg, dataset) and run.metrics_path.is_file():
+            done = load(run.path, data=data, device=cfg["device"])
+            done.train_info["complete"] = True
+            return done
+        run.create()
     result: TrainResult = train(method, dataset, cfg, run=run)
     info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
             "best_step": result.best_step, "best_val_score": result.best_score}
-    f = Fit(method=method, data=dataset, config=cfg, objective=result.objective,
-            device=resolve_device(cfg["device"]), train_info=info, history=result.history,
-            trained_in=run.path if run is not None else None)
+    f = Fit(method=method, data=dataset, config=cfg, objective=result.objective, device=device, train_info=info,
+            history=result.history, trained_in=run.path if run is not None else None)
     if run is not None:
         f.save(run.path)
     return f
@@ -204,6 +251,14 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
             raise ValueError(f"{run.path} is not a pyromtl run directory (no {path.name})")
     raw = run.read_config()
     m = methods.get(raw.get("method", ""))
+    if data is None:
+        from pyromtl import datasets
+
+        name = raw.get("data", "")
+        if name not in datasets.available():
+            raise ValueError(f"{run.path} was fitted on data {name!r}, which is not a registered dataset: reopen it "
+                             "with pyromtl.load(RUN, data=...) from Python, or register a builder of that name "
+                             "(pyromtl.datasets.register) in a module and pass --import MODULE")
     raw.pop("method", None)
     if device is not None:
         raw["device"] = device
@@ -216,7 +271,11 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
     objective = m.objective(m, cfg, model, guide)
     objective(dataset.train_batch(cfg["batch_size"], torch.Generator().manual_seed(0), dev))  # create lazy params
     best = saved.get("best") or {}
-    objective.load_state_dict(best.get("state") or saved["objective"])
+    try:
+        objective.load_state_dict(best.get("state") or saved["objective"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"{run.checkpoint_path} does not fit data {dataset.name!r} "
+                         f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on") from None
     info = run.read_metrics()["train"] if run.metrics_path.exists() else {"steps": saved["step"]}
     state.step = info.get("steps", 0)
     return Fit(method=m, data=dataset, config=cfg, objective=objective, device=dev, train_info=info,

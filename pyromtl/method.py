@@ -70,6 +70,7 @@ class Method:
         ``per_task_encoder = true``).
     :param priors: the latent sites and their default prior specs.
     :param settings: the data settings it supports (``simo``, ``mimo``).
+    :param min_tasks: the fewest tasks it can learn (VMTL's priors mix the *other* tasks: 2).
     :param max_plate_nesting: plates its model nests (2: ``task`` and ``data``).
     :param elbo: ``elbo(method, cfg) -> ELBO`` (default: :func:`meanfield_elbo`).
     :param objective: ``objective(method, cfg, model, guide) -> Objective``, what the trainer
@@ -87,6 +88,7 @@ class Method:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     priors: Mapping[str, Any] = field(default_factory=dict)
     settings: tuple[str, ...] = ("simo", "mimo")
+    min_tasks: int = 1
     max_plate_nesting: int = 2
     elbo: Callable[["Method", Mapping[str, Any]], ELBO] = meanfield_elbo
     objective: Callable[..., "Objective"] = default_objective
@@ -100,10 +102,13 @@ class Method:
         return {**self.options.defaults(), **{k: _copy(v) for k, v in self.overrides.items()}}
 
     def check_data(self, data: "MultiTaskData") -> None:
-        """Refuse data of a setting the method does not support, naming both."""
+        """Refuse data the method cannot learn (its setting, too few tasks), naming the problem."""
         if data.setting not in self.settings:
             raise ValueError(f"method {self.name!r} needs {' or '.join(s.upper() for s in self.settings)} data; "
                              f"{data.name!r} is {data.setting.upper()}")
+        if data.num_tasks < self.min_tasks:
+            raise ValueError(f"method {self.name!r} needs at least {self.min_tasks} tasks; {data.name!r} has "
+                             f"{data.num_tasks}")
 
 
 def _copy(value: Any) -> Any:

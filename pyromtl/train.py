@@ -35,6 +35,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says truthfully where a rerun resumes."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
     if name == "auto":
@@ -82,6 +86,24 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _interrupted(run: RunDir | None, step: int, updating: bool, snapshot, checkpoint) -> str:
+    """Save what can be resumed exactly after Ctrl-C at ``step``, and say what a rerun will do.
+
+    Before a step's update nothing but the RNGs has moved, so the state at the step's start is
+    saved. During an update (optimiser step, hooks, validation) it is not consistent, so the
+    last periodic checkpoint stands.
+    """
+    if run is None:
+        return f"interrupted at step {step}; nothing was saved (no run directory)"
+    if not updating and snapshot is not None:
+        checkpoint(step, snapshot)
+        return f"interrupted at step {step}; saved a checkpoint there, and the same command resumes from it"
+    if run.has_checkpoint():
+        kept = run.read_checkpoint()["step"]
+        return f"interrupted at step {step}; the same command resumes from the checkpoint of step {kept}"
+    return f"interrupted at step {step} before any checkpoint was written; the same command starts over"
+
+
 def validation_score(method, model, guide, data: MultiTaskData, cfg: dict[str, Any], device, seed: int) -> float:
     """Higher-is-better score of the val split (mean accuracy, or -NMSE for regression).
 
@@ -115,47 +137,64 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
     per_epoch = steps_per_epoch(cfg, data)
 
     # Parameters of priors and guides may be created on first use: run once before optimising.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device))
+    # Validation is off as in the loop: a non-finite loss is reported as such, not as a
+    # distribution's argument check.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
+        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)))
+    if not math.isfinite(first):
+        raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
+                            "inputs' scale (standardise them) and the priors; training did not start")
     optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
                         lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
 
-    start, history, seconds = 0, [], 0.0
+    start, history, seconds, loss_val = 0, [], 0.0, math.nan
     best = {"score": -math.inf, "step": -1, "state": None}
     if run is not None and run.has_checkpoint():
         saved = run.read_checkpoint(device)
         if saved.get("config", {}).get("method") != cfg["method"]:
             raise ValueError(f"{run.checkpoint_path} belongs to method {saved.get('config', {}).get('method')!r}, "
                              f"not {cfg['method']!r}")
-        objective.load_state_dict(saved["objective"])
-        optim.load_state_dict(saved["optim"])
+        if saved["step"] > n_steps:
+            raise ValueError(f"{run.checkpoint_path} holds {saved['step']} steps, more than the {n_steps} asked; "
+                             "ask for at least as many, or pass another run directory")
+        try:
+            objective.load_state_dict(saved["objective"])
+            optim.load_state_dict(saved["optim"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"{run.checkpoint_path} does not fit this method and data: "
+                             f"{' '.join(str(err).split())[:300]}") from None
         _set_rng_state(saved["rng"], gen)
         start, history, seconds, best = saved["step"], saved["history"], saved["seconds"], saved["best"]
+        loss_val = saved.get("loss", math.nan)
 
-    def checkpoint(step: int) -> None:
-        if run is not None:
-            run.write_checkpoint({"step": step, "objective": objective.state_dict(), "optim": optim.state_dict(),
-                                  "rng": _rng_state(gen), "history": history, "seconds": seconds, "best": best,
-                                  "config": cfg})
+    def checkpoint(step: int, rng: dict[str, Any]) -> None:
+        run.write_checkpoint({"step": step, "objective": objective.state_dict(), "optim": optim.state_dict(),
+                              "rng": rng, "history": history, "seconds": seconds, "best": best, "loss": loss_val,
+                              "config": cfg})
 
     ctx = TrainContext(data=data, cfg=cfg, device=device, generator=gen, step=start, epoch=start // per_epoch)
-    loss_val = math.nan
+    log_every = max(1, cfg["eval_every"] // 10)  # training-loss points between validation scores
     bar = tqdm(range(start, n_steps), initial=start, total=n_steps, disable=bool(cfg["quiet"]),
                desc=f"{cfg['method']} on {data.name}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
+    step, updating, snapshot = start, False, None
     try:
         with pyro.validation_enabled(False):
             for step in bar:
                 state.step = step
+                updating = False
+                if run is not None:
+                    snapshot = _rng_state(gen)  # where an interrupted step resumes from
                 batch = data.train_batch(cfg["batch_size"], gen, device)
                 optim.zero_grad(set_to_none=True)
-                loss_val = float(objective.backward(batch))
-                if not math.isfinite(loss_val):
+                loss = float(objective.backward(batch))
+                if not math.isfinite(loss):
                     raise TrainingError(
-                        f"loss became {loss_val} at step {step} of {cfg['method']} on {data.name}; training stopped. "
+                        f"loss became {loss} at step {step} of {cfg['method']} on {data.name}; training stopped. "
                         f"Try a smaller lr (now {cfg['lr']}), kl_weight or clip_norm"
                         + (f"; the last checkpoint is {run.checkpoint_path}" if run is not None and run.has_checkpoint() else "")
                     )
+                updating, loss_val = True, loss
                 optim.step()
                 done = ctx.step = step + 1
                 objective.after_step(ctx)
@@ -169,14 +208,18 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                         record["val_score"] = score
                         if score > best["score"]:
                             best = {"score": score, "step": done, "state": copy.deepcopy(objective.state_dict())}
-                        bar.set_postfix(loss=f"{loss_val:.4g}", val=f"{score:.4f}")
+                        bar.set_postfix(loss=f"{loss_val:.4g}", val=f"{score:.4f}", kept=best["step"])
                     history.append(record)
+                elif done % log_every == 0:
+                    history.append({"step": done, "loss": loss_val})
                 if callback is not None:
                     callback(done, loss_val)
                 if run is not None and (done % cfg["checkpoint_every"] == 0 or done == n_steps):
                     seconds_now = seconds + time.perf_counter() - t0
                     seconds, t0 = seconds_now, time.perf_counter()
-                    checkpoint(done)
+                    checkpoint(done, _rng_state(gen))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted(run, step, updating, snapshot, checkpoint)) from None
     finally:
         bar.close()
     seconds += time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -150,7 +151,7 @@ def test_training_error_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     def diverge(*args, **kwargs):
         raise TrainingError("loss became nan at step 3;\ntraining stopped")
 
-    monkeypatch.setattr(pyromtl, "fit", diverge)
+    monkeypatch.setattr(importlib.import_module("pyromtl.fit"), "fit_resolved", diverge)
     code, _, err = run_main(["fit", "vbmtl", "--out", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, "loss became nan at step 3; training stopped", expected_code=1)
 
@@ -159,7 +160,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pyromtl, "fit", bug)
+    monkeypatch.setattr(importlib.import_module("pyromtl.fit"), "fit_resolved", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["fit", "vbmtl", "--out", str(tmp_path / "run")])
 
