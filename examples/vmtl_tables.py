@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from pyromtl.tables import render as table
+
 METHODS = ["stl", "vstl", "bmtl", "vbmtl", "vmtl-ac", "vmtl"]
 FRACTIONS = [0.05, 0.1, 0.2]
 ROTATION_FRACTION = 0.1
@@ -77,26 +79,20 @@ def render(results: list[dict]) -> str:
     lines = []
     dom = [r for r in results if r["table"] == "domains"]
     if dom:
+        rows = [[m, *(mean_ci([r["average"]["accuracy"] for r in dom if r["method"] == m and r["fraction"] == f])
+                      for f in FRACTIONS)] for m in METHODS]
         lines += ["### digits-domains: test accuracy (mean ± 95% CI over seeds)", "",
-                  "| method | " + " | ".join(f"fraction {f}" for f in FRACTIONS) + " |",
-                  "|---|" + "---|" * len(FRACTIONS)]
-        for m in METHODS:
-            cells = [mean_ci([r["average"]["accuracy"] for r in dom if r["method"] == m and r["fraction"] == f])
-                     for f in FRACTIONS]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
     rot = [r for r in results if r["table"] == "rotation"]
     if rot:
+        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["method"] == m])] for m in METHODS]
         lines += [f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)", "",
-                  "| method | NMSE |", "|---|---|"]
-        lines += [f"| {m} | {mean_ci([r['average']['nmse'] for r in rot if r['method'] == m])} |" for m in METHODS]
-        lines.append("")
+                  table(["method", "NMSE"], rows), ""]
     abl = [r for r in results if r["table"] == "ablation"]
     if abl:
+        rows = [[w, mean_ci([r["average"]["accuracy"] for r in abl if r["weights"] == w])] for w in WEIGHTS]
         lines += ["### VMTL Table 2 ablation on digits-domains at 0.05: test accuracy", "",
-                  "| prior weights | accuracy |", "|---|---|"]
-        lines += [f"| {w} | {mean_ci([r['average']['accuracy'] for r in abl if r['weights'] == w])} |" for w in WEIGHTS]
-        lines.append("")
+                  table(["prior weights", "accuracy"], rows), ""]
     seeds = sorted({r["seed"] for r in results})
     lines.append(f"Seeds: {seeds}; each cell averages the tasks' test metric, then the seeds.")
     return "\n".join(lines) + "\n"

@@ -138,8 +138,9 @@ def test_benchmark_loaders_are_registered_and_need_a_root():
         datasets.load("office-home")
 
 
-def test_root_is_ignored_by_datasets_that_read_no_files(tmp_path):
-    assert datasets.load("digits-binary", root=tmp_path).num_tasks == 10
+def test_root_is_refused_by_datasets_that_read_no_files(tmp_path):
+    with pytest.raises(ValueError, match="dataset 'digits-binary' is built in and reads no files"):
+        datasets.load("digits-binary", root=tmp_path)
 
 
 def test_returned_objects_do_not_share_splits():

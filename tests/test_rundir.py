@@ -308,35 +308,47 @@ def _no_training(*args, **kwargs):
     raise SystemExit(0)  # the config resolved and training would start now
 
 
+def runs_or_fails_in_one_line(args: list[str], capsys, monkeypatch) -> None:
+    """``pyromtl fit ARGS`` either gets to training (stopped there) or exits 2 with one line."""
+    monkeypatch.setattr(importlib.import_module("pyromtl.fit"), "fit_resolved", _no_training)
+    try:
+        code = cli.main(["fit", "vbmtl", "--quiet", *args])
+    except SystemExit:
+        return
+    assert code == 2
+    one_line(capsys.readouterr().err)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=_keys, value=_values)
 def test_fuzzed_set_values_run_or_fail_in_one_line(key, value, capsys, monkeypatch) -> None:
-    fit_module = importlib.import_module("pyromtl.fit")  # the package's `fit` attribute is the function
-
-    monkeypatch.setattr(fit_module, "fit_resolved", _no_training)
-    try:
-        code = cli.main(["fit", "vbmtl", "--quiet", "--set", f"{key}={_toml(value)}"])
-    except SystemExit:
-        code = 0
-    err = capsys.readouterr().err
-    assert code in (0, 2)
-    if code == 2:
-        one_line(err)
+    runs_or_fails_in_one_line(["--set", f"{key}={_toml(value)}"], capsys, monkeypatch)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=st.dictionaries(_keys.filter(lambda k: "." not in k), _values, max_size=4))
 def test_fuzzed_toml_configs_run_or_fail_in_one_line(doc, tmp_path_factory, capsys, monkeypatch) -> None:
-    fit_module = importlib.import_module("pyromtl.fit")  # the package's `fit` attribute is the function
-
-    monkeypatch.setattr(fit_module, "fit_resolved", _no_training)
     path = tmp_path_factory.mktemp("cfg") / "c.toml"
     path.write_text(config.to_toml(doc))
-    try:
-        code = cli.main(["fit", "vbmtl", "--quiet", "--config", str(path)])
-    except SystemExit:
-        code = 0
-    err = capsys.readouterr().err
-    assert code in (0, 2)
-    if code == 2:
-        one_line(err)
+    runs_or_fails_in_one_line(["--config", str(path)], capsys, monkeypatch)
+
+
+def test_a_relative_root_is_stored_absolute_and_the_kept_step_is_shown(tmp_path: Path, capsys, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for domain in ("a", "b"):
+        np.savez(tmp_path / "data" / f"{domain}.npz", features=rng.normal(size=(60, 4)), labels=np.arange(60) % 3)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["fit", "stl", "--data", "npz", "--root", "data", "--device", "cpu", "--quiet", "--steps",
+                            "20", "--set", "eval_every=10", "--set", "latent_dim=4", "--set", "hidden=[8]",
+                            "--out", "run"], capsys)
+    assert code == 0
+    doc = RunDir(tmp_path / "run").read_metrics()
+    assert f"kept step {doc['train']['best_step']} (best validation score" in out
+    root = RunDir(tmp_path / "run").read_config()["root"]
+    assert Path(root).is_absolute() and Path(root) == (tmp_path / "data").resolve()
+    monkeypatch.chdir(ROOT)  # reopening from elsewhere finds the data
+    code, out, _ = run_cli(["evaluate", str(tmp_path / "run")], capsys)
+    assert code == 0 and "stl on npz" in out
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
+    assert [h["step"] for h in history] == list(range(1, 21))  # the loss is logged between validations too
