@@ -204,7 +204,7 @@ class Weighting:
     positive_losses: bool = False
 
 
-def _checked_build(spec: Weighting):
+def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
     """``bmtl``'s model and guide, refusing what would make them another network."""
 
     def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
@@ -225,7 +225,7 @@ def _checked_build(spec: Weighting):
     return build
 
 
-def _objective(spec: Weighting):
+def _objective(spec: Weighting) -> Callable[..., Objective]:
     def objective(method: Method, cfg: dict[str, Any], model, guide) -> Objective:
         loss = method.elbo(method, cfg)(model, guide)
         combine = spec.make(cfg, model.info.num_tasks).to(model.info.type_code.device)
