@@ -1,0 +1,110 @@
+"""Time one training step of every gradient-weighting baseline against ``ls``, in one run.
+
+A step is what ``pyromtl.train`` does: the method's ``Objective.backward`` on a fresh batch
+(per-task losses from the model trace, then torchjd's scalarisation or ``mtl_backward`` and
+aggregation) and a ClippedAdam step, with Pyro's validation off and module-local parameters.
+Every method gets the same network (the methods' defaults: latent 64, hidden [256]), the same
+data and batch size. Methods are timed in interleaved rounds so drifting machine load hits
+them alike; the table gives each one's median step time and its ratio to ``ls``.
+
+    python benchmarks/weighting_step.py --data digits-mixed,digits-binary --threads 1 --json cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import pyro
+import torch
+from pyro.optim.clipped_adam import ClippedAdam
+
+from pyromtl import config, datasets, methods
+from pyromtl.base import TrainState
+from pyromtl.params import local_params
+from pyromtl.train import resolve_device
+
+METHODS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "upgrad"]
+
+
+@local_params
+def _stepper(name: str, data, batch_size: int, device: torch.device):
+    """A closure running one training step of ``name``, built as the trainer builds it."""
+    m = methods.get(name)
+    cfg = config.resolve(m, {"batch_size": batch_size})
+    pyro.set_rng_seed(0)
+    model, guide = m.build(data, cfg, TrainState(), device)
+    objective = m.objective(m, cfg, model, guide)
+    gen = torch.Generator().manual_seed(0)
+    objective(data.train_batch(batch_size, gen, device))
+    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"])
+
+    @local_params
+    def step() -> None:
+        batch = data.train_batch(batch_size, gen, device)
+        optim.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False):
+            objective.backward(batch)
+        optim.step()
+
+    return step
+
+
+def _time(step, n: int, device: torch.device) -> float:
+    """Seconds per step, averaged over ``n`` steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="digits-mixed", help="comma-separated SIMO dataset names")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    names = args.methods.split(",")
+    if "ls" not in names:
+        names.insert(0, "ls")
+    results = {"device": device.type, "platform": platform.platform(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "shapes": {}}
+    for dataset in args.data.split(","):
+        data = datasets.load(dataset)
+        steppers = {name: _stepper(name, data, args.batch_size, device) for name in names}
+        for step in steppers.values():
+            _time(step, args.warmup, device)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name, step in steppers.items():
+                times[name].append(_time(step, args.steps, device))
+        median = {name: statistics.median(t) for name, t in times.items()}
+        rows = {name: {"ms": 1e3 * median[name], "vs_ls": median[name] / median["ls"]} for name in names}
+        results["shapes"][dataset] = {"tasks": data.num_tasks, "methods": rows}
+        print(f"\n{dataset} ({data.num_tasks} tasks), {device.type}, batch {args.batch_size}")
+        print(f"{'method':<12} {'ms/step':>8} {'× ls':>6}")
+        for name, row in rows.items():
+            print(f"{name:<12} {row['ms']:8.2f} {row['vs_ls']:6.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
