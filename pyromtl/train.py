@@ -140,7 +140,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
     # Validation is off as in the loop: a non-finite loss is reported as such, not as a
     # distribution's argument check.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
-        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)))
+        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)).detach())
     if not math.isfinite(first):
         raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
                             "inputs' scale (standardise them) and the priors; training did not start")

@@ -1,0 +1,165 @@
+"""The torchjd side of the gradient-weighting baselines (``models/weighting.py`` declares them).
+
+Imported only when one of them is built: importing torchjd loads its solvers (qpsolvers,
+cvxpy and, through qpsolvers, jax where installed), which costs seconds that no other method
+should pay.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from torchjd import aggregation, scalarization
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+from pyromtl.data.core import Batch
+from pyromtl.objective import Objective, TrainContext
+
+
+# ---------------------------------------------------------------------------- combiners
+class ScaleInvariant(scalarization.Scalarizer):
+    """``Σ_t log ℓ_t``, the scale-invariant baseline (SI) of Navon et al., *Multi-Task Learning
+    as a Bargaining Game*, ICML 2022: its gradient ``Σ_t ∇ℓ_t / ℓ_t`` is unchanged when a
+    task's loss is multiplied by a constant.
+
+    Losses must be positive. One that underflows to zero (a task fitted perfectly) is clamped
+    to the smallest positive float, so it adds a constant and no gradient instead of ``-inf``.
+    """
+
+    def forward(self, values: torch.Tensor, /) -> torch.Tensor:
+        return values.clamp_min(torch.finfo(values.dtype).tiny).log().sum()
+
+
+class CheckpointedDWA(scalarization.DWA):
+    """torchjd's Dynamic Weight Average (Liu, Johns & Davison, *End-to-End Multi-Task Learning
+    with Attention*, CVPR 2019) with its loss history in the state dict.
+
+    DWA's weights depend on the average losses of the last two epochs and on the running sum
+    of the current one; keeping them in ``get_extra_state`` makes a resumed run exact.
+    """
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"loss_sum": self._loss_sum, "batches": self._n_batches, "averages": list(self._previous_averages)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._loss_sum, self._n_batches = state["loss_sum"], state["batches"]
+        self._previous_averages = list(state["averages"])
+
+
+class CheckpointedNashMTL(aggregation.NashMTL):
+    """torchjd's Nash-MTL (Navon et al., ICML 2022) with its warm start in the state dict.
+
+    Each solve starts from the previous step's weights; keeping them (and the step count that
+    decides when to re-solve) in ``get_extra_state`` makes a resumed run exact. This reads
+    torchjd's internal ``_NashMTLWeighting`` fields: recheck on a torchjd upgrade.
+    """
+
+    def get_extra_state(self) -> dict[str, Any]:
+        w = self.weighting
+        return {"step": float(w.step), "alpha": torch.as_tensor(w.prvs_alpha).clone()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        w = self.weighting
+        w.step, w.prvs_alpha = state["step"], state["alpha"].cpu().numpy()
+        if w.step:  # torchjd builds its convex problem on the first call only (step 0)
+            w._init_optim_problem()
+
+    def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
+        # cvxpy warns on every solve that torchjd's problem is not DPP: nothing a user can act on
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
+            return super().forward(matrix)
+
+
+Combiner = scalarization.Scalarizer | aggregation.Aggregator
+
+
+# ---------------------------------------------------------------------------- objectives
+class TaskLossObjective(Objective):
+    """``bmtl``'s ELBO module plus the per-task losses of a batch, read from the model trace.
+
+    :meth:`forward` stays the ELBO (the sum of the task losses), which the trainer uses to
+    create lazy parameters; subclasses combine the losses in :meth:`backward`. The combiner is
+    a submodule, so its parameters (``uw``'s log-variances) are trained and checkpointed with
+    the rest, and its extra state (``dwa``'s history) is checkpointed too.
+    """
+
+    def __init__(self, loss: torch.nn.Module, combine: Combiner):
+        super().__init__(loss)
+        self.combine = combine
+
+    def task_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ℓ [T], z)``: each task's negative log-likelihood of ``batch`` and the shared
+        representation ``z`` the heads read (``[1, B, d]`` for SIMO data)."""
+        guide_tr = poutine.trace(self.guide).get_trace(batch)
+        model_tr = poutine.trace(poutine.replay(self.model, trace=guide_tr)).get_trace(batch)
+        y = model_tr.nodes["y"]
+        log_lik = scale_and_mask(y["fn"].log_prob(y["value"]), y["scale"], y["mask"])
+        return -log_lik.sum(-1), guide_tr.nodes["z"]["value"]
+
+
+class ScalarizedObjective(TaskLossObjective):
+    """One backward pass of the scalarised losses: every parameter gets ``∇ combine(ℓ)``."""
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        losses, _ = self.task_losses(batch)
+        total = losses.detach().sum()
+        if torch.isfinite(total):
+            self.combine(losses).backward()
+        return total
+
+    def end_epoch(self, ctx: TrainContext) -> None:
+        if isinstance(self.combine, scalarization.DWA):
+            self.combine.step()  # DWA's weights follow the per-epoch average losses
+
+
+class JacobianDescentObjective(TaskLossObjective):
+    """torchjd's ``mtl_backward``: each head gets ``∇ℓ_t`` of its own task, and the shared
+    encoder the aggregation of the Jacobian ``[∇ℓ_1; …; ∇ℓ_T]`` by ``combine``."""
+
+    def __init__(self, loss: torch.nn.Module, combine: aggregation.Aggregator, shared: torch.nn.Module):
+        super().__init__(loss, combine)
+        # a tuple, not a submodule: the encoder is already in the state dict under ``loss.model``
+        self.shared = tuple(shared.parameters())
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        losses, features = self.task_losses(batch)
+        total = losses.detach().sum()
+        if torch.isfinite(total):
+            # The heads run as one batched op, so the task losses share their graph up to the
+            # per-task split; torchjd frees it after the first task unless it is retained.
+            mtl_backward(list(losses), features=features, shared_params=self.shared, retain_graph=True)
+            jac_to_grad(self.shared, self.combine)
+        return total
+
+
+# ---------------------------------------------------------------------------- by name
+#: Each baseline's combiner, built from the config and the number of tasks T.
+COMBINERS: dict[str, Callable[[dict[str, Any], int], Combiner]] = {
+    "ls": lambda cfg, T: scalarization.Sum(),
+    "si": lambda cfg, T: ScaleInvariant(),
+    "rlw": lambda cfg, T: scalarization.Random(),
+    "dwa": lambda cfg, T: CheckpointedDWA(cfg["dwa_temperature"]),
+    "uw": lambda cfg, T: scalarization.UW(T),
+    "mgda": lambda cfg, T: aggregation.MGDA(),
+    "pcgrad": lambda cfg, T: aggregation.PCGrad(),
+    "cagrad": lambda cfg, T: aggregation.CAGrad(c=cfg["cagrad_c"]),
+    "imtl-g": lambda cfg, T: aggregation.IMTLG(),
+    "nash-mtl": lambda cfg, T: CheckpointedNashMTL(T, max_norm=cfg["nash_max_norm"],
+                                                  update_weights_every=cfg["nash_update_every"],
+                                                  optim_niter=cfg["nash_optim_niter"]),
+    "aligned-mtl": lambda cfg, T: aggregation.AlignedMTL(),
+    "upgrad": lambda cfg, T: aggregation.UPGrad(),
+}
+
+
+def weighting_objective(name: str, loss: torch.nn.Module, model, cfg: dict[str, Any]) -> Objective:
+    """The objective of baseline ``name``: one scalarised backward, or Jacobian descent."""
+    combine = COMBINERS[name](cfg, model.info.num_tasks).to(model.info.type_code.device)
+    if isinstance(combine, aggregation.Aggregator):
+        return JacobianDescentObjective(loss, combine, model.encoder)
+    return ScalarizedObjective(loss, combine)
