@@ -20,9 +20,12 @@ the paper's test-time gate ``1[α_t ≥ 0.5]``, which :func:`export_pruned` turn
 holding only the chosen encoders and decoders (Fig. 1, right). The gate is recorded as the
 deterministic site ``gate``.
 
-Everything is a point estimate (no latent sites), so the ELBO is the log-likelihood of eq. 2,
-summed over tasks where eq. 2 averages them (a constant factor ``m``; the authors' code sums
-too). ``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own
+By default everything is a point estimate (the prior of ``gate`` is ``deterministic``), so the
+ELBO is the log-likelihood of eq. 2, summed over tasks where eq. 2 averages them (a constant
+factor ``m``; the authors' code sums too). Beyond the paper, the prior
+``priors.gate.kind = "relaxed_bernoulli"`` (``probs = 0.5`` by default, at the gate's ``τ``)
+makes the gate a latent site with the posterior ``q(g_t) = RelaxedBernoulli[StraightThrough](τ,
+logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average over gate draws. ``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own
 optimiser in :class:`GateObjective`; the rest of val stays for model selection.
 
 Encoders and decoders are MLPs (``hidden``, ``decoder_hidden``) unless ``encoder``/``decoder``
@@ -44,14 +47,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.base import MultiTaskModel, Plates, TrainState, is_point
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.guides.smtl import PointGuide
+from pyromtl.guides.smtl import GateGuide
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
 from pyromtl.nn import MLP, TaskMLP
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.options import Options, ScheduleValue
+from pyromtl.priors import PriorContext, PriorSite, PriorSpec, register as register_prior
 from pyromtl.schedules import as_schedule
 
 #: The part of val that trains the bi-level gates (eq. 6); model selection uses the rest.
@@ -126,6 +130,7 @@ class SMTLModel(MultiTaskModel):
         T, K, d, act = info.num_tasks, info.out_dim, cfg["latent_dim"], cfg["activation"]
         self.lite, self.combine = lite, combine
         self.temperature = as_schedule(cfg["temperature"])
+        self.gate_prior = None if is_point(cfg["priors"]["gate"]) else PriorSite("gate", cfg["priors"]["gate"], device)
         if not 0.0 < cfg["gate_init"] < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {cfg['gate_init']}")
         self.gate_logit = nn.Parameter(torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])),
@@ -141,27 +146,33 @@ class SMTLModel(MultiTaskModel):
         """``α_t`` ``[T]``: the weight of the public side (eq. 1)."""
         return torch.sigmoid(self.gate_logit)
 
+    def tau(self) -> torch.Tensor:
+        return torch.tensor(self.temperature(self.state.step), device=self.gate_logit.device)
+
+    def gate_distribution(self, logits: torch.Tensor) -> dist.Distribution:
+        """The relaxed gate of eq. 4 (lite: straight-through, a hard forward draw)."""
+        kind = dist.RelaxedBernoulliStraightThrough if self.lite else dist.RelaxedBernoulli
+        return kind(self.tau(), logits=logits)
+
     def gate(self) -> torch.Tensor:
-        """The gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw (eq. 3–4) while
-        training, ``1[α_t ≥ 0.5]`` when predicting."""
+        """The point-estimate gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw
+        (eq. 3–4) while training, ``1[α_t ≥ 0.5]`` when predicting."""
         if not self.lite:
             return self.alpha()
         if torch.is_grad_enabled():
-            tau = torch.tensor(self.temperature(self.state.step), device=self.gate_logit.device)
-            return dist.RelaxedBernoulliStraightThrough(tau, logits=self.gate_logit).rsample()
+            return self.gate_distribution(self.gate_logit).rsample()
         return (self.gate_logit >= 0).to(self.gate_logit.dtype)
 
     def gate_draws(self, n: int) -> torch.Tensor:
-        """``n`` draws of the gates ``[n, T]`` (lite: at the current temperature)."""
-        if not self.lite:
+        """``n`` draws of the gates ``[n, T]`` (lite or Bayesian: of the relaxed gate at the current ``τ``)."""
+        if not self.lite and self.gate_prior is None:
             return self.alpha().expand(n, -1)
-        tau = torch.tensor(self.temperature(self.state.step), device=self.gate_logit.device)
-        return dist.RelaxedBernoulliStraightThrough(tau, logits=self.gate_logit).sample((n,))
+        return self.gate_distribution(self.gate_logit).sample((n,))
 
     def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Head outputs ``[T, B, K]`` of inputs ``x [B, ...]`` under gates ``[T]``."""
+        """Head outputs ``[..., T, B, K]`` of inputs ``x [B, ...]`` under gates ``[..., T]``."""
         x = x.flatten(x.dim() - len(self.info.input_shape))
-        g = gate[:, None, None]
+        g = gate[..., None, None]
         public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
         if self.public_decoder is None:
             return self.decoder(g * public + (1 - g) * private)
@@ -169,12 +180,32 @@ class SMTLModel(MultiTaskModel):
 
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch)
-        gate = self.gate()
-        with plates.globals():
-            pyro.deterministic("gate", gate[:, None])
+        T = self.info.num_tasks
+        if self.gate_prior is None:
+            gate = self.gate()
+            with plates.globals():
+                pyro.deterministic("gate", gate[:, None])
+        else:
+            with plates.globals(), self.kl_scope("gate"):
+                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, step=self.state.step,
+                                              extras={"temperature": self.tau()})
+                gate = pyro.sample("gate", prior).squeeze(-1)  # [..., T]
         out = self.outputs(batch.x, gate)
         with plates.observations():
             self.observe(out, batch)
+
+
+@register_prior("relaxed_bernoulli", defaults={"probs": 0.5})
+def relaxed_bernoulli_prior(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
+    """A gate prior ``RelaxedBernoulli(τ, probs)`` at the gate's own temperature (``ctx.extras["temperature"]``).
+
+    Straight-through so that it scores a hard draw at the relaxed value the draw came from
+    (the hidden attribute of that exact tensor: the site's value is never copied).
+    """
+    if not 0.0 < spec.params["probs"] < 1.0:
+        raise ValueError(f"relaxed_bernoulli needs 0 < probs < 1, got {spec.params['probs']}")
+    probs = ctx.full(ctx.batch_shape, spec.params["probs"])
+    return dist.RelaxedBernoulliStraightThrough(ctx.extras["temperature"], probs=probs)
 
 
 # ---------------------------------------------------------------------------- pruning
@@ -301,21 +332,23 @@ class SMTLOptions(Options):
 
 def _builder(lite: bool, combine: str) -> Callable:
     def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
-        return SMTLModel(data, cfg, state, device, lite=lite, combine=combine), PointGuide(data, state, device)
+        model = SMTLModel(data, cfg, state, device, lite=lite, combine=combine)
+        return model, GateGuide(data, cfg, state, model, device)
 
     return build
 
 
-def gate_objective(method: Method, cfg: dict[str, Any], model: SMTLModel, guide: PointGuide) -> GateObjective:
+def gate_objective(method: Method, cfg: dict[str, Any], model: SMTLModel, guide: GateGuide) -> GateObjective:
     return GateObjective(method.elbo(method, cfg)(model, guide), cfg)
 
 
-def gate_relatedness(model: SMTLModel, guide: PointGuide) -> dict[str, np.ndarray]:
-    """``{"gates": diag(α_t)}``: the gates are one number per task, shown on the diagonal."""
+def gate_relatedness(model: SMTLModel, guide: GateGuide) -> dict[str, np.ndarray]:
+    """``{"gates": diag(α_t)}``: the gates are one number per task, shown on the diagonal (with a
+    Bayesian gate, ``α_t`` is its posterior's ``probs``)."""
     return {"gates": np.diag(model.alpha().cpu().numpy())}
 
 
-def _gate_draws(model: SMTLModel, guide: PointGuide, n: int) -> torch.Tensor:
+def _gate_draws(model: SMTLModel, guide: GateGuide, n: int) -> torch.Tensor:
     return model.gate_draws(n)
 
 
@@ -329,6 +362,6 @@ for _name, _lite, _combine, _summary in (
     ("lsmtl-c", True, "outputs", "lite SMTL_c: straight-through binary gates pick one output per task (§3.4)"),
 ):
     register(Method(name=_name, summary=_summary, paper=PAPER, build=_builder(_lite, _combine), options=SMTLOptions,
-                    settings=("simo",), objective=gate_objective, relatedness=gate_relatedness,
+                    priors={"gate": "deterministic"}, settings=("simo",), objective=gate_objective, relatedness=gate_relatedness,
                     relatedness_titles={"gates": "gate α_t (weight of the public side)"}, export=(GATE_EXPORT,),
                     prepare_data=carve_gate_split, export_pruned=export_pruned))
