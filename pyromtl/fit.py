@@ -81,6 +81,14 @@ class Fit:
         with torch.no_grad():
             return {k: np.asarray(v) for k, v in self.method.relatedness(self.model, self.guide).items()}
 
+    @local_params
+    def export_pruned(self) -> torch.nn.Module:
+        """A plain ``nn.Module`` holding only what inference uses (the method's ``export_pruned``)."""
+        if self.method.export_pruned is None:
+            raise ValueError(f"method {self.method.name!r} has no pruned export")
+        with torch.no_grad():
+            return self.method.export_pruned(self)
+
     def to_arviz(self, num_samples: int | None = None, split: str = "test"):
         """An ArviZ DataTree with posterior, posterior_predictive, log_likelihood, observed_data."""
         from pyromtl.export import to_datatree
@@ -219,6 +227,7 @@ def fit_resolved(method: Method, cfg: dict[str, Any], data: MultiTaskData | None
     dataset = _load_data(cfg, data)
     cfg["data"] = dataset.name
     method.check_data(dataset)
+    dataset = method.prepare(dataset, cfg)
     _check_splits(dataset)
     run = RunDir(out) if out is not None else None
     if run is not None:
@@ -263,7 +272,7 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
     if device is not None:
         raw["device"] = device
     cfg = config_mod.resolve(m, raw)
-    dataset = _load_data(cfg, data)
+    dataset = m.prepare(_load_data(cfg, data), cfg)
     dev = resolve_device(cfg["device"])
     saved = run.read_checkpoint(dev)
     state = TrainState()

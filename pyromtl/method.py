@@ -78,6 +78,10 @@ class Method:
     :param relatedness: ``relatedness(model, guide) -> {name: [T, T] array}``.
     :param relatedness_titles: a title per relatedness matrix, for plots and reports.
     :param export: the posterior sites diagnostics export.
+    :param prepare_data: ``prepare_data(data, cfg) -> data``, run on the loaded data before
+        training and on reload (e.g. carve an extra split out of val); ``None`` keeps it as is.
+    :param export_pruned: ``export_pruned(fit) -> nn.Module``, a plain module holding only what
+        the fitted method uses at inference (``Fit.export_pruned``); ``None`` if it has none.
     """
 
     name: str
@@ -95,11 +99,17 @@ class Method:
     relatedness: Callable[[Any, Any], dict[str, np.ndarray]] | None = None
     relatedness_titles: Mapping[str, str] = field(default_factory=dict)
     export: tuple[ExportSite, ...] = ()
+    prepare_data: Callable[["MultiTaskData", Mapping[str, Any]], "MultiTaskData"] | None = None
+    export_pruned: Callable[[Any], torch.nn.Module] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The method's option defaults (its dataclass's, then :attr:`overrides`), fresh copies."""
         return {**self.options.defaults(), **{k: _copy(v) for k, v in self.overrides.items()}}
+
+    def prepare(self, data: "MultiTaskData", cfg: Mapping[str, Any]) -> "MultiTaskData":
+        """``data`` as this method trains on it (:attr:`prepare_data`, if declared)."""
+        return data if self.prepare_data is None else self.prepare_data(data, cfg)
 
     def check_data(self, data: "MultiTaskData") -> None:
         """Refuse data the method cannot learn (its setting, too few tasks), naming the problem."""

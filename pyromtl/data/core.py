@@ -299,14 +299,18 @@ class MultiTaskData:
             self._cache[key] = pad
         return self._cache[key]
 
-    def train_batch(self, batch_size: int, generator: torch.Generator | None, device: torch.device | str) -> Batch:
+    def train_batch(self, batch_size: int, generator: torch.Generator | None, device: torch.device | str,
+                    split: str = "train") -> Batch:
         """Draw one training batch of up to ``batch_size`` samples per task, without replacement.
+
+        ``split`` names the split it is drawn from (another one for an objective that learns
+        some parameters elsewhere, e.g. gates on val).
 
         A task with fewer than ``batch_size`` training samples contributes all of them (the rest
         of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased.
         """
         device = torch.device(device)
-        pad = self.padded("train", device)
+        pad = self.padded(split, device)
         T = self.num_tasks
         n = pad.n
         if self.simo:
@@ -318,7 +322,7 @@ class MultiTaskData:
             pos = perm.expand(T, B)
             mask = torch.ones(T, B, dtype=torch.bool, device=device)
             scale = torch.full((T, 1), N / B, device=device)
-            return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=True)
+            return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=True, split=split)
         nmax = pad.y.shape[1]
         B = min(batch_size, nmax)
         keys = torch.rand(T, nmax, generator=generator, device="cpu").to(device)
@@ -330,7 +334,7 @@ class MultiTaskData:
         x = pad.x[rows, pos]
         y = pad.y[rows, pos]
         scale = (n / taken).to(torch.float32)[:, None]
-        return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=False)
+        return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=False, split=split)
 
     def eval_batches(self, split: str, device: torch.device | str, batch_size: int = 4096) -> Iterator[Batch]:
         """Yield the whole split in padded, masked chunks (``scale = 1``)."""

@@ -1,0 +1,367 @@
+"""Safe multi-task learning (Guo, Ye, Zhang): SMTL, L-SMTL, SMTL_c and L-SMTL_c as Pyro models.
+
+Every task ``t`` has a private encoder ``f_t`` and a private decoder ``h_t``; all tasks share a
+public encoder ``f_S``. A gate per task, ``α_t = sigmoid(logit_t) ∈ [0, 1]`` (the weight of the
+public side), mixes them:
+
+=============  ==========================================================  ===========
+method         output of task t                                            gate
+=============  ==========================================================  ===========
+``smtl``       ``h_t(α_t f_S(x) + (1 − α_t) f_t(x))`` (eq. 1)               soft ``α_t``
+``lsmtl``      the same with ``α̃_t ∈ {0, 1}`` (eq. 3–4)                     straight-through
+``smtl-c``     ``α_t h_{S,t}(f_S(x)) + (1 − α_t) h_t(f_t(x))`` (§3.4)       soft ``α_t``
+``lsmtl-c``    the same with ``α̃_t ∈ {0, 1}``                               straight-through
+=============  ==========================================================  ===========
+
+The lite gates are ``RelaxedBernoulliStraightThrough(τ, probs=α_t)`` draws while gradients are
+computed (a training step): hard in the forward pass, the relaxed sample's gradient in the
+backward pass (eq. 4), with ``τ`` a schedule (``temperature``). A prediction (no gradient) uses
+the paper's test-time gate ``1[α_t ≥ 0.5]``, which :func:`export_pruned` turns into a network
+holding only the chosen encoders and decoders (Fig. 1, right). The gate is recorded as the
+deterministic site ``gate``.
+
+By default everything is a point estimate (the prior of ``gate`` is ``deterministic``), so the
+ELBO is the log-likelihood of eq. 2, summed over tasks where eq. 2 averages them (a constant
+factor ``m``; the authors' code sums too). Beyond the paper, the prior
+``priors.gate.kind = "relaxed_bernoulli"`` (``probs = 0.5`` by default, at the gate's ``τ``)
+makes the gate a latent site with the posterior ``q(g_t) = RelaxedBernoulli[StraightThrough](τ,
+logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average over gate draws. ``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own
+optimiser in :class:`GateObjective`; the rest of val stays for model selection.
+
+Encoders and decoders are MLPs (``hidden``, ``decoder_hidden``) unless ``encoder``/``decoder``
+name a factory ``"module:function"``, ``function(in_dim, out_dim) -> nn.Module``; the private
+copies then run together through :class:`TaskStack` (``torch.vmap``), never in a task loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyromtl.base import MultiTaskModel, Plates, TrainState, is_point
+from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.guides.smtl import GateGuide
+from pyromtl.method import ExportSite, Method
+from pyromtl.methods import register
+from pyromtl.nn import MLP, TaskMLP
+from pyromtl.objective import Objective, TrainContext
+from pyromtl.options import Options, ScheduleValue
+from pyromtl.priors import PriorContext, PriorSite, PriorSpec, register as register_prior
+from pyromtl.schedules import as_schedule
+
+#: The part of val that trains the bi-level gates (eq. 6); model selection uses the rest.
+GATE_SPLIT = "gates"
+GATE_MODES = ("joint", "bilevel")
+
+
+# ---------------------------------------------------------------------------- networks
+def load_factory(path: str) -> Callable[[int, int], nn.Module]:
+    """The factory ``"module:function"`` names (``function(in_dim, out_dim) -> nn.Module``)."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"a network factory is written 'module:function', got {path!r}")
+    factory = getattr(importlib.import_module(module), name, None)
+    if not callable(factory):
+        raise ValueError(f"{path!r} names no callable")
+    return factory
+
+
+class TaskStack(nn.Module):
+    """``T`` copies of one network, parameters stacked ``[T, ...]`` and run with ``torch.vmap``.
+
+    Input ``[B, in]`` (shared by every task) or ``[T, B, in]``; output ``[T, B, out]``.
+    """
+
+    def __init__(self, copies: list[nn.Module]):
+        super().__init__()
+        if any(True for m in copies for _ in m.buffers()):
+            raise ValueError("private networks from a factory must hold no buffers (e.g. no BatchNorm)")
+        params, _ = torch.func.stack_module_state(copies)
+        self.names = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.names])
+        # the template only lends its code to functional_call: its own weights are never used
+        self.template = [copy.deepcopy(copies[0]).to("meta")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def one(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.template[0], params, (inputs,))
+
+        params = dict(zip(self.names, self.stacked))
+        return torch.vmap(one, in_dims=(0, None if x.dim() == 2 else 0))(params, x)
+
+
+def shared_net(factory: str, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
+    return load_factory(factory)(in_dim, out_dim) if factory else MLP(in_dim, hidden, out_dim, act)
+
+
+def task_net(factory: str, num_tasks: int, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
+    """One network per task, evaluated in one batched call (``TaskMLP`` or a :class:`TaskStack`)."""
+    if not factory:
+        return TaskMLP(num_tasks, in_dim, hidden, out_dim, act)
+    make = load_factory(factory)
+    return TaskStack([make(in_dim, out_dim) for _ in range(num_tasks)])
+
+
+def select_tasks(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A copy of a task-stacked network (every parameter ``[T, ...]``) with the tasks in ``index`` only."""
+    out = copy.deepcopy(module)
+    for p in out.parameters():
+        p.data = p.data[index].clone()
+    return out
+
+
+# ---------------------------------------------------------------------------- model
+class SMTLModel(MultiTaskModel):
+    """``p(y | x) = prod_t p(y_t | out_t(x))`` with ``out_t`` of eq. 1 (or §3.4 for ``combine="outputs"``)."""
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device, *,
+                 lite: bool, combine: str):
+        info = data.info.to(device)
+        super().__init__(info, state, cfg["kl_weight"])
+        T, K, d, act = info.num_tasks, info.out_dim, cfg["latent_dim"], cfg["activation"]
+        self.lite, self.combine = lite, combine
+        self.temperature = as_schedule(cfg["temperature"])
+        self.gate_prior = None if is_point(cfg["priors"]["gate"]) else PriorSite("gate", cfg["priors"]["gate"], device)
+        if not 0.0 < cfg["gate_init"] < 1.0:
+            raise ValueError(f"gate_init must be in (0, 1), got {cfg['gate_init']}")
+        self.gate_logit = nn.Parameter(torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])),
+                                                  device=device))
+        self.public = shared_net(cfg["encoder"], info.input_dim, cfg["hidden"], d, act).to(device)
+        self.private = task_net(cfg["encoder"], T, info.input_dim, cfg["hidden"], d, act).to(device)
+        self.decoder = task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device)
+        # SMTL_c: a public decoder h_{S,t} per task on f_S (§3.4)
+        self.public_decoder = (task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device)
+                               if combine == "outputs" else None)
+
+    def alpha(self) -> torch.Tensor:
+        """``α_t`` ``[T]``: the weight of the public side (eq. 1)."""
+        return torch.sigmoid(self.gate_logit)
+
+    def tau(self) -> torch.Tensor:
+        return torch.tensor(self.temperature(self.state.step), device=self.gate_logit.device)
+
+    def gate_distribution(self, logits: torch.Tensor) -> dist.Distribution:
+        """The relaxed gate of eq. 4 (lite: straight-through, a hard forward draw)."""
+        kind = dist.RelaxedBernoulliStraightThrough if self.lite else dist.RelaxedBernoulli
+        return kind(self.tau(), logits=logits)
+
+    def gate(self) -> torch.Tensor:
+        """The point-estimate gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw
+        (eq. 3–4) while training, ``1[α_t ≥ 0.5]`` when predicting."""
+        if not self.lite:
+            return self.alpha()
+        if torch.is_grad_enabled():
+            return self.gate_distribution(self.gate_logit).rsample()
+        return (self.gate_logit >= 0).to(self.gate_logit.dtype)
+
+    def gate_draws(self, n: int) -> torch.Tensor:
+        """``n`` draws of the gates ``[n, T]`` (lite or Bayesian: of the relaxed gate at the current ``τ``)."""
+        if not self.lite and self.gate_prior is None:
+            return self.alpha().expand(n, -1)
+        return self.gate_distribution(self.gate_logit).sample((n,))
+
+    def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``[..., T, B, K]`` of inputs ``x [B, ...]`` under gates ``[..., T]``."""
+        x = x.flatten(x.dim() - len(self.info.input_shape))
+        g = gate[..., None, None]
+        public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
+        if self.public_decoder is None:
+            return self.decoder(g * public + (1 - g) * private)
+        return g * self.public_decoder(public) + (1 - g) * self.decoder(private)
+
+    def forward(self, batch: Batch) -> None:
+        plates = Plates(batch)
+        T = self.info.num_tasks
+        if self.gate_prior is None:
+            gate = self.gate()
+            with plates.globals():
+                pyro.deterministic("gate", gate[:, None])
+        else:
+            with plates.globals(), self.kl_scope("gate"):
+                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, step=self.state.step,
+                                              extras={"temperature": self.tau()})
+                gate = pyro.sample("gate", prior).squeeze(-1)  # [..., T]
+        out = self.outputs(batch.x, gate)
+        with plates.observations():
+            self.observe(out, batch)
+
+
+@register_prior("relaxed_bernoulli", defaults={"probs": 0.5})
+def relaxed_bernoulli_prior(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
+    """A gate prior ``RelaxedBernoulli(τ, probs)`` at the gate's own temperature (``ctx.extras["temperature"]``).
+
+    Straight-through so that it scores a hard draw at the relaxed value the draw came from
+    (the hidden attribute of that exact tensor: the site's value is never copied).
+    """
+    if not 0.0 < spec.params["probs"] < 1.0:
+        raise ValueError(f"relaxed_bernoulli needs 0 < probs < 1, got {spec.params['probs']}")
+    probs = ctx.full(ctx.batch_shape, spec.params["probs"])
+    return dist.RelaxedBernoulliStraightThrough(ctx.extras["temperature"], probs=probs)
+
+
+# ---------------------------------------------------------------------------- pruning
+class PrunedSMTL(nn.Module):
+    """A lite SMTL network at inference (Fig. 1, right): the public encoder if any task chose it, the
+    chosen private encoders, and their decoders; nothing else is kept or run.
+
+    ``forward(x [B, ...]) -> [T, B, K]``, the gated model's head outputs under hard gates.
+    """
+
+    def __init__(self, model: SMTLModel, gate: torch.Tensor):
+        super().__init__()
+        chosen = gate.bool()
+        pub, priv = chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
+        self.input_dims = len(model.info.input_shape)
+        head = model.public_decoder if model.public_decoder is not None else model.decoder
+        self.public = copy.deepcopy(model.public) if len(pub) else None
+        self.public_decoder = select_tasks(head, pub) if len(pub) else None
+        self.private = select_tasks(model.private, priv) if len(priv) else None
+        self.decoder = select_tasks(model.decoder, priv) if len(priv) else None
+        self.register_buffer("order", torch.argsort(torch.cat([pub, priv])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(x.dim() - self.input_dims)
+        parts = []
+        if self.public is not None:
+            parts.append(self.public_decoder(self.public(x)))
+        if self.private is not None:
+            parts.append(self.decoder(self.private(x)))
+        return torch.cat(parts)[self.order]
+
+
+def prune(model: SMTLModel) -> PrunedSMTL:
+    """The pruned network of a lite model at its test-time gates ``1[α_t ≥ 0.5]``."""
+    if not model.lite:
+        raise ValueError("soft SMTL gates mix both encoders of every task, so nothing can be pruned; "
+                         "fit a lite variant (lsmtl, lsmtl-c)")
+    with torch.no_grad():
+        return PrunedSMTL(model, model.gate()).eval()
+
+
+def export_pruned(fit) -> PrunedSMTL:
+    """``Fit.export_pruned()``: :func:`prune` of the fitted model."""
+    return prune(fit.model)
+
+
+# ---------------------------------------------------------------------------- objective
+class GateObjective(Objective):
+    """The log-likelihood of eq. 2; with ``gates = "bilevel"`` the upper level of eq. 6 as well.
+
+    Bi-level: the trainer's optimiser leaves the gate logits alone (:meth:`own_parameters`);
+    after each of its steps on a training batch, one Adam step moves the gates on a batch of
+    the ``gates`` split (carved out of val by :func:`carve_gate_split`).
+    """
+
+    def __init__(self, loss: nn.Module, cfg: dict[str, Any]):
+        super().__init__(loss)
+        if cfg["gates"] not in GATE_MODES:
+            raise ValueError(f"gates must be one of {GATE_MODES}, got {cfg['gates']!r}")
+        self.bilevel = cfg["gates"] == "bilevel"
+        self.gate_batch_size = cfg["batch_size"]
+        self.gate_optim = torch.optim.Adam([self.model.gate_logit], lr=cfg["gate_lr"]) if self.bilevel else None
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        return [self.model.gate_logit] if self.bilevel else []
+
+    def after_step(self, ctx: TrainContext) -> None:
+        if not self.bilevel:
+            return
+        batch = ctx.data.train_batch(self.gate_batch_size, ctx.generator, ctx.device, split=GATE_SPLIT)
+        logit = self.model.gate_logit
+        # only the gates move here: the lower-level parameters' gradients are not even formed
+        (logit.grad,) = torch.autograd.grad(self.loss(batch), [logit])
+        self.gate_optim.step()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"gate_optim": self.gate_optim.state_dict() if self.bilevel else None}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.bilevel:
+            self.gate_optim.load_state_dict(state["gate_optim"])
+
+
+def carve_gate_split(data: MultiTaskData, cfg: dict[str, Any]) -> MultiTaskData:
+    """Bi-level only: split val at random (seeded) into ``gates`` (the gates' data, eq. 6) and a
+    smaller ``val`` (``selection_fraction`` of it) that model selection uses and the gates never see."""
+    if cfg["gates"] != "bilevel":
+        return data
+    val = data.splits["val"][0]  # SIMO: every task shares its rows
+    order = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg["seed"]))]
+    keep = round(len(val) * cfg["selection_fraction"])
+    if keep < 1 or keep >= len(val):
+        raise ValueError(f"bi-level gates need val rows both for the gates and for model selection; {data.name!r} "
+                         f"has {len(val)} val rows and selection_fraction = {cfg['selection_fraction']}")
+    selection, gates = order[:keep].sort().values, order[keep:].sort().values
+    T = data.num_tasks
+    return replace(data, splits={**data.splits, "val": [selection] * T, GATE_SPLIT: [gates] * T}, _cache={})
+
+
+# ---------------------------------------------------------------------------- declarations
+@dataclass
+class SMTLOptions(Options):
+    """Options of the SMTL family."""
+
+    latent_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [256])
+    #: Hidden layers of the decoders; none: a linear head, as ``stl``/``bmtl`` have.
+    decoder_hidden: list[int] = field(default_factory=list)
+    activation: str = "elu"
+    #: ``"module:function"`` building an encoder, ``function(in_dim, out_dim)``; empty: an MLP.
+    encoder: str = ""
+    #: The same for the decoders.
+    decoder: str = ""
+    #: ``α_t`` at the start, in (0, 1).
+    gate_init: float = 0.5
+    #: ``τ`` of the straight-through gates (lite variants; the authors use 0.1); a schedule anneals it.
+    temperature: ScheduleValue = 0.1
+    #: ``joint`` (eq. 2: the gates learn on train) or ``bilevel`` (eq. 6: on a part of val).
+    gates: str = "joint"
+    gate_lr: float = 3e-3
+    #: Bi-level: the share of val kept for model selection; the gates learn on the rest.
+    selection_fraction: float = 0.5
+
+
+def _builder(lite: bool, combine: str) -> Callable:
+    def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+        model = SMTLModel(data, cfg, state, device, lite=lite, combine=combine)
+        return model, GateGuide(data, cfg, state, model, device)
+
+    return build
+
+
+def gate_objective(method: Method, cfg: dict[str, Any], model: SMTLModel, guide: GateGuide) -> GateObjective:
+    return GateObjective(method.elbo(method, cfg)(model, guide), cfg)
+
+
+def gate_relatedness(model: SMTLModel, guide: GateGuide) -> dict[str, np.ndarray]:
+    """``{"gates": diag(α_t)}``: the gates are one number per task, shown on the diagonal (with a
+    Bayesian gate, ``α_t`` is its posterior's ``probs``)."""
+    return {"gates": np.diag(model.alpha().cpu().numpy())}
+
+
+def _gate_draws(model: SMTLModel, guide: GateGuide, n: int) -> torch.Tensor:
+    return model.gate_draws(n)
+
+
+GATE_EXPORT = ExportSite("gate", ("task",), _gate_draws)
+PAPER = "Guo, Ye, Zhang, Safe Multi-Task Learning, arXiv:2111.10601"
+
+for _name, _lite, _combine, _summary in (
+    ("smtl", False, "encoders", "safe MTL: learned α_t mixes a public and a private encoder per task (eq. 1)"),
+    ("lsmtl", True, "encoders", "lite SMTL: straight-through binary gates pick one encoder per task (eq. 3-4)"),
+    ("smtl-c", False, "outputs", "SMTL_c: learned α_t mixes a public and a private decoder's outputs (§3.4)"),
+    ("lsmtl-c", True, "outputs", "lite SMTL_c: straight-through binary gates pick one output per task (§3.4)"),
+):
+    register(Method(name=_name, summary=_summary, paper=PAPER, build=_builder(_lite, _combine), options=SMTLOptions,
+                    priors={"gate": "deterministic"}, settings=("simo",), objective=gate_objective, relatedness=gate_relatedness,
+                    relatedness_titles={"gates": "gate α_t (weight of the public side)"}, export=(GATE_EXPORT,),
+                    prepare_data=carve_gate_split, export_pruned=export_pruned))
