@@ -77,6 +77,11 @@ class Method:
     :param relatedness: ``relatedness(model, guide) -> {name: [T, T] array}``.
     :param relatedness_titles: a title per relatedness matrix, for plots and reports.
     :param export: the posterior sites diagnostics export.
+    :param extra: ``extra(fit) -> dict``, method-specific results (JSON values) that
+        ``metrics.json`` keeps under ``"extra"`` (e.g. a clustering criterion).
+    :param plots: ``plots(doc) -> {filename: Figure}``, extra figures for the run's ``plots/``,
+        drawn from its ``metrics.json`` document ``doc``; a name the core also draws replaces
+        the core's figure.
     """
 
     name: str
@@ -93,6 +98,8 @@ class Method:
     relatedness: Callable[[Any, Any], dict[str, np.ndarray]] | None = None
     relatedness_titles: Mapping[str, str] = field(default_factory=dict)
     export: tuple[ExportSite, ...] = ()
+    extra: Callable[[Any], dict[str, Any]] | None = None
+    plots: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
