@@ -207,3 +207,21 @@ def test_cli_fit_then_report_draws_the_heatmap_and_dendrogram(tmp_path: Path):
     assert (out / "plots" / "relatedness_distance.png").stat().st_size > 0
     assert (out / "plots" / "dendrogram_distance.png").stat().st_size > 0
     assert "clustering" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- shipped configs
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+@pytest.mark.parametrize(("name", "point", "fixed"), [("hib_grouped", False, False), ("hib_nonoise", True, False),
+                                                      ("hib_fixed_noise", False, True)])
+def test_ablation_configs_train_as_their_variant(name: str, point: bool, fixed: bool):
+    path = CONFIGS / f"{name}.toml"
+    args = cli.build_parser().parse_args(["fit", "hib", "--config", str(path), "--device", "cpu", "--steps", "2",
+                                          "--set", "eval_samples=2", "--quiet"])
+    options = cli.fit_options(args)
+    options.pop("method")
+    fit = pyromtl.fit("hib", **options)
+    assert fit.data.name == "digits-grouped" and fit.train_info["steps"] == 2
+    assert fit.guide.point == point and fit.guide.fixed == fixed
+    assert ("distance" in fit.relatedness()) != point
