@@ -1,4 +1,5 @@
-"""Guide of HIB, compressed hierarchical representations (Machado de Freitas et al., IJCNN 2022).
+"""Guides of HIB, compressed hierarchical representations (Machado de Freitas et al., IJCNN 2022),
+and of its baseline MTVIB (:class:`MTVIBGuide`).
 
 The guide is the noise channel of eq. 1: ``W_j = Z + N_j`` with ``Z = f_θ(X)`` a deterministic
 shared encoder and ``N_j ~ N(0, diag σ_j²)``, so ``q(W_j | x) = N(f_θ(x), diag σ_j²)``. The log
@@ -26,7 +27,7 @@ from pyro import poutine
 
 from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.nn import MLP
+from pyromtl.nn import MLP, GaussianEncoder
 
 #: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_log_var``.
 NOISE_MODES = ("learned", "fixed")
@@ -117,3 +118,21 @@ class HIBGuide(ChannelScale):
             channel = dist.Normal(z, scale).to_event(1)
         with plates.locals(), self.beta_scope():
             pyro.sample("w", channel)
+
+
+class MTVIBGuide(MultiTaskModule):
+    """MTVIB's ``q(Z | x) = N(μ(x), diag σ²(x))``: one stochastic representation for all tasks.
+
+    The paper's baseline (§V-A): a variational information bottleneck on the shared ``Z``
+    (no per-task channels), its KL to ``N(0, I)`` weighted by ``beta``.
+    """
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
+                 device: torch.device):
+        super().__init__(data.info.to(device), state, cfg["kl_weight"], {"z": cfg["beta"]})
+        self.encoder = encoder
+
+    def forward(self, batch: Batch) -> None:
+        loc, scale = self.encoder(batch.x, batch.simo)
+        with Plates(batch).locals(shared=batch.simo), self.kl_scope("z"):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))

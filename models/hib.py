@@ -20,7 +20,7 @@ a dendrogram of the average-linkage clustering.
 
 The paper's ablations are configuration (``examples/configs/hib_*.toml``): no noise is the
 ``deterministic`` prior of ``w``, fixed noise (Table V) is ``noise = "fixed"``, and β = 0 is
-``beta = 0``.
+``beta = 0``. Its baseline MTVIB (§V-A) is the method ``mtvib`` (:class:`MTVIBModel`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 
 from pyromtl.base import MultiTaskModel, Plates, TrainState
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.guides.hib import ChannelScale, HIBGuide
+from pyromtl.guides.hib import ChannelScale, HIBGuide, MTVIBGuide
 from pyromtl.infer.hib import (
     cluster_tasks,
     clustering_margin,
@@ -44,7 +45,7 @@ from pyromtl.infer.hib import (
 )
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
-from pyromtl.nn import MLP, TaskLinear
+from pyromtl.nn import MLP, GaussianEncoder, TaskLinear
 from pyromtl.options import Options
 from pyromtl.priors import PriorSite
 
@@ -80,6 +81,37 @@ class HIBModel(ChannelScale, MultiTaskModel):
             self.observe(outputs, batch)
 
 
+class MTVIBModel(MultiTaskModel):
+    """MTVIB: ``Z ~ N(0, I)`` shared by the tasks, linear heads, and uncertainty weighting.
+
+    Task j's log-likelihood is weighted by ``exp(-s_j)`` and each sample adds ``s_j / 2``
+    (Kendall et al., 2018, with ``s_j`` a learned log variance), so the weights adapt to
+    each task's loss instead of being fixed. The KL of ``Z`` is weighted by ``beta`` (in the guide).
+    """
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+        info = data.info.to(device)
+        super().__init__(info, state, cfg["kl_weight"], {"z": cfg["beta"]})
+        self.latent_dim = cfg["latent_dim"]
+        self.z_prior = PriorSite("z", cfg["priors"]["z"], device=device)
+        self.heads = TaskLinear(data.num_tasks, self.latent_dim, info.out_dim).to(device)
+        self.log_task_var = torch.nn.Parameter(torch.zeros(data.num_tasks, 1, device=device))
+
+    def forward(self, batch: Batch) -> None:
+        plates = Plates(batch)
+        rows = 1 if batch.simo else batch.num_tasks
+        with plates.locals(shared=batch.simo), self.kl_scope("z"):
+            prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
+                                       num_tasks=batch.num_tasks, step=self.state.step)
+            z = pyro.sample("z", prior)
+        outputs = self.heads(z)
+        s = self.log_task_var  # [T, 1]
+        with plates.observations():
+            with poutine.scale(scale=torch.exp(-s)):
+                self.observe(outputs, batch)
+            pyro.factor("task_uncertainty", -0.5 * s.expand(batch.num_tasks, batch.size))
+
+
 # ---------------------------------------------------------------------------- declarations
 @dataclass
 class HIBOptions(Options):
@@ -105,6 +137,23 @@ def build_hib(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, devic
     guide = HIBGuide(data, cfg, state, encoder, device)
     model = HIBModel(data, cfg, state, device)
     return model, guide
+
+
+@dataclass
+class MTVIBOptions(Options):
+    """MTVIB's options: HIB's network, one β for the shared representation."""
+
+    latent_dim: int = 8
+    hidden: list[int] = field(default_factory=lambda: [32, 32])
+    activation: str = "relu"
+    beta: float = 0.1  # weight of KL(q(Z | x) ‖ N(0, I))
+
+
+def build_mtvib(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    """MTVIB's model and guide; the guide owns the Gaussian encoder."""
+    encoder = GaussianEncoder(data.num_tasks, data.info.input_dim, cfg["hidden"], cfg["latent_dim"],
+                              cfg["activation"]).to(device)
+    return MTVIBModel(data, cfg, state, device), MTVIBGuide(data, cfg, state, encoder, device)
 
 
 def _has_channels(guide: HIBGuide) -> bool:
@@ -165,4 +214,10 @@ register(Method(
     relatedness_titles={"distance": "eq. 11: L1 distance between the tasks' log noise variances"},
     export=(ExportSite("channel_log_var", ("task", "latent_dim"), _log_var_draws, _latent_coords),),
     extra=hib_extra, plots=hib_plots,
+))
+
+register(Method(
+    name="mtvib", summary="MTVIB (HIB's baseline): one stochastic Z under N(0, I) with a β-weighted KL, "
+                          "linear heads and uncertainty-weighted task losses",
+    paper=PAPER + " (baseline, §V-A)", build=build_mtvib, options=MTVIBOptions, priors={"z": "normal"},
 ))

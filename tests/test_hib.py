@@ -225,3 +225,34 @@ def test_ablation_configs_train_as_their_variant(name: str, point: bool, fixed: 
     assert fit.data.name == "digits-grouped" and fit.train_info["steps"] == 2
     assert fit.guide.point == point and fit.guide.fixed == fixed
     assert ("distance" in fit.relatedness()) != point
+
+
+# ---------------------------------------------------------------------------- MTVIB
+def test_mtvib_weights_each_task_by_its_learned_uncertainty():
+    """d loss / d s_j = (N_t / B) (Σ_b log p(y_jb | z_b) e^{-s_j} + B / 2): Kendall et al.'s weighting."""
+    data = mixed_simo()
+    m = methods.get("mtvib")
+    cfg = config.resolve(m, {**SMALL})
+    torch.manual_seed(0)
+    model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+    batch = batch_of(data)
+    with torch.no_grad():
+        model.log_task_var.copy_(torch.tensor([[0.5], [-0.3], [0.0]]))
+    pyro.set_rng_seed(1)
+    elbo_loss(model, guide, batch).backward()
+    pyro.set_rng_seed(1)
+    guide_tr = poutine.trace(guide).get_trace(batch)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
+    with torch.no_grad():
+        loglik = model_tr.nodes["y"]["fn"].log_prob(batch.y).sum(-1)  # [T], unweighted
+        s = model.log_task_var[:, 0]
+        expected = batch.scale[:, 0] * (loglik * torch.exp(-s) + batch.size / 2)
+    torch.testing.assert_close(model.log_task_var.grad[:, 0], expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [mixed_simo, blobs_mimo], ids=["simo-mixed", "mimo-cls"])
+def test_mtvib_trains(make):
+    fit = pyromtl.fit("mtvib", make(), steps=6, device="cpu", **SMALL)
+    assert np.isfinite(fit.train_info["final_loss"])
+    assert set(fit.evaluate()["tasks"]) == set(fit.data.task_names)
+    assert fit.relatedness() == {}
