@@ -169,6 +169,15 @@ def test_trains_and_exports(make):
     assert tree["posterior"]["channel_log_var"].shape == (1, 5, fit.data.num_tasks, 4)
 
 
+@pytest.mark.slow
+def test_saved_run_loads_with_its_noise_channels(tmp_path: Path):
+    data = mixed_simo()
+    fit = pyromtl.fit("hib", data, steps=4, device="cpu", **SMALL, out=tmp_path / "run")
+    loaded = pyromtl.load(tmp_path / "run", data=data)
+    np.testing.assert_array_equal(loaded.relatedness()["distance"], fit.relatedness()["distance"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["relatedness"]["distance"]
+
+
 @pytest.mark.parametrize(("options", "fragment"), [
     ({"task_beta": {"nope": 1.0}}, "'task_beta' names unknown task(s) ['nope']"),
     ({"noise": "loud"}, "'noise' must be one of"),
