@@ -9,7 +9,7 @@ drawn at once: ``W`` is ``[T, B, D]`` under the ``task`` and ``data`` plates.
 Variants (options and prior choices, see ``models/hib.py``):
 
 * a ``deterministic`` prior of ``w`` gives ``W_j = Z`` (a point mass: the paper's "no noise" row);
-* ``noise = "fixed"`` holds ``σ_j² = exp(fixed_log_var)`` (``e`` by default, Table V); with
+* ``noise = "fixed"`` holds ``σ_j² = fixed_noise_var`` (``e`` by default, Table V); with
   ``release_noise_at = k`` the encoder is frozen from step k on and σ_j is learned from there
   (the second stage of Table V's ablation);
 * ``predict_w = "mean"`` predicts from ``W_j = Z`` outside training instead of sampling the channel.
@@ -17,6 +17,7 @@ Variants (options and prior choices, see ``models/hib.py``):
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -29,7 +30,7 @@ from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.nn import MLP, GaussianEncoder
 
-#: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_log_var``.
+#: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_noise_var``.
 NOISE_MODES = ("learned", "fixed")
 #: Values of the ``predict_w`` option: sample the channel at test time (§III-D) or use its mean.
 PREDICT_MODES = ("sample", "mean")
@@ -81,13 +82,15 @@ class HIBGuide(ChannelScale):
         for key, allowed in (("noise", NOISE_MODES), ("predict_w", PREDICT_MODES)):
             if cfg[key] not in allowed:
                 raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {cfg[key]!r}")
+        if cfg["fixed_noise_var"] <= 0:
+            raise ValueError(f"config key 'fixed_noise_var' must be > 0, got {cfg['fixed_noise_var']}")
         self.encoder = encoder
         self.point = is_point(cfg["priors"]["w"])
         self.fixed = cfg["noise"] == "fixed"
         self.release_at = cfg["release_noise_at"]
         self.predict_mean = cfg["predict_w"] == "mean"
         T, D = data.num_tasks, cfg["latent_dim"]
-        self.register_buffer("fixed_log_var", torch.full((T, D), float(cfg["fixed_log_var"]), device=device),
+        self.register_buffer("fixed_log_var", torch.full((T, D), math.log(cfg["fixed_noise_var"]), device=device),
                              persistent=False)
         # The authors start log σ² at 0.01·N(0, 1) (σ² ≈ 1); a released fixed channel starts where it was held.
         init = self.fixed_log_var.clone() if self.fixed else cfg["init_log_var_std"] * torch.randn(T, D, device=device)

@@ -25,6 +25,7 @@ The paper's ablations are configuration (``examples/configs/hib_*.toml``): no no
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -122,8 +123,8 @@ class HIBOptions(Options):
     activation: str = "relu"
     beta: float = 0.1  # β_j of eq. 2 for every task
     task_beta: dict[str, float] = field(default_factory=dict)  # β_j by task name, overriding `beta`
-    noise: str = "learned"  # "fixed": σ_j² = exp(fixed_log_var), Table V
-    fixed_log_var: float = 1.0  # log σ² of the fixed channel (σ² = e)
+    noise: str = "learned"  # "fixed": σ_j² = fixed_noise_var, Table V
+    fixed_noise_var: float = math.e  # σ² of the fixed channel (Table V: e)
     release_noise_at: int = 0  # with noise = "fixed": from this step, freeze f_θ and learn σ_j (0: never)
     init_log_var_std: float = 0.01  # log σ_j² starts at this times N(0, 1), as the authors' code
     predict_w: str = "sample"  # outside training: "sample" W_j (§III-D) or take its "mean" Z

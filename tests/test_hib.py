@@ -182,6 +182,7 @@ def test_saved_run_loads_with_its_noise_channels(tmp_path: Path):
     ({"task_beta": {"nope": 1.0}}, "'task_beta' names unknown task(s) ['nope']"),
     ({"noise": "loud"}, "'noise' must be one of"),
     ({"predict_w": "median"}, "'predict_w' must be one of"),
+    ({"noise": "fixed", "fixed_noise_var": 0.0}, "'fixed_noise_var' must be > 0"),
     ({"beta": -1.0}, "'beta' must be >= 0"),
 ])
 def test_bad_options_fail_before_training(options, fragment):
