@@ -98,7 +98,7 @@ class Fit:
     def metrics(self, split: str = "test") -> dict[str, Any]:
         """The ``metrics.json`` document."""
         scores = self.evaluate(split)
-        return {
+        doc = {
             "method": self.method.name,
             "dataset": self.data.name,
             "fraction": self.config["fraction"],
@@ -110,6 +110,9 @@ class Fit:
             "train": self.train_info,
             "relatedness": {k: v.tolist() for k, v in self.relatedness().items()},
         }
+        if self.method.extra is not None and (extra := self.method.extra(self)):
+            doc["extra"] = extra
+        return doc
 
     def checkpoint(self) -> dict[str, Any]:
         """A checkpoint of this fit's kept state (loadable with ``weights_only=True``)."""

@@ -82,6 +82,11 @@ class Method:
         training and on reload (e.g. carve an extra split out of val); ``None`` keeps it as is.
     :param export_pruned: ``export_pruned(fit) -> nn.Module``, a plain module holding only what
         the fitted method uses at inference (``Fit.export_pruned``); ``None`` if it has none.
+    :param extra: ``extra(fit) -> dict``, method-specific results (JSON values) that
+        ``metrics.json`` keeps under ``"extra"`` (e.g. a clustering criterion).
+    :param plots: ``plots(doc) -> {filename: Figure}``, extra figures for the run's ``plots/``,
+        drawn from its ``metrics.json`` document ``doc``; a name the core also draws replaces
+        the core's figure.
     """
 
     name: str
@@ -101,6 +106,8 @@ class Method:
     export: tuple[ExportSite, ...] = ()
     prepare_data: Callable[["MultiTaskData", Mapping[str, Any]], "MultiTaskData"] | None = None
     export_pruned: Callable[[Any], torch.nn.Module] | None = None
+    extra: Callable[[Any], dict[str, Any]] | None = None
+    plots: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -103,19 +103,26 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
     return fig
 
 
-def relatedness_titles(method: str) -> Mapping[str, str]:
-    """The titles a registered method declares for its relatedness matrices (none if unknown)."""
+def _declared(method: str):
+    """The registered :class:`~pyromtl.method.Method` named ``method``, or None if there is none."""
     from pyromtl import methods
 
     try:
-        return methods.get(method).relatedness_titles
+        return methods.get(method)
     except ValueError:
-        return {}
+        return None
+
+
+def relatedness_titles(method: str) -> Mapping[str, str]:
+    """The titles a registered method declares for its relatedness matrices (none if unknown)."""
+    declared = _declared(method)
+    return declared.relatedness_titles if declared is not None else {}
 
 
 def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mapping[str, Any],
              only_missing: bool = False) -> list[Path]:
-    """Write ``training.png``, ``task_metrics.png`` and one ``relatedness_<name>.png`` per matrix.
+    """Write ``training.png``, ``task_metrics.png``, one ``relatedness_<name>.png`` per matrix and
+    the figures the method declares (``Method.plots``, which may replace any of those).
 
     ``doc`` is the run's ``metrics.json``. Returns the paths written; with ``only_missing``
     existing files are kept as they are.
@@ -128,5 +135,8 @@ def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mappin
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():
         jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
+    declared = _declared(doc.get("method", ""))
+    if declared is not None and declared.plots is not None:
+        jobs.update({name: lambda f=fig: f for name, fig in declared.plots(doc).items()})
     return [run.write_png(name, _png(make())) for name, make in jobs.items()
             if not (only_missing and (run.plots_dir / name).exists())]

@@ -112,6 +112,8 @@ def _report_md(run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plot
     if doc.get("relatedness"):
         titles = relatedness_titles(doc.get("method", ""))
         parts += ["## Task relatedness", _relatedness_md(doc["relatedness"], names, titles)]
+    if doc.get("extra"):
+        parts += ["## Method-specific results", f"```json\n{json.dumps(doc['extra'], indent=2)}\n```"]
     if run.posterior_path.is_file():
         parts += [f"## Predictive fit ({split} split)", _elpd_md(run.posterior_path)]
     if plots:

@@ -40,7 +40,7 @@ def load(name: str) -> dict:
 
 
 def test_one_config_per_ablation():
-    assert {p.stem for p in CONFIGS.glob("*.toml")} == ABLATIONS
+    assert {p.stem for p in CONFIGS.glob("*.toml") if not p.stem.startswith("hib_")} == ABLATIONS
 
 
 def test_ablations_differ_only_where_the_paper_says():
