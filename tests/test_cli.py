@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyromtl
 from pyromtl import cli, config, datasets, methods, priors
 from pyromtl.train import TrainingError
 

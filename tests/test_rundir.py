@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
