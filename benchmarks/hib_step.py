@@ -32,7 +32,7 @@ from vmtl_step import _iqr, environment, time_steps  # noqa: E402
 from pyromtl import datasets, methods  # noqa: E402
 from pyromtl.base import TrainState  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
-from pyro.optim.clipped_adam import ClippedAdam  # noqa: E402
+from pyromtl.train import build_training  # noqa: E402
 
 #: The two sides: their name and the prior of ``w`` (None: HIB's default marginal).
 SIDES = {"hib": None, "no_noise": "deterministic"}
@@ -44,10 +44,7 @@ def build_step(data, prior, device):
     cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True},
                   {"w": prior} if prior is not None else None)
     torch.manual_seed(0)
-    model, guide = method.build(data, cfg, TrainState(), device)
-    objective = method.objective(method, cfg, model, guide)
-    objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(1), device))  # lazy parameters
-    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"])
+    objective, optim = build_training(method, data, cfg, TrainState(), device)
 
     def step(batch):
         optim.zero_grad(set_to_none=True)

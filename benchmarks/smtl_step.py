@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.optim.clipped_adam import ClippedAdam
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyromtl import datasets, methods  # noqa: E402
 from pyromtl.base import TrainState  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
+from pyromtl.train import build_training  # noqa: E402
 from pyromtl.data.core import MultiTaskData  # noqa: E402
 from pyromtl.models.smtl import prune  # noqa: E402
 
@@ -62,10 +62,7 @@ def build(name: str, data: MultiTaskData, opts: dict, device: torch.device):
     """Objective and optimiser of ``name``, built as ``pyromtl.train`` builds them."""
     m = methods.get(name)
     cfg = resolve(m, {**opts, "device": str(device), "quiet": True})
-    model, guide = m.build(data, cfg, TrainState(), device)
-    objective = m.objective(m, cfg, model, guide)
-    objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(1), device))  # lazy params
-    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"])
+    objective, optim = build_training(m, data, cfg, TrainState(), device)
 
     def step(batch):
         optim.zero_grad(set_to_none=True)

@@ -118,6 +118,28 @@ def validation_score(method, model, guide, data: MultiTaskData, cfg: dict[str, A
     return metrics.selection_score(tasks, data.task_types)
 
 
+def build_training(method, data: MultiTaskData, cfg: dict[str, Any], state: TrainState,
+                   device: torch.device) -> tuple[Objective, ClippedAdam]:
+    """The objective and optimiser of a run, as the trainer builds them (benchmarks time them).
+
+    Parameters of priors and guides may be created on first use, so the objective runs once on
+    a batch before the optimiser is built. Validation is off as in the loop: a non-finite loss
+    is reported as such (:class:`TrainingError`), not as a distribution's argument check.
+    Call it with module-local parameters on.
+    """
+    model, guide = method.build(data, cfg, state, device)
+    objective = method.objective(method, cfg, model, guide)
+    seed = int(cfg["seed"])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
+        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)).detach())
+    if not math.isfinite(first):
+        raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
+                            "inputs' scale (standardise them) and the priors; training did not start")
+    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
+                        lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
+    return objective, optim
+
+
 @local_params
 def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | None = None,
           callback: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -130,22 +152,11 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
     pyro.set_rng_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     state = TrainState()
-    model, guide = method.build(data, cfg, state, device)
-    objective = method.objective(method, cfg, model, guide)
+    objective, optim = build_training(method, data, cfg, state, device)
+    model, guide = objective.model, objective.guide
     has_val = all(n > 0 for n in data.split_sizes("val"))
     n_steps = total_steps(cfg, data)
     per_epoch = steps_per_epoch(cfg, data)
-
-    # Parameters of priors and guides may be created on first use: run once before optimising.
-    # Validation is off as in the loop: a non-finite loss is reported as such, not as a
-    # distribution's argument check.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
-        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)).detach())
-    if not math.isfinite(first):
-        raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
-                            "inputs' scale (standardise them) and the priors; training did not start")
-    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
-                        lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
 
     start, history, seconds, loss_val = 0, [], 0.0, math.nan
     best = {"score": -math.inf, "step": -1, "state": None}
