@@ -138,7 +138,12 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     precision = prior.precision
     if precision.dim() == 2:
         return loc, precision[:size, :size]
-    return loc, precision.reshape(-1, *precision.shape[-2:])[group.tasks, :size, :size]
+    precision = precision.reshape(-1, *precision.shape[-2:])[group.tasks, :size, :size]
+    if group.kind == "regression" and torch.equal(precision, precision[:1].expand_as(precision)):
+        # Regression heads see the same features, so every prior kind here gives them one
+        # precision: pass it once, and the posterior is one factorisation for all of them.
+        return loc, precision[0]
+    return loc, precision
 
 
 def batch_posterior(h: Tensor, y: Tensor, heads: Tensor, prior: GaussianPrecision, groups: tuple[HeadGroup, ...],

@@ -282,10 +282,10 @@ class BayesAggObjective(Objective):
         loss = model.task_losses(features, batch)  # the heads' ordinary gradients; h gets none from it
         if not torch.isfinite(loss):
             return loss.detach()
-        loss.backward()
         with torch.no_grad():
             g = self.aggregated_gradient(features, batch.y)
-        h.backward(g / batch.size)
+        # one pass of the autograd engine for both graphs: the heads' loss, and g through the extractor
+        torch.autograd.backward([loss, h], [torch.ones_like(loss), g / batch.size])
         return loss.detach()
 
     @torch.no_grad()

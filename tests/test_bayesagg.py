@@ -25,9 +25,8 @@ from pyromtl.infer.bayesagg import (
     regression_posterior,
 )
 from pyromtl.objective import TrainContext
-from pyromtl.rundir import RunDir
 from pyromtl.train import train
-from tests.conftest import TINY, mixed_simo
+from tests.conftest import TINY, interrupted_then_resumed, mixed_simo
 
 GAMMA = 0.7
 # mixed_simo's tasks: 0 "cls" (3 classes), 1 "bin", 2 "reg"
@@ -230,17 +229,7 @@ def test_checkpoint_and_resume_are_exact(tmp_path: Path, kind: str) -> None:
     cfg = config.resolve(method, {**TINY, "steps": 30, "batch_size": 16, "pretrain_steps": 6, "checkpoint_every": 10,
                                   "device": "cpu"}, priors={"w": {"kind": kind}})
     full = train(method, data, cfg)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(step: int, loss: float) -> None:
-        if step == 25:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(method, data, cfg, run=RunDir(tmp_path), callback=stop)
-    resumed = train(method, data, cfg, run=RunDir(tmp_path))
+    resumed = interrupted_then_resumed(method, data, cfg, tmp_path, at=25)
     want, got = full.objective.state_dict(), resumed.objective.state_dict()
     assert want.keys() == got.keys()
     for key, value in want.items():
@@ -267,3 +256,15 @@ def test_cli_fits_bayesagg_with_another_prior(tmp_path: Path, capsys) -> None:
     assert code in (0, None), capsys.readouterr().err
     assert 'kind = "isotropic"' in (out / "config.toml").read_text()
     assert (out / "metrics.json").exists()
+
+
+def test_regression_moments_use_a_shared_covariance_once() -> None:
+    gen = torch.Generator().manual_seed(3)
+    h, y = torch.randn(7, 4, generator=gen), torch.randn(7, 5, generator=gen)
+    root = torch.randn(4, 4, generator=gen)
+    shared = (root @ root.T + torch.eye(4)).expand(5, 4, 4)  # stride 0, as regression_posterior returns
+    mean = torch.randn(5, 4, generator=gen)
+    fast = regression_moments(h, mean, shared, y)
+    dense = regression_moments(h, mean, shared.contiguous(), y)
+    for a, b in zip(fast, dense):
+        torch.testing.assert_close(a, b)

@@ -299,7 +299,9 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
 
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``.
 
-    Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built.
+    Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built, or
+    O(B·d² + B·K·d) when ``cov`` is one matrix broadcast to every head (a stride-0 view, as
+    :func:`regression_posterior` returns for a shared prior precision).
     A missing label (NaN in ``y``) spoils only its own ``[b, k]`` entry: mask it in :func:`aggregate`.
 
     Args:
@@ -315,7 +317,10 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
     _require(cov.shape == (num_tasks, dim, dim), f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
     _require(y.shape == (batch, num_tasks), f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     c = (h @ mean.T - y).unsqueeze(-1)  # [B, K, 1]
-    r = torch.einsum("kde,be->bkd", cov, h)
+    if num_tasks > 1 and cov.stride(0) == 0:
+        r = (h @ cov[0]).unsqueeze(1)  # one covariance broadcast to every head: apply it once, [B, 1, d]
+    else:
+        r = torch.einsum("kde,be->bkd", cov, h)
     q = (r * h.unsqueeze(1)).sum(-1, keepdim=True)
     diag = cov.diagonal(dim1=-2, dim2=-1)  # [K, d]
     mu = 2 * (r + mean * c)
