@@ -217,7 +217,7 @@ class BayesAggObjective(Objective):
             raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
         self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps")}
         self.prior_kind = cfg["priors"]["w"]["kind"]
-        self.prior_scale = cfg["priors"]["w"]["scale"]
+        self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
         regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.heads.device)
         self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"]),
                              persistent=False)

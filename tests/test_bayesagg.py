@@ -268,3 +268,20 @@ def test_regression_moments_use_a_shared_covariance_once() -> None:
     dense = regression_moments(h, mean, shared.contiguous(), y)
     for a, b in zip(fast, dense):
         torch.testing.assert_close(a, b)
+
+
+def test_gaussian_precision_matches_multivariate_normal() -> None:
+    from pyromtl.guides.bayesagg import GaussianPrecision
+
+    gen = torch.Generator().manual_seed(4)
+    root = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    precision = root @ root.mT + torch.eye(3, dtype=torch.float64)
+    loc = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    mine, ref = GaussianPrecision(loc, precision), torch.distributions.MultivariateNormal(loc, precision_matrix=precision)
+    value = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mine.log_prob(value), ref.log_prob(value))
+    torch.manual_seed(0)
+    draws = mine.expand((4, 2)).rsample((20_000,))
+    assert draws.shape == (20_000, 4, 2, 3)
+    cov = torch.einsum("nbi,nbj->bij", draws[:, 0] - loc, draws[:, 0] - loc) / 20_000
+    torch.testing.assert_close(cov, torch.linalg.inv(precision), rtol=0.1, atol=0.02)
