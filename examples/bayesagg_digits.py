@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ["stl", "bmtl", "bayesagg"]
-TASK_METRICS = {"angle": "nmse", "even": "accuracy", "digit": "accuracy"}
+ARROW = {"nmse": "↓", "accuracy": "↑"}
 
 
 def _run(job: dict) -> dict:
@@ -38,14 +38,17 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def table(runs: list[dict], steps: int) -> str:
-    from pyromtl.metrics import delta_m
+    """Each task's headline metric (mean ± sd over seeds), Δm% against STL of the same seed, kept steps."""
+    from pyromtl.metrics import delta_m, primary_metric
 
     stl = {r["seed"]: r["tasks"] for r in runs if r["method"] == "stl"}
-    lines = [f"| method | angle NMSE ↓ | even acc ↑ | digit acc ↑ | Δm% vs STL ↓ | kept step (of {steps}) |",
-             "|---|---|---|---|---|---|"]
+    columns = {task: primary_metric(result) for task, result in runs[0]["tasks"].items()}
+    head = " | ".join(f"{task} {metric} {ARROW[metric]}" for task, metric in columns.items())
+    lines = [f"| method | {head} | Δm% vs STL ↓ | kept step (of {steps}) |",
+             "|---" * (len(columns) + 3) + "|"]
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
-        cells = [_mean_sd([r["tasks"][task][metric] for r in mine]) for task, metric in TASK_METRICS.items()]
+        cells = [_mean_sd([r["tasks"][task][metric] for r in mine]) for task, metric in columns.items()]
         dm = [delta_m(r["tasks"], stl[r["seed"]]) for r in mine]
         kept = ", ".join(str(r["best_step"]) for r in sorted(mine, key=lambda r: r["seed"]))
         lines.append(f"| {method} | {' | '.join(cells)} | {_mean_sd(dm)} | {kept} |")
