@@ -42,6 +42,24 @@ def mixed_simo(n: int = 90, dim: int = 5, seed: int = 0) -> MultiTaskData:
     return MultiTaskData.from_arrays(x, y, ["classification", "binary", "regression"], name="mixed")
 
 
+class Interrupt(Exception):
+    """Raised by a training callback to stop a run part-way, as a crash would."""
+
+
+def interrupted_then_resumed(method, data: MultiTaskData, cfg: dict, directory, at: int):
+    """Train ``method`` in ``directory`` until step ``at``, interrupt it, resume it; the resumed result."""
+    from pyromtl.rundir import RunDir
+    from pyromtl.train import train
+
+    def stop(step: int, loss: float) -> None:
+        if step == at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(method, data, cfg, run=RunDir(directory), callback=stop)
+    return train(method, data, cfg, run=RunDir(directory))
+
+
 def regression_mimo(num_tasks: int = 2, n: int = 50, dim: int = 4, seed: int = 0) -> MultiTaskData:
     rng = np.random.default_rng(seed)
     w = rng.normal(size=dim)

@@ -123,13 +123,16 @@ def test_mixed_simo_tasks(mixed) -> None:
 @pytest.mark.parametrize("method", [m for m in methods.available() if m != "vmtl"])  # vmtl: the fixture
 def test_every_method_exports(method: str) -> None:
     small_mc = {"mc_z": 2, "mc_w": 2} if "mc_z" in methods.get(method).defaults else {}
-    fit = pyromtl.fit(method, blobs_mimo(n=30), steps=2, **TINY, **small_mc)
+    data = blobs_mimo(n=30) if "mimo" in methods.get(method).settings else mixed_simo()
+    fit = pyromtl.fit(method, data, steps=2, **TINY, **small_mc)
     tree = fit.to_arviz(num_samples=DRAWS)
     assert set(GROUPS) <= set(tree.children)
     assert ("relatedness" in tree.children) == bool(fit.relatedness())
     loglik = tree["log_likelihood"]["y"]
     assert np.isfinite(loglik).all()
-    if loglik.std("draw").max() > 0:
+    # batched draws of one point may differ by float32 rounding, never by more
+    if float(loglik.std("draw").max()) > 1e-6 * max(1.0, float(abs(loglik).max())):
         assert np.isfinite(quiet_loo(tree).elpd)
-    else:  # a point estimate (stl, bmtl): every draw is the same and PSIS-LOO does not apply
-        assert {spec["kind"] for spec in fit.config["priors"].values()} == {"deterministic"}
+    else:  # a point estimate (stl, bmtl; bayesagg predicts with one): every draw is the same, PSIS-LOO does not apply
+        for name, site in tree["posterior"].data_vars.items():
+            assert np.array_equal(site.values, np.broadcast_to(site.values[:, :1], site.shape), equal_nan=True), name

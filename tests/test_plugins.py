@@ -18,7 +18,7 @@ from pyromtl.cli import main
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.rundir import RunDir
 from pyromtl.train import train
-from tests.conftest import TINY, blobs_mimo, mixed_simo
+from tests.conftest import TINY, blobs_mimo, interrupted_then_resumed, mixed_simo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,10 +137,6 @@ class OwnGate(Objective):
         self.gate_optim.load_state_dict(state["optim"])
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_objective_state_and_optimiser_resume_exactly(tmp_path: Path) -> None:
     data = mixed_simo()
     m = _with_objective("vbmtl", OwnGate)
@@ -148,13 +144,7 @@ def test_objective_state_and_optimiser_resume_exactly(tmp_path: Path) -> None:
     full = train(m, data, cfg)
     assert id(full.objective.gate) not in {id(p) for p in full.objective.trainable_parameters()}
 
-    def stop(step: int, loss: float) -> None:
-        if step == 25:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train(m, data, cfg, run=RunDir(tmp_path), callback=stop)
-    resumed = train(m, data, cfg, run=RunDir(tmp_path))
+    resumed = interrupted_then_resumed(m, data, cfg, tmp_path, at=25)
     torch.testing.assert_close(resumed.objective.gate, full.objective.gate, rtol=0, atol=0)
     state_full, state_resumed = full.objective.gate_optim.state_dict(), resumed.objective.gate_optim.state_dict()
     torch.testing.assert_close(state_resumed["state"][0]["exp_avg"], state_full["state"][0]["exp_avg"], rtol=0, atol=0)

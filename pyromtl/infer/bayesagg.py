@@ -167,7 +167,8 @@ def _sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor
 
 
 def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior_precision: Tensor | float,
-                         noise: Tensor | float = 1.0, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         noise: Tensor | float = 1.0, mask: Tensor | None = None, *,
+                         with_precision: bool = False) -> tuple[Tensor, ...]:
     """Posterior of K linear-Gaussian heads sharing the features ``h`` (eq. 2).
 
     ``S_k = (S_p⁻¹ + HᵀH/τ²)⁻¹`` and ``m_k = S_k (S_p⁻¹ m_p + Hᵀy_k/τ²)``, one head per column of
@@ -181,16 +182,17 @@ def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior
         noise: observation sd τ, a scalar or ``[K]``.
         mask: optional ``[N, K]`` bool, False where a label is missing (its ``y`` may be NaN).
             Each task then has its own ``HᵀH``, O(K·d²) memory and O(N·K·d²) time.
+        with_precision: also return the posterior precision (e.g. to make it the next prior).
 
     Returns:
-        ``(mean [K, d], cov [K, d, d])``. Without a mask, with a scalar noise and a shared prior
-        precision, the covariance is one matrix broadcast to ``[K, d, d]`` (a view: copy it
-        before writing).
+        ``(mean [K, d], cov [K, d, d])``, plus ``precision [K, d, d]`` with ``with_precision``.
+        Without a mask, with a scalar noise and a shared prior precision, the covariance and
+        precision are one matrix broadcast to ``[K, d, d]`` (views: copy them before writing).
     """
     gram, cross = _sufficient_stats(h, y, mask)
     mean_p, precision_p = _prior(prior_mean, prior_precision, y.shape[1], (h.shape[1],), h)
-    mean, cov, _ = _linear_gaussian(gram, cross, mean_p, precision_p, noise)
-    return mean, cov
+    mean, cov, precision = _linear_gaussian(gram, cross, mean_p, precision_p, noise)
+    return (mean, cov, precision) if with_precision else (mean, cov)
 
 
 class GaussianStats:
@@ -239,6 +241,13 @@ class GaussianStats:
     def reset(self) -> None:
         """Forget every chunk (start of an epoch)."""
         self.__init__()
+
+    def state_dict(self) -> dict:
+        """The sums so far, for a checkpoint (:meth:`load_state_dict` restores them exactly)."""
+        return {"gram": self.gram, "cross": self.cross, "count": self.count, "dtype": self._dtype}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gram, self.cross, self.count, self._dtype = state["gram"], state["cross"], state["count"], state["dtype"]
 
     def _solve(self, prior_mean: Tensor | float, prior_precision: Tensor | float,
                noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
@@ -290,7 +299,9 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
 
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``.
 
-    Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built.
+    Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built, or
+    O(B·d² + B·K·d) when ``cov`` is one matrix broadcast to every head (a stride-0 view, as
+    :func:`regression_posterior` returns for a shared prior precision).
     A missing label (NaN in ``y``) spoils only its own ``[b, k]`` entry: mask it in :func:`aggregate`.
 
     Args:
@@ -306,7 +317,10 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
     _require(cov.shape == (num_tasks, dim, dim), f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
     _require(y.shape == (batch, num_tasks), f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     c = (h @ mean.T - y).unsqueeze(-1)  # [B, K, 1]
-    r = torch.einsum("kde,be->bkd", cov, h)
+    if num_tasks > 1 and cov.stride(0) == 0:
+        r = (h @ cov[0]).unsqueeze(1)  # one covariance broadcast to every head: apply it once, [B, 1, d]
+    else:
+        r = torch.einsum("kde,be->bkd", cov, h)
     q = (r * h.unsqueeze(1)).sum(-1, keepdim=True)
     diag = cov.diagonal(dim1=-2, dim2=-1)  # [K, d]
     mu = 2 * (r + mean * c)
@@ -382,7 +396,7 @@ def _classification_shapes(h: Tensor, mean: Tensor, cov: Tensor, kind: Kind) -> 
 
 def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
                       prior_precision: Tensor | float, kind: Kind = "binary",
-                      chunk: int = 4096) -> tuple[Tensor, Tensor]:
+                      chunk: int = 4096, *, with_precision: bool = False) -> tuple[Tensor, ...]:
     """Gaussian posterior of linear classification heads around the current heads (eq. 8–10).
 
     The log joint is expanded to second order at ``θ̂ = [ŵ, b̂]``, keeping the first-order term:
@@ -404,13 +418,15 @@ def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_
         prior_precision: scalar, ``[P, P]`` or ``[K, P, P]`` with ``P = d+1`` or ``C(d+1)``.
         kind: ``"binary"`` or ``"multiclass"``.
         chunk: samples per chunk when summing over ``N``, to bound memory.
+        with_precision: also return ``B̃`` (e.g. to make this posterior the next prior).
 
     Returns:
         ``(mean, cov)``: ``[K, d+1]`` and ``[K, d+1, d+1]`` (binary) or ``[K, C, d+1]`` and
         ``[K, C(d+1), C(d+1)]`` (multiclass); the bias is the last entry of each class's row.
+        With ``with_precision``, ``B̃`` (shaped as ``cov``) comes third.
     """
-    mean, cov, _ = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
-    return mean, cov
+    mean, cov, precision = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
+    return (mean, cov, precision) if with_precision else (mean, cov)
 
 
 def laplace_as_prior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,

@@ -1,0 +1,224 @@
+"""Guide of BayesAgg-MTL (Achituve et al., ICML 2024): the heads' analytic posterior on a batch.
+
+Every task ``t`` has a linear head ``θ_t`` over ``x = [h, 1]`` (bias last), stored class-major
+as ``[K, d+1]`` and flattened to ``P = K(d+1)`` numbers, ``K`` the widest head of the dataset;
+binary and regression tasks use row 0, a C-class task rows ``0..C-1``. The rows a task does not
+use never meet data and keep their prior.
+
+Given a training batch, the posterior of the used rows is computed in closed form, one batched
+solve per group of tasks of one kind (regression, binary, C-class), never one per task:
+
+* regression: the conjugate Gaussian posterior (eq. 2), noise τ = 1;
+* classification: one Newton step from the learned heads ``θ̂`` with the generalised
+  Gauss–Newton precision, keeping the first-order term (eq. 8–10).
+
+Outside training (a batch of another split), the guide is a point mass at the prediction heads:
+the full-data posterior mean for regression tasks (once an epoch has ended), ``θ̂`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import TorchDistribution
+from pyro.distributions.util import broadcast_shape
+from torch import Tensor
+from torch.distributions import constraints
+
+from pyromtl.base import MultiTaskModule, Plates, TrainState
+from pyromtl.data.core import Batch, TaskInfo
+from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior
+
+
+class GaussianPrecision(TorchDistribution):
+    """``N(loc, precision⁻¹)`` over the last dim, kept in precision form.
+
+    BayesAgg's priors and posteriors are precisions (``S_p⁻¹ + HᵀH``, ``B̃``); building one is free
+    and only :meth:`rsample` and :meth:`log_prob` factorise it. ``precision`` is ``[P, P]`` (shared
+    by the whole batch, e.g. an isotropic prior) or ``[*batch_shape, P, P]``.
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, precision: Tensor, validate_args=None):
+        self.loc, self.precision = loc, precision
+        batch_shape = torch.Size(broadcast_shape(loc.shape[:-1], precision.shape[:-2]))
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
+
+    def expand(self, batch_shape, _instance=None) -> "GaussianPrecision":
+        new = self._get_checked_instance(GaussianPrecision, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        # a shared precision stays one matrix
+        new.precision = self.precision if self.precision.dim() == 2 else self.precision.expand(
+            batch_shape + self.precision.shape[-2:])
+        super(GaussianPrecision, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc.expand(self.batch_shape + self.event_shape)
+
+    def _factor(self) -> Tensor:
+        return torch.linalg.cholesky(self.precision)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        # precision = L Lᵀ, so L⁻ᵀ ε has covariance precision⁻¹
+        eps = torch.randn(torch.Size(sample_shape) + self.batch_shape + self.event_shape,
+                          dtype=self.loc.dtype, device=self.loc.device)
+        factor = self._factor().mT.expand(eps.shape + eps.shape[-1:])
+        return self.loc + torch.linalg.solve_triangular(factor, eps.unsqueeze(-1), upper=True).squeeze(-1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        factor = self._factor()
+        white = ((value - self.loc).unsqueeze(-2) @ factor).squeeze(-2)  # Lᵀ(x − m)
+        half_log_det = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * white.square().sum(-1) + half_log_det - 0.5 * self.event_shape[0] * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Tasks of one kind (and class count) whose posteriors are solved together.
+
+    ``kind`` is ``regression``, ``binary`` or ``multiclass``; ``tasks [K_g]`` their indices;
+    ``classes`` the rows of ``θ_t`` they use.
+    """
+
+    kind: str
+    tasks: Tensor
+    classes: int
+
+    def size(self, dim: int) -> int:
+        """Numbers of ``θ_t`` the group uses, ``classes·(d+1)``."""
+        return self.classes * (dim + 1)
+
+    def labels(self, y: Tensor) -> Tensor:
+        """``y [T, B]`` of the group's tasks as ``[B, K_g]`` (class indices for multiclass)."""
+        y = y[self.tasks].T
+        return y.long() if self.kind == "multiclass" else y
+
+
+def head_groups(info: TaskInfo) -> tuple[HeadGroup, ...]:
+    """The tasks grouped by kind and class count (data preparation: runs once, at build time)."""
+    keys: dict[tuple[str, int], list[int]] = {}
+    for t, (kind, classes) in enumerate(zip(info.types, info.num_classes)):
+        key = ("multiclass", classes) if kind == "classification" else (kind, 1)
+        keys.setdefault(key, []).append(t)
+    device = info.type_code.device
+    return tuple(HeadGroup(kind, torch.tensor(tasks, device=device), classes)
+                 for (kind, classes), tasks in keys.items())
+
+
+@dataclass
+class GroupPosterior:
+    """One group's posterior: ``mean`` ``[K_g, d+1]`` (``[K_g, C, d+1]`` multiclass), ``cov`` and
+    ``precision`` ``[K_g, P_g, P_g]`` (the precision only when asked for)."""
+
+    mean: Tensor
+    cov: Tensor | None
+    precision: Tensor | None = None
+
+
+def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[Tensor, Tensor]:
+    """The prior of the rows ``group`` uses: mean shaped like its posterior's, precision ``[P_g, P_g]`` or per task.
+
+    Exact because every prior here is block-diagonal between used and unused rows.
+    """
+    size = group.size(dim)
+    loc = prior.loc.reshape(-1, prior.loc.shape[-1])[group.tasks, :size]
+    if group.kind == "multiclass":
+        loc = loc.view(-1, group.classes, dim + 1)
+    precision = prior.precision
+    if precision.dim() == 2:
+        return loc, precision[:size, :size]
+    precision = precision.reshape(-1, *precision.shape[-2:])[group.tasks, :size, :size]
+    if group.kind == "regression" and torch.equal(precision, precision[:1].expand_as(precision)):
+        # Regression heads see the same features, so every prior kind here gives them one
+        # precision: pass it once, and the posterior is one factorisation for all of them.
+        return loc, precision[0]
+    return loc, precision
+
+
+def batch_posterior(h: Tensor, y: Tensor, heads: Tensor, prior: GaussianPrecision, groups: tuple[HeadGroup, ...],
+                    with_precision: bool = False) -> list[GroupPosterior]:
+    """Posterior of every group's heads given features ``h [B, d]`` and labels ``y [T, B]`` (eq. 2, eq. 8–10).
+
+    ``heads`` ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from.
+    """
+    dim = h.shape[1]
+    out = []
+    for group in groups:  # one batched solve per kind of task, not per task
+        mean_p, precision_p = group_prior(prior, group, dim)
+        labels = group.labels(y)
+        if group.kind == "regression":
+            parts = regression_posterior(add_bias(h), labels, mean_p, precision_p, with_precision=with_precision)
+        else:
+            theta = heads[group.tasks, :group.classes]
+            if group.kind == "binary":
+                theta = theta.squeeze(1)
+            kind = "binary" if group.kind == "binary" else "multiclass"
+            parts = laplace_posterior(h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind,
+                                      with_precision=with_precision)
+        out.append(GroupPosterior(*parts))
+    return out
+
+
+def assemble(mean: Tensor, precision: Tensor, groups: tuple[HeadGroup, ...], posteriors: list[GroupPosterior],
+             dim: int) -> tuple[Tensor, Tensor]:
+    """Write the groups' posteriors over a prior ``mean [T, P]``, ``precision [P, P]`` or ``[T, P, P]``.
+
+    Returns ``(mean [T, P], precision [T, P, P])``: rows no group uses keep the prior.
+    """
+    num_tasks, size = mean.shape
+    mean = mean.clone()
+    precision = precision.reshape(-1, size, size).expand(num_tasks, size, size).clone()
+    for group, post in zip(groups, posteriors):
+        used = group.size(dim)
+        mean[group.tasks, :used] = post.mean.reshape(len(group.tasks), used)
+        precision[group.tasks, :used, :used] = post.precision
+    return mean, precision
+
+
+class BayesAggGuide(MultiTaskModule):
+    """``q(θ)``: the batch posterior on training batches, a point mass at the prediction heads otherwise.
+
+    It shares the model's extractor, heads and prior, so it holds no parameters of its own.
+    """
+
+    def __init__(self, model: Any, state: TrainState):
+        super().__init__(model.info, state)
+        self._model = [model]  # a plain reference, not a submodule: the model's state is saved once
+
+    def prediction_heads(self) -> Tensor:
+        """``[T, P]``: the full-data posterior mean for regression tasks (once known), else ``θ̂``."""
+        model = self._model[0]
+        theta = model.heads.detach().flatten(1).clone()
+        regression = model.store.regression_mean
+        if regression is not None:
+            group = model.regression_group
+            theta[group.tasks, :group.size(model.latent_dim)] = regression
+        return theta
+
+    def posterior(self, batch: Batch) -> GaussianPrecision:
+        """The batch posterior of every head as one ``[T, 1, P]`` distribution."""
+        model = self._model[0]
+        prior = model.prior()
+        with torch.no_grad():
+            h = model.features(batch.x)
+            posts = batch_posterior(h, batch.y, model.heads, prior, model.groups, with_precision=True)
+            mean, precision = assemble(prior.mean.squeeze(-2), prior.precision, model.groups, posts, model.latent_dim)
+        return GaussianPrecision(mean.unsqueeze(-2), precision.unsqueeze(-3))
+
+    def forward(self, batch: Batch) -> None:
+        with Plates(batch).globals():
+            if batch.split == "train":
+                pyro.sample("w", self.posterior(batch))
+            else:
+                pyro.sample("w", dist.Delta(self.prediction_heads().unsqueeze(-2), event_dim=1))

@@ -1,0 +1,381 @@
+"""BayesAgg-MTL (Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task
+Learning, ICML 2024) as a pyromtl method.
+
+A shared deterministic extractor ``h(x)`` feeds one linear head ``θ_t`` per task (bias last, see
+``guides/bayesagg.py`` for the layout). The Pyro model is the Bayesian last layer:
+``θ ~ p(θ)`` (a prior kind from the registry) and ``y ~ p(y | h(x), θ)``; its guide is the
+analytic batch posterior (eq. 2 for regression, eq. 8–10 for classification).
+
+Training (:class:`BayesAggObjective`, Algorithm 1):
+
+* the first ``pretrain_steps`` steps are plain linear scalarisation (the sum of the task losses);
+* then each step computes the heads' batch posteriors, the mean and diagonal variance of each
+  task's per-sample gradient with respect to ``h`` (eq. 4 in closed form for regression; eq. 11
+  or quadrature for classification), aggregates them (eq. 7, with ``s`` per task type) and
+  back-propagates the result ``g`` through the extractor once, ``h.backward(g / B)``; the heads
+  get the ordinary gradient of the task losses;
+* at each epoch's end the full-data prior is rebuilt from the features seen during the epoch:
+  the regression posterior from streamed ``HᵀH`` (:class:`~pyromtl.infer.bayesagg.GaussianStats`),
+  and for classification the Laplace posterior around the heads as they are then.
+
+Prior kinds registered here (``[priors.w] kind = ...``), each with the isotropic scale γ:
+``full_data`` (the paper's), ``previous_batch`` (the last batch's posterior) and ``isotropic``
+(``N(0, γ² I)``). Prediction uses the full-data posterior mean for regression tasks and the
+learned heads ``θ̂`` for classification tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor, nn
+
+from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.guides.bayesagg import (
+    BayesAggGuide,
+    GaussianPrecision,
+    GroupPosterior,
+    HeadGroup,
+    assemble,
+    batch_posterior,
+    head_groups,
+)
+from pyromtl.infer.bayesagg import (
+    GaussianStats,
+    add_bias,
+    aggregate,
+    classification_moments,
+    laplace_as_prior,
+    regression_moments,
+)
+from pyromtl.likelihoods import MultiTaskOutput
+from pyromtl.method import ExportSite, Method
+from pyromtl.methods import register
+from pyromtl.nn import MLP, activation
+from pyromtl.objective import Objective, TrainContext
+from pyromtl.options import Options
+from pyromtl import priors
+from pyromtl.priors import PriorContext, PriorSite, PriorSpec
+
+PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
+MOMENTS = ("quadrature", "monte_carlo")
+
+
+# ----------------------------------------------------------------------------- prior kinds
+def _scale(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+_SCALE = {"defaults": {"scale": 1.0}, "checks": {"scale": _scale}}
+
+
+@priors.register("isotropic", **_SCALE)
+def isotropic_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
+    """``N(0, γ² I)`` over every head (γ = ``scale``); its precision is one shared matrix."""
+    size = ctx.event_shape[-1]
+    loc = ctx.full(ctx.batch_shape + ctx.event_shape, 0.0)
+    eye = torch.eye(size, dtype=ctx.dtype, device=ctx.device)
+    return GaussianPrecision(loc, eye / spec.params["scale"] ** 2)
+
+
+def _stored(name: str, spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
+    """The Gaussian ``ctx.extras[name] = (mean [T, P], precision [T, P, P])``, or isotropic until there is one."""
+    stored = ctx.extras.get(name)
+    if stored is None:
+        return isotropic_prior(spec, ctx)
+    mean, precision = stored
+    return GaussianPrecision(mean.reshape(ctx.batch_shape + ctx.event_shape),
+                             precision.reshape(ctx.batch_shape + ctx.event_shape + ctx.event_shape[-1:]))
+
+
+@priors.register("full_data", **_SCALE)
+def full_data_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
+    """The heads' posterior on the previous epoch's features under ``N(0, γ² I)`` (§3.1, §3.2).
+
+    Reads ``ctx.extras["full_data"]``; isotropic during the first epoch.
+    """
+    return _stored("full_data", spec, ctx)
+
+
+@priors.register("previous_batch", **_SCALE)
+def previous_batch_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
+    """The previous batch's posterior (``ctx.extras["previous_batch"]``); isotropic at the first step."""
+    return _stored("previous_batch", spec, ctx)
+
+
+# ----------------------------------------------------------------------------- model
+class PriorStore(nn.Module):
+    """What the priors and the prediction read, rebuilt during training and checkpointed.
+
+    ``full_data`` and ``previous_batch`` are ``(mean [T, P], precision [T, P, P])`` or ``None``;
+    ``regression_mean`` ``[K_reg, d+1]`` is the full-data posterior mean of the regression heads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full_data: tuple[Tensor, Tensor] | None = None
+        self.previous_batch: tuple[Tensor, Tensor] | None = None
+        self.regression_mean: Tensor | None = None
+
+    def extras(self) -> dict[str, Any]:
+        return {"full_data": self.full_data, "previous_batch": self.previous_batch}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"full_data": self.full_data, "previous_batch": self.previous_batch,
+                "regression_mean": self.regression_mean}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.full_data, self.previous_batch = state["full_data"], state["previous_batch"]
+        self.regression_mean = state["regression_mean"]
+
+
+def head_outputs(h: Tensor, theta: Tensor) -> Tensor:
+    """Outputs ``[..., T, B, K]`` of features ``h [B, d]`` and heads ``θ [..., T, K, d+1]``."""
+    return torch.einsum("bp,...tkp->...tbk", add_bias(h), theta)
+
+
+class BayesAggModel(MultiTaskModel):
+    """``p(θ) p(y | h(x), θ)``: a Bayesian last layer on a deterministic extractor.
+
+    ``heads`` ``[T, K, d+1]`` are the learned ``θ̂`` (the LS heads, and the classification
+    posteriors' expansion point); the regression noise stays at τ = 1 (§3.1).
+    """
+
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+        info = data.info.to(device)
+        super().__init__(info, state)
+        self.latent_dim = d = cfg["latent_dim"]
+        self.extractor = nn.Sequential(MLP(info.input_dim, cfg["hidden"], d, cfg["activation"]),
+                                       activation(cfg["activation"])).to(device)
+        bound = 1.0 / math.sqrt(d)
+        heads = torch.empty(info.num_tasks, info.out_dim, d + 1, device=device).uniform_(-bound, bound)
+        self.heads = nn.Parameter(heads.index_fill(-1, torch.tensor([d], device=device), 0.0))
+        self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
+        self.store = PriorStore()
+        self.groups: tuple[HeadGroup, ...] = head_groups(info)
+        self.regression_group = next((g for g in self.groups if g.kind == "regression"), None)
+
+    @property
+    def size(self) -> int:
+        """``P = K(d+1)``, the numbers of one task's head."""
+        return self.info.out_dim * (self.latent_dim + 1)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``h [B, d]`` of SIMO inputs ``x [B, ...]``."""
+        return self.extractor(x.flatten(1))
+
+    def prior(self) -> GaussianPrecision:
+        """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
+        T = self.info.num_tasks
+        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step,
+                                  extras=self.store.extras())
+
+    def task_losses(self, h: Tensor, batch: Batch) -> Tensor:
+        """The summed mean negative log-likelihoods of the tasks at ``θ̂`` (the LS loss)."""
+        outputs = head_outputs(h, self.heads)
+        logp = MultiTaskOutput(outputs, self.info, self.noise.detach()).log_prob(batch.y)
+        return -(logp * batch.mask).sum() / batch.size
+
+    def forward(self, batch: Batch) -> None:
+        plates = Plates(batch)
+        with plates.globals():
+            theta = pyro.sample("w", self.prior())  # [..., T, 1, P]
+        outputs = head_outputs(self.features(batch.x), theta.squeeze(-2).unflatten(-1, self.heads.shape[1:]))
+        with plates.observations():
+            self.observe(outputs, batch)
+
+
+# ----------------------------------------------------------------------------- objective
+class _TaskLoss(nn.Module):
+    """The LS loss as the objective's ``loss`` module (what it reports, and pre-trains with)."""
+
+    def __init__(self, model: BayesAggModel, guide: BayesAggGuide):
+        super().__init__()
+        self.model, self.guide = model, guide
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.model.task_losses(self.model.features(batch.x), batch)
+
+
+class BayesAggObjective(Objective):
+    """Algorithm 1: LS pre-training, then the aggregated gradient pushed into ``h``; the full-data prior per epoch."""
+
+    def __init__(self, model: BayesAggModel, guide: BayesAggGuide, cfg: dict[str, Any]):
+        super().__init__(_TaskLoss(model, guide))
+        if cfg["moments"] not in MOMENTS:
+            raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
+        if cfg["num_samples"] < 2:
+            raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
+        self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps")}
+        self.prior_kind = cfg["priors"]["w"]["kind"]
+        self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
+        regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.heads.device)
+        self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"]),
+                             persistent=False)
+        self.stats = GaussianStats()
+        self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
+
+    # what the epoch collects
+    def _collect_classification(self) -> bool:
+        return self.prior_kind == "full_data" and any(g.kind != "regression" for g in self.model.groups)
+
+    def _collect(self, h: Tensor, y: Tensor) -> None:
+        group = self.model.regression_group
+        if group is not None:
+            self.stats.update(add_bias(h), group.labels(y))
+        if self._collect_classification():
+            self.seen.append((h, y.T))
+
+    def moments(self, h: Tensor, y: Tensor, posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean and diagonal variance of each task's per-sample gradient w.r.t. ``h`` (eq. 4, eq. 11).
+
+        Returns ``mu``, ``var`` ``[B, T, d]`` and ``s [T]``, tasks in group order.
+        """
+        mus, variances = [], []
+        for group, post in zip(self.model.groups, posteriors):  # one batched call per kind of task
+            labels = group.labels(y)
+            if group.kind == "regression":
+                mu, var = regression_moments(add_bias(h), post.mean, post.cov, labels)
+                mu, var = mu[..., :-1], var[..., :-1]  # drop the constant feature's coordinate
+            else:
+                mu, var = classification_moments(
+                    h, post.mean, post.cov, labels, "binary" if group.kind == "binary" else "multiclass",
+                    self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
+            mus.append(mu)
+            variances.append(var)
+        order = torch.cat([g.tasks for g in self.model.groups])
+        return torch.cat(mus, 1), torch.cat(variances, 1), self.s[order]
+
+    def aggregated_gradient(self, h: Tensor, y: Tensor) -> Tensor:
+        """``g [B, d]`` (eq. 7) from the heads' posteriors on the batch ``(h, y)``; updates ``previous_batch``."""
+        model = self.model
+        prior = model.prior()
+        keep = self.prior_kind == "previous_batch"
+        posteriors = batch_posterior(h, y, model.heads.detach(), prior, model.groups, with_precision=keep)
+        if keep:
+            model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
+                                                  posteriors, model.latent_dim)
+        mu, var, s = self.moments(h, y, posteriors)
+        return aggregate(mu, var, s)
+
+    def backward(self, batch: Batch) -> Tensor:
+        """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch."""
+        model = self.model
+        h = model.features(batch.x)
+        with torch.no_grad():
+            self._collect(h.detach(), batch.y)
+        if model.state.step < self.cfg["pretrain_steps"]:
+            loss = model.task_losses(h, batch)
+            if torch.isfinite(loss):
+                loss.backward()
+            return loss.detach()
+        features = h.detach()
+        loss = model.task_losses(features, batch)  # the heads' ordinary gradients; h gets none from it
+        if not torch.isfinite(loss):
+            return loss.detach()
+        with torch.no_grad():
+            g = self.aggregated_gradient(features, batch.y)
+        # one pass of the autograd engine for both graphs: the heads' loss, and g through the extractor
+        torch.autograd.backward([loss, h], [torch.ones_like(loss), g / batch.size])
+        return loss.detach()
+
+    @torch.no_grad()
+    def end_epoch(self, ctx: TrainContext) -> None:
+        """Rebuild the full-data posterior from the epoch's features, then forget them."""
+        model, store = self.model, self.model.store
+        precision = 1.0 / self.prior_scale**2
+        regression = model.regression_group
+        reg_post = None
+        if regression is not None and self.stats.count:
+            mean, reg_precision = self.stats.as_prior(0.0, precision)
+            store.regression_mean = mean
+            reg_post = GroupPosterior(mean, None, reg_precision)
+        if self.prior_kind == "full_data" and (self.stats.count or self.seen):
+            store.full_data = self._full_data(reg_post, precision)
+        self.stats.reset()
+        self.seen = []
+
+    def _full_data(self, reg_post: GroupPosterior | None, precision: float) -> tuple[Tensor, Tensor]:
+        """``(mean [T, P], precision [T, P, P])``: every group's posterior on the epoch's data."""
+        model = self.model
+        dim, heads = model.latent_dim, model.heads.detach()
+        h, y = (torch.cat(parts) for parts in zip(*self.seen)) if self.seen else (None, None)
+        posteriors = []
+        for group in model.groups:
+            if group.kind == "regression":
+                posteriors.append(reg_post)
+                continue
+            theta = heads[group.tasks, :group.classes]
+            theta = theta.squeeze(1) if group.kind == "binary" else theta
+            kind = "binary" if group.kind == "binary" else "multiclass"
+            mean, prec = laplace_as_prior(h, group.labels(y.T), theta[..., :dim], theta[..., dim], 0.0, precision, kind)
+            posteriors.append(GroupPosterior(mean, None, prec))
+        base = heads.new_zeros(model.info.num_tasks, model.size)
+        eye = torch.eye(model.size, dtype=heads.dtype, device=heads.device) * precision
+        return assemble(base, eye, model.groups, posteriors, dim)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        seen = [torch.cat(parts) for parts in zip(*self.seen)] if self.seen else None
+        return {"stats": self.stats.state_dict(), "seen": seen}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])
+        self.seen = [tuple(state["seen"])] if state["seen"] is not None else []
+
+
+# ----------------------------------------------------------------------------- declaration
+@dataclass
+class BayesAggOptions(Options):
+    """BayesAgg-MTL's options; the prior kind and γ are the prior spec's (``[priors.w] kind, scale``)."""
+
+    latent_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [256])
+    activation: str = "elu"
+    #: eq. 7's power of the precisions, per task type (the paper: 0.75–0.95 regression, 5e-4–5e-2 classification)
+    s_regression: float = 0.9
+    s_classification: float = 0.01
+    #: classification gradient moments: "quadrature" (binary Gauss–Hermite, multiclass logit draws) or "monte_carlo" (eq. 11)
+    moments: str = "quadrature"
+    #: J: draws of the heads (monte_carlo) or of the multiclass logits (quadrature)
+    num_samples: int = 64
+    #: Gauss–Hermite nodes of binary quadrature
+    nodes: int = 32
+    #: linear-scalarisation steps first, counted in the run's step budget
+    pretrain_steps: int = 100
+
+
+def build_bayesagg(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    model = BayesAggModel(data, cfg, state, device)
+    return model, BayesAggGuide(model, state)
+
+
+def bayesagg_objective(method: Method, cfg: dict[str, Any], model: BayesAggModel, guide: BayesAggGuide) -> Objective:
+    return BayesAggObjective(model, guide, cfg)
+
+
+def _prediction_heads(model: BayesAggModel, guide: BayesAggGuide, n: int) -> Tensor:
+    """The prediction heads ``[n, T, K, d+1]`` (a point estimate: every draw is the same)."""
+    theta = guide.prediction_heads().unflatten(-1, model.heads.shape[1:])
+    return theta.expand(n, *theta.shape)
+
+
+def _head_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"class": np.arange(shape[-2]), "feature": np.arange(shape[-1])}
+
+
+register(Method(
+    name="bayesagg", summary="shared extractor, Bayesian linear heads; precision-weighted aggregation of the "
+                             "heads' gradient moments (BayesAgg-MTL)",
+    paper=PAPER, build=build_bayesagg, options=BayesAggOptions,
+    priors={"w": {"kind": "full_data", "scale": 1.0}}, settings=("simo",), objective=bayesagg_objective,
+    export=(ExportSite("w", ("task", "class", "feature"), _prediction_heads, _head_coords),),
+))

@@ -1,0 +1,287 @@
+"""BayesAgg-MTL as a method: the objective's gradients, the guide's posteriors, the per-epoch prior,
+exact resume and learning (``models/bayesagg.py``, ``guides/bayesagg.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyromtl
+from pyromtl import config, methods
+from pyromtl.base import TrainState
+from pyromtl.cli import main
+from pyromtl.infer.bayesagg import (
+    add_bias,
+    aggregate,
+    classification_moments,
+    laplace_as_prior,
+    laplace_posterior,
+    regression_moments,
+    regression_posterior,
+)
+from pyromtl.objective import TrainContext
+from pyromtl.train import train
+from tests.conftest import TINY, interrupted_then_resumed, mixed_simo
+
+GAMMA = 0.7
+# mixed_simo's tasks: 0 "cls" (3 classes), 1 "bin", 2 "reg"
+CLS, BIN, REG = 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _local_params():
+    with pyro.settings.context(module_local_params=True):
+        yield
+
+
+def _build(kind: str = "isotropic", **options: Any):
+    data = mixed_simo()
+    method = methods.get("bayesagg")
+    cfg = config.resolve(method, {**TINY, "device": "cpu", "pretrain_steps": 0, **options},
+                         priors={"w": {"kind": kind, "scale": GAMMA}})
+    torch.manual_seed(0)
+    model, guide = method.build(data, cfg, TrainState(), torch.device("cpu"))
+    return data, cfg, model, guide, method.objective(method, cfg, model, guide)
+
+
+def _batch(data, size: int = 16, seed: int = 0):
+    return data.train_batch(size, torch.Generator().manual_seed(seed), "cpu")
+
+
+def _newton_step(h: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Newton step on ``NLL + |θ|²/(2γ²)`` from ``θ`` (``[C, d+1]``), by autograd; returns (mean, Hessian)."""
+    x = add_bias(h.double())
+
+    def objective(flat: torch.Tensor) -> torch.Tensor:
+        logits = x @ flat.view_as(theta).T
+        if kind == "binary":
+            nll = F.binary_cross_entropy_with_logits(logits[:, 0], y.double(), reduction="sum")
+        else:
+            nll = F.cross_entropy(logits, y.long(), reduction="sum")
+        return nll + flat.square().sum() / (2 * GAMMA**2)
+
+    flat = theta.double().flatten()
+    grad = torch.autograd.functional.jacobian(objective, flat)
+    hessian = torch.autograd.functional.hessian(objective, flat)
+    return flat - torch.linalg.solve(hessian, grad), hessian
+
+
+def _expected_g(model, h: torch.Tensor, y: torch.Tensor, s_reg: float, s_cls: float) -> torch.Tensor:
+    """Eq. 7 from per-task posteriors and moments, one task at a time (the method batches them)."""
+    d, heads = h.shape[1], model.heads.detach()
+    moments = {}
+    mean, cov = regression_posterior(add_bias(h), y[REG][:, None], 0.0, 1 / GAMMA**2)
+    mu, var = regression_moments(add_bias(h), mean, cov, y[REG][:, None])
+    moments[REG] = mu[..., :d], var[..., :d]
+    for task, kind in ((BIN, "binary"), (CLS, "multiclass")):
+        theta = heads[task, :1] if kind == "binary" else heads[task][None]
+        labels = y[task][:, None] if kind == "binary" else y[task][:, None].long()
+        mean, cov = laplace_posterior(h, labels, theta[..., :d], theta[..., d], 0.0, 1 / GAMMA**2, kind)
+        moments[task] = classification_moments(h, mean, cov, labels, kind, "quadrature", num_samples=64, nodes=32)
+    order = (CLS, BIN, REG)
+    mu = torch.cat([moments[t][0] for t in order], 1)
+    var = torch.cat([moments[t][1] for t in order], 1)
+    return aggregate(mu, var, torch.tensor([s_cls, s_cls, s_reg]))
+
+
+# ----------------------------------------------------------------------------- the objective's gradients
+def test_extractor_gets_the_aggregated_gradient_and_heads_their_ordinary_one() -> None:
+    data, cfg, model, guide, objective = _build()
+    batch = _batch(data)
+    torch.manual_seed(1)
+    objective.backward(batch)
+    got = {n: p.grad.clone() for n, p in model.extractor.named_parameters()}
+    got_heads = model.heads.grad.clone()
+
+    h = model.features(batch.x)
+    torch.manual_seed(1)  # the multiclass logit draws, in the same order
+    g = _expected_g(model, h.detach(), batch.y, cfg["s_regression"], cfg["s_classification"])
+    expected = torch.autograd.grad(h, list(model.extractor.parameters()), g / batch.size)
+    for (name, value), want in zip(got.items(), expected):
+        torch.testing.assert_close(value, want, msg=name)
+
+    # the heads: the gradient of the summed mean task losses at θ̂, features held fixed
+    heads = model.heads.detach().clone().requires_grad_()
+    x, y = add_bias(h.detach()), batch.y
+    logits = x @ heads[CLS, :3].T
+    loss = (F.cross_entropy(logits, y[CLS].long())
+            + F.binary_cross_entropy_with_logits(x @ heads[BIN, 0], y[BIN])
+            + 0.5 * (x @ heads[REG, 0] - y[REG]).square().mean())
+    torch.testing.assert_close(got_heads, torch.autograd.grad(loss, heads)[0])
+
+
+def test_pretraining_is_linear_scalarisation() -> None:
+    data, cfg, model, guide, objective = _build(pretrain_steps=5)
+    batch = _batch(data)
+    objective.backward(batch)
+    got = [p.grad.clone() for p in model.extractor.parameters()]
+    model.zero_grad()
+    objective(batch).backward()
+    for a, p in zip(got, model.extractor.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+# ----------------------------------------------------------------------------- the guide
+def test_guide_posterior_is_the_conjugate_solve_and_one_newton_step() -> None:
+    data, cfg, model, guide, objective = _build()
+    batch = _batch(data, size=24)
+    post = guide.posterior(batch)
+    mean, precision = post.loc.squeeze(1).double(), post.precision.squeeze(1).double()
+    h = model.features(batch.x).detach()
+    d = h.shape[1]
+    size = d + 1
+    # regression: (I/γ² + XᵀX) m = Xᵀy
+    x = add_bias(h.double())
+    want_precision = torch.eye(size, dtype=torch.float64) / GAMMA**2 + x.T @ x
+    torch.testing.assert_close(precision[REG, :size, :size], want_precision, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean[REG, :size], torch.linalg.solve(want_precision, x.T @ batch.y[REG].double()),
+                               rtol=1e-4, atol=1e-4)
+    # classification: one Newton step from θ̂, with the exact Hessian
+    heads = model.heads.detach()
+    for task, kind, rows in ((BIN, "binary", 1), (CLS, "multiclass", 3)):
+        want_mean, hessian = _newton_step(h, batch.y[task], heads[task, :rows], kind)
+        used = rows * size
+        torch.testing.assert_close(mean[task, :used], want_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(precision[task, :used, :used], hessian, rtol=1e-4, atol=1e-4)
+    # unused rows keep the prior; the regression and binary heads use row 0 only
+    torch.testing.assert_close(mean[BIN, size:], torch.zeros_like(mean[BIN, size:]))
+    torch.testing.assert_close(precision[REG, size:, size:], torch.eye(2 * size, dtype=torch.float64) / GAMMA**2)
+
+
+def test_prediction_uses_the_full_data_mean_for_regression_and_the_heads_otherwise() -> None:
+    data, cfg, model, guide, objective = _build("full_data")
+    for seed in range(3):
+        objective.backward(_batch(data, seed=seed))
+    objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), torch.Generator()))
+    point = guide.prediction_heads().view_as(model.heads)
+    torch.testing.assert_close(point[:2], model.heads.detach()[:2])
+    torch.testing.assert_close(point[REG, 0], model.store.regression_mean[0])
+
+
+# ----------------------------------------------------------------------------- the per-epoch prior
+def test_end_epoch_rebuilds_the_full_data_prior_from_the_epochs_features() -> None:
+    data, cfg, model, guide, objective = _build("full_data")
+    batches = [_batch(data, seed=seed) for seed in range(4)]
+    for batch in batches:
+        objective.backward(batch)  # no optimiser step: the features stay as they were seen
+    assert model.store.full_data is None
+    objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), torch.Generator()))
+    h = torch.cat([model.features(b.x).detach() for b in batches])
+    y = torch.cat([b.y for b in batches], 1)
+    mean, precision = model.store.full_data
+    size = h.shape[1] + 1
+    want_mean, _, want_precision = regression_posterior(add_bias(h), y[REG][:, None], 0.0, 1 / GAMMA**2,
+                                                        with_precision=True)
+    torch.testing.assert_close(mean[REG, :size], want_mean[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(precision[REG, :size, :size], want_precision[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model.store.regression_mean, want_mean, rtol=1e-5, atol=1e-5)
+    heads = model.heads.detach()
+    want_mean, want_precision = laplace_as_prior(h, y[CLS][:, None].long(), heads[None, CLS, :, :-1],
+                                                 heads[None, CLS, :, -1], 0.0, 1 / GAMMA**2, "multiclass")
+    torch.testing.assert_close(mean[CLS], want_mean.flatten(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(precision[CLS], want_precision[0], rtol=1e-5, atol=1e-4)
+    # the next batch's prior is this posterior, and the epoch's statistics start again
+    prior = model.prior()
+    torch.testing.assert_close(prior.loc.squeeze(1), mean)
+    assert objective.stats.count == 0 and objective.seen == []
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "previous_batch", "full_data"])
+def test_prior_kinds_switch_from_the_config(kind: str) -> None:
+    data, cfg, model, guide, objective = _build(kind)
+    batch = _batch(data)
+    objective.backward(batch)
+    if kind == "previous_batch":  # the last batch's posterior, under the isotropic prior it had
+        prior = model.prior()
+        model.store.previous_batch = None
+        want = guide.posterior(batch)
+        torch.testing.assert_close(prior.loc, want.loc, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prior.precision, want.precision, rtol=1e-5, atol=1e-4)
+    prior = model.prior()
+    torch.testing.assert_close(prior.loc, torch.zeros_like(prior.loc))
+    torch.testing.assert_close(prior.precision, torch.eye(prior.loc.shape[-1]) / GAMMA**2)
+
+
+# ----------------------------------------------------------------------------- checkpoints and learning
+def _assert_same(a: Any, b: Any, key: str) -> None:
+    if torch.is_tensor(a):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=key)
+    elif isinstance(a, dict):
+        for k in a:
+            _assert_same(a[k], b[k], f"{key}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), key
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same(u, v, f"{key}[{i}]")
+    else:
+        assert a == b, key
+
+
+@pytest.mark.parametrize("kind", ["full_data", "previous_batch"])
+def test_checkpoint_and_resume_are_exact(tmp_path: Path, kind: str) -> None:
+    data = mixed_simo()
+    method = methods.get("bayesagg")
+    cfg = config.resolve(method, {**TINY, "steps": 30, "batch_size": 16, "pretrain_steps": 6, "checkpoint_every": 10,
+                                  "device": "cpu"}, priors={"w": {"kind": kind}})
+    full = train(method, data, cfg)
+    resumed = interrupted_then_resumed(method, data, cfg, tmp_path, at=25)
+    want, got = full.objective.state_dict(), resumed.objective.state_dict()
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        _assert_same(value, got[key], key)
+    assert full.objective.model.store.full_data is not None or kind != "full_data"
+
+
+@pytest.mark.slow
+def test_bayesagg_learns_a_mixed_simo_set() -> None:
+    fit = pyromtl.fit("bayesagg", mixed_simo(n=300), steps=300, batch_size=32, pretrain_steps=50, device="cpu",
+                      **{**TINY, "eval_every": 50})
+    tasks = fit.evaluate()["tasks"]
+    assert tasks["cls"]["accuracy"] > 0.6  # 3 classes
+    assert tasks["bin"]["accuracy"] > 0.75
+    assert tasks["reg"]["nmse"] < 0.3
+
+
+@pytest.mark.slow
+def test_cli_fits_bayesagg_with_another_prior(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["fit", "bayesagg", "--data", "digits-binary", "--set", "steps=4", "--set", "pretrain_steps=2",
+                 "--set", "priors.w.kind=isotropic", "--set", "eval_every=2", "--device", "cpu", "--out", str(out),
+                 "--quiet"])
+    assert code in (0, None), capsys.readouterr().err
+    assert 'kind = "isotropic"' in (out / "config.toml").read_text()
+    assert (out / "metrics.json").exists()
+
+
+def test_regression_moments_use_a_shared_covariance_once() -> None:
+    gen = torch.Generator().manual_seed(3)
+    h, y = torch.randn(7, 4, generator=gen), torch.randn(7, 5, generator=gen)
+    root = torch.randn(4, 4, generator=gen)
+    shared = (root @ root.T + torch.eye(4)).expand(5, 4, 4)  # stride 0, as regression_posterior returns
+    mean = torch.randn(5, 4, generator=gen)
+    fast = regression_moments(h, mean, shared, y)
+    dense = regression_moments(h, mean, shared.contiguous(), y)
+    for a, b in zip(fast, dense):
+        torch.testing.assert_close(a, b)
+
+
+def test_gaussian_precision_matches_multivariate_normal() -> None:
+    from pyromtl.guides.bayesagg import GaussianPrecision
+
+    gen = torch.Generator().manual_seed(4)
+    root = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    precision = root @ root.mT + torch.eye(3, dtype=torch.float64)
+    loc = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    mine, ref = GaussianPrecision(loc, precision), torch.distributions.MultivariateNormal(loc, precision_matrix=precision)
+    value = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mine.log_prob(value), ref.log_prob(value))
+    torch.manual_seed(0)
+    draws = mine.expand((4, 2)).rsample((20_000,))
+    assert draws.shape == (20_000, 4, 2, 3)
+    cov = torch.einsum("nbi,nbj->bij", draws[:, 0] - loc, draws[:, 0] - loc) / 20_000
+    torch.testing.assert_close(cov, torch.linalg.inv(precision), rtol=0.1, atol=0.02)
