@@ -217,8 +217,15 @@ register(Method(
     extra=hib_extra, plots=hib_plots,
 ))
 
+def _task_log_var_draws(model: MTVIBModel, guide: MTVIBGuide, n: int) -> torch.Tensor:
+    """The uncertainty weights' log variances ``s_j`` (point estimates), repeated over draws."""
+    s = model.log_task_var.detach().squeeze(-1)
+    return s.expand(n, *s.shape)
+
+
 register(Method(
     name="mtvib", summary="MTVIB (HIB's baseline): one stochastic Z under N(0, I) with a β-weighted KL, "
                           "linear heads and uncertainty-weighted task losses",
     paper=PAPER + " (baseline, §V-A)", build=build_mtvib, options=MTVIBOptions, priors={"z": "normal"},
+    export=(ExportSite("task_log_var", ("task",), _task_log_var_draws),),
 ))

@@ -164,9 +164,12 @@ class SMTLModel(MultiTaskModel):
         return (self.gate_logit >= 0).to(self.gate_logit.dtype)
 
     def gate_draws(self, n: int) -> torch.Tensor:
-        """``n`` draws of the gates ``[n, T]`` (lite or Bayesian: of the relaxed gate at the current ``τ``)."""
-        if not self.lite and self.gate_prior is None:
-            return self.alpha().expand(n, -1)
+        """``n`` posterior draws of the gates ``[n, T]``: a Bayesian gate's relaxed draws at the
+        current ``τ``; otherwise the point estimate that predictions use (α, or the hard lite
+        gate), repeated."""
+        if self.gate_prior is None:
+            with torch.no_grad():
+                return self.gate().expand(n, -1)
         return self.gate_distribution(self.gate_logit).sample((n,))
 
     def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
