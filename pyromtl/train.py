@@ -230,6 +230,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                     seconds, t0 = seconds_now, time.perf_counter()
                     checkpoint(done, _rng_state(gen))
     except KeyboardInterrupt:
+        seconds += time.perf_counter() - t0  # the saved checkpoint counts the time trained so far
         raise TrainingInterrupted(_interrupted(run, step, updating, snapshot, checkpoint)) from None
     finally:
         bar.close()
