@@ -27,7 +27,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_step import _iqr, environment, time_steps  # noqa: E402
+from vmtl_step import _iqr, environment, objective_step, time_steps  # noqa: E402
 
 from pyromtl import datasets, methods  # noqa: E402
 from pyromtl.base import TrainState  # noqa: E402
@@ -44,14 +44,7 @@ def build_step(data, prior, device):
     cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True},
                   {"w": prior} if prior is not None else None)
     torch.manual_seed(0)
-    objective, optim = build_training(method, data, cfg, TrainState(), device)
-
-    def step(batch):
-        optim.zero_grad(set_to_none=True)
-        objective.backward(batch)
-        optim.step()
-
-    return step, cfg
+    return objective_step(*build_training(method, data, cfg, TrainState(), device)), cfg
 
 
 def bench(num_tasks: int, args, device) -> dict:

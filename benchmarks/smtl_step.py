@@ -35,6 +35,9 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vmtl_step import objective_step  # noqa: E402
+
 from pyromtl import datasets, methods  # noqa: E402
 from pyromtl.base import TrainState  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
@@ -63,13 +66,7 @@ def build(name: str, data: MultiTaskData, opts: dict, device: torch.device):
     m = methods.get(name)
     cfg = resolve(m, {**opts, "device": str(device), "quiet": True})
     objective, optim = build_training(m, data, cfg, TrainState(), device)
-
-    def step(batch):
-        optim.zero_grad(set_to_none=True)
-        objective.backward(batch)
-        optim.step()
-
-    return objective, step
+    return objective, objective_step(objective, optim)
 
 
 def timed(fn, arg, n: int, device: torch.device) -> list[float]:

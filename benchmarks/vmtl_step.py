@@ -206,6 +206,17 @@ def _svi_step(loss_fn, optim):
     return step
 
 
+def objective_step(objective, optim):
+    """One trainer step of a method's objective (``pyromtl.train.build_training`` builds both)."""
+
+    def step(batch):
+        optim.zero_grad(set_to_none=True)
+        objective.backward(batch)
+        optim.step()
+
+    return step
+
+
 def _iqr(values: list[float]) -> list[float]:
     q = np.percentile(values, [25, 75])
     return [float(q[0]), float(q[1])]

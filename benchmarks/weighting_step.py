@@ -20,12 +20,11 @@ import time
 
 import pyro
 import torch
-from pyro.optim.clipped_adam import ClippedAdam
 
 from pyromtl import config, datasets, methods
 from pyromtl.base import TrainState
 from pyromtl.params import local_params
-from pyromtl.train import resolve_device
+from pyromtl.train import build_training, resolve_device
 
 METHODS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "upgrad"]
 
@@ -36,11 +35,8 @@ def _stepper(name: str, data, batch_size: int, device: torch.device):
     m = methods.get(name)
     cfg = config.resolve(m, {"batch_size": batch_size})
     pyro.set_rng_seed(0)
-    model, guide = m.build(data, cfg, TrainState(), device)
-    objective = m.objective(m, cfg, model, guide)
+    objective, optim = build_training(m, data, cfg, TrainState(), device)
     gen = torch.Generator().manual_seed(0)
-    objective(data.train_batch(batch_size, gen, device))
-    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"])
 
     @local_params
     def step() -> None:
