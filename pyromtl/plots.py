@@ -129,13 +129,13 @@ def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mappin
     """
     tasks = doc["tasks"]
     names = list(tasks)
-    titles = relatedness_titles(doc.get("method", ""))
+    declared = _declared(doc.get("method", ""))
+    titles = declared.relatedness_titles if declared is not None else {}
     jobs = {"task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))}
     if history:
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():
         jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
-    declared = _declared(doc.get("method", ""))
     if declared is not None and declared.plots is not None:
         jobs.update({name: lambda f=fig: f for name, fig in declared.plots(doc).items()})
     return [run.write_png(name, _png(make())) for name, make in jobs.items()
