@@ -7,7 +7,9 @@ plates (eq. 11), with conditional priors that mix the other tasks' variational p
   tasks' current posteriors with gradients stopped (they act as "the previous iteration");
 * representation (eq. 9–10): ``p(z_tn | x_tn) = sum_{i != t} beta_ti q_phi(z | f(x_tn, D_i))``
   where ``f`` is cross-attention of ``x_tn`` over task i's training samples of the same class,
-  encoded by the same inference network ``phi`` as the guide.
+  encoded by the same inference network ``phi`` as the guide. Eq. 9 conditions on the previous
+  iteration's ``phi``, so the components are computed without a graph by default;
+  ``z_prior_grad = true`` lets gradients reach ``phi`` through them (a deviation, see README).
 
 The mixing weights and the KL treatment come from the prior specs (``task_mixture`` with
 ``weights = gumbel_softmax | learned | uniform`` and ``kl = upper_bound | monte_carlo``), so the
@@ -94,6 +96,8 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         super().__init__(data, cfg, state, encoder, w_post, device)
         self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
         self.attention = attention
+        self.z_prior_grad = cfg["z_prior_grad"]
+        self.z_component_min_scale = cfg["z_component_min_scale"]
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """All L x M pairs: ``z [..., L, 1, T, B, d]`` and ``w [..., M, T, 1, K, d]`` give ``[..., L, M, T, B, K]``."""
@@ -115,14 +119,16 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
 
         Outside training the labels of a batch are not used: every component is then the
         sample's own ``q_phi(z | x)``, which leaves predictions untouched (they use the guide).
+        The components carry no gradient unless ``z_prior_grad`` (eq. 9: the previous ``phi``).
         """
         T, B = batch.num_tasks, batch.size
         if batch.split != "train":
             loc, scale = self.encoder(batch.x, batch.simo)
             return loc.unsqueeze(-2).expand(T, B, T, -1), scale.unsqueeze(-2).expand(T, B, T, -1)
         attended = self.attention(batch.index)  # [T, B, T, D]
-        loc, scale = self.encoder(attended.reshape(T, B * T, -1), False)
-        return loc.reshape(T, B, T, -1), scale.reshape(T, B, T, -1)
+        with torch.set_grad_enabled(self.z_prior_grad and torch.is_grad_enabled()):
+            loc, scale = self.encoder(attended.reshape(T, B * T, -1), False)
+        return loc.reshape(T, B, T, -1), scale.clamp_min(self.z_component_min_scale).reshape(T, B, T, -1)
 
 
 # ---------------------------------------------------------------------------- declarations
@@ -135,6 +141,8 @@ class VMTLOptions(LatentOptions):
     amortized_classifier: bool = False  # VMTL-AC
     ac_min_scale: float = 0.2  # floor of the amortised classifier's scales (guides/vmtl.py)
     attention_max_mb: float = 1024.0  # the precomputed attention stays on the device up to this size
+    z_prior_grad: bool = False  # True: gradients reach phi through the z prior's components (not eq. 9)
+    z_component_min_scale: float = 0.5  # floor on the z prior's component scales (README: deviations)
 
 
 def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):

@@ -124,6 +124,7 @@ def test_elbo_kl_terms_are_the_weighted_pairwise_normal_kls_and_bound_the_mixtur
         attended = model.attention(batch.index)  # [T, B, T, D]
         c_loc, c_scale = guide.encoder(attended.reshape(T, -1, attended.shape[-1]), False)
         c_loc, c_scale = c_loc.reshape(*attended.shape[:3], -1), c_scale.reshape(*attended.shape[:3], -1)
+        c_scale = c_scale.clamp_min(cfg["z_component_min_scale"])  # the floor on the component scales
         pair_z = diag_kl(z_loc.unsqueeze(2), z_scale.unsqueeze(2), c_loc, c_scale, 1)  # [T, B, i]
         bound_z = (beta[:, None, :] * pair_z).sum(-1)  # [T, B]
     # Each site's KL carries its configured weight; z terms also the subsampling scale N_t / B_t
@@ -187,10 +188,9 @@ def test_task_kl_sends_no_gradient_to_other_tasks_posteriors(t, which):
     """Back-propagating task t's prior terms alone moves q(w_t) and π_t, never q(w_i), i ≠ t.
 
     The w components are the other tasks' posteriors with gradients stopped (eq. 6: "from the
-    previous iteration"). The z components are different by design (eq. 9): q_φ(z | f(x_tn, D_i))
-    runs the shared inference network φ, so φ does get gradient from them; what is fixed is
-    their input f(x_tn, D_i), attention over task i's *data*, precomputed in input space, never
-    another task's guide outputs or parameters.
+    previous iteration"). The z components q_φ(z | f(x_tn, D_i)) run the shared inference
+    network φ without a graph (eq. 9, the previous φ); their input f(x_tn, D_i) is attention
+    over task i's *data*, precomputed in input space.
     """
     data = blobs_mimo()
     T = data.num_tasks
@@ -213,7 +213,46 @@ def test_task_kl_sends_no_gradient_to_other_tasks_posteriors(t, which):
         assert pi.grad[t].abs().sum() > 0
     # the z prior's inputs are data: a constant table, not a function of parameters
     assert not model.attention.attended.requires_grad
-    assert all(p.grad is not None for p in guide.encoder.parameters())  # shared φ: by design
+    assert all(p.grad is not None for p in guide.encoder.parameters())  # through the guide's q(z|x)
+
+
+# ------------------------------------------------------------------- eq. 9: the previous φ
+@pytest.mark.parametrize("z_prior_grad", [False, True])
+def test_z_prior_components_carry_gradient_only_when_asked(z_prior_grad):
+    """By default the z components q_φ(z | f(x, D_i)) are the previous iteration's φ (eq. 9).
+
+    The KL alone (no likelihood) is back-propagated twice: once through the guide only, once
+    through the whole loss. Without ``z_prior_grad`` both give φ the same gradient, so none
+    reached φ through the prior; with it they differ.
+    """
+    data = blobs_mimo()
+    model, guide, cfg = build(data=data, z_prior_grad=z_prior_grad)
+    batch = train_batch(data)
+    loc, scale = model.z_components(batch)
+    assert loc.requires_grad == z_prior_grad and scale.requires_grad == z_prior_grad
+
+    def encoder_grad(block_prior: bool) -> torch.Tensor:
+        guide.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        pyro.set_rng_seed(1)
+        run = without_y(model)
+        if block_prior:  # the same prior, its components recomputed without a graph
+            components = model.z_components
+
+            def frozen(b):
+                with torch.no_grad():
+                    return components(b)
+
+            model.z_components = frozen
+        try:
+            loss = elbo("method", cfg).differentiable_loss(run, guide, batch)
+        finally:
+            model.__dict__.pop("z_components", None)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in guide.encoder.parameters()])
+
+    through_guide_only, through_both = encoder_grad(True), encoder_grad(False)
+    assert torch.allclose(through_guide_only, through_both) != z_prior_grad
 
 
 # ------------------------------------------------------------------------- eq. 7: α and β
