@@ -1,17 +1,25 @@
-"""Regenerate the README's VMTL result tables on the embedded digits data.
+"""Regenerate the README's VMTL results on the embedded digits data.
 
-    python examples/vmtl_tables.py --table domains --seeds 5 --jobs 2
-    python examples/vmtl_tables.py --table all --seeds 5 --jobs 16 --out results/
+    python examples/vmtl_tables.py --table sweep --seeds 5 --jobs 2
+    python examples/vmtl_tables.py --table all --seeds 5 --jobs 2 --out results/
 
-Tables:
+Tables (each run trains at the method's full objective: model selection on the validation
+split only considers states after the KL warm-up and the temperature decay, and every row
+records the selected step with its KL weights and temperature in ``results/vmtl_results.json``):
 
-* ``domains``: test accuracy on ``digits-domains`` at train fractions 0.05 / 0.1 / 0.2 for
-  stl, vstl, bmtl, vbmtl, vmtl-ac and vmtl (mean ± 95% CI over seeds);
+* ``sweep``: the KL weight as tempering. ``kl_weights = {z = λ, w = λ}`` for λ in
+  {1e-7, 1e-4, 1e-2, 0.1, 1} for ``vmtl`` and ``vbmtl`` on ``digits-domains`` at 5% and 20%:
+  validation and test accuracy, NLL, ECE and the selected step; plotted to
+  ``results/vmtl_kl_sweep.png``;
+* ``domains``: test accuracy on ``digits-domains`` at 5% / 10% / 20% for stl, vstl, bmtl,
+  vbmtl, vmtl-ac and vmtl (mean ± 95% CI over seeds);
 * ``rotation``: test NMSE on ``digits-rotation`` for the same methods;
-* ``ablation``: VMTL Table 2 at 0.05, prior weights uniform / learned / gumbel_softmax.
+* ``table1``: VMTL Table 1, z and/or w probabilistic (``examples/configs/table1_*.toml``);
+* ``table2``: VMTL Table 2, the mixture weights: mean, learned, Gumbel-Softmax
+  (``examples/configs/table2_*.toml``).
 
-Every run uses each method's defaults (the ones ``pyromtl fit`` uses); model selection is
-on the validation split. Runs go to separate processes, one thread each.
+Every run uses the method's defaults (those of ``pyromtl fit``) unless the table changes
+them. Runs go to separate processes, one thread each.
 """
 
 from __future__ import annotations
@@ -28,10 +36,17 @@ from scipy import stats
 
 from pyromtl.tables import render as table
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ["stl", "vstl", "bmtl", "vbmtl", "vmtl-ac", "vmtl"]
 FRACTIONS = [0.05, 0.1, 0.2]
 ROTATION_FRACTION = 0.1
-WEIGHTS = ["uniform", "learned", "gumbel_softmax"]
+SWEEP_WEIGHTS = [1e-7, 1e-4, 1e-2, 0.1, 1.0]
+SWEEP_METHODS = ["vbmtl", "vmtl"]
+SWEEP_FRACTIONS = [0.05, 0.2]
+TABLE1 = {"z ×, w ×": "table1_z_det_w_det", "z ✓, w ×": "table1_z_prob_w_det",
+          "z ×, w ✓": "table1_z_det_w_prob", "z ✓, w ✓": "table1_z_prob_w_prob"}
+TABLE2 = {"mean": "table2_mean", "learned": "table2_learned", "gumbel_softmax": "table2_gumbel"}
+TABLES = ["sweep", "domains", "rotation", "table1", "table2"]
 
 
 def _run(job: dict) -> dict:
@@ -39,80 +54,144 @@ def _run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     import pyromtl
+    from pyromtl.config import load_toml
 
-    priors = None
-    if job.get("weights"):
-        from pyromtl.methods import get
-
-        priors = {site: {**spec, "weights": job["weights"]} for site, spec in get("vmtl").priors.items()}
+    options = dict(job.get("options", {}))
+    if job.get("config"):
+        options = {**load_toml(CONFIGS / f"{job['config']}.toml"), **options}
+    for key in ("method", "data", "fraction", "seed"):
+        options.pop(key, None)
     fit = pyromtl.fit(job["method"], job["data"], fraction=job["fraction"], seed=job["seed"], device="cpu",
-                      priors=priors, quiet=True)
+                      quiet=True, **options)
     scores = fit.evaluate("test")
-    return {**job, "average": scores["average"], "tasks": scores["tasks"], "seconds": fit.train_info["seconds"]}
+    info = fit.train_info
+    return {**job, "average": scores["average"], "tasks": scores["tasks"], "seconds": info["seconds"],
+            "val_score": info["best_val_score"], "selected": info["selected"]}
 
 
-def jobs_for(table: str, seeds: int) -> list[dict]:
-    out = []
+def jobs_for(name: str, seeds: int) -> list[dict]:
+    base = {"table": name, "data": "digits-domains"}
+    out: list[dict] = []
     for seed in range(seeds):
-        if table == "domains":
-            out += [{"table": table, "method": m, "data": "digits-domains", "fraction": f, "seed": seed}
-                    for m in METHODS for f in FRACTIONS]
-        elif table == "rotation":
-            out += [{"table": table, "method": m, "data": "digits-rotation", "fraction": ROTATION_FRACTION, "seed": seed}
-                    for m in METHODS]
-        elif table == "ablation":
-            out += [{"table": table, "method": "vmtl", "data": "digits-domains", "fraction": 0.05, "seed": seed,
-                     "weights": w} for w in WEIGHTS]
+        if name == "sweep":
+            out += [{**base, "method": m, "fraction": f, "seed": seed, "label": w,
+                     "options": {"kl_weights": {"z": w, "w": w}}}
+                    for m in SWEEP_METHODS for f in SWEEP_FRACTIONS for w in SWEEP_WEIGHTS]
+        elif name == "domains":
+            out += [{**base, "method": m, "fraction": f, "seed": seed, "label": m} for m in METHODS for f in FRACTIONS]
+        elif name == "rotation":
+            out += [{**base, "data": "digits-rotation", "method": m, "fraction": ROTATION_FRACTION, "seed": seed,
+                     "label": m} for m in METHODS]
+        else:
+            rows = TABLE1 if name == "table1" else TABLE2
+            out += [{**base, "method": "vmtl", "fraction": f, "seed": seed, "label": label, "config": config}
+                    for label, config in rows.items() for f in FRACTIONS]
     return out
 
 
-def mean_ci(values: list[float]) -> str:
+def mean_ci(values: list[float], digits: int = 3) -> str:
     """``mean ± half-width`` of the two-sided 95% Student-t interval."""
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
-        return f"{v.mean():.3f}"
+        return f"{v.mean():.{digits}f}"
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return f"{v.mean():.3f} ± {half:.3f}"
+    return f"{v.mean():.{digits}f} ± {half:.{digits}f}"
+
+
+def _cells(results: list[dict], key, columns, select) -> list[str]:
+    return [mean_ci([key(r) for r in results if select(r, c)]) for c in columns]
 
 
 def render(results: list[dict]) -> str:
-    lines = []
-    dom = [r for r in results if r["table"] == "domains"]
-    if dom:
-        rows = [[m, *(mean_ci([r["average"]["accuracy"] for r in dom if r["method"] == m and r["fraction"] == f])
-                      for f in FRACTIONS)] for m in METHODS]
+    lines: list[str] = []
+    by_table = {name: [r for r in results if r["table"] == name] for name in TABLES}
+    acc = lambda r: r["average"]["accuracy"]  # noqa: E731
+    in_fraction = lambda label: lambda r, f: r["label"] == label and r["fraction"] == f  # noqa: E731
+    if sweep := by_table["sweep"]:
+        rows = []
+        for m in SWEEP_METHODS:
+            for f in SWEEP_FRACTIONS:
+                for w in SWEEP_WEIGHTS:
+                    rs = [r for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
+                    rows.append([m, f, f"{w:g}", mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
+                                 mean_ci([r["average"]["nll"] for r in rs]), mean_ci([r["average"]["ece"] for r in rs]),
+                                 f"{np.mean([r['selected']['step'] for r in rs]):.0f}"])
+        lines += ["### KL weight sweep on digits-domains (kl_weights.z = kl_weights.w = λ; mean ± 95% CI)", "",
+                  table(["method", "fraction", "λ", "val accuracy", "test accuracy", "test NLL", "test ECE",
+                         "selected step"], rows), ""]
+    if dom := by_table["domains"]:
+        rows = [[m, *_cells(dom, acc, FRACTIONS, in_fraction(m))] for m in METHODS]
         lines += ["### digits-domains: test accuracy (mean ± 95% CI over seeds)", "",
                   table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
-    rot = [r for r in results if r["table"] == "rotation"]
-    if rot:
-        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["method"] == m])] for m in METHODS]
+    if rot := by_table["rotation"]:
+        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in METHODS]
         lines += [f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)", "",
                   table(["method", "NMSE"], rows), ""]
-    abl = [r for r in results if r["table"] == "ablation"]
-    if abl:
-        rows = [[w, mean_ci([r["average"]["accuracy"] for r in abl if r["weights"] == w])] for w in WEIGHTS]
-        lines += ["### VMTL Table 2 ablation on digits-domains at 0.05: test accuracy", "",
-                  table(["prior weights", "accuracy"], rows), ""]
+    for name, rows_of, title in (("table1", TABLE1, "VMTL Table 1: z and/or w probabilistic"),
+                                 ("table2", TABLE2, "VMTL Table 2: the mixture weights")):
+        if done := by_table[name]:
+            rows = [[label, *_cells(done, acc, FRACTIONS, in_fraction(label))] for label in rows_of]
+            lines += [f"### {title}, digits-domains test accuracy", "",
+                      table(["prior", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
+    settings = sorted({json.dumps({k: v for k, v in r["selected"].items() if k != "step"}, sort_keys=True)
+                       for r in results if r["table"] != "sweep"})
     seeds = sorted({r["seed"] for r in results})
-    lines.append(f"Seeds: {seeds}; each cell averages the tasks' test metric, then the seeds.")
+    lines.append(f"Seeds: {seeds}; each cell averages the tasks' test metric, then the seeds. "
+                 f"Schedules at the selected steps: {'; '.join(settings) or 'n/a'}.")
     return "\n".join(lines) + "\n"
+
+
+def plot_sweep(results: list[dict], path: Path) -> None:
+    """Test accuracy and ECE against the KL weight λ, one line per method and fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in results if r["table"] == "sweep"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in SWEEP_METHODS:
+        for f in SWEEP_FRACTIONS:
+            for ax, key in zip(axes, ("accuracy", "ece")):
+                vals = [[r["average"][key] for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
+                        for w in SWEEP_WEIGHTS]
+                mean = np.array([np.mean(v) for v in vals])
+                half = np.array([stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
+                                 if len(v) > 1 else 0.0 for v in vals])
+                ax.errorbar(SWEEP_WEIGHTS, mean, yerr=half, marker="o", capsize=3, label=f"{m}, {f:.0%} of train")
+    for ax, name in zip(axes, ("test accuracy", "test ECE (lower is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("KL weight λ (kl_weights.z = kl_weights.w)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("digits-domains: the KL weight as tempering (mean ± 95% CI over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", choices=["domains", "rotation", "ablation", "all"], default="all")
+    parser.add_argument("--table", choices=[*TABLES, "all"], default="all")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
-    tables = ["domains", "rotation", "ablation"] if args.table == "all" else [args.table]
-    jobs = [j for t in tables for j in jobs_for(t, args.seeds)]
+    names = TABLES if args.table == "all" else [args.table]
+    jobs = [j for name in names for j in jobs_for(name, args.seeds)]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(_run, jobs))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vmtl_results.json").write_text(json.dumps(results, indent=1))
+    # keep other tables' results from earlier invocations
+    path = args.out / "vmtl_results.json"
+    kept = [r for r in json.loads(path.read_text()) if r["table"] not in names] if path.exists() else []
+    results = kept + results
+    path.write_text(json.dumps(results, indent=1))
     text = render(results)
     (args.out / "vmtl_tables.md").write_text(text)
+    if any(r["table"] == "sweep" for r in results):
+        plot_sweep(results, args.out / "vmtl_kl_sweep.png")
     print(text)
 
 

@@ -61,7 +61,7 @@ class ChannelScale(MultiTaskModule):
     @contextmanager
     def beta_scope(self) -> Iterator[None]:
         """β_j times the annealed ``kl_weight``; a zero weight masks the KL out (Pyro rejects a 0 scale)."""
-        anneal = float(self.kl_weight(self.state.step))
+        anneal = self.state.value(self.kl_weight)
         if self.shared_beta is not None:
             weight = anneal * self.shared_beta
             with poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False):

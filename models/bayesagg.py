@@ -176,7 +176,7 @@ class BayesAggModel(MultiTaskModel):
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
         T = self.info.num_tasks
-        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step,
+        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step, total_steps=self.state.total_steps,
                                   extras=self.store.extras())
 
     def task_losses(self, h: Tensor, batch: Batch) -> Tensor:

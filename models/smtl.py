@@ -147,7 +147,7 @@ class SMTLModel(MultiTaskModel):
         return torch.sigmoid(self.gate_logit)
 
     def tau(self) -> torch.Tensor:
-        return torch.tensor(self.temperature(self.state.step), device=self.gate_logit.device)
+        return torch.tensor(self.state.value(self.temperature), device=self.gate_logit.device)
 
     def gate_distribution(self, logits: torch.Tensor) -> dist.Distribution:
         """The relaxed gate of eq. 4 (lite: straight-through, a hard forward draw)."""
@@ -190,7 +190,7 @@ class SMTLModel(MultiTaskModel):
                 pyro.deterministic("gate", gate[:, None])
         else:
             with plates.globals(), self.kl_scope("gate"):
-                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, step=self.state.step,
+                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, step=self.state.step, total_steps=self.state.total_steps,
                                               extras={"temperature": self.tau()})
                 gate = pyro.sample("gate", prior).squeeze(-1)  # [..., T]
         out = self.outputs(batch.x, gate)

@@ -32,7 +32,7 @@ from pyromtl.guides.baselines import ClassifierPosterior
 from pyromtl.guides.vmtl import AmortizedClassifier, MonteCarloDraws, VMTLGuide
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
-from pyromtl.models.baselines import CLASSIFIER_EXPORT, VARIATIONAL_KL, VMTL_PAPER, LatentMTLModel, LatentOptions
+from pyromtl.models.baselines import CLASSIFIER_EXPORT, VMTL_PAPER, LatentMTLModel, LatentOptions, tempered
 from pyromtl.nn import GaussianEncoder, cross_attention
 from pyromtl.priors import PriorSite, mixture_weights
 from pyromtl.schedules import as_schedule
@@ -198,7 +198,7 @@ def _weight_draws(which: str):
         if site is None:
             return None
         logits = site.params["logits"].detach() if "logits" in site.params else None
-        tau = as_schedule(site.spec.params["temperature"])(model.state.step)
+        tau = model.state.value(as_schedule(site.spec.params["temperature"]))
         return mixture_weights(site.spec.params["weights"], site.num_tasks, logits, tau, (n,),
                                device=site._anchor.device, dtype=torch.get_default_dtype())
 
@@ -206,14 +206,14 @@ def _weight_draws(which: str):
 
 
 _MIXTURE = {"kind": "task_mixture", "weights": "gumbel_softmax",
-            "temperature": {"start": 5.0, "end": 0.5, "rate": 5e-3}, "kl": "upper_bound"}
+            "temperature": {"start": 5.0, "end": 0.5, "decay_fraction": 0.25}, "kl": "upper_bound"}
 for _name, _amortized, _summary in (
     ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),
     ("vmtl-ac", True, "VMTL-AC: VMTL with an amortised classifier from per-class mean representations"),
 ):
     register(Method(
         name=_name, summary=_summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
-        overrides={**VARIATIONAL_KL, "amortized_classifier": _amortized,
+        overrides={**tempered(1e-2), "amortized_classifier": _amortized,
                    "eval_samples": 2},  # each draw already averages L x M = 100 inner pairs
         priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), min_tasks=2, max_plate_nesting=4,
         relatedness=vmtl_relatedness,

@@ -42,9 +42,17 @@ def is_point(spec) -> bool:
 
 @dataclass
 class TrainState:
-    """Mutable training progress, shared by a model and its guide (the trainer sets ``step``)."""
+    """Mutable training progress, shared by a model and its guide (the trainer sets both fields).
+
+    ``total_steps`` is the run's length, which schedules written relative to it need.
+    """
 
     step: int = 0
+    total_steps: int | None = None
+
+    def value(self, schedule: Schedule) -> float:
+        """``schedule`` at the current step of this run."""
+        return schedule(self.step, self.total_steps)
 
 
 class Plates:
@@ -136,7 +144,7 @@ class MultiTaskModule(LocalParamsModule):
     @contextmanager
     def kl_scope(self, site: str) -> Iterator[None]:
         """Scale the KL of ``site`` by the annealed weight times the site's own weight."""
-        weight = float(self.kl_weight(self.state.step)) * self.site_weights.get(site, 1.0)
+        weight = self.state.value(self.kl_weight) * self.site_weights.get(site, 1.0)
         # Pyro rejects a zero scale; a zero weight masks the KL terms out instead.
         with poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False):
             yield

@@ -98,9 +98,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         print(f"trained {train['steps']} steps in {train['seconds']:.1f} s; wall time {wall:.1f} s")
     if train.get("best_step", -1) > 0:
-        print(f"kept step {train['best_step']} (best validation score {train['best_val_score']:.4f})")
+        at = ", ".join(f"{k} {_short(v)}" for k, v in (train.get("selected") or {}).items() if k != "step")
+        print(f"kept step {train['best_step']} (best validation score {train['best_val_score']:.4f})"
+              + (f" at {at}" if at else ""))
     print(f"run dir: {out}")
     return 0
+
+
+def _short(value: Any) -> str:
+    """A schedule value (or a table of them) in few characters."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_short(v)}" for k, v in value.items()) + "}"
+    return f"{value:.3g}"
 
 
 # ---------------------------------------------------------------------------- evaluate

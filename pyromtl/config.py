@@ -13,11 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from pyromtl.options import TrainOptions, check
+from pyromtl.options import ScheduleValue, TrainOptions, check
 from pyromtl.priors import parse_spec
+from pyromtl.schedules import Schedule, find_schedules
 
 #: Options every method understands (the trainer's and the run's), with their defaults.
 TRAIN_DEFAULTS: dict[str, Any] = TrainOptions.defaults()
+#: Values of ``select``: which validated states model selection may keep.
+SELECT_MODES = ("after_warmup", "all", "last")
 
 
 def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -54,6 +57,8 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
     for key in ("batch_size", "num_particles", "eval_every", "eval_samples", "checkpoint_every"):
         if cfg[key] < 1:
             raise ValueError(f"config key {key!r} must be at least 1, got {cfg[key]}")
+    if cfg["select"] not in SELECT_MODES:
+        raise ValueError(f"config key 'select' must be one of {list(SELECT_MODES)}, got {cfg['select']!r}")
     if cfg["steps"] == 0 and cfg["epochs"] == 0:
         raise ValueError("set either 'steps' or 'epochs' to a positive number")
     resolved_priors: dict[str, Any] = {}
@@ -72,6 +77,13 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
         )
     cfg["priors"] = resolved_priors
     return cfg
+
+
+def schedules(method, cfg: Mapping[str, Any]) -> dict[str, Schedule]:
+    """The schedules of a resolved config by dotted path: its options typed as schedules and
+    every schedule table in it (such as a prior's temperature)."""
+    hints = {**TrainOptions.hints(), **method.options.hints()}
+    return find_schedules(cfg, [key for key, hint in hints.items() if hint is ScheduleValue])
 
 
 def _kl_weights(method, default: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:

@@ -242,7 +242,7 @@ def fit_resolved(method: Method, cfg: dict[str, Any], data: MultiTaskData | None
         run.create()
     result: TrainResult = train(method, dataset, cfg, run=run)
     info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
-            "best_step": result.best_step, "best_val_score": result.best_score}
+            "best_step": result.best_step, "best_val_score": result.best_score, "selected": result.selected}
     f = Fit(method=method, data=dataset, config=cfg, objective=result.objective, device=device, train_info=info,
             history=result.history, trained_in=run.path if run is not None else None)
     if run is not None:
@@ -278,7 +278,7 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
     dataset = m.prepare(_load_data(cfg, data), cfg)
     dev = resolve_device(cfg["device"])
     saved = run.read_checkpoint(dev)
-    state = TrainState()
+    state = TrainState(total_steps=total_steps(cfg, dataset))
     model, guide = m.build(dataset, cfg, state, dev)
     objective = m.objective(m, cfg, model, guide)
     objective(dataset.train_batch(cfg["batch_size"], torch.Generator().manual_seed(0), dev))  # create lazy params

@@ -3,7 +3,7 @@
 Everything here is plain numpy (CPU torch tensors are accepted and converted) and returns
 Python floats, so results drop straight into ``metrics.json``:
 
-* per-task **prediction metrics** — :func:`accuracy`, :func:`auc`, :func:`ece`, :func:`brier`
+* per-task **prediction metrics** — :func:`accuracy`, :func:`auc`, :func:`ece`, :func:`brier`, :func:`nll`
   for ``classification`` / ``binary`` tasks and :func:`mse`, :func:`mae`, :func:`nmse` for
   ``regression`` tasks, bundled by :func:`task_metrics`;
 * **aggregation** over tasks — :func:`average`, :func:`primary_metric`, :func:`selection_score`
@@ -37,6 +37,7 @@ __all__ = [
     "auc",
     "ece",
     "brier",
+    "nll",
     "mse",
     "mae",
     "nmse",
@@ -53,7 +54,7 @@ __all__ = [
 TASK_TYPES: tuple[str, ...] = ("classification", "binary", "regression")
 
 #: Metric keys reported for ``classification`` and ``binary`` tasks, in order.
-CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "auc", "ece", "brier")
+CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "auc", "ece", "brier", "nll")
 #: Metric keys reported for ``regression`` tasks, in order.
 REGRESSION_METRICS: tuple[str, ...] = ("mse", "mae", "nmse")
 
@@ -63,6 +64,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "auc": True,
     "ece": False,
     "brier": False,
+    "nll": False,
     "mse": False,
     "mae": False,
     "nmse": False,
@@ -233,6 +235,16 @@ def brier(probs, y) -> float:
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
 
 
+def nll(probs, y, floor: float = 1e-12) -> float:
+    """Mean negative log predictive probability of the true class, ``-(1/N) Σ_i log p_{i, y_i}``.
+
+    The probability is floored at ``floor`` so that one confident mistake gives a large finite
+    value instead of ``inf`` (``-log 1e-12 ≈ 27.6``).
+    """
+    p, y = _check_probs(probs, y)
+    return float(-np.mean(np.log(np.maximum(p[np.arange(y.shape[0]), y], floor))))
+
+
 # ----------------------------------------------------------------------------- regression
 def mse(pred, y) -> float:
     """Mean squared error ``(1/N) Σ_i (ŷ_i − y_i)²`` of predictive means ``pred [N]``."""
@@ -273,9 +285,9 @@ def task_metrics(task_type: str, pred, y) -> dict[str, float]:
     """All metrics of one task, keyed as in ``metrics.json``.
 
     * ``"classification"``: ``pred [N, C]`` class probabilities →
-      ``accuracy``, ``auc``, ``ece`` (15 bins), ``brier``;
+      ``accuracy``, ``auc``, ``ece`` (15 bins), ``brier``, ``nll``;
     * ``"binary"``: ``pred [N]`` probability of class 1 (``[N, 2]`` is also accepted) →
-      the same four keys;
+      the same five keys;
     * ``"regression"``: ``pred [N]`` predictive mean → ``mse``, ``mae``, ``nmse``.
     """
     _check_task_type(task_type)
@@ -290,7 +302,7 @@ def task_metrics(task_type: str, pred, y) -> dict[str, float]:
             raise ValueError(f"binary task needs pred [N] (probability of class 1), got shape {p.shape}")
     elif p.ndim != 2:
         raise ValueError(f"classification task needs pred [N, C] class probabilities, got shape {p.shape}")
-    return {"accuracy": accuracy(p, y), "auc": auc(p, y), "ece": ece(p, y), "brier": brier(p, y)}
+    return {"accuracy": accuracy(p, y), "auc": auc(p, y), "ece": ece(p, y), "brier": brier(p, y), "nll": nll(p, y)}
 
 
 def primary_metric(task: str | Mapping[str, float]) -> str | None:

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-#: A number or a ``{start, end, rate|steps}`` table: a value annealed over training steps.
+#: A number or a schedule table (``pyromtl.schedules``): a value annealed over training steps.
 ScheduleValue = typing.Union[float, dict]
 
 #: Integer options must fit an int64: torch (seeds, sizes) overflows beyond it.
@@ -63,6 +63,10 @@ class TrainOptions(Options):
     weight_decay: float = 0.0
     num_particles: int = 1
     eval_every: int = 50
+    #: Which validated states model selection may keep: "after_warmup" (from the step every
+    #: schedule, e.g. the KL warm-up and the temperature, holds its final value: the full
+    #: objective), "all", or "last" (no selection: the final state).
+    select: str = "after_warmup"
     eval_samples: int = 20
     checkpoint_every: int = 200
     kl_weight: ScheduleValue = 1.0

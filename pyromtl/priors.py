@@ -196,10 +196,12 @@ class PriorContext:
     :param event_shape: event shape (``(K, d)`` for ``w``, ``(d,)`` for ``z``).
     :param num_tasks: the number of tasks T.
     :param step: the training step, for annealed parameters.
+    :param total_steps: the run's length, for schedules written relative to it (``None``: unknown).
     :param components: ``(loc, scale)`` of mixture components, broadcastable to
         ``batch_shape + (T,) + event_shape``; component ``i`` is task i's variational posterior
-        (VMTL eq. 6) or ``q(z | f(x, D_i))`` (eq. 9). The caller detaches them (the paper uses the
-        previous iteration's posteriors); builders pass them through unchanged.
+        (VMTL eq. 6) or ``q(z | f(x, D_i))`` (eq. 9). The caller decides whether gradients flow
+        through them: VMTL detaches both (the previous iteration's posteriors) unless its
+        ``z_prior_grad`` option says otherwise. Builders pass them through unchanged.
     :param task_axis: the dim of ``batch_shape`` that indexes the task owning each row (negative
         or non-negative; default: the first batch dim). Stored as a negative index.
     :param device: where new tensors go; default the components' device, else the CPU.
@@ -215,6 +217,7 @@ class PriorContext:
     event_shape: torch.Size
     num_tasks: int
     step: int = 0
+    total_steps: int | None = None
     components: tuple[torch.Tensor, torch.Tensor] | None = None
     task_axis: int | None = None
     device: torch.device | None = None
@@ -326,6 +329,7 @@ class PriorSite(LocalParamsModule):
         event_shape: tuple[int, ...] | torch.Size,
         num_tasks: int,
         step: int = 0,
+        total_steps: int | None = None,
         components: tuple[torch.Tensor, torch.Tensor] | None = None,
         task_axis: int | None = None,
         device: torch.device | str | None = None,
@@ -334,8 +338,8 @@ class PriorSite(LocalParamsModule):
         """The :class:`PriorContext` of one build, owned by this site."""
         if device is None and components is None:
             device = self._anchor.device
-        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, components=components,
-                            task_axis=task_axis, device=device, owner=self, extras=dict(extras or {}))
+        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, total_steps=total_steps,
+                            components=components, task_axis=task_axis, device=device, owner=self, extras=dict(extras or {}))
 
     def build(self, **context: Any) -> Distribution:
         """Build the prior; keyword arguments as in :meth:`context`."""
@@ -504,7 +508,7 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
         )
     mode = spec.params["weights"]
     logits = None if mode == "uniform" else ctx.param("logits", ctx.full((T, T - 1), 0.0))
-    tau = as_schedule(spec.params["temperature"])(ctx.step)
+    tau = as_schedule(spec.params["temperature"])(ctx.step, ctx.total_steps)
     alpha = mixture_weights(mode, T, logits, tau, device=ctx.device, dtype=ctx.dtype)
     # event_dim=2: α is one [T, T] value per call, independent of the enclosing plates.
     pyro.deterministic(f"{ctx.site}_weights", alpha, event_dim=2)

@@ -4,7 +4,8 @@ One step draws a task-stacked batch, lets the method's objective (``Method.objec
 default the ELBO and ``backward()``, see :mod:`pyromtl.objective`) set the gradients, and takes
 an optimiser step; the objective's hooks run after each step and at each epoch's end. Every
 ``eval_every`` steps the validation split is scored and the best state kept (model selection
-uses val, never test). Every ``checkpoint_every`` steps the whole state (the objective's, the
+uses val, never test, and by default only states at the method's full objective: once every
+schedule, such as a KL warm-up or a temperature decay, holds its final value). Every ``checkpoint_every`` steps the whole state (the objective's, the
 optimiser's, the RNGs) is written atomically, so an interrupted run resumed from its
 checkpoint ends exactly where an uninterrupted one would.
 """
@@ -22,7 +23,7 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from pyromtl import metrics
+from pyromtl import config, metrics
 from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import predict_split, score_prediction
@@ -70,6 +71,24 @@ class TrainResult:
     best_step: int
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
+    #: The kept state's step and every schedule's value there (KL weights, temperatures).
+    selected: dict[str, Any] = field(default_factory=dict)
+
+
+def warmup_steps(method, cfg: dict[str, Any], n_steps: int) -> int:
+    """The first step at which every schedule of the run holds its final value (capped at the run's end)."""
+    settled = [s.settled(n_steps) for s in config.schedules(method, cfg).values()]
+    return int(min(n_steps, max(settled, default=0)))
+
+
+def schedule_values(method, cfg: dict[str, Any], step: int, n_steps: int) -> dict[str, Any]:
+    """``{"step": step, path: value}`` for every schedule of the run; per-site KL weights too, if the
+    method has ``kl_weights`` (each is the annealed ``kl_weight`` times the site's own)."""
+    values: dict[str, Any] = {"step": step}
+    values.update({path: s(step, n_steps) for path, s in config.schedules(method, cfg).items()})
+    if isinstance(cfg.get("kl_weights"), dict) and "kl_weight" in values:
+        values["kl_weights"] = {site: values["kl_weight"] * w for site, w in cfg["kl_weights"].items()}
+    return values
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -125,8 +144,10 @@ def build_training(method, data: MultiTaskData, cfg: dict[str, Any], state: Trai
     Parameters of priors and guides may be created on first use, so the objective runs once on
     a batch before the optimiser is built. Validation is off as in the loop: a non-finite loss
     is reported as such (:class:`TrainingError`), not as a distribution's argument check.
-    Call it with module-local parameters on.
+    Call it with module-local parameters on. A ``state`` without a run length gets this run's.
     """
+    if state.total_steps is None:
+        state.total_steps = total_steps(cfg, data)
     model, guide = method.build(data, cfg, state, device)
     objective = method.objective(method, cfg, model, guide)
     seed = int(cfg["seed"])
@@ -151,12 +172,14 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
     seed = int(cfg["seed"])
     pyro.set_rng_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    state = TrainState()
+    n_steps = total_steps(cfg, data)
+    state = TrainState(total_steps=n_steps)
     objective, optim = build_training(method, data, cfg, state, device)
     model, guide = objective.model, objective.guide
     has_val = all(n > 0 for n in data.split_sizes("val"))
-    n_steps = total_steps(cfg, data)
     per_epoch = steps_per_epoch(cfg, data)
+    # states model selection may keep: from the full objective on, every state, or the last one
+    first_kept = {"after_warmup": warmup_steps(method, cfg, n_steps), "all": 0, "last": n_steps}[cfg["select"]]
 
     start, history, seconds, loss_val = 0, [], 0.0, math.nan
     best = {"score": -math.inf, "step": -1, "state": None}
@@ -217,7 +240,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                     if has_val:
                         score = validation_score(method, model, guide, data, cfg, device, seed + done)
                         record["val_score"] = score
-                        if score > best["score"]:
+                        if done >= first_kept and (score > best["score"] or cfg["select"] == "last"):
                             best = {"score": score, "step": done, "state": copy.deepcopy(objective.state_dict())}
                         bar.set_postfix(loss=f"{loss_val:.4g}", val=f"{score:.4f}", kept=best["step"])
                     history.append(record)
@@ -238,5 +261,6 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
     if best["state"] is not None:
         objective.load_state_dict(best["state"])
     state.step = n_steps
-    return TrainResult(objective=objective, state=state, steps=n_steps, seconds=seconds,
-                       final_loss=loss_val, best_step=best["step"], best_score=best["score"], history=history)
+    selected = schedule_values(method, cfg, best["step"] if best["state"] is not None else n_steps, n_steps)
+    return TrainResult(objective=objective, state=state, steps=n_steps, seconds=seconds, final_loss=loss_val,
+                       best_step=best["step"], best_score=best["score"], history=history, selected=selected)

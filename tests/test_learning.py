@@ -45,14 +45,12 @@ def test_vmtl_beats_stl_averaged_over_seeds():
     assert vmtl > stl + 0.02, f"vmtl {vmtl:.3f} vs stl {stl:.3f}"
 
 
-def test_bmtl_does_not_beat_stl_because_the_heads_learn_alone():
-    """A shared encoder alone does not help with one image per class and task (README, "What we found").
-
-    Each task's head still learns from its own ten images, and both baselines fit their
-    training sets perfectly within 50 steps. Sharing strength between the heads, VMTL's
-    classifier prior with a deterministic z, is what beats single-task learning.
+def test_sharing_the_classifiers_beats_sharing_only_the_encoder():
+    """With one image per class and task, each head of STL and BMTL learns from ten images;
+    VMTL's classifier prior (with a deterministic z: Table 1's "z ×, w ✓" row) lets the heads
+    borrow from each other, and that is what beats both. (That BMTL's shared encoder does let
+    tasks influence each other, and STL's does not, is checked in tests/test_models.py.)
     """
     bmtl, stl = mean_accuracy("bmtl"), mean_accuracy("stl")
     shared_heads = mean_accuracy("vmtl", W_ONLY)
-    assert abs(bmtl - stl) < 0.04, f"bmtl {bmtl:.3f} vs stl {stl:.3f}"
     assert shared_heads > max(bmtl, stl) + 0.03, f"vmtl (w prior only) {shared_heads:.3f}, bmtl {bmtl:.3f}, stl {stl:.3f}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -173,18 +174,30 @@ def test_nmse_of_constant_target_is_nan():
 def test_task_metrics_keys_and_values():
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5]])
     out = M.task_metrics("classification", probs, [0, 1, 1])
-    assert list(out) == ["accuracy", "auc", "ece", "brier"]
+    assert list(out) == ["accuracy", "auc", "ece", "brier", "nll"]
     assert out["accuracy"] == pytest.approx(2 / 3)
+    assert out["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.8) + math.log(0.3)) / 3)
     assert all(isinstance(v, float) for v in out.values())
 
     out = M.task_metrics("binary", np.array([0.9, 0.2, 0.7]), np.array([1, 0, 0]))
-    assert list(out) == ["accuracy", "auc", "ece", "brier"]
+    assert list(out) == ["accuracy", "auc", "ece", "brier", "nll"]
     assert out["auc"] == pytest.approx(1.0)
     assert M.task_metrics("binary", np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), [1, 0, 0]) == out
 
     out = M.task_metrics("regression", np.array([0.0, 1.0]), np.array([0.0, 2.0]))
     assert out == {"mse": 0.5, "mae": 0.5, "nmse": pytest.approx(0.5)}
     assert set(M.HIGHER_IS_BETTER) == set(M.CLASSIFICATION_METRICS) | set(M.REGRESSION_METRICS)
+
+
+def test_nll_floors_a_zero_probability_and_matches_cross_entropy():
+    probs = np.array([[1.0, 0.0], [0.25, 0.75]])
+    assert M.nll(probs, [1, 1]) == pytest.approx((-math.log(1e-12) - math.log(0.75)) / 2)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 4))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 50)
+    ce = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(y)).item()
+    assert M.nll(p, y) == pytest.approx(ce, rel=1e-9)
 
 
 def test_task_metrics_rejects_wrong_type_and_shape():

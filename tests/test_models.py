@@ -114,6 +114,19 @@ def test_mean_field_elbo_uses_the_analytic_normal_kl():
     assert a > 0
 
 
+@pytest.mark.parametrize("method, isolated", [("stl", True), ("bmtl", False)])
+def test_only_a_shared_encoder_lets_one_tasks_data_change_another_tasks_predictions(method, isolated):
+    """STL's tasks learn alone; BMTL's share an encoder: noise in task 1's inputs reaches task 0."""
+    clean = blobs_mimo()
+    rng = np.random.default_rng(1)
+    xs = [clean.x[t].numpy() for t in range(clean.num_tasks)]
+    xs[1] = rng.normal(size=xs[1].shape).astype(np.float32) * 5
+    noisy = type(clean).from_arrays(xs, [clean.y[t].numpy() for t in range(clean.num_tasks)], "classification",
+                                    splits=clean.splits, name="blobs")
+    task0 = [pyromtl.fit(method, d, steps=15, device="cpu", **TINY).predict("test").pred[0] for d in (clean, noisy)]
+    assert np.array_equal(task0[0], task0[1]) == isolated
+
+
 def test_unknown_method_lists_the_available_ones():
     with pytest.raises(ValueError, match="unknown method 'nope'; available: .*vbmtl"):
         methods.get("nope")

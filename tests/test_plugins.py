@@ -43,7 +43,7 @@ def test_core_names_no_method_site() -> None:
 def test_kl_weights_are_a_mapping_over_latent_sites() -> None:
     vbmtl = methods.get("vbmtl")
     cfg = config.resolve(vbmtl, {"kl_weights": {"z": 0.5}})
-    assert cfg["kl_weights"] == {"z": 0.5, "w": 1.0}  # a partial table tunes the defaults
+    assert cfg["kl_weights"] == {"z": 0.5, "w": 1e-7}  # a partial table tunes the defaults
     with pytest.raises(ValueError, match=r"'kl_weights' names unknown site\(s\) \['q'\]"):
         config.resolve(vbmtl, {"kl_weights": {"q": 1.0}})
     with pytest.raises(ValueError, match=r"'kl_weights.z' must be >= 0"):

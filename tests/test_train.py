@@ -128,6 +128,31 @@ def test_model_selection_restores_the_best_validation_state(blobs):
     assert again == pytest.approx(scores[best])
 
 
+@pytest.mark.parametrize("select, kept", [("after_warmup", 20), ("all", 10), ("last", 40)])
+def test_model_selection_starts_after_the_warmup_by_default(blobs, monkeypatch, select, kept):
+    """Validation scores that only fall would keep the first state; by default selection waits
+    until the KL warm-up and the temperature decay have ended (half of this run), and records
+    the kept step with the schedules' values there."""
+    import pyromtl.train as train_mod
+
+    monkeypatch.setattr(train_mod, "validation_score", lambda *args: -float(args[-1]))  # seed + step: falls
+    warmup = {"start": 0.0, "end": 1.0, "fraction": 0.5}
+    decay = {"start": 5.0, "end": 0.5, "decay_fraction": 0.25}
+    fit = pyromtl.fit("vmtl", blobs, steps=40, kl_weight=warmup, select=select, mc_z=1, mc_w=1,
+                      priors={"w": {"temperature": decay}}, **TINY)
+    selected = fit.train_info["selected"]
+    assert fit.train_info["best_step"] == kept == selected["step"]
+    assert selected["kl_weight"] == pytest.approx(min(1.0, kept / 20))
+    assert selected["priors.w.temperature"] == pytest.approx(max(0.5, 5.0 * 0.1 ** (kept / 10)))
+    assert selected["kl_weights"] == {site: pytest.approx(w * selected["kl_weight"])
+                                      for site, w in fit.config["kl_weights"].items()}
+
+
+def test_bad_select_is_a_config_error(blobs):
+    with pytest.raises(ValueError, match="'select' must be one of"):
+        pyromtl.fit("bmtl", blobs, steps=4, select="best", **TINY)
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
     pio.atomic_write_json(target, {"ok": 1})

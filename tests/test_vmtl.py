@@ -22,7 +22,9 @@ import pyromtl
 from pyromtl import config, datasets, methods
 from pyromtl.base import TrainState
 from pyromtl.data import MultiTaskData
+from pyromtl.evaluation import predict_split
 from pyromtl.models.vmtl import ClassAttention
+from pyromtl.predict import draw
 from pyromtl.train import train
 
 #: VMTL's L x M Monte-Carlo draws cut to 2 x 2, and the KL at full weight from step 0 (the
@@ -214,6 +216,30 @@ def test_task_kl_sends_no_gradient_to_other_tasks_posteriors(t, which):
     # the z prior's inputs are data: a constant table, not a function of parameters
     assert not model.attention.attended.requires_grad
     assert all(p.grad is not None for p in guide.encoder.parameters())  # through the guide's q(z|x)
+
+
+# ----------------------------------------------------------------------- eq. 12: prediction
+def test_predictive_averages_the_per_draw_probabilities():
+    """Eq. 12: p(y | x) = (1 / LM) Σ_{l,m} p(y | z^(l), w^(m)), probabilities averaged, not logits.
+
+    The same seeded draws are scored twice: by the evaluation path and by hand. The softmax of
+    the averaged logits is checked to differ, so the test tells the two apart.
+    """
+    data = blobs_mimo()
+    fit = pyromtl.fit("vmtl", data, steps=20, device="cpu", **SMALL)
+    batch = next(data.eval_batches("test", "cpu"))
+    pyro.set_rng_seed(3)
+    outputs = draw(fit.model, fit.guide, batch, 3, fit.method.max_plate_nesting).outputs  # [D, T, B, K]
+    assert outputs.shape[0] == 3 * SMALL["mc_z"] * SMALL["mc_w"]  # the inner L x M pairs are draws too
+    pyro.set_rng_seed(3)
+    got = predict_split(fit.model, fit.guide, data, "test", num_samples=3, max_plate_nesting=fit.method.max_plate_nesting,
+                        device=torch.device("cpu"))
+    by_hand = torch.softmax(outputs, -1).mean(0)
+    of_mean_logits = torch.softmax(outputs.mean(0), -1)
+    for t in range(data.num_tasks):
+        n = batch.mask[t].sum()
+        np.testing.assert_allclose(got.pred[t], by_hand[t, :n].numpy(), rtol=1e-5, atol=1e-6)
+        assert np.abs(got.pred[t] - of_mean_logits[t, :n].numpy()).max() > 1e-3
 
 
 # ------------------------------------------------------------------- eq. 9: the previous φ
