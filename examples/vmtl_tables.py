@@ -13,10 +13,12 @@ records the selected step with its KL weights and temperature in ``results/vmtl_
   ``results/vmtl_kl_sweep.png``;
 * ``domains``: test accuracy on ``digits-domains`` at 5% / 10% / 20% for stl, vstl, bmtl,
   vbmtl, vmtl-ac and vmtl (mean ± 95% CI over seeds);
-* ``rotation``: test NMSE on ``digits-rotation`` for the same methods;
+* ``rotation``: test NMSE on ``digits-rotation`` for the same methods, and VMTL with its z or
+  its w prior made deterministic (which prior costs it on regression);
 * ``table1``: VMTL Table 1, z and/or w probabilistic (``examples/configs/table1_*.toml``);
 * ``table2``: VMTL Table 2, the mixture weights: mean, learned, Gumbel-Softmax
-  (``examples/configs/table2_*.toml``).
+  (``examples/configs/table2_*.toml``);
+* ``deviations``: each of our deviations from the paper against the defaults, at 5%.
 
 Every run uses the method's defaults (those of ``pyromtl fit``) unless the table changes
 them. Runs go to separate processes, one thread each.
@@ -40,13 +42,30 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ["stl", "vstl", "bmtl", "vbmtl", "vmtl-ac", "vmtl"]
 FRACTIONS = [0.05, 0.1, 0.2]
 ROTATION_FRACTION = 0.1
+#: Which of VMTL's priors costs it on regression: each one made deterministic in turn.
+ROTATION_VARIANTS = {"vmtl, z ×": {"priors": {"z": "deterministic"}}, "vmtl, w ×": {"priors": {"w": "deterministic"}}}
 SWEEP_WEIGHTS = [1e-7, 1e-4, 1e-2, 0.1, 1.0]
-SWEEP_METHODS = ["vbmtl", "vmtl"]
+SWEEP_METHODS = ["vstl", "vbmtl", "vmtl-ac", "vmtl"]
 SWEEP_FRACTIONS = [0.05, 0.2]
 TABLE1 = {"z ×, w ×": "table1_z_det_w_det", "z ✓, w ×": "table1_z_prob_w_det",
           "z ×, w ✓": "table1_z_det_w_prob", "z ✓, w ✓": "table1_z_prob_w_prob"}
 TABLE2 = {"mean": "table2_mean", "learned": "table2_learned", "gumbel_softmax": "table2_gumbel"}
-TABLES = ["sweep", "domains", "rotation", "table1", "table2"]
+#: Each deviation from the paper (README), against the defaults, at 5%: (label, method, options).
+DEVIATIONS = [
+    ("vmtl (defaults)", "vmtl", {}),
+    ("vmtl, z_prior_grad = true", "vmtl", {"z_prior_grad": True}),
+    ("vmtl, no component scale floor", "vmtl", {"z_component_min_scale": 0.0}),
+    ("vmtl, z_component_min_scale = 0.1", "vmtl", {"z_component_min_scale": 0.1}),
+    ("vmtl, z_component_min_scale = 1.0", "vmtl", {"z_component_min_scale": 1.0}),
+    ("vmtl, 1 x 1 draws", "vmtl", {"mc_z": 1, "mc_w": 1}),
+    ("vmtl, select = all", "vmtl", {"select": "all"}),
+    ("vmtl, select = last", "vmtl", {"select": "last"}),
+    ("vmtl-ac (defaults)", "vmtl-ac", {}),
+    ("vmtl-ac, ac_min_scale = 0.05", "vmtl-ac", {"ac_min_scale": 0.05}),
+    ("vbmtl (defaults)", "vbmtl", {}),
+    ("vbmtl, 10 particles", "vbmtl", {"num_particles": 10}),
+]
+TABLES = ["sweep", "domains", "rotation", "table1", "table2", "deviations"]
 
 
 def _run(job: dict) -> dict:
@@ -79,9 +98,14 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
                     for m in SWEEP_METHODS for f in SWEEP_FRACTIONS for w in SWEEP_WEIGHTS]
         elif name == "domains":
             out += [{**base, "method": m, "fraction": f, "seed": seed, "label": m} for m in METHODS for f in FRACTIONS]
+        elif name == "deviations":
+            out += [{**base, "method": m, "fraction": 0.05, "seed": seed, "label": label, "options": options}
+                    for label, m, options in DEVIATIONS]
         elif name == "rotation":
             out += [{**base, "data": "digits-rotation", "method": m, "fraction": ROTATION_FRACTION, "seed": seed,
                      "label": m} for m in METHODS]
+            out += [{**base, "data": "digits-rotation", "method": "vmtl", "fraction": ROTATION_FRACTION, "seed": seed,
+                     "label": label, "options": options} for label, options in ROTATION_VARIANTS.items()]
         else:
             rows = TABLE1 if name == "table1" else TABLE2
             out += [{**base, "method": "vmtl", "fraction": f, "seed": seed, "label": label, "config": config}
@@ -89,9 +113,15 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
     return out
 
 
+def _key(job: dict) -> tuple:
+    return tuple(job[k] for k in ("table", "method", "data", "fraction", "seed", "label"))
+
+
 def mean_ci(values: list[float], digits: int = 3) -> str:
     """``mean ± half-width`` of the two-sided 95% Student-t interval."""
     v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return "–"
     if len(v) < 2:
         return f"{v.mean():.{digits}f}"
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
@@ -113,18 +143,30 @@ def render(results: list[dict]) -> str:
             for f in SWEEP_FRACTIONS:
                 for w in SWEEP_WEIGHTS:
                     rs = [r for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
+                    if not rs:
+                        continue
                     rows.append([m, f, f"{w:g}", mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
                                  mean_ci([r["average"]["nll"] for r in rs]), mean_ci([r["average"]["ece"] for r in rs]),
                                  f"{np.mean([r['selected']['step'] for r in rs]):.0f}"])
         lines += ["### KL weight sweep on digits-domains (kl_weights.z = kl_weights.w = λ; mean ± 95% CI)", "",
                   table(["method", "fraction", "λ", "val accuracy", "test accuracy", "test NLL", "test ECE",
                          "selected step"], rows), ""]
+    if dev := by_table["deviations"]:
+        rows = []
+        for label, _, _ in DEVIATIONS:
+            rs = [r for r in dev if r["label"] == label]
+            if not rs:
+                continue
+            rows.append([label, mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
+                         mean_ci([r["average"]["ece"] for r in rs]), f"{np.mean([r['selected']['step'] for r in rs]):.0f}"])
+        lines += ["### Deviations, digits-domains at 5% (mean ± 95% CI)", "",
+                  table(["run", "val accuracy", "test accuracy", "test ECE", "selected step"], rows), ""]
     if dom := by_table["domains"]:
         rows = [[m, *_cells(dom, acc, FRACTIONS, in_fraction(m))] for m in METHODS]
         lines += ["### digits-domains: test accuracy (mean ± 95% CI over seeds)", "",
                   table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
     if rot := by_table["rotation"]:
-        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in METHODS]
+        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in [*METHODS, *ROTATION_VARIANTS]]
         lines += [f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)", "",
                   table(["method", "NMSE"], rows), ""]
     for name, rows_of, title in (("table1", TABLE1, "VMTL Table 1: z and/or w probabilistic"),
@@ -155,6 +197,8 @@ def plot_sweep(results: list[dict], path: Path) -> None:
             for ax, key in zip(axes, ("accuracy", "ece")):
                 vals = [[r["average"][key] for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
                         for w in SWEEP_WEIGHTS]
+                if not all(vals):
+                    continue
                 mean = np.array([np.mean(v) for v in vals])
                 half = np.array([stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
                                  if len(v) > 1 else 0.0 for v in vals])
@@ -177,15 +221,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--methods", nargs="*", help="only the runs of these methods")
     args = parser.parse_args()
     names = TABLES if args.table == "all" else [args.table]
-    jobs = [j for name in names for j in jobs_for(name, args.seeds)]
+    jobs = [j for name in names for j in jobs_for(name, args.seeds) if not args.methods or j["method"] in args.methods]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(_run, jobs))
     args.out.mkdir(parents=True, exist_ok=True)
-    # keep other tables' results from earlier invocations
+    # keep the results of other runs from earlier invocations
     path = args.out / "vmtl_results.json"
-    kept = [r for r in json.loads(path.read_text()) if r["table"] not in names] if path.exists() else []
+    done = {_key(j) for j in jobs}
+    kept = [r for r in json.loads(path.read_text()) if _key(r) not in done] if path.exists() else []
     results = kept + results
     path.write_text(json.dumps(results, indent=1))
     text = render(results)

@@ -344,6 +344,8 @@ def test_a_relative_root_is_stored_absolute_and_the_kept_step_is_shown(tmp_path:
     assert code == 0
     doc = RunDir(tmp_path / "run").read_metrics()
     assert f"kept step {doc['train']['best_step']} (best validation score" in out
+    assert doc["train"]["selected"]["step"] == doc["train"]["best_step"]
+    assert f"at kl_weight {doc['train']['selected']['kl_weight']:.3g}" in out
     root = RunDir(tmp_path / "run").read_config()["root"]
     assert Path(root).is_absolute() and Path(root) == (tmp_path / "data").resolve()
     monkeypatch.chdir(ROOT)  # reopening from elsewhere finds the data
