@@ -8,13 +8,17 @@ guide ``guides/vmtl.py``, ``TraceMeanField_ELBO``), term by term:
 * the classifier prior ``p(w_t) = sum_{i != t} alpha_ti sg[q(w_i)]`` with Gumbel-Softmax weights
   ``alpha_t ~ RelaxedOneHotCategorical(tau, logits=pi_t)`` (eq. 6-7), and the representation prior
   ``p(z_tn | x_tn) = sum_{i != t} beta_ti q_phi(z | f(x_tn, D_i))`` whose attention ``f`` over task
-  i's same-class training inputs is precomputed once (eq. 9-10);
+  i's same-class training inputs is precomputed once (eq. 9-10); its components are encoded
+  without a graph (the previous phi) and their scales floored at ``min_scale``;
 * both KLs replaced by the closed-form upper bound ``sum_i alpha_ti KL(q_t || q_i)`` (eq. 11);
+  for z, each sample evaluates ``k = z_components`` other tasks drawn uniformly without
+  replacement (all T-1 when ``k >= T-1``) and weights them ``beta_ti (T-1)/k``, an unbiased
+  estimate of the bound;
 * the likelihood averaged over L x M reparameterised draws of z and w (eq. 11), each subsampled
   task scaled by ``N_t / B_t`` and padded rows masked.
 
-The random draws are taken in the order Pyro takes them (guide: w then z; model: alpha then
-beta), so with the same parameters and seed both losses agree to rounding
+The random draws are taken in the order Pyro takes them (guide: w then z; model: alpha, the
+z components' tasks, then beta), so with the same parameters and seed both losses agree to rounding
 (``vmtl_step.py --check``).
 """
 
@@ -84,7 +88,8 @@ class PlainVMTL(nn.Module):
     """All of VMTL's trainable state and its loss, for MIMO classification tasks."""
 
     def __init__(self, num_tasks: int, num_classes: int, input_dim: int, hidden: list[int], latent_dim: int,
-                 attended: torch.Tensor, class_mask: torch.Tensor, mc_z: int = 10, mc_w: int = 10):
+                 attended: torch.Tensor, class_mask: torch.Tensor, mc_z: int = 10, mc_w: int = 10,
+                 z_components: int = 8, min_scale: float = 0.5):
         super().__init__()
         T, K, d = num_tasks, num_classes, latent_dim
         dims = [input_dim, *hidden, 2 * d]
@@ -103,6 +108,8 @@ class PlainVMTL(nn.Module):
         self.register_buffer("attended", attended)
         self.register_buffer("class_mask", class_mask)
         self.mc_z, self.mc_w = mc_z, mc_w
+        self.z_components, self.min_scale = z_components, min_scale
+        self.register_buffer("others", _others_index(T, "cpu"))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw = self.encoder(x).split(self.latent_dim, dim=-1)
@@ -127,12 +134,22 @@ class PlainVMTL(nn.Module):
         kl_bound_w = kl_normal_bound(w_loc, w_scale, w_loc.detach().squeeze(1), w_scale.detach().squeeze(1),
                                alpha[:, None, :], 2).sum()
 
-        # representation prior: q_phi(z | f(x_tn, D_i)) for every task i (eq. 9-10)
-        rows = torch.arange(T, device=index.device)[:, None]
-        c_loc, c_scale = self.encode(self.attended[rows, index].reshape(T, B * T, -1))
-        c_loc, c_scale = c_loc.reshape(T, B, T, -1), c_scale.reshape(T, B, T, -1)
+        # representation prior: q_phi(z | f(x_tn, D_i)) for k other tasks i per sample (eq. 9-10)
+        k = min(self.z_components, T - 1)
+        if k == T - 1:  # every other task: the exact bound
+            tasks, inclusion = self.others[:, None, :], 1.0
+        else:  # k distinct other tasks per sample, uniformly: the top k of uniform keys
+            picked = torch.rand(T, B, T - 1, device=index.device).topk(k, dim=-1, sorted=False).indices
+            tasks, inclusion = self.others[:, None, :].expand(T, B, T - 1).gather(-1, picked), k / (T - 1)
+        rows = torch.arange(T, device=index.device)[:, None, None]
+        with torch.no_grad():  # the previous phi (eq. 9): forward only
+            c_loc, c_scale = self.encode(self.attended[rows, index[:, :, None], tasks].reshape(T, B * k, -1))
+        c_loc, c_scale = c_loc.reshape(T, B, k, -1), c_scale.clamp_min(self.min_scale).reshape(T, B, k, -1)
         beta = gumbel_softmax_weights(self.logits_z, tau)
-        kl_bound_z = (kl_normal_bound(z_loc, z_scale, c_loc, c_scale, beta[:, None, :], 1) * weight).sum()
+        beta = beta[:, None, :].expand(T, tasks.shape[1], T).gather(-1, tasks)  # beta_ti of each component
+        if inclusion < 1.0:
+            beta = beta / inclusion  # Horvitz-Thompson weights: unbiased for the sum over every task
+        kl_bound_z = (kl_normal_bound(z_loc, z_scale, c_loc, c_scale, beta, 1) * weight).sum()
 
         # likelihood of every (l, m) pair of draws (eq. 11)
         # one batched product per task over (L B) x (M K), without copying z M times

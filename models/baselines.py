@@ -64,6 +64,10 @@ class LatentMTLModel(MultiTaskModel):
         """Mixture components for the prior of ``z``; the baselines' priors need none."""
         return None
 
+    def z_prior_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, Any]]:
+        """``(components, extras)`` for the build of z's prior: :meth:`z_components` and no extras."""
+        return self.z_components(batch), {}
+
     def w_components(self):
         return None
 
@@ -80,11 +84,11 @@ class LatentMTLModel(MultiTaskModel):
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
         """``z [..., T|1, B, d]``, one per sample."""
         rows = 1 if self.shared_z else batch.num_tasks
-        components = self.z_components(batch)
+        components, extras = self.z_prior_inputs(batch)
         with plates.locals(shared=self.shared_z), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
                                        num_tasks=batch.num_tasks, step=self.state.step, total_steps=self.state.total_steps,
-                                       components=components, task_axis=-2)
+                                       components=components, task_axis=-2, extras=extras)
             return pyro.sample("z", prior)
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ plates (eq. 11), with conditional priors that mix the other tasks' variational p
   encoded by the same inference network ``phi`` as the guide. Eq. 9 conditions on the previous
   iteration's ``phi``, so the components are computed without a graph by default;
   ``z_prior_grad = true`` lets gradients reach ``phi`` through them (a deviation, see README).
+  Encoding every ``f(x_tn, D_i)`` costs ``T·B·(T-1)`` encoder rows a step, quadratic in T; with
+  ``z_components = k < T - 1`` each sample encodes k other tasks drawn uniformly without
+  replacement, and the KL bound of eq. 11 is estimated without bias from them
+  (:meth:`VMTLModel.z_prior_inputs`), which keeps the step linear in T.
 
 The mixing weights and the KL treatment come from the prior specs (``task_mixture`` with
 ``weights = gumbel_softmax | learned | uniform`` and ``kl = upper_bound | monte_carlo``), so the
@@ -34,7 +38,7 @@ from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
 from pyromtl.models.baselines import CLASSIFIER_EXPORT, VMTL_PAPER, LatentMTLModel, LatentOptions, tempered
 from pyromtl.nn import GaussianEncoder, cross_attention
-from pyromtl.priors import PriorSite, mixture_weights
+from pyromtl.priors import PriorSite, mixture_weights, other_tasks
 from pyromtl.schedules import as_schedule
 
 
@@ -80,12 +84,21 @@ class ClassAttention:
         self.device = device
         self.attended = out.to(device) if on_device else out.pin_memory() if device.type == "cuda" else out
 
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows of a training batch (``index [T, B]``): ``[T, B, T, D]``."""
-        rows = torch.arange(index.shape[0], device=index.device)[:, None]
-        if self.attended.device != index.device:
-            return self.attended[rows.cpu(), index.cpu()].to(self.device, non_blocking=True)
-        return self.attended[rows, index]
+    def __call__(self, index: torch.Tensor, tasks: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of a training batch (``index [T, B]``): ``[T, B, T, D]``, every task i.
+
+        With ``tasks [T, B|1, C]`` (task i of each of C components), only those: ``[T, B, C, D]``.
+        """
+        T = index.shape[0]
+        host = self.attended.device != index.device
+        if host:
+            index, tasks = index.cpu(), None if tasks is None else tasks.cpu()
+        rows = torch.arange(T, device=index.device)
+        if tasks is None:
+            out = self.attended[rows[:, None], index]
+        else:  # advanced indexing gathers just the C rows per sample, [T, B, C, D]
+            out = self.attended[rows[:, None, None], index[:, :, None], tasks]
+        return out.to(self.device, non_blocking=True) if host else out
 
 
 class VMTLModel(MonteCarloDraws, LatentMTLModel):
@@ -98,6 +111,9 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         self.attention = attention
         self.z_prior_grad = cfg["z_prior_grad"]
         self.z_component_min_scale = cfg["z_component_min_scale"]
+        self.z_num_components = _check_z_components(cfg, data.num_tasks)
+        # [T, T-1]: row t lists the tasks i != t, whose components the z prior mixes (eq. 9)
+        self._others = other_tasks(data.num_tasks, attention.device)
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """All L x M pairs: ``z [..., L, 1, T, B, d]`` and ``w [..., M, T, 1, K, d]`` give ``[..., L, M, T, B, K]``."""
@@ -114,21 +130,65 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         # Parameter itself, a leaf that requires grad.
         return loc.detach().squeeze(1)[None, None], scale.detach().squeeze(1)[None, None]
 
-    def z_components(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q_phi(z | f(x_tn, D_i))`` for every task i, ``[T, B, T, d]`` (eq. 9–10).
+    def z_component_tasks(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """Which other tasks' components each training sample's z prior evaluates, and ``P(i ∈ S)``.
+
+        With ``z_components = k >= T - 1``: every task i ≠ t, ``[T, 1, T-1]``, probability 1 (the
+        exact eq. 9; the own task, whose weight is exactly 0, is skipped). With ``k < T - 1``: per
+        sample, k distinct tasks drawn uniformly without replacement from the T - 1 others,
+        ``[T, B, k]``, so each is drawn with probability ``k / (T-1)``. The draw is the top k of
+        i.i.d. uniform keys: vectorised, and independent of every parameter (so the importance-
+        weighted KL's gradient stays unbiased).
+        """
+        T, B = batch.num_tasks, batch.size
+        others = self._others
+        if others.device != batch.index.device:
+            others = self._others = others.to(batch.index.device)
+        k = self.z_num_components
+        if k >= T - 1:
+            return others[:, None, :], 1.0
+        keys = torch.rand(T, B, T - 1, device=others.device)
+        picked = keys.topk(k, dim=-1, sorted=False).indices  # k distinct positions among the T-1 others
+        return others[:, None, :].expand(T, B, T - 1).gather(-1, picked), k / (T - 1)
+
+    def z_prior_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+        """Components ``q_phi(z | f(x_tn, D_i))`` of z's prior (eq. 9–10) and their tasks, for ``task_mixture``.
+
+        In training: ``(loc, scale)`` ``[T, B, C, d]`` for the C tasks of :meth:`z_component_tasks`,
+        and the extras ``component_tasks`` and ``component_inclusion`` that tell the prior which
+        column of β each component takes and how to weight it (``pyromtl.priors``: with
+        ``C = k < T - 1``, ``β_ti (T-1)/k``, an unbiased estimate of eq. 11's ``Σ_i β_ti KL``).
+        Only ``T·B·C`` rows are encoded, forward only unless ``z_prior_grad`` (eq. 9: the
+        previous ``phi``), with the scales floored at ``z_component_min_scale``.
 
         Outside training the labels of a batch are not used: every component is then the
-        sample's own ``q_phi(z | x)``, which leaves predictions untouched (they use the guide).
-        The components carry no gradient unless ``z_prior_grad`` (eq. 9: the previous ``phi``).
+        sample's own ``q_phi(z | x)``, ``[T, B, T, d]`` (no extras), which leaves predictions
+        untouched (they use the guide).
         """
         T, B = batch.num_tasks, batch.size
         if batch.split != "train":
             loc, scale = self.encoder(batch.x, batch.simo)
-            return loc.unsqueeze(-2).expand(T, B, T, -1), scale.unsqueeze(-2).expand(T, B, T, -1)
-        attended = self.attention(batch.index)  # [T, B, T, D]
+            return (loc.unsqueeze(-2).expand(T, B, T, -1), scale.unsqueeze(-2).expand(T, B, T, -1)), {}
+        tasks, inclusion = self.z_component_tasks(batch)
+        attended = self.attention(batch.index, tasks)  # [T, B, C, D]
+        C = attended.shape[2]
         with torch.set_grad_enabled(self.z_prior_grad and torch.is_grad_enabled()):
-            loc, scale = self.encoder(attended.reshape(T, B * T, -1), False)
-        return loc.reshape(T, B, T, -1), scale.clamp_min(self.z_component_min_scale).reshape(T, B, T, -1)
+            loc, scale = self.encoder(attended.reshape(T, B * C, -1), False)
+        components = loc.reshape(T, B, C, -1), scale.clamp_min(self.z_component_min_scale).reshape(T, B, C, -1)
+        return components, {"component_tasks": tasks, "component_inclusion": inclusion}
+
+
+def _check_z_components(cfg: dict[str, Any], num_tasks: int) -> int:
+    """``z_components`` as an int, or a ``ValueError`` naming what is wrong with it."""
+    k = cfg["z_components"]
+    if k < 1:
+        raise ValueError(f"config key 'z_components' must be at least 1 (other tasks' components per sample in the "
+                         f"z prior's KL estimate), got {k}")
+    z_prior = cfg["priors"]["z"]
+    if k < num_tasks - 1 and z_prior.get("kind") == "task_mixture" and z_prior.get("kl") == "monte_carlo":
+        raise ValueError(f"priors.z.kl = 'monte_carlo' needs every other task's component, but z_components = {k} < "
+                         f"T - 1 = {num_tasks - 1}; set z_components >= {num_tasks - 1} or use kl = 'upper_bound'")
+    return k
 
 
 # ---------------------------------------------------------------------------- declarations
@@ -143,11 +203,15 @@ class VMTLOptions(LatentOptions):
     attention_max_mb: float = 1024.0  # the precomputed attention stays on the device up to this size
     z_prior_grad: bool = False  # True: gradients reach phi through the z prior's components (not eq. 9)
     z_component_min_scale: float = 0.5  # floor on the z prior's component scales (README: deviations)
+    #: k other tasks' components per sample in the z prior (eq. 9). k >= T-1: all of them, exact;
+    #: k < T-1: k drawn at random, the KL bound (eq. 11) estimated without bias at T·B·k encoder rows.
+    z_components: int = 8
 
 
 def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
     """VMTL (and VMTL-AC when ``amortized_classifier``): mixture priors over the other tasks."""
     info = data.info
+    _check_z_components(cfg, info.num_tasks)  # before the attention's one-off precomputation
     encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
     if cfg["amortized_classifier"]:
         w_post = AmortizedClassifier(data, encoder, cfg["hidden"], cfg["activation"], device,

@@ -5,6 +5,10 @@ are the other tasks' variational posteriors, of the classifier ``w`` (eq. 6) or 
 representation ``z`` (eq. 9). Its KL from a diagonal Gaussian guide is registered with
 :func:`torch.distributions.kl.register_kl` as the closed-form upper bound that VMTL's objective
 (eq. 11) uses, so ``pyro.infer.TraceMeanField_ELBO`` picks it up analytically.
+
+A ``TaskMixture(..., sampled=True)`` holds a random subset of a larger mixture's components with
+importance weights: its KL bound is an unbiased estimate of the full mixture's (VMTL's z prior
+with ``z_components < T - 1``, see ``models/vmtl.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ class _MixtureWeights(constraints.Constraint):
         return (value >= 0).all(-1) & ((value.sum(-1) - 1).abs() <= tolerance)
 
 
+class _ImportanceWeights(constraints.Constraint):
+    """Non-negative weights of a sampled mixture: each sums to 1 only in expectation."""
+
+    event_dim = 1
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return (value >= 0).all(-1)
+
+
 class TaskMixture(TorchDistribution):
     r"""Mixture of diagonal Gaussians ``p(x) = Σ_c w_c N(x | loc_c, diag scale_c²)``.
 
@@ -54,6 +67,16 @@ class TaskMixture(TorchDistribution):
         returns the closed-form bound ``Σ_c w_c KL(q ‖ N(loc_c, scale_c))`` (eq. 11); with
         ``"monte_carlo"`` it raises ``NotImplementedError``, so ``TraceMeanField_ELBO`` falls
         back to a Monte-Carlo estimate of the exact KL to the mixture.
+    :param sampled: the components are a random subset ``S`` of a larger mixture ``Σ_i w_i p_i``,
+        and ``weights`` are importance weights ``w_i / P(i ∈ S)`` (Horvitz–Thompson), so that
+        ``Σ_{c∈S} weights_c g(p_c)`` is an unbiased estimate of ``Σ_i w_i g(p_i)`` for any
+        per-component ``g``. The registered KL then returns an unbiased estimate of the full
+        mixture's bound ``Σ_i w_i KL(q ‖ p_i)`` (eq. 11), in value and in gradient; the weights
+        need only be ``>= 0``. Such a mixture is an estimator, not the full prior:
+        :meth:`log_prob`, sampling, :attr:`mean` and :attr:`variance` are those of the subset with
+        its weights renormalised (uniform over the subset if they are all 0), and
+        ``kl="monte_carlo"`` is refused, since the exact KL to a subset is no unbiased estimate of
+        the KL to the full mixture.
 
     ``batch_shape`` is the broadcast of ``weights.shape[:-1]`` and the batch dims of ``loc`` and
     ``scale``. :meth:`expand` returns a ``TaskMixture`` (not an ``ExpandedDistribution``), which
@@ -64,7 +87,6 @@ class TaskMixture(TorchDistribution):
     replayed from the guide in SVI and never sampled from in the loss.
     """
 
-    arg_constraints = {"weights": _MixtureWeights(), "loc": constraints.real, "scale": constraints.positive}
     has_rsample = False
 
     def __init__(
@@ -75,12 +97,16 @@ class TaskMixture(TorchDistribution):
         *,
         event_dim: int,
         kl: Literal["upper_bound", "monte_carlo"] = "upper_bound",
+        sampled: bool = False,
         validate_args: bool | None = None,
     ):
         if event_dim < 0:
             raise ValueError(f"event_dim must be >= 0, got {event_dim}")
         if kl not in KL_MODES:
             raise ValueError(f"kl must be one of {list(KL_MODES)}, got {kl!r}")
+        if sampled and kl != "upper_bound":
+            raise ValueError("a sampled TaskMixture (a random subset of the components, importance-weighted) estimates "
+                             "the KL upper bound only; kl='monte_carlo' needs every component")
         for name, t in (("loc", loc), ("scale", scale)):
             if t.dim() < event_dim + 1:
                 raise ValueError(f"{name} of shape {tuple(t.shape)} needs a component dim left of its {event_dim} event dim(s)")
@@ -96,11 +122,18 @@ class TaskMixture(TorchDistribution):
         self._weights, self._loc, self._scale = weights, loc, scale
         self._num_components = num_components[0]
         self.kl = kl
+        self.sampled = sampled
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     @property
+    def arg_constraints(self) -> dict[str, constraints.Constraint]:
+        # A sampled mixture's importance weights sum to 1 only in expectation.
+        weights = _ImportanceWeights() if self.sampled else _MixtureWeights()
+        return {"weights": weights, "loc": constraints.real, "scale": constraints.positive}
+
+    @property
     def weights(self) -> torch.Tensor:
-        """Mixing weights ``[*batch_shape, C]`` (a broadcast view, no copy)."""
+        """Mixing weights ``[*batch_shape, C]`` (a broadcast view, no copy); importance weights if ``sampled``."""
         return self._weights.expand(self.batch_shape + (self._num_components,))
 
     @property
@@ -129,14 +162,26 @@ class TaskMixture(TorchDistribution):
         new._weights, new._loc, new._scale = self._weights, self._loc, self._scale
         new._num_components = self._num_components
         new.kl = self.kl
+        new.sampled = self.sampled
         super(TaskMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
+    def _mixing_weights(self) -> torch.Tensor:
+        """The (compact) weights of the distribution itself: a sampled mixture's, renormalised."""
+        weights = _compact(self._weights)
+        if not self.sampled:
+            return weights
+        total = weights.sum(-1, keepdim=True)
+        # No mass on the subset (all weights 0, e.g. underflowed Gumbel-Softmax weights): uniform
+        # over it, so log_prob and sampling stay defined (the KL estimate is 0 then, as it should).
+        return torch.where(total > 0, weights / total.clamp_min(torch.finfo(total.dtype).tiny),
+                           torch.full_like(weights, 1.0 / weights.shape[-1]))
+
     def _log_weights(self) -> torch.Tensor:
         # log(0) has an infinite derivative and 0 * inf = NaN in backward: only take the log of
         # positive weights, and give zero weights -inf so logsumexp ignores them.
-        weights = _compact(self._weights)
+        weights = self._mixing_weights()
         positive = weights > 0
         safe = torch.where(positive, weights, torch.ones_like(weights))
         return torch.where(positive, safe.log(), torch.full_like(safe, -torch.inf))
@@ -168,7 +213,8 @@ class TaskMixture(TorchDistribution):
         E = len(self.event_shape)
         comp = self._component_dim()
         with torch.no_grad():
-            index = torch.distributions.Categorical(probs=self.weights, validate_args=False).sample(sample_shape)
+            probs = self._mixing_weights().expand(self.batch_shape + (self.num_components,))
+            index = torch.distributions.Categorical(probs=probs, validate_args=False).sample(sample_shape)
         full = sample_shape + self.batch_shape + torch.Size([self.num_components]) + self.event_shape
         index = index.reshape(index.shape + (1,) * (E + 1)).expand(sample_shape + self.batch_shape + (1,) + self.event_shape)
         loc = self.loc.expand(full).gather(comp, index).squeeze(comp)
@@ -180,7 +226,8 @@ class TaskMixture(TorchDistribution):
             return self.rsample(sample_shape)
 
     def _weights_over_event(self) -> torch.Tensor:
-        return self.weights.reshape(self.weights.shape + (1,) * len(self.event_shape))
+        weights = self._mixing_weights().expand(self.batch_shape + (self.num_components,))
+        return weights.reshape(weights.shape + (1,) * len(self.event_shape))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -207,7 +254,8 @@ def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_
     r"""``Σ_c w_c KL(N(q_loc, q_scale) ‖ N(loc_c, scale_c))``, summed over the event dims.
 
     This is the upper bound of ``KL(q ‖ Σ_c w_c p_c)`` that VMTL uses (eq. 11, by convexity of
-    the KL in its second argument); all components at once, no loop.
+    the KL in its second argument); all components at once, no loop. For a sampled ``p`` the
+    same sum over its subset, with importance weights, estimates the full bound without bias.
     """
     if p.kl == "monte_carlo":
         # TraceMeanField_ELBO catches this and estimates the exact mixture KL by sampling.

@@ -46,6 +46,7 @@ __all__ = [
     "available",
     "describe",
     "mixture_weights",
+    "other_tasks",
     "MIXTURE_WEIGHTS",
 ]
 
@@ -201,7 +202,9 @@ class PriorContext:
         ``batch_shape + (T,) + event_shape``; component ``i`` is task i's variational posterior
         (VMTL eq. 6) or ``q(z | f(x, D_i))`` (eq. 9). The caller decides whether gradients flow
         through them: VMTL detaches both (the previous iteration's posteriors) unless its
-        ``z_prior_grad`` option says otherwise. Builders pass them through unchanged.
+        ``z_prior_grad`` option says otherwise. Builders pass them through unchanged. A model may
+        pass ``C`` components of named tasks instead of all T (``task_mixture``'s
+        ``component_tasks`` extra).
     :param task_axis: the dim of ``batch_shape`` that indexes the task owning each row (negative
         or non-negative; default: the first batch dim). Stored as a negative index.
     :param device: where new tensors go; default the components' device, else the CPU.
@@ -428,7 +431,7 @@ def _deterministic(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return dist.ImproperUniform(support, ctx.batch_shape, ctx.event_shape)
 
 
-def _others(num_tasks: int, device: torch.device) -> torch.Tensor:
+def other_tasks(num_tasks: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``[T, T-1]`` column indices of the other tasks of each row: row t lists ``i ≠ t`` in order."""
     j = torch.arange(num_tasks - 1, device=device)
     t = torch.arange(num_tasks, device=device).unsqueeze(-1)
@@ -437,7 +440,7 @@ def _others(num_tasks: int, device: torch.device) -> torch.Tensor:
 
 def _scatter_rows(rows: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """``[..., T, T-1]`` weights over the other tasks → ``[..., T, T]`` with a zero diagonal (α_tt = 0)."""
-    index = _others(num_tasks, rows.device).expand(rows.shape)
+    index = other_tasks(num_tasks, rows.device).expand(rows.shape)
     return torch.zeros(*rows.shape[:-1], num_tasks, device=rows.device, dtype=rows.dtype).scatter(-1, index, rows)
 
 
@@ -485,6 +488,17 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
 
     The ``[T, T]`` matrix α (zero diagonal) is recorded as ``pyro.deterministic(f"{site}_weights")``.
     ``kl`` selects the closed-form upper bound of eq. 11 or a Monte-Carlo KL (see TaskMixture).
+
+    By default component i is task i (``C = T`` components, the own task at weight 0). A model
+    may instead pass fewer, naming their tasks in ``ctx.extras``:
+
+    * ``component_tasks``: integer tensor broadcastable to ``batch_shape + (C,)``, the task of
+      each component (the columns of α it takes);
+    * ``component_inclusion``: the probability ``P(i ∈ S)`` with which each other task i was
+      drawn into the components ``S`` (default 1: ``S`` holds every other task, the mixture is
+      exact). Below 1 the weights are ``α_ti / P(i ∈ S)`` and the mixture is a ``sampled``
+      :class:`TaskMixture`: its KL bound ``Σ_{i∈S} α_ti / P(i∈S) · KL(q ‖ p_i)`` estimates eq. 11's
+      ``Σ_i α_ti KL(q ‖ p_i)`` without bias, and ``kl = "monte_carlo"`` is refused.
     """
     T = ctx.num_tasks
     if T < 2:
@@ -500,11 +514,23 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
             f"task_axis {ctx.task_axis}"
         )
     loc, scale = ctx.components
-    comp = -(len(ctx.event_shape) + 1)
-    if loc.dim() < -comp or loc.shape[comp] != T:
+    tasks: torch.Tensor | None = ctx.extras.get("component_tasks")
+    inclusion = float(ctx.extras.get("component_inclusion", 1.0))
+    if not 0.0 < inclusion <= 1.0:
+        raise ValueError(f"task_mixture for site {ctx.site!r}: component_inclusion must be in (0, 1], got {inclusion}")
+    sampled = inclusion < 1.0
+    if sampled and spec.params["kl"] != "upper_bound":
         raise ValueError(
-            f"task_mixture for site {ctx.site!r}: components must be shaped batch_shape + ({T},) + event_shape "
-            f"{tuple(ctx.event_shape)}, got loc {tuple(loc.shape)}"
+            f"task_mixture for site {ctx.site!r}: kl = 'monte_carlo' needs every component, but the model passed a "
+            f"random subset of them (component_inclusion = {inclusion:.3g}); use kl = 'upper_bound', or have the "
+            "model evaluate every other task (VMTL: z_components >= T - 1)"
+        )
+    num_components = T if tasks is None else tasks.shape[-1]
+    comp = -(len(ctx.event_shape) + 1)
+    if loc.dim() < -comp or loc.shape[comp] != num_components:
+        raise ValueError(
+            f"task_mixture for site {ctx.site!r}: components must be shaped batch_shape + ({num_components},) + "
+            f"event_shape {tuple(ctx.event_shape)}, got loc {tuple(loc.shape)}"
         )
     mode = spec.params["weights"]
     logits = None if mode == "uniform" else ctx.param("logits", ctx.full((T, T - 1), 0.0))
@@ -512,5 +538,12 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     alpha = mixture_weights(mode, T, logits, tau, device=ctx.device, dtype=ctx.dtype)
     # event_dim=2: α is one [T, T] value per call, independent of the enclosing plates.
     pyro.deterministic(f"{ctx.site}_weights", alpha, event_dim=2)
-    mixture = TaskMixture(ctx.along_tasks(alpha), loc, scale, event_dim=len(ctx.event_shape), kl=spec.params["kl"])
+    weights = ctx.along_tasks(alpha)  # [..., T, ..., T]: row t on the task axis
+    if tasks is not None:
+        # Each component's own α_ti: gather the columns of α named by the component's task.
+        shape = torch.Size(broadcast_shape(weights.shape[:-1], tasks.shape[:-1]))
+        weights = weights.expand(shape + (T,)).gather(-1, tasks.expand(shape + (num_components,)))
+        if sampled:
+            weights = weights / inclusion  # Horvitz–Thompson: unbiased for the sum over all tasks
+    mixture = TaskMixture(weights, loc, scale, event_dim=len(ctx.event_shape), kl=spec.params["kl"], sampled=sampled)
     return mixture.expand(broadcast_shape(mixture.batch_shape, ctx.batch_shape))

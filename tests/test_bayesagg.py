@@ -45,7 +45,7 @@ def _build(kind: str = "isotropic", **options: Any):
     cfg = config.resolve(method, {**TINY, "device": "cpu", "pretrain_steps": 0, **options},
                          priors={"w": {"kind": kind, "scale": GAMMA}})
     torch.manual_seed(0)
-    model, guide = method.build(data, cfg, TrainState(), torch.device("cpu"))
+    model, guide = method.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
     return data, cfg, model, guide, method.objective(method, cfg, model, guide)
 
 

@@ -197,3 +197,29 @@ def test_trace_mean_field_uses_the_analytic_bound():
 
     mc = [_mean_field_loss("monte_carlo", seed, *args).item() for seed in (0, 1, 2)]
     assert len(set(mc)) == 3  # sampled: varies with the seed
+
+
+def test_sampled_mixture_estimates_the_bound_and_is_the_renormalised_subset_otherwise():
+    """``sampled=True``: importance weights (sum ≠ 1) accepted; the KL bound uses them as given,
+    log_prob / sampling / mean use the subset renormalised; the exact MC KL is refused."""
+    weights = torch.tensor([[0.3, 0.9], [0.0, 0.0]])  # row 1: a subset without mass
+    loc, scale = torch.randn(2, 2, 3), torch.rand(2, 2, 3) + 0.3
+    with pytest.raises(ValueError):  # not on the simplex: refused unless sampled
+        TaskMixture(weights, loc, scale, event_dim=1)
+    m = TaskMixture(weights, loc, scale, event_dim=1, sampled=True)
+    assert m.expand((4, 2)).sampled
+    with pytest.raises(ValueError, match="kl='monte_carlo' needs every component"):
+        TaskMixture(weights, loc, scale, event_dim=1, kl="monte_carlo", sampled=True)
+    with pytest.raises(ValueError):
+        TaskMixture(-weights, loc, scale, event_dim=1, sampled=True)
+
+    q_loc, q_scale = torch.randn(2, 3), torch.rand(2, 3) + 0.3
+    pairs = torch.stack([kl_divergence(dist.Normal(q_loc, q_scale), dist.Normal(loc[:, c], scale[:, c])).sum(-1)
+                         for c in range(2)], -1)
+    torch.testing.assert_close(kl_divergence(dist.Normal(q_loc, q_scale).to_event(1), m), (weights * pairs).sum(-1))
+
+    value = torch.randn(2, 3)
+    renormalised = TaskMixture(torch.tensor([[0.25, 0.75], [0.5, 0.5]]), loc, scale, event_dim=1)
+    torch.testing.assert_close(m.log_prob(value), renormalised.log_prob(value))
+    torch.testing.assert_close(m.mean, renormalised.mean)
+    assert m.sample((5,)).shape == (5, 2, 3) and torch.isfinite(m.sample((5,))).all()

@@ -42,7 +42,7 @@ def build(data: MultiTaskData | None = None, priors: dict | None = None, **optio
     m = methods.get("hib")
     cfg = config.resolve(m, {**SMALL, **options}, priors)
     torch.manual_seed(0)
-    state = TrainState()
+    state = TrainState(total_steps=100)
     model, guide = m.build(data, cfg, state, torch.device("cpu"))
     return model, guide, state
 
@@ -244,7 +244,7 @@ def test_mtvib_weights_each_task_by_its_learned_uncertainty():
     m = methods.get("mtvib")
     cfg = config.resolve(m, {**SMALL})
     torch.manual_seed(0)
-    model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
     batch = batch_of(data)
     with torch.no_grad():
         model.log_task_var.copy_(torch.tensor([[0.5], [-0.3], [0.0]]))

@@ -66,7 +66,7 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
     @local_params
     def run():
         cfg = config.resolve(m, dict(TINY, mc_z=3, mc_w=5))
-        model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
         batch = data.train_batch(8, None, "cpu")
         guide_tr = poutine.trace(guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
@@ -94,7 +94,7 @@ def test_mean_field_elbo_uses_the_analytic_normal_kl():
     @local_params
     def kl_terms():
         cfg = config.resolve(m, {**TINY, "kl_weight": 1.0})
-        model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
         batch = data.train_batch(8, None, "cpu")
         elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=4)
         losses = []

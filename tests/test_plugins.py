@@ -101,7 +101,7 @@ def test_objective_can_replace_the_backward_pass_and_runs_its_hooks() -> None:
     per_epoch = -(-max(data.split_sizes("train")) // 16)
     pyro.set_rng_seed(cfg["seed"])  # the trainer's seed: the same initialisation
     with pyro.settings.context(module_local_params=True):
-        before = {k: v.clone() for k, v in m.build(data, cfg, pyromtl.base.TrainState(), torch.device("cpu"))[0]
+        before = {k: v.clone() for k, v in m.build(data, cfg, pyromtl.base.TrainState(total_steps=100), torch.device("cpu"))[0]
                   .encoder.state_dict().items()}
     result = train(m, data, cfg)
     obj = result.objective

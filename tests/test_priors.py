@@ -232,6 +232,40 @@ def test_z_prior_broadcasts_weights_along_the_task_axis():
     assert torch.equal(prior.loc, loc)
 
 
+def test_z_prior_with_named_components_gathers_their_weights():
+    """``component_tasks`` names each component's task: its weight is that column of β, over
+    ``component_inclusion`` (Horvitz–Thompson) when the components are a random subset."""
+    site = PriorSite("z", {"kind": "task_mixture", "weights": "learned"})
+    with torch.no_grad():
+        site.param("logits", torch.randn(T, T - 1))
+    beta = expected_weights(site, T)
+    C = 2
+    tasks = torch.stack([torch.randperm(T - 1)[:C] for _ in range(T * B)]).reshape(T, B, C)
+    tasks = tasks + (tasks >= torch.arange(T)[:, None, None]).long()  # other tasks only
+    loc, scale = torch.randn(T, B, C, D), torch.rand(T, B, C, D) + 0.1
+    kwargs = dict(batch_shape=(T, B), event_shape=(D,), num_tasks=T, components=(loc, scale), task_axis=-2)
+    inclusion = C / (T - 1)
+    prior = site.build(**kwargs, extras={"component_tasks": tasks, "component_inclusion": inclusion})
+    assert prior.sampled and prior.batch_shape == (T, B) and prior.num_components == C
+    for t, b, c in [(0, 0, 0), (1, 3, 1), (3, 4, 0)]:
+        torch.testing.assert_close(prior.weights[t, b, c], beta[t, tasks[t, b, c]] / inclusion)
+    # every other task named, in any order, probability 1: the exact mixture, weights on the simplex
+    everyone = priors.other_tasks(T).flip(-1)[:, None, :]
+    exact = site.build(**{**kwargs, "components": (torch.randn(T, B, T - 1, D), torch.ones(T, B, T - 1, D))},
+                       extras={"component_tasks": everyone})
+    assert not exact.sampled
+    torch.testing.assert_close(exact.weights.sum(-1), torch.ones(T, B))
+    torch.testing.assert_close(exact.weights[:, 0], beta.gather(-1, everyone[:, 0]))
+    # errors: a subset for the exact KL, an impossible inclusion, a component count that does not match
+    mc = PriorSite("z", {"kind": "task_mixture", "kl": "monte_carlo"})
+    with pytest.raises(ValueError, match="monte_carlo.*needs every component"):
+        mc.build(**kwargs, extras={"component_tasks": tasks, "component_inclusion": inclusion})
+    with pytest.raises(ValueError, match=r"component_inclusion must be in \(0, 1\]"):
+        site.build(**kwargs, extras={"component_tasks": tasks, "component_inclusion": 0.0})
+    with pytest.raises(ValueError, match=r"components must be shaped batch_shape \+ \(3,\)"):
+        site.build(**kwargs, extras={"component_tasks": everyone})
+
+
 def test_task_mixture_errors():
     site = PriorSite("w", "task_mixture")
     with pytest.raises(ValueError, match="at least 2 tasks"):

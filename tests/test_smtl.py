@@ -30,7 +30,7 @@ def _build(name: str, data, **options):
     m = methods.get(name)
     cfg = config.resolve(m, {**TINY, "device": "cpu", **options})
     torch.manual_seed(0)
-    return m.build(m.prepare(data, cfg), cfg, TrainState(), torch.device("cpu"))
+    return m.build(m.prepare(data, cfg), cfg, TrainState(total_steps=100), torch.device("cpu"))
 
 
 @local_params

@@ -80,7 +80,7 @@ def test_vectorized_particles_reduce_the_variance_of_the_loss(blobs):
     def losses(n: int) -> np.ndarray:
         cfg = config.resolve(m, dict(num_particles=n, **TINY))
         torch.manual_seed(0)
-        model, guide = m.build(blobs, cfg, TrainState(), torch.device("cpu"))
+        model, guide = m.build(blobs, cfg, TrainState(total_steps=100), torch.device("cpu"))
         loss_fn = m.elbo(m, cfg)(model, guide)
         batch = blobs.train_batch(16, torch.Generator().manual_seed(0), "cpu")
         with torch.no_grad():
@@ -186,7 +186,7 @@ def test_each_step_runs_the_encoder_once_whatever_the_number_of_tasks():
         data = blobs_mimo(num_tasks=num_tasks)
         m = methods.get(method)
         cfg = config.resolve(m, dict(TINY))
-        model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
         loss_fn = m.elbo(m, cfg)(model, guide)
         batch = data.train_batch(8, None, "cpu")
         calls.clear()

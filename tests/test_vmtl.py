@@ -47,7 +47,7 @@ def build(method: str = "vmtl", data: MultiTaskData | None = None, priors: dict 
     m = methods.get(method)
     cfg = config.resolve(m, {**SMALL, **options}, priors)
     torch.manual_seed(0)  # the same initial parameters on every build
-    model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
     return model, guide, cfg
 
 
@@ -254,7 +254,7 @@ def test_z_prior_components_carry_gradient_only_when_asked(z_prior_grad):
     data = blobs_mimo()
     model, guide, cfg = build(data=data, z_prior_grad=z_prior_grad)
     batch = train_batch(data)
-    loc, scale = model.z_components(batch)
+    (loc, scale), _ = model.z_prior_inputs(batch)
     assert loc.requires_grad == z_prior_grad and scale.requires_grad == z_prior_grad
 
     def encoder_grad(block_prior: bool) -> torch.Tensor:
@@ -263,17 +263,17 @@ def test_z_prior_components_carry_gradient_only_when_asked(z_prior_grad):
         pyro.set_rng_seed(1)
         run = without_y(model)
         if block_prior:  # the same prior, its components recomputed without a graph
-            components = model.z_components
+            inputs = model.z_prior_inputs
 
             def frozen(b):
                 with torch.no_grad():
-                    return components(b)
+                    return inputs(b)
 
-            model.z_components = frozen
+            model.z_prior_inputs = frozen
         try:
             loss = elbo("method", cfg).differentiable_loss(run, guide, batch)
         finally:
-            model.__dict__.pop("z_components", None)
+            model.__dict__.pop("z_prior_inputs", None)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in guide.encoder.parameters()])
 

@@ -41,7 +41,7 @@ def _setup(method: str, data=None, **options):
     m = methods.get(method)
     cfg = config.resolve(m, {**TINY, **options})
     torch.manual_seed(0)
-    model, guide = m.build(data, cfg, TrainState(), torch.device("cpu"))
+    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
     objective = m.objective(m, cfg, model, guide)
     batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
     objective(batch)  # creates lazy parameters, as the trainer does
