@@ -11,6 +11,7 @@ records the selected step with its KL weights and temperature in ``results/vmtl_
   {1e-7, 1e-4, 1e-2, 0.1, 1} for ``vmtl`` and ``vbmtl`` on ``digits-domains`` at 5% and 20%:
   validation and test accuracy, NLL, ECE and the selected step; plotted to
   ``results/vmtl_kl_sweep.png``;
+* ``floor``: VMTL's floor on the z prior's component scales, {0.1, 0.25, 0.5, 1, 2}, at 5% and 20%;
 * ``domains``: test accuracy on ``digits-domains`` at 5% / 10% / 20% for stl, vstl, bmtl,
   vbmtl, vmtl-ac and vmtl (mean ± 95% CI over seeds);
 * ``rotation``: test NMSE on ``digits-rotation`` for the same methods, and VMTL with its z or
@@ -65,7 +66,9 @@ DEVIATIONS = [
     ("vbmtl (defaults)", "vbmtl", {}),
     ("vbmtl, 10 particles", "vbmtl", {"num_particles": 10}),
 ]
-TABLES = ["sweep", "domains", "rotation", "table1", "table2", "deviations"]
+#: The floor on the z prior's component scales (z_component_min_scale), picked on validation.
+FLOORS = [0.1, 0.25, 0.5, 1.0, 2.0]
+TABLES = ["sweep", "floor", "domains", "rotation", "table1", "table2", "deviations"]
 
 
 def _run(job: dict) -> dict:
@@ -98,6 +101,9 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
                     for m in SWEEP_METHODS for f in SWEEP_FRACTIONS for w in SWEEP_WEIGHTS]
         elif name == "domains":
             out += [{**base, "method": m, "fraction": f, "seed": seed, "label": m} for m in METHODS for f in FRACTIONS]
+        elif name == "floor":
+            out += [{**base, "method": "vmtl", "fraction": f, "seed": seed, "label": s,
+                     "options": {"z_component_min_scale": s}} for f in SWEEP_FRACTIONS for s in FLOORS]
         elif name == "deviations":
             out += [{**base, "method": m, "fraction": 0.05, "seed": seed, "label": label, "options": options}
                     for label, m, options in DEVIATIONS]
@@ -151,6 +157,16 @@ def render(results: list[dict]) -> str:
         lines += ["### KL weight sweep on digits-domains (kl_weights.z = kl_weights.w = λ; mean ± 95% CI)", "",
                   table(["method", "fraction", "λ", "val accuracy", "test accuracy", "test NLL", "test ECE",
                          "selected step"], rows), ""]
+    if floor := by_table["floor"]:
+        rows = []
+        for f in SWEEP_FRACTIONS:
+            for s in FLOORS:
+                rs = [r for r in floor if r["fraction"] == f and r["label"] == s]
+                if rs:
+                    rows.append([f, f"{s:g}", mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
+                                 mean_ci([r["average"]["ece"] for r in rs])])
+        lines += ["### VMTL's floor on the z prior's component scales (z_component_min_scale), digits-domains", "",
+                  table(["fraction", "floor", "val accuracy", "test accuracy", "test ECE"], rows), ""]
     if dev := by_table["deviations"]:
         rows = []
         for label, _, _ in DEVIATIONS:

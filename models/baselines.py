@@ -165,13 +165,14 @@ def tempered(weight: float) -> dict[str, Any]:
 
 _POINT = {"z": "deterministic", "w": "deterministic"}
 _NORMAL = {"z": "normal", "w": "normal"}
-for _name, _per_task, _priors, _summary in (
-    ("stl", True, _POINT, "single-task learning: one encoder and head per task, maximum likelihood"),
-    ("bmtl", False, _POINT, "shared encoder with task heads, maximum likelihood"),
-    ("vstl", True, _NORMAL, "variational STL: probabilistic z and w under N(0, I) priors"),
-    ("vbmtl", False, _NORMAL, "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
+for _name, _per_task, _priors, _kl, _summary in (
+    ("stl", True, _POINT, {}, "single-task learning: one encoder and head per task, maximum likelihood"),
+    ("bmtl", False, _POINT, {}, "shared encoder with task heads, maximum likelihood"),
+    ("vstl", True, _NORMAL, tempered(1e-4), "variational STL: probabilistic z and w under N(0, I) priors"),
+    ("vbmtl", False, _NORMAL, tempered(1e-7),
+     "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
 ):
     register(Method(name=_name, summary=_summary, paper=VMTL_PAPER + " (baselines)", build=build_latent,
                     options=LatentOptions,
-                    overrides={**(tempered(1e-7) if _priors is _NORMAL else {}), "per_task_encoder": _per_task},
+                    overrides={**_kl, "per_task_encoder": _per_task},
                     priors=dict(_priors), export=(CLASSIFIER_EXPORT,)))

@@ -202,7 +202,7 @@ class VMTLOptions(LatentOptions):
     ac_min_scale: float = 0.2  # floor of the amortised classifier's scales (guides/vmtl.py)
     attention_max_mb: float = 1024.0  # the precomputed attention stays on the device up to this size
     z_prior_grad: bool = False  # True: gradients reach phi through the z prior's components (not eq. 9)
-    z_component_min_scale: float = 0.5  # floor on the z prior's component scales (README: deviations)
+    z_component_min_scale: float = 1.0  # floor on the z prior's component scales (README: deviations)
     #: k other tasks' components per sample in the z prior (eq. 9). k >= T-1: all of them, exact;
     #: k < T-1: k drawn at random, the KL bound (eq. 11) estimated without bias at T·B·k encoder rows.
     z_components: int = 8
