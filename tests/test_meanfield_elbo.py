@@ -43,7 +43,7 @@ def test_matches_trace_mean_field_elbo(name, simo, extra, validate):
     cfg = resolve(method, {**TINY, **extra, "kl_weight": 0.7})
     batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
     with pyro.settings.context(module_local_params=True), pyro.validation_enabled(validate):
-        state = TrainState(step=50)
+        state = TrainState(step=50, total_steps=400)  # mid-way through the KL warm-up
         model, guide = method.build(data, cfg, state, torch.device("cpu"))
         ref_loss, ref_grads = _loss_and_grads(TraceMeanField_ELBO, model, guide, batch, cfg["num_particles"], 3)
         loss, grads = _loss_and_grads(MeanFieldELBO, model, guide, batch, cfg["num_particles"], 3)

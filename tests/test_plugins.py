@@ -51,7 +51,7 @@ def test_kl_weights_are_a_mapping_over_latent_sites() -> None:
     with pytest.raises(ValueError, match="unknown config key 'kl_weight_z'"):
         config.resolve(vbmtl, {"kl_weight_z": 0.1})
     text = config.to_toml(cfg)
-    assert "kl_weights = { z = 0.5, w = 1.0 }" in text
+    assert "kl_weights = { z = 0.5, w = 1e-07 }" in text
 
 
 def test_monte_carlo_plates_are_vmtls_choice() -> None:
