@@ -164,7 +164,7 @@ def main() -> None:
         label = f"{options.get('moments', 'quadrature')}" + (f", J = {options['num_samples']}" if options else "")
         results["step"].append({"shape": name, "moments": label, **r})
         print(f"| {name} | {label} | {r['ls_ms']:.1f} | {r['bayesagg_ms']:.1f} | {r['ratio']:.2f} |", flush=True)
-    print(f"\n| shape | N | end_epoch s |\n|---|---|---|")
+    print("\n| shape | N | end_epoch s |\n|---|---|---|")
     for name in ("cifar-mtl", "regression"):
         seconds = epoch_prior(SHAPES[name], args.epoch_n)
         results["epoch_prior"].append({"shape": name, "n": args.epoch_n, "seconds": seconds})
