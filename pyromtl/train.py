@@ -5,9 +5,10 @@ default the ELBO and ``backward()``, see :mod:`pyromtl.objective`) set the gradi
 an optimiser step; the objective's hooks run after each step and at each epoch's end. Every
 ``eval_every`` steps the validation split is scored and the best state kept (model selection
 uses val, never test, and by default only states at the method's full objective: once every
-schedule, such as a KL warm-up or a temperature decay, holds its final value). Every ``checkpoint_every`` steps the whole state (the objective's, the
-optimiser's, the RNGs) is written atomically, so an interrupted run resumed from its
-checkpoint ends exactly where an uninterrupted one would.
+schedule, such as a KL warm-up or a temperature decay, holds its final value). Every
+``checkpoint_every`` steps the whole state (the objective's, the optimiser's, the RNGs) is
+written atomically, so an interrupted run resumed from its checkpoint ends exactly where an
+uninterrupted one would.
 """
 
 from __future__ import annotations
