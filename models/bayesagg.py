@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyro
@@ -66,6 +66,8 @@ from pyromtl.priors import PriorContext, PriorSite, PriorSpec
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
+#: History key prefix of the per-task aggregation weights (followed by the task index).
+WEIGHT_KEY = "aggregation_weight_"
 
 
 # ----------------------------------------------------------------------------- prior kinds
@@ -223,6 +225,7 @@ class BayesAggObjective(Objective):
                              persistent=False)
         self.stats = GaussianStats()
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
+        self.last_weights: Tensor | None = None  # [T]: the last step's mean aggregation weight of each task
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
@@ -265,7 +268,10 @@ class BayesAggObjective(Objective):
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(h, y, posteriors)
-        return aggregate(mu, var, s)
+        g, weights = aggregate(mu, var, s, return_weights=True)
+        order = torch.cat([group.tasks for group in model.groups])
+        self.last_weights = torch.zeros_like(s).index_copy(0, order, weights.mean((0, 2)))  # kept on the device
+        return g
 
     def backward(self, batch: Batch) -> Tensor:
         """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch."""
@@ -287,6 +293,13 @@ class BayesAggObjective(Objective):
         # one pass of the autograd engine for both graphs: the heads' loss, and g through the extractor
         torch.autograd.backward([loss, h], [torch.ones_like(loss), g / batch.size])
         return loss.detach()
+
+    def diagnostics(self) -> dict[str, float]:
+        """Each task's aggregation weight ``λ_k^s / Σ_j λ_j^s`` (eq. 7) at the last step, averaged over
+        the batch and the coordinates of ``h`` (the analogue of the paper's Fig. 3); none in pre-training."""
+        if self.last_weights is None:
+            return {}
+        return {f"{WEIGHT_KEY}{t}": w for t, w in enumerate(self.last_weights.tolist())}
 
     @torch.no_grad()
     def end_epoch(self, ctx: TrainContext) -> None:
@@ -372,10 +385,41 @@ def _head_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"class": np.arange(shape[-2]), "feature": np.arange(shape[-1])}
 
 
+def bayesagg_extra(fit: Any) -> dict[str, Any]:
+    """The aggregation weights over training, from the run's history: ``{"step": [...], task: [...]}``."""
+    logged = [h for h in fit.history if f"{WEIGHT_KEY}0" in h]
+    if not logged:
+        return {}
+    weights = {"step": [h["step"] for h in logged]}
+    weights.update({name: [h[f"{WEIGHT_KEY}{t}"] for h in logged] for t, name in enumerate(fit.data.task_names)})
+    return {"aggregation_weights": weights}
+
+
+def bayesagg_plots(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Each task's mean aggregation weight against the step (the analogue of the paper's Fig. 3)."""
+    weights = (doc.get("extra") or {}).get("aggregation_weights")
+    if not weights:
+        return {}
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, values in weights.items():
+        if name != "step":
+            ax.plot(weights["step"], values, label=name)
+    ax.axhline(1.0 / (len(weights) - 1), color="grey", linestyle=":", linewidth=1, label="uniform")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean aggregation weight")
+    ax.set_title("BayesAgg: each task's weight in the shared gradient (eq. 7)")
+    ax.legend(fontsize=7, ncol=2 if len(weights) > 6 else 1)
+    return {"aggregation_weights.png": fig}
+
+
 register(Method(
     name="bayesagg", summary="shared extractor, Bayesian linear heads; precision-weighted aggregation of the "
                              "heads' gradient moments (BayesAgg-MTL)",
     paper=PAPER, build=build_bayesagg, options=BayesAggOptions,
     priors={"w": {"kind": "full_data", "scale": 1.0}}, settings=("simo",), objective=bayesagg_objective,
     export=(ExportSite("w", ("task", "class", "feature"), _prediction_heads, _head_coords),),
+    extra=bayesagg_extra, plots=bayesagg_plots,
 ))

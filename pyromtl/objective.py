@@ -82,6 +82,10 @@ class Objective(torch.nn.Module):
         own = {id(p) for p in self.own_parameters()}
         return [p for p in self.parameters() if id(p) not in own]
 
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers the trainer logs beside the training loss in the run's history (default: none)."""
+        return {}
+
     def after_step(self, ctx: TrainContext) -> None:
         """Runs after every optimiser step."""
 

@@ -237,7 +237,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                     ctx.epoch = done // per_epoch
                     objective.end_epoch(ctx)
                 if done % cfg["eval_every"] == 0 or done == n_steps:
-                    record = {"step": done, "loss": loss_val}
+                    record = {"step": done, "loss": loss_val, **objective.diagnostics()}
                     if has_val:
                         score = validation_score(method, model, guide, data, cfg, device, seed + done)
                         record["val_score"] = score
@@ -246,7 +246,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                         bar.set_postfix(loss=f"{loss_val:.4g}", val=f"{score:.4f}", kept=best["step"])
                     history.append(record)
                 elif done % log_every == 0:
-                    history.append({"step": done, "loss": loss_val})
+                    history.append({"step": done, "loss": loss_val, **objective.diagnostics()})
                 if callback is not None:
                     callback(done, loss_val)
                 if run is not None and (done % cfg["checkpoint_every"] == 0 or done == n_steps):

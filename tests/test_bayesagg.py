@@ -248,6 +248,21 @@ def test_bayesagg_learns_a_mixed_simo_set() -> None:
 
 
 @pytest.mark.slow
+def test_aggregation_weights_are_logged_after_pretraining_and_plotted(tmp_path: Path) -> None:
+    """The paper's Fig. 3: each task's share of the shared gradient (eq. 7) over training."""
+    data = mixed_simo(n=120)
+    fit = pyromtl.fit("bayesagg", data, steps=40, batch_size=32, pretrain_steps=20, eval_every=20, device="cpu",
+                      **{k: v for k, v in TINY.items() if k != "eval_every"})
+    logged = [h for h in fit.history if "aggregation_weight_0" in h]
+    assert logged and min(h["step"] for h in logged) > 20  # none in the LS pre-training
+    for h in logged:  # a distribution over the tasks
+        assert sum(h[f"aggregation_weight_{t}"] for t in range(data.num_tasks)) == pytest.approx(1.0, abs=1e-5)
+    weights = fit.metrics()["extra"]["aggregation_weights"]
+    assert list(weights) == ["step", *data.task_names] and len(weights["step"]) == len(logged)
+    fit.save(tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "aggregation_weights.png").stat().st_size > 1000
+
+
 def test_cli_fits_bayesagg_with_another_prior(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     code = main(["fit", "bayesagg", "--data", "digits-binary", "--set", "steps=4", "--set", "pretrain_steps=2",

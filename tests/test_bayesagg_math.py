@@ -516,6 +516,9 @@ def test_aggregate_is_the_precision_weighted_mean():
     mu, var = _mu_var(17)
     weight = var.pow(-0.7)
     torch.testing.assert_close(aggregate(mu, var, 0.7), (weight * mu).sum(1) / weight.sum(1))
+    g, weights = aggregate(mu, var, 0.7, return_weights=True)
+    torch.testing.assert_close(weights, weight / weight.sum(1, keepdim=True))
+    torch.testing.assert_close(g, aggregate(mu, var, 0.7))
     # s = 1: inverse-variance weighting
     torch.testing.assert_close(aggregate(mu, var, 1.0), (mu / var).sum(1) / (1 / var).sum(1))
     # s → 0: the plain mean over tasks

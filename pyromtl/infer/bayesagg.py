@@ -701,7 +701,7 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
 
 # ----------------------------------------------------------------------------- aggregation
 def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = None,
-              min_var: float | None = None) -> Tensor:
+              min_var: float | None = None, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Precision-weighted mean of the task gradients, per sample and coordinate (eq. 7).
 
     ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, computed as a softmax over tasks of
@@ -717,9 +717,11 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
             with no task at all get ``g = 0``.
         min_var: floor on ``var``; defaults to the dtype's smallest normal number, so zero
             variances stay finite and tie rather than produce NaN.
+        return_weights: also return the weights ``λ_k^s / Σ_j λ_j^s`` ``[B, K, d]`` (0 for a
+            masked task; they sum to 1 over the tasks of a sample that has any).
 
     Returns:
-        ``g [B, d]``.
+        ``g [B, d]``, or ``(g, weights)``.
     """
     _require(mu.dim() == 3, f"mu has shape {_shape(mu)}; expected [B, K, d]")
     _require(var.shape == mu.shape, f"var has shape {_shape(var)}; expected {_shape(mu)} as mu")
@@ -738,6 +740,8 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
     if mask is not None:
         log_weight = log_weight.masked_fill(~keep, -math.inf)
         norm = torch.logsumexp(log_weight, dim=1, keepdim=True)
-        log_weight = log_weight - torch.where(torch.isinf(norm), 0.0, norm)
-        return (log_weight.exp() * mu).sum(1)
-    return (torch.softmax(log_weight, dim=1) * mu).sum(1)
+        weights = (log_weight - torch.where(torch.isinf(norm), 0.0, norm)).exp()
+    else:
+        weights = torch.softmax(log_weight, dim=1)
+    g = (weights * mu).sum(1)
+    return (g, weights) if return_weights else g
