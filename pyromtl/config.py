@@ -76,6 +76,7 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
             f"unknown prior site(s) {sorted(prior_opts)} for method {method.name!r}; its latent sites are {sorted(method.priors)}"
         )
     cfg["priors"] = resolved_priors
+    method.options.validate(cfg)
     return cfg
 
 

@@ -40,6 +40,12 @@ class Options:
         return typing.get_type_hints(cls)
 
     @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        """Checks of a resolved config that a field's type cannot say (allowed values, keys that
+        must agree); ``pyromtl.config.resolve`` calls it after the per-key checks, before any data
+        is loaded. Raise ``ValueError`` naming the key. The default checks nothing."""
+
+    @classmethod
     def of(cls, cfg: Mapping[str, Any]):
         """The typed view of a resolved config: this dataclass filled from ``cfg``'s keys."""
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
