@@ -25,7 +25,7 @@ mixture priors (VMTL) are built from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyro
@@ -37,7 +37,7 @@ from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.baselines import ClassifierPosterior, LatentMTLGuide
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
-from pyromtl.nn import GaussianEncoder
+from pyromtl.nn import DEFAULT_CONV_CHANNELS, GaussianEncoder, check_backbone
 from pyromtl.options import Options
 from pyromtl.priors import PriorSite
 
@@ -115,13 +115,24 @@ class LatentOptions(Options):
     per_task_encoder: bool = False
     #: Per-site KL multipliers (a tempered posterior: the likelihood keeps weight 1).
     kl_weights: dict[str, float] = field(default_factory=lambda: {"z": 1.0, "w": 1.0})
+    #: The encoder's network before its ``hidden`` layers: "mlp" (flattened inputs) or "cnn"
+    #: (image inputs [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of
+    #: ``conv_channels``; per task with ``per_task_encoder``, pyromtl.nn.TaskCNN).
+    backbone: str = "mlp"
+    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        check_backbone(cfg["backbone"], cfg["conv_channels"])
 
 
 def build_latent(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
     """Model and guide of the baseline family; they share the encoder and ``q(w)``."""
     info = data.info
-    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"],
-                              per_task=cfg["per_task_encoder"]).to(device)
+    # the input shape, not its size: the cnn backbone needs [C, H, W] (and refuses other shapes)
+    encoder = GaussianEncoder(info.num_tasks, info.input_shape, cfg["hidden"], cfg["latent_dim"], cfg["activation"],
+                              per_task=cfg["per_task_encoder"], backbone=cfg["backbone"],
+                              conv_channels=cfg["conv_channels"]).to(device)
     w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
     model = LatentMTLModel(data, cfg, state, encoder, w_post, device)
     guide = LatentMTLGuide(data, cfg, state, encoder, w_post, device)

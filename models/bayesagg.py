@@ -58,7 +58,7 @@ from pyromtl.infer.bayesagg import (
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
-from pyromtl.nn import MLP, activation
+from pyromtl.nn import CNN, DEFAULT_CONV_CHANNELS, MLP, activation, check_backbone
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.options import Options
 from pyromtl import priors
@@ -156,8 +156,10 @@ class BayesAggModel(MultiTaskModel):
         info = data.info.to(device)
         super().__init__(info, state)
         self.latent_dim = d = cfg["latent_dim"]
-        self.extractor = nn.Sequential(MLP(info.input_dim, cfg["hidden"], d, cfg["activation"]),
-                                       activation(cfg["activation"])).to(device)
+        self.cnn = cfg["backbone"] == "cnn"
+        trunk = (CNN(info.input_shape, cfg["conv_channels"], cfg["hidden"], d, cfg["activation"]) if self.cnn
+                 else MLP(info.input_dim, cfg["hidden"], d, cfg["activation"]))
+        self.extractor = nn.Sequential(trunk, activation(cfg["activation"])).to(device)
         bound = 1.0 / math.sqrt(d)
         heads = torch.empty(info.num_tasks, info.out_dim, d + 1, device=device).uniform_(-bound, bound)
         self.heads = nn.Parameter(heads.index_fill(-1, torch.tensor([d], device=device), 0.0))
@@ -172,8 +174,8 @@ class BayesAggModel(MultiTaskModel):
         return self.info.out_dim * (self.latent_dim + 1)
 
     def features(self, x: Tensor) -> Tensor:
-        """``h [B, d]`` of SIMO inputs ``x [B, ...]``."""
-        return self.extractor(x.flatten(1))
+        """``h [B, d]`` of SIMO inputs ``x [B, ...]`` (flattened for the MLP, images for the CNN)."""
+        return self.extractor(x if self.cnn else x.flatten(1))
 
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
@@ -353,6 +355,11 @@ class BayesAggOptions(Options):
     latent_dim: int = 64
     hidden: list[int] = field(default_factory=lambda: [256])
     activation: str = "elu"
+    #: The extractor's network before its ``hidden`` layers: "mlp" (flattened inputs) or "cnn"
+    #: (image inputs [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of
+    #: ``conv_channels``, pyromtl.nn.CNN)
+    backbone: str = "mlp"
+    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
     #: eq. 7's power of the precisions, per task type (the paper: 0.75–0.95 regression, 5e-4–5e-2 classification)
     s_regression: float = 0.9
     s_classification: float = 0.01
@@ -364,6 +371,10 @@ class BayesAggOptions(Options):
     nodes: int = 32
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        check_backbone(cfg["backbone"], cfg["conv_channels"])
 
 
 def build_bayesagg(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):

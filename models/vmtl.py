@@ -25,7 +25,7 @@ are ``Fit.relatedness()``'s ``alpha`` and ``beta``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -206,6 +206,15 @@ class VMTLOptions(LatentOptions):
     #: k other tasks' components per sample in the z prior (eq. 9). k >= T-1: all of them, exact;
     #: k < T-1: k drawn at random, the KL bound (eq. 11) estimated without bias at T·B·k encoder rows.
     z_components: int = 8
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        if cfg["backbone"] != "mlp":
+            # ClassAttention (the z prior's cross-attention) compares samples in flattened input
+            # space, not in a CNN's features: VMTL stays on the MLP it was written for
+            raise ValueError(f"config key 'backbone': method {cfg['method']!r} supports only 'mlp', got "
+                             f"{cfg['backbone']!r} (its cross-attention prior works on flattened inputs)")
+        super().validate(cfg)
 
 
 def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):

@@ -3,10 +3,15 @@ config errors, and short learning checks on tiny synthetic images."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import pyromtl
+from pyromtl import methods
+from pyromtl.config import resolve
+from pyromtl.data.core import MultiTaskData
 from pyromtl.nn import CNN, GaussianEncoder, TaskCNN, TaskLinear
 
 SHAPE = (2, 8, 8)
@@ -79,3 +84,93 @@ def test_image_shape_errors() -> None:
         CNN((64,), CHANNELS, [], 3)
     with pytest.raises(ValueError, match=r"H and W must be at least 8; the input shape is \(1, 4, 4\)"):
         TaskCNN(2, (1, 4, 4), [4, 4, 4], [], 3)
+
+
+# ---------------------------------------------------------------------------- options
+def _flat_data() -> MultiTaskData:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 64)).astype(np.float32)
+    return MultiTaskData.from_arrays(x, {"a": rng.integers(0, 2, 40)}, "binary")
+
+
+@pytest.mark.parametrize("method", ["stl", "bmtl", "vbmtl", "pcgrad", "bayesagg"])
+def test_a_bad_backbone_is_a_config_error(method: str) -> None:
+    m = methods.get(method)
+    assert resolve(m)["backbone"] == "mlp" and resolve(m)["conv_channels"] == [32, 64, 64]
+    assert resolve(m, {"backbone": "cnn", "conv_channels": [16]})["conv_channels"] == [16]
+    with pytest.raises(ValueError, match=r"config key 'backbone' must be one of \['mlp', 'cnn'\], got 'resnet'"):
+        resolve(m, {"backbone": "resnet"})
+    with pytest.raises(ValueError, match=r"config key 'conv_channels' must list at least one"):
+        resolve(m, {"backbone": "cnn", "conv_channels": []})
+    with pytest.raises(ValueError, match=r"config key 'conv_channels' must be a list of positive integers"):
+        resolve(m, {"conv_channels": [32, 0]})
+
+
+@pytest.mark.parametrize("method", ["vmtl", "vmtl-ac"])
+def test_vmtl_refuses_the_cnn(method: str) -> None:
+    with pytest.raises(ValueError, match=rf"config key 'backbone': method '{method}' supports only 'mlp', got 'cnn'"):
+        resolve(methods.get(method), {"backbone": "cnn"})
+
+
+@pytest.mark.parametrize("method", ["stl", "bmtl", "bayesagg"])
+def test_the_cnn_needs_image_inputs(method: str) -> None:
+    with pytest.raises(ValueError, match=r"backbone = 'cnn' needs image inputs shaped \[C, H, W\]; "
+                                         r"this data's input shape is \(64,\)"):
+        pyromtl.fit(method, _flat_data(), backbone="cnn", steps=1, device="cpu", quiet=True)
+
+
+# ---------------------------------------------------------------------------- learning
+def quadrants(mimo: bool = False, n: int = 240, seed: int = 0) -> MultiTaskData:
+    """8x8 one-channel noise images with one bright quadrant; task ``quadrant`` names it (4
+    classes, chance 0.25), the binary task says whether it is in the bottom (SIMO) or right
+    (MIMO, each task its own images) half (chance 0.5)."""
+    rng = np.random.default_rng(seed)
+
+    def images() -> tuple[np.ndarray, np.ndarray]:
+        q = rng.integers(0, 4, n)
+        x = rng.normal(0.0, 0.5, (n, 1, 8, 8)).astype(np.float32)
+        for i, k in enumerate(q):
+            r, c = divmod(int(k), 2)
+            x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.5
+        return x, q
+
+    if mimo:
+        (x0, q0), (x1, q1) = images(), images()
+        return MultiTaskData.from_arrays([x0, x1], [q0, q1 % 2], ["classification", "binary"], ["quadrant", "right"],
+                                         seed=seed)
+    x, q = images()
+    return MultiTaskData.from_arrays(x, {"quadrant": q, "bottom": q // 2}, ["classification", "binary"], seed=seed)
+
+
+#: Small enough for ~0.5 s a run on one busy core; the task needs no more.
+FAST = dict(backbone="cnn", conv_channels=[8, 8], hidden=[16], latent_dim=8, steps=60, batch_size=32,
+            eval_every=30, lr=1e-2, device="cpu", quiet=True)
+
+
+def _assert_learned(fit) -> None:
+    acc = {task: m["accuracy"] for task, m in fit.evaluate("test")["tasks"].items()}
+    assert acc["quadrant"] > 0.8, acc  # chance 0.25
+    assert min(acc.values()) > 0.8, acc  # chance 0.5 for the binary task
+
+
+@pytest.mark.parametrize("method, mimo, net", [("bmtl", False, CNN), ("stl", False, TaskCNN), ("stl", True, TaskCNN)])
+def test_the_cnn_backbone_learns(method: str, mimo: bool, net: type) -> None:
+    torch.manual_seed(0)
+    fit = pyromtl.fit(method, quadrants(mimo), seed=0, **FAST)
+    assert isinstance(fit.model.encoder.net, net)
+    _assert_learned(fit)
+
+
+def test_bayesagg_with_the_cnn_learns() -> None:
+    torch.manual_seed(0)
+    fit = pyromtl.fit("bayesagg", quadrants(), seed=0, pretrain_steps=20, **FAST)
+    assert isinstance(fit.model.extractor[0], CNN)
+    _assert_learned(fit)
+
+
+def test_a_cnn_run_reloads(tmp_path) -> None:
+    data = quadrants(mimo=True)
+    fit = pyromtl.fit("stl", data, seed=0, out=tmp_path / "run", **{**FAST, "steps": 10, "eval_every": 10})
+    again = pyromtl.load(tmp_path / "run", data=data)
+    assert again.config["backbone"] == "cnn" and again.config["conv_channels"] == [8, 8]
+    assert again.evaluate("test") == fit.evaluate("test")
