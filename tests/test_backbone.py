@@ -144,7 +144,7 @@ def quadrants(mimo: bool = False, n: int = 240, seed: int = 0) -> MultiTaskData:
 
 #: Small enough for ~0.5 s a run on one busy core; the task needs no more.
 FAST = dict(backbone="cnn", conv_channels=[8, 8], hidden=[16], latent_dim=8, steps=60, batch_size=32,
-            eval_every=30, lr=1e-2, device="cpu", quiet=True)
+            eval_every=30, eval_samples=4, lr=1e-2, device="cpu", quiet=True)
 
 
 def _assert_learned(fit) -> None:
@@ -153,7 +153,8 @@ def _assert_learned(fit) -> None:
     assert min(acc.values()) > 0.8, acc  # chance 0.5 for the binary task
 
 
-@pytest.mark.parametrize("method, mimo, net", [("bmtl", False, CNN), ("stl", False, TaskCNN), ("stl", True, TaskCNN)])
+@pytest.mark.parametrize("method, mimo, net", [("bmtl", False, CNN), ("stl", False, TaskCNN), ("stl", True, TaskCNN),
+                                              ("pcgrad", False, CNN)])  # pcgrad: torchjd's Jacobian over conv weights
 def test_the_cnn_backbone_learns(method: str, mimo: bool, net: type) -> None:
     torch.manual_seed(0)
     fit = pyromtl.fit(method, quadrants(mimo), seed=0, **FAST)
