@@ -130,7 +130,7 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-3]
         h = self.trunk(x.reshape(-1, *x.shape[-3:]))  # Conv2d takes one batch dim
-        return self.head(h.reshape(*lead, -1))
+        return self.head(h.reshape(*lead, math.prod(h.shape[1:])))  # sizes, not -1: an empty batch has no -1
 
 
 class TaskCNN(nn.Module):
@@ -165,8 +165,8 @@ class TaskCNN(nn.Module):
             lead = x.shape[:-4]
             x = x.reshape(-1, T * chw[0], *chw[1:])
         h = self.trunk(x)  # [N, T·c, h, w], task-major channels
-        h = h.reshape(*lead, T, -1).movedim(-2, -3)  # [..., T, B, c·h·w], each task's features in CNN order
-        return self.head(h)
+        h = h.reshape(*lead, T, math.prod(h.shape[1:]) // T)  # [..., B, T, c·h·w], each task's in CNN order
+        return self.head(h.movedim(-2, -3))
 
 
 # ---------------------------------------------------------------------------- Gaussian encoder

@@ -63,6 +63,8 @@ def test_cnn_shapes_with_leading_dims() -> None:
     assert shared(torch.randn(2, T, B, *SHAPE)).shape == (2, T, B, 5)
     assert per_task(torch.randn(2, B, *SHAPE), simo=True).shape == (2, T, B, 5)
     assert per_task(torch.randn(2, T, B, *SHAPE), simo=False).shape == (2, T, B, 5)
+    assert shared(torch.randn(0, *SHAPE)).shape == (0, 5)  # an empty batch keeps its shape
+    assert per_task(torch.randn(T, 0, *SHAPE), simo=False).shape == (T, 0, 5)
     with pytest.raises(ValueError, match=r"expects MIMO inputs \[\.\.\., 3, B, C, H, W\]"):
         per_task(torch.randn(2, B, *SHAPE), simo=False)
 
