@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,8 @@ def table(runs: list[dict], steps: int) -> str:
     classified = [task for task, metric in columns.items() if metric == "accuracy"]
     many = len(columns) > 4  # ten binary tasks: their mean accuracy, not one column each
     head = ["mean accuracy ↑"] if many else [f"{task} {metric} {ARROW[metric]}" for task, metric in columns.items()]
-    lines = [f"| method | {' | '.join(head)} | ECE ↓ | Brier ↓ | Δm% vs STL ↓ | kept steps (of {steps}) |",
-             "|---" * (len(head) + 5) + "|"]
+    lines = [f"| method | seeds | {' | '.join(head)} | ECE ↓ | Brier ↓ | Δm% vs STL ↓ | kept steps (of {steps}) |",
+             "|---" * (len(head) + 6) + "|"]
     for method in [m for m in METHODS if any(r["method"] == m for r in runs)]:
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
         if many:
@@ -64,11 +64,11 @@ def table(runs: list[dict], steps: int) -> str:
             cells = [mean_ci([r["tasks"][task][metric] for r in mine]) for task, metric in columns.items()]
         for metric in ("ece", "brier"):
             cells.append(mean_ci([np.mean([r["tasks"][t][metric] for t in classified]) for r in mine]))
-        dm = mean_ci([delta_m(r["tasks"], stl[r["seed"]]) for r in mine], digits=2)
+        dm = mean_ci([delta_m(r["tasks"], stl[r["seed"]]) for r in mine if r["seed"] in stl], digits=2)
         kept = ", ".join(str(r["best_step"]) for r in mine)
-        lines.append(f"| {method} | {' | '.join(cells)} | {dm} | {kept} |")
-    seeds = sorted({r["seed"] for r in runs})
-    return "\n".join(lines) + f"\n\nSeeds {seeds}; mean ± 95% Student-t interval over seeds; ECE and Brier averaged over the classification tasks."
+        lines.append(f"| {method} | {len(mine)} | {' | '.join(cells)} | {dm} | {kept} |")
+    return "\n".join(lines) + ("\n\nMean ± 95% Student-t interval over the seeds (0, 1, …) of each row; ECE and Brier "
+                               "averaged over the classification tasks.")
 
 
 def main() -> None:
@@ -84,12 +84,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bayesagg_{args.data.replace('-', '_')}.json"
     jobs = [{"method": m, "seed": s, "steps": args.steps, "data": args.data} for s in range(args.seeds) for m in args.methods]
+    redo = {_key(j) for j in jobs}
+    runs = [r for r in json.loads(path.read_text()) if _key(r) not in redo] if path.exists() else []
     with ProcessPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(_run, jobs))
-    done = {_key(j) for j in jobs}
-    kept = [r for r in json.loads(path.read_text()) if _key(r) not in done] if path.exists() else []
-    runs = kept + runs
-    path.write_text(json.dumps(runs, indent=1))
+        for future in as_completed([pool.submit(_run, job) for job in jobs]):
+            runs.append(future.result())
+            path.write_text(json.dumps(runs, indent=1))  # every finished run is kept, even if the rest is stopped
     text = table(runs, args.steps)
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
