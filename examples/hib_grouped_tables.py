@@ -122,18 +122,14 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.clustering_seeds:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(_run, clustering_jobs(args.clustering_seeds, args.steps)))
-        (args.out / "hib_clustering.json").write_text(json.dumps(results, indent=1) + "\n")
-        text = render_clustering(results)
-        (args.out / "hib_clustering.md").write_text(text)
-        print(text)
-        return
+        stem, jobs, draw = "hib_clustering", clustering_jobs(args.clustering_seeds, args.steps), render_clustering
+    else:
+        stem, jobs, draw = "hib_grouped", jobs_for(args.seeds, args.steps), render
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(_run, jobs_for(args.seeds, args.steps)))
-    (args.out / "hib_grouped.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = render(results)
-    (args.out / "hib_grouped.md").write_text(text)
+        results = list(pool.map(_run, jobs))
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = draw(results)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
