@@ -180,8 +180,8 @@ class BayesAggModel(MultiTaskModel):
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
         T = self.info.num_tasks
-        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step, total_steps=self.state.total_steps,
-                                  extras=self.store.extras())
+        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step,
+                                  total_steps=self.state.total_steps, extras=self.store.extras())
 
     def task_losses(self, h: Tensor, batch: Batch) -> Tensor:
         """The summed mean negative log-likelihoods of the tasks at ``θ̂`` (the LS loss)."""
@@ -225,6 +225,8 @@ class BayesAggObjective(Objective):
         regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.heads.device)
         self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"]),
                              persistent=False)
+        # the tasks in the order the head groups stack their moments (fixed by the data)
+        self.register_buffer("order", torch.cat([g.tasks for g in model.groups]).to(model.heads.device), persistent=False)
         self.stats = GaussianStats()
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
         self.last_weights: Tensor | None = None  # [T]: the last step's mean aggregation weight of each task
@@ -257,8 +259,7 @@ class BayesAggObjective(Objective):
                     self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
             mus.append(mu)
             variances.append(var)
-        order = torch.cat([g.tasks for g in self.model.groups])
-        return torch.cat(mus, 1), torch.cat(variances, 1), self.s[order]
+        return torch.cat(mus, 1), torch.cat(variances, 1), self.s[self.order]
 
     def aggregated_gradient(self, h: Tensor, y: Tensor) -> Tensor:
         """``g [B, d]`` (eq. 7) from the heads' posteriors on the batch ``(h, y)``; updates ``previous_batch``."""
@@ -271,8 +272,7 @@ class BayesAggObjective(Objective):
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(h, y, posteriors)
         g, weights = aggregate(mu, var, s, return_weights=True)
-        order = torch.cat([group.tasks for group in model.groups])
-        self.last_weights = torch.zeros_like(s).index_copy(0, order, weights.mean((0, 2)))  # kept on the device
+        self.last_weights = torch.zeros_like(s).index_copy(0, self.order, weights.mean((0, 2)))  # kept on the device
         return g
 
     def backward(self, batch: Batch) -> Tensor:
