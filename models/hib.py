@@ -103,7 +103,8 @@ class MTVIBModel(MultiTaskModel):
         rows = 1 if batch.simo else batch.num_tasks
         with plates.locals(shared=batch.simo), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, step=self.state.step, total_steps=self.state.total_steps)
+                                       num_tasks=batch.num_tasks, step=self.state.step,
+                                       total_steps=self.state.total_steps)
             z = pyro.sample("z", prior)
         outputs = self.heads(z)
         s = self.log_task_var  # [T, 1]
