@@ -138,7 +138,10 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     precision = prior.precision
     if precision.dim() == 2:
         return loc, precision[:size, :size]
-    precision = precision.reshape(-1, *precision.shape[-2:])[group.tasks, :size, :size]
+    precision = precision.reshape(-1, *precision.shape[-2:])
+    if precision.stride(0) == 0:  # one matrix broadcast to every task (see share_rows)
+        return loc, precision[0, :size, :size]
+    precision = precision[group.tasks, :size, :size]
     if group.kind == "regression" and torch.equal(precision, precision[:1].expand_as(precision)):
         # Regression heads see the same features, so every prior kind here gives them one
         # precision: pass it once, and the posterior is one factorisation for all of them.
@@ -184,6 +187,16 @@ def assemble(mean: Tensor, precision: Tensor, groups: tuple[HeadGroup, ...], pos
         mean[group.tasks, :used] = post.mean.reshape(len(group.tasks), used)
         precision[group.tasks, :used, :used] = post.precision
     return mean, precision
+
+
+def share_rows(precision: Tensor) -> Tensor:
+    """``precision [T, P, P]`` as one matrix broadcast to every task when all are equal, else unchanged.
+
+    Run once per rebuilt prior, so the steps under it skip :func:`group_prior`'s comparison.
+    """
+    if torch.equal(precision, precision[:1].expand_as(precision)):
+        return precision[:1].expand_as(precision)
+    return precision
 
 
 class BayesAggGuide(MultiTaskModule):

@@ -46,6 +46,7 @@ from pyromtl.guides.bayesagg import (
     assemble,
     batch_posterior,
     head_groups,
+    share_rows,
 )
 from pyromtl.infer.bayesagg import (
     GaussianStats,
@@ -223,13 +224,14 @@ class BayesAggObjective(Objective):
         self.prior_kind = cfg["priors"]["w"]["kind"]
         self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
         regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.heads.device)
-        self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"]),
+        # the tasks in the order the head groups stack their moments (fixed by the data), and their s
+        order = torch.cat([g.tasks for g in model.groups]).to(model.heads.device)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"])[order],
                              persistent=False)
-        # the tasks in the order the head groups stack their moments (fixed by the data)
-        self.register_buffer("order", torch.cat([g.tasks for g in model.groups]).to(model.heads.device), persistent=False)
         self.stats = GaussianStats()
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
-        self.last_weights: Tensor | None = None  # [T]: the last step's mean aggregation weight of each task
+        self.last_weights: Tensor | None = None  # [B, T, d]: the last step's aggregation weights, tasks in group order
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
@@ -251,15 +253,17 @@ class BayesAggObjective(Objective):
         for group, post in zip(self.model.groups, posteriors):  # one batched call per kind of task
             labels = group.labels(y)
             if group.kind == "regression":
-                mu, var = regression_moments(add_bias(h), post.mean, post.cov, labels)
-                mu, var = mu[..., :-1], var[..., :-1]  # drop the constant feature's coordinate
+                # the constant feature's coordinate is not part of h: skip it
+                mu, var = regression_moments(add_bias(h), post.mean, post.cov, labels, coords=h.shape[1])
             else:
                 mu, var = classification_moments(
                     h, post.mean, post.cov, labels, "binary" if group.kind == "binary" else "multiclass",
                     self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
             mus.append(mu)
             variances.append(var)
-        return torch.cat(mus, 1), torch.cat(variances, 1), self.s[self.order]
+        if len(mus) == 1:
+            return mu, var, self.s
+        return torch.cat(mus, 1), torch.cat(variances, 1), self.s
 
     def aggregated_gradient(self, h: Tensor, y: Tensor) -> Tensor:
         """``g [B, d]`` (eq. 7) from the heads' posteriors on the batch ``(h, y)``; updates ``previous_batch``."""
@@ -271,8 +275,7 @@ class BayesAggObjective(Objective):
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(h, y, posteriors)
-        g, weights = aggregate(mu, var, s, return_weights=True)
-        self.last_weights = torch.zeros_like(s).index_copy(0, self.order, weights.mean((0, 2)))  # kept on the device
+        g, self.last_weights = aggregate(mu, var, s, return_weights=True)  # reduced only when logged
         return g
 
     def backward(self, batch: Batch) -> Tensor:
@@ -301,7 +304,8 @@ class BayesAggObjective(Objective):
         the batch and the coordinates of ``h`` (the analogue of the paper's Fig. 3); none in pre-training."""
         if self.last_weights is None:
             return {}
-        return {f"{WEIGHT_KEY}{t}": w for t, w in enumerate(self.last_weights.tolist())}
+        weights = self.last_weights.new_zeros(len(self.order)).index_copy(0, self.order, self.last_weights.mean((0, 2)))
+        return {f"{WEIGHT_KEY}{t}": w for t, w in enumerate(weights.tolist())}
 
     @torch.no_grad()
     def end_epoch(self, ctx: TrainContext) -> None:
@@ -315,7 +319,8 @@ class BayesAggObjective(Objective):
             store.regression_mean = mean
             reg_post = GroupPosterior(mean, None, reg_precision)
         if self.prior_kind == "full_data" and (self.stats.count or self.seen):
-            store.full_data = self._full_data(reg_post, precision)
+            mean, full_precision = self._full_data(reg_post, precision)
+            store.full_data = mean, share_rows(full_precision)
         self.stats.reset()
         self.seen = []
 

@@ -82,7 +82,7 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
     an all-zero matrix, e.g. a head without uncertainty).
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool((info > 0).any()):
+    if not bool(info.any()):  # info > 0 marks a failed factorisation (it is never negative here)
         return factor
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
@@ -121,6 +121,8 @@ def _prior(prior_mean: Tensor | float, prior_precision: Tensor | float, num_task
 
 def _matvec(matrix: Tensor, vectors: Tensor) -> Tensor:
     """``matrix @ vectors[k]`` for ``vectors [K, P]`` and ``matrix [P, P]`` or ``[K, P, P]``."""
+    if matrix.dim() == 2:
+        return vectors @ matrix.T  # one product, not the matrix broadcast K times
     return (matrix @ vectors.unsqueeze(-1)).squeeze(-1)
 
 
@@ -290,14 +292,18 @@ def regression_gradient(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     return 2 * residual.unsqueeze(-1) * w.unsqueeze(-3)
 
 
-def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
+                       coords: int | None = None) -> tuple[Tensor, Tensor]:
     """Mean and diagonal variance of eq. 3's gradient under ``w_k ~ N(mean_k, cov_k)`` (eq. 4).
 
     With ``a = hᵀm``, ``c = a − y``, ``r = S h``, ``q = hᵀ S h``: ``g/2 = w (c + hᵀ(w − m))`` is, per
     coordinate j, a product of the jointly Gaussian ``w_j`` (mean ``m_j``, variance ``S_jj``) and
     ``hᵀw − y`` (mean ``c``, variance ``q``), whose covariance is ``r_j``. Isserlis' theorem gives
 
-    ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``.
+    ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``,
+
+    evaluated as ``4 (r_j (2 c m_j + r_j) + q m_j² + (c² + q) S_jj)``: six passes over ``[B, K, d]``
+    rather than a dozen, since this is most of a regression step's extra cost.
 
     Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built, or
     O(B·d² + B·K·d) when ``cov`` is one matrix broadcast to every head (a stride-0 view, as
@@ -306,9 +312,11 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
 
     Args:
         h: ``[B, d]``; mean: ``[K, d]``; cov: ``[K, d, d]``; y: ``[B, K]``.
+        coords: return only the first ``coords`` coordinates of the gradient (e.g. ``d − 1`` to
+            skip a constant bias feature), without computing the others.
 
     Returns:
-        ``(mu, var)``, each ``[B, K, d]``.
+        ``(mu, var)``, each ``[B, K, coords or d]``.
     """
     _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [B, d]")
     batch, dim = h.shape
@@ -316,15 +324,26 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor) -> tuple
     num_tasks = mean.shape[0]
     _require(cov.shape == (num_tasks, dim, dim), f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
     _require(y.shape == (batch, num_tasks), f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
+    coords = dim if coords is None else coords
+    _require(0 < coords <= dim, f"coords is {coords}; expected 1 … {dim}")
     c = (h @ mean.T - y).unsqueeze(-1)  # [B, K, 1]
     if num_tasks > 1 and cov.stride(0) == 0:
-        r = (h @ cov[0]).unsqueeze(1)  # one covariance broadcast to every head: apply it once, [B, 1, d]
+        shared = cov[0]  # one covariance broadcast to every head: apply it once
+        r_all = h @ shared  # [B, d]
+        q = (r_all * h).sum(-1).view(batch, 1, 1)
+        r = r_all[:, :coords].unsqueeze(1)  # [B, 1, coords]
+        diag = shared.diagonal()[:coords]
     else:
-        r = torch.einsum("kde,be->bkd", cov, h)
-    q = (r * h.unsqueeze(1)).sum(-1, keepdim=True)
-    diag = cov.diagonal(dim1=-2, dim2=-1)  # [K, d]
-    mu = 2 * (r + mean * c)
-    var = 4 * (c.square() * diag + q * (diag + mean.square()) + 2 * c * mean * r + r.square())
+        r_all = torch.einsum("kde,be->bkd", cov, h)
+        q = (r_all * h.unsqueeze(1)).sum(-1, keepdim=True)
+        r = r_all[..., :coords]
+        diag = cov.diagonal(dim1=-2, dim2=-1)[:, :coords]
+    m = mean[:, :coords]
+    # the constant factors go on the small tensors, not on [B, K, d]
+    cm2 = (2 * c) * m  # 2 c m
+    mu = cm2 + 2 * r
+    var = (cm2 + mu).mul_(2 * r)  # 4 r (2 c m + r)
+    var.addcmul_(4 * q, m.square()).addcmul_(4 * (c.square() + q), diag)
     return mu, var
 
 
@@ -736,12 +755,14 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
         keep = mask.to(torch.bool).unsqueeze(-1)
         var = torch.where(keep, var, 1.0)
         mu = torch.where(keep, mu, 0.0)
-    log_weight = -s.reshape(-1, 1) * var.clamp_min(floor).log()
+    # a softmax over tasks of −s·log var, in base 2: exp2 and log2 cost a fraction of exp and log on CPU
+    log_weight = var.clamp_min(floor).log2_().mul_(-s.reshape(-1, 1))
     if mask is not None:
-        log_weight = log_weight.masked_fill(~keep, -math.inf)
-        norm = torch.logsumexp(log_weight, dim=1, keepdim=True)
-        weights = (log_weight - torch.where(torch.isinf(norm), 0.0, norm)).exp()
-    else:
-        weights = torch.softmax(log_weight, dim=1)
-    g = (weights * mu).sum(1)
+        log_weight.masked_fill_(~keep, -math.inf)
+    top = log_weight.amax(1, keepdim=True)
+    if mask is not None:
+        top = torch.where(torch.isinf(top), 0.0, top)  # a sample with no task: every weight 0
+    weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
+    weights = weights.div_(weights.sum(1, keepdim=True).clamp_min(1.0))  # … so the sum is ≥ 1, or 0 with no task
+    g = torch.linalg.vecdot(weights, mu, dim=1)  # one pass, no [B, K, d] product kept
     return (g, weights) if return_weights else g
