@@ -283,6 +283,33 @@ def test_regression_moments_use_a_shared_covariance_once() -> None:
     dense = regression_moments(h, mean, shared.contiguous(), y)
     for a, b in zip(fast, dense):
         torch.testing.assert_close(a, b)
+    # coords: the leading coordinates only, the same numbers (shared and per-head covariances)
+    for cov in (shared, shared.contiguous()):
+        for part, full in zip(regression_moments(h, mean, cov, y, coords=3), fast):
+            assert part.shape == (7, 5, 3)
+            torch.testing.assert_close(part, full[..., :3])
+    with pytest.raises(ValueError, match="coords is 5"):
+        regression_moments(h, mean, shared, y, coords=5)
+
+
+def test_shared_prior_rows_skip_the_comparison_and_give_the_same_prior() -> None:
+    from pyromtl.guides.bayesagg import GaussianPrecision, group_prior, head_groups, share_rows
+
+    info = mixed_simo().info  # out_dim 3
+    gen = torch.Generator().manual_seed(5)
+    size = 3 * (4 + 1)  # out_dim × (d + 1) at d = 4
+    root = torch.randn(size, size, generator=gen)
+    one = root @ root.T + torch.eye(size)
+    shared = share_rows(one.expand(3, size, size).clone())
+    assert shared.stride(0) == 0
+    distinct = one.expand(3, size, size) + torch.arange(3.0)[:, None, None] * torch.eye(size)
+    assert share_rows(distinct) is distinct
+    loc = torch.randn(3, 1, size, generator=gen)
+    for group in head_groups(info):
+        fast = group_prior(GaussianPrecision(loc, shared.unsqueeze(1)), group, 4)
+        dense = group_prior(GaussianPrecision(loc, shared.contiguous().unsqueeze(1)), group, 4)
+        torch.testing.assert_close(fast[0], dense[0])
+        torch.testing.assert_close(fast[1].expand_as(dense[1]), dense[1])  # one matrix, or one per task
 
 
 def test_gaussian_precision_matches_multivariate_normal() -> None:
