@@ -9,6 +9,13 @@ BayesAgg's LS pre-training counts inside it); model selection is on the validati
 the table states the kept steps. ``ls`` (torchjd's Sum) and ``bmtl`` are linear scalarisation on
 the same network. Writes ``bayesagg_<data>.json`` and ``.md`` under ``--out``; runs already in
 the JSON with the same method, seed, steps and data are kept, so ``--methods`` adds rows.
+
+``--tune`` instead searches BayesAgg's s (per task type) and prior scale γ on the validation
+split: every grid point on seeds 0 … ``--tune-seeds``−1, ranked by validation Δm% against STL
+of the same seed; then the best point and the defaults run on seeds 0 … ``--seeds``−1 and
+report test Δm% (``bayesagg_tuning_<data>.json`` and ``.md``):
+
+    python examples/bayesagg_digits.py --data digits-binary --tune --jobs 2
 """
 
 from __future__ import annotations
@@ -35,9 +42,69 @@ def _run(job: dict) -> dict:
     torch.set_num_threads(1)
     import pyromtl
 
-    fit = pyromtl.fit(job["method"], job["data"], seed=job["seed"], steps=job["steps"], device="cpu", quiet=True)
-    return {**job, "tasks": fit.evaluate()["tasks"], "best_step": fit.train_info["best_step"],
-            "seconds": fit.train_info["seconds"]}
+    point = job.get("point") or {}
+    options = {k: v for k, v in point.items() if k != "scale"}
+    priors = {"w": {"kind": "full_data", "scale": point["scale"]}} if "scale" in point else None
+    fit = pyromtl.fit(job["method"], job["data"], seed=job["seed"], steps=job["steps"], device="cpu", quiet=True,
+                      priors=priors, **options)
+    return {**job, "tasks": fit.evaluate()["tasks"], "val": fit.evaluate("val")["tasks"],
+            "best_step": fit.train_info["best_step"], "seconds": fit.train_info["seconds"]}
+
+
+#: The search space of --tune: s per task type (eq. 7; the paper's ranges and beyond) and γ.
+GRID_S_CLASSIFICATION = [5e-3, 5e-2, 0.5]
+GRID_S_REGRESSION = [0.5, 0.9]
+GRID_SCALE = [0.3, 1.0, 3.0]
+
+
+def grid(has_regression: bool) -> list[dict]:
+    s_reg = GRID_S_REGRESSION if has_regression else [None]
+    return [{"s_classification": c, **({"s_regression": r} if r is not None else {}), "scale": g}
+            for c in GRID_S_CLASSIFICATION for r in s_reg for g in GRID_SCALE]
+
+
+def _pool_runs(jobs: list[dict], workers: int) -> list[dict]:
+    with ProcessPoolExecutor(workers) as pool:
+        return [f.result() for f in as_completed([pool.submit(_run, job) for job in jobs])]
+
+
+def tune(data: str, steps: int, tune_seeds: int, seeds: int, workers: int, out: Path) -> str:
+    """Rank the grid on validation Δm% (seeds < ``tune_seeds``), then test the best point and the defaults."""
+    from pyromtl import datasets
+    from pyromtl.metrics import delta_m
+
+    has_regression = "regression" in datasets.load(data).task_types
+    base = {"data": data, "steps": steps}
+    points = grid(has_regression)
+    runs = _pool_runs([{**base, "method": "stl", "seed": s} for s in range(seeds)]
+                      + [{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(tune_seeds) for p in points],
+                      workers)
+    stl = {r["seed"]: r for r in runs if r["method"] == "stl"}
+
+    def score(point: dict | None, split: str, below: int = seeds) -> list[float]:
+        mine = [r for r in runs if r["method"] == "bayesagg" and r.get("point") == point and r["seed"] < below]
+        return [delta_m(r[split], stl[r["seed"]][split]) for r in sorted(mine, key=lambda r: r["seed"])]
+
+    ranked = sorted(points, key=lambda p: np.mean(score(p, "val", tune_seeds)))
+    best = ranked[0]
+    runs += _pool_runs([{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(seeds)
+                        for p in (best, None) if not (p is best and s < tune_seeds)], workers)
+    (out / f"bayesagg_tuning_{data.replace('-', '_')}.json").write_text(json.dumps(runs, indent=1))
+
+    def label(point: dict | None) -> str:
+        return "defaults" if point is None else ", ".join(f"{k} = {v:g}" for k, v in point.items())
+
+    lines = [f"BayesAgg's grid on {data}, ranked by validation Δm% vs STL (seeds 0–{tune_seeds - 1}, {steps} steps):", "",
+             "| s and γ | validation Δm% ↓ | test Δm% ↓ |", "|---|---|---|"]
+    lines += [f"| {label(p)} | {mean_ci(score(p, 'val', tune_seeds), digits=2)} | "
+              f"{mean_ci(score(p, 'tasks', tune_seeds), digits=2)} |" for p in ranked]
+    lines += ["", f"The best point and the defaults on seeds 0–{seeds - 1}:", "",
+              "| s and γ | validation Δm% ↓ | test Δm% ↓ | kept steps |", "|---|---|---|---|"]
+    for p in (best, None):
+        kept = ", ".join(str(r["best_step"]) for r in sorted((r for r in runs if r["method"] == "bayesagg"
+                                                               and r.get("point") == p), key=lambda r: r["seed"]))
+        lines.append(f"| {label(p)} | {mean_ci(score(p, 'val'), digits=2)} | {mean_ci(score(p, 'tasks'), digits=2)} | {kept} |")
+    return "\n".join(lines) + "\n\nMean ± 95% Student-t interval over seeds."
 
 
 def _key(run: dict) -> tuple:
@@ -79,9 +146,16 @@ def main() -> None:
     parser.add_argument("--data", default="digits-mixed")
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--out", default="results")
+    parser.add_argument("--tune", action="store_true", help="search s and γ on validation instead")
+    parser.add_argument("--tune-seeds", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        text = tune(args.data, args.steps, args.tune_seeds, args.seeds, args.jobs, out)
+        (out / f"bayesagg_tuning_{args.data.replace('-', '_')}.md").write_text(text + "\n")
+        print(text)
+        return
     path = out / f"bayesagg_{args.data.replace('-', '_')}.json"
     jobs = [{"method": m, "seed": s, "steps": args.steps, "data": args.data} for s in range(args.seeds) for m in args.methods]
     redo = {_key(j) for j in jobs}
