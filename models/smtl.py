@@ -78,10 +78,12 @@ def load_factory(path: str) -> Callable[[int, int], nn.Module]:
 class TaskStack(nn.Module):
     """``T`` copies of one network, parameters stacked ``[T, ...]`` and run with ``torch.vmap``.
 
-    Input ``[B, in]`` (shared by every task) or ``[T, B, in]``; output ``[T, B, out]``.
+    Input ``[B, *sample]`` (shared by every task) or ``[T, B, *sample]``; output ``[T, B, *out]``.
+    ``sample_dims`` is the number of dims of one sample: 1 for vectors (the default), 3 for
+    images ``[C, H, W]`` (e.g. private conv encoders on dense prediction).
     """
 
-    def __init__(self, copies: list[nn.Module]):
+    def __init__(self, copies: list[nn.Module], sample_dims: int = 1):
         super().__init__()
         if any(True for m in copies for _ in m.buffers()):
             raise ValueError("private networks from a factory must hold no buffers (e.g. no BatchNorm)")
@@ -90,13 +92,15 @@ class TaskStack(nn.Module):
         self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.names])
         # the template only lends its code to functional_call: its own weights are never used
         self.template = [copy.deepcopy(copies[0]).to("meta")]
+        self.sample_dims = sample_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def one(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(self.template[0], params, (inputs,))
 
         params = dict(zip(self.names, self.stacked))
-        return torch.vmap(one, in_dims=(0, None if x.dim() == 2 else 0))(params, x)
+        shared = x.dim() == 1 + self.sample_dims  # no task dim: every copy sees the same batch
+        return torch.vmap(one, in_dims=(0, None if shared else 0))(params, x)
 
 
 def shared_net(factory: str, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
@@ -117,6 +121,29 @@ def select_tasks(module: nn.Module, index: torch.Tensor) -> nn.Module:
     for p in out.parameters():
         p.data = p.data[index].clone()
     return out
+
+
+# ---------------------------------------------------------------------------- gates
+def relaxed_gate(logits: torch.Tensor, tau: torch.Tensor, lite: bool) -> dist.Distribution:
+    """The relaxed gate of eq. 4 at temperature ``tau`` (lite: straight-through, a hard forward draw)."""
+    kind = dist.RelaxedBernoulliStraightThrough if lite else dist.RelaxedBernoulli
+    return kind(tau, logits=logits)
+
+
+def straight_through_gate(logit: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """A lite gate ``[T]``: a straight-through draw (eq. 3–4) while gradients are computed,
+    the test-time gate ``1[α_t ≥ 0.5]`` otherwise."""
+    if torch.is_grad_enabled():
+        return relaxed_gate(logit, tau, lite=True).rsample()
+    return (logit >= 0).to(logit.dtype)
+
+
+def mix_encoders(gate: torch.Tensor, public: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
+    """Eq. 1's ``α_t f_S(x) + (1 − α_t) f_t(x)`` (§3.4: the same on outputs): gates ``[..., T]``,
+    ``public [B, *feat]`` or ``[T, B, *feat]``, ``private [T, B, *feat]``; output
+    ``[..., T, B, *feat]``, for vector and feature-map features alike."""
+    g = gate.reshape(*gate.shape, *(1,) * (private.dim() - 1))
+    return g * public + (1 - g) * private
 
 
 # ---------------------------------------------------------------------------- model
@@ -151,17 +178,12 @@ class SMTLModel(MultiTaskModel):
 
     def gate_distribution(self, logits: torch.Tensor) -> dist.Distribution:
         """The relaxed gate of eq. 4 (lite: straight-through, a hard forward draw)."""
-        kind = dist.RelaxedBernoulliStraightThrough if self.lite else dist.RelaxedBernoulli
-        return kind(self.tau(), logits=logits)
+        return relaxed_gate(logits, self.tau(), self.lite)
 
     def gate(self) -> torch.Tensor:
         """The point-estimate gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw
         (eq. 3–4) while training, ``1[α_t ≥ 0.5]`` when predicting."""
-        if not self.lite:
-            return self.alpha()
-        if torch.is_grad_enabled():
-            return self.gate_distribution(self.gate_logit).rsample()
-        return (self.gate_logit >= 0).to(self.gate_logit.dtype)
+        return straight_through_gate(self.gate_logit, self.tau()) if self.lite else self.alpha()
 
     def gate_draws(self, n: int) -> torch.Tensor:
         """``n`` posterior draws of the gates ``[n, T]``: a Bayesian gate's relaxed draws at the
@@ -175,11 +197,10 @@ class SMTLModel(MultiTaskModel):
     def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Head outputs ``[..., T, B, K]`` of inputs ``x [B, ...]`` under gates ``[..., T]``."""
         x = x.flatten(x.dim() - len(self.info.input_shape))
-        g = gate[..., None, None]
         public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
         if self.public_decoder is None:
-            return self.decoder(g * public + (1 - g) * private)
-        return g * self.public_decoder(public) + (1 - g) * self.decoder(private)
+            return self.decoder(mix_encoders(gate, public, private))
+        return mix_encoders(gate, self.public_decoder(public), self.decoder(private))
 
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch)

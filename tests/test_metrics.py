@@ -186,7 +186,8 @@ def test_task_metrics_keys_and_values():
 
     out = M.task_metrics("regression", np.array([0.0, 1.0]), np.array([0.0, 2.0]))
     assert out == {"mse": 0.5, "mae": 0.5, "nmse": pytest.approx(0.5)}
-    assert set(M.HIGHER_IS_BETTER) == set(M.CLASSIFICATION_METRICS) | set(M.REGRESSION_METRICS)
+    dense = {key for keys in M.DENSE_METRICS.values() for key in keys}
+    assert set(M.HIGHER_IS_BETTER) == set(M.CLASSIFICATION_METRICS) | set(M.REGRESSION_METRICS) | dense
 
 
 def test_nll_floors_a_zero_probability_and_matches_cross_entropy():
