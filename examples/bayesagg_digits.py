@@ -57,10 +57,11 @@ GRID_S_REGRESSION = [0.5, 0.9]
 GRID_SCALE = [0.3, 1.0, 3.0]
 
 
-def grid(has_regression: bool) -> list[dict]:
-    s_reg = GRID_S_REGRESSION if has_regression else [None]
+def grid(has_regression: bool, s_classification: list[float], s_regression: list[float],
+         scale: list[float]) -> list[dict]:
+    s_reg = s_regression if has_regression else [None]
     return [{"s_classification": c, **({"s_regression": r} if r is not None else {}), "scale": g}
-            for c in GRID_S_CLASSIFICATION for r in s_reg for g in GRID_SCALE]
+            for c in s_classification for r in s_reg for g in scale]
 
 
 def _pool_runs(jobs: list[dict], workers: int) -> list[dict]:
@@ -68,14 +69,14 @@ def _pool_runs(jobs: list[dict], workers: int) -> list[dict]:
         return [f.result() for f in as_completed([pool.submit(_run, job) for job in jobs])]
 
 
-def tune(data: str, steps: int, tune_seeds: int, seeds: int, workers: int, out: Path) -> str:
+def tune(data: str, steps: int, tune_seeds: int, seeds: int, workers: int, out: Path, axes: dict) -> str:
     """Rank the grid on validation Δm% (seeds < ``tune_seeds``), then test the best point and the defaults."""
     from pyromtl import datasets
     from pyromtl.metrics import delta_m
 
     has_regression = "regression" in datasets.load(data).task_types
     base = {"data": data, "steps": steps}
-    points = grid(has_regression)
+    points = grid(has_regression, **axes)
     runs = _pool_runs([{**base, "method": "stl", "seed": s} for s in range(seeds)]
                       + [{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(tune_seeds) for p in points],
                       workers)
@@ -148,11 +149,15 @@ def main() -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--tune", action="store_true", help="search s and γ on validation instead")
     parser.add_argument("--tune-seeds", type=int, default=2)
+    parser.add_argument("--s-classification", type=float, nargs="+", default=GRID_S_CLASSIFICATION)
+    parser.add_argument("--s-regression", type=float, nargs="+", default=GRID_S_REGRESSION)
+    parser.add_argument("--scale", type=float, nargs="+", default=GRID_SCALE, help="γ values of --tune")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune:
-        text = tune(args.data, args.steps, args.tune_seeds, args.seeds, args.jobs, out)
+        axes = {"s_classification": args.s_classification, "s_regression": args.s_regression, "scale": args.scale}
+        text = tune(args.data, args.steps, args.tune_seeds, args.seeds, args.jobs, out, axes)
         (out / f"bayesagg_tuning_{args.data.replace('-', '_')}.md").write_text(text + "\n")
         print(text)
         return
