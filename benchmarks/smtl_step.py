@@ -13,16 +13,29 @@ For every shape one run times, interleaved in rounds:
   authors' code runs it), ``pruned`` (``export_pruned``: only the chosen encoders and their
   decoders) and ``chosen`` (the chosen encoders alone, no decoder: the floor of ``pruned``).
 
+Every row also gets its FLOPs (``torch.utils.flop_counter.FlopCounterMode`` over one step or
+one inference call: convolutions and matrix products, forward and backward; element-wise work
+is not counted) and their ratio against dmtl, so that a time ratio can be read against the
+work each variant must do.
+
 Shapes: ``conflict`` is ``digits-conflict`` (T=4, 64-d inputs, batch 64) with the default
 network (hidden [256], latent 64); ``wide`` is random SIMO data, T=8 binary tasks, 1024-d
-inputs, hidden [1024], latent 256, batch 256.
+inputs, hidden [1024], latent 256, batch 256. ``cityscapes`` is the paper's dense setting
+(T=2: 7-class segmentation and depth, random images 3×128×256, batch 4) with plain-torch
+models built from the library's SMTL parts and a conv stand-in for Deeplab-ResNet-50, whose
+encoder/decoder split of FLOPs it matches (``smtl_dense_parts.py``); there the baseline row is
+``dmtl``, the training steps use ``torch.optim.Adam``, ``pruned`` is built from the chosen
+parts (``Fit.export_pruned`` takes a fitted vector model), ``stl (loop)`` and ``smtl (loop)`` run
+the private encoders in a Python loop instead of ``torch.vmap``, and the result also holds the FLOP
+model of the real Deeplab-ResNet-50 at that shape (``flop_model``).
 
-    python benchmarks/smtl_step.py --threads 1 --json benchmarks/results/smtl_cpu.json
+    python benchmarks/smtl_step.py --threads 1 --shapes conflict,wide,cityscapes --json benchmarks/results/smtl_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -44,6 +57,7 @@ from pyromtl.config import resolve  # noqa: E402
 from pyromtl.train import build_training  # noqa: E402
 from pyromtl.data.core import MultiTaskData  # noqa: E402
 from pyromtl.models.smtl import prune  # noqa: E402
+import smtl_dense_parts as dense  # noqa: E402
 
 VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
 
@@ -82,11 +96,17 @@ def timed(fn, arg, n: int, device: torch.device) -> list[float]:
     return out
 
 
+def gflop(fn, arg) -> float:
+    return dense.flops(fn, arg) / 1e9
+
+
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def bench_shape(shape: str, args, device: torch.device) -> dict:
+    if shape == "cityscapes":
+        return bench_dense(shape, args, device)
     make, opts = SHAPES[shape]
     data = make()
     torch.manual_seed(0)
@@ -123,6 +143,9 @@ def bench_shape(shape: str, args, device: torch.device) -> dict:
     train_ms = {k: [] for k in train_steps}
     infer_ms = {k: [] for k in infer}
     with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
+        train_gf = {k: gflop(step, batches[0]) for k, step in train_steps.items()}
+        with torch.no_grad():
+            infer_gf = {k: gflop(fn, x) for k, fn in infer.items()}
         for r in range(args.rounds):  # rounds interleave, so drift in machine load hits every row alike
             for key, step in train_steps.items():
                 for i in range(args.warmup if r == 0 else 1):
@@ -133,25 +156,99 @@ def bench_shape(shape: str, args, device: torch.device) -> dict:
                 for key, fn in infer.items():
                     timed(fn, x, args.warmup, device)
                     infer_ms[key] += timed(fn, x, args.steps, device)
+    return summary(shape, T, opts["batch_size"], device, "bmtl", train_ms, infer_ms, train_gf, infer_gf, params,
+                   args.steps * args.rounds)
+
+
+def summary(shape: str, T: int, batch: int, device: torch.device, base: str, train_ms: dict, infer_ms: dict,
+            train_gf: dict, infer_gf: dict, params: dict, timed_steps: int) -> dict:
+    """Medians, ratios against ``base`` (time and FLOPs) and the row ``stl + base`` (the compute floor of SMTL)."""
     med = {k: statistics.median(v) for k, v in train_ms.items()}
-    med["stl + bmtl"] = med["stl"] + med["bmtl"]
+    floor = f"stl + {base}"
+    med[floor] = med["stl"] + med[base]
+    train_gf = {**train_gf, floor: train_gf["stl"] + train_gf[base]}
     imed = {k: statistics.median(v) for k, v in infer_ms.items()}
     return {
-        "shape": shape, "tasks": T, "batch": opts["batch_size"], "device": device.type,
-        "train_ms": med, "train_ratio_vs_dmtl": {k: v / med["bmtl"] for k, v in med.items()},
+        "shape": shape, "tasks": T, "batch": batch, "device": device.type,
+        "train_ms": med, "train_ratio_vs_dmtl": {k: v / med[base] for k, v in med.items()},
+        "train_gflop": train_gf, "train_flop_ratio_vs_dmtl": {k: v / train_gf[base] for k, v in train_gf.items()},
         "infer_ms": imed, "infer_ratio_vs_dmtl": {k: v / imed["dmtl"] for k, v in imed.items()},
-        "params": params, "timed_steps": args.steps * args.rounds,
+        "infer_gflop": infer_gf, "infer_flop_ratio_vs_dmtl": {k: v / infer_gf["dmtl"] for k, v in infer_gf.items()},
+        "params": params, "timed_steps": timed_steps,
     }
+
+
+def bench_dense(shape: str, args, device: torch.device) -> dict:
+    """The ``cityscapes`` shape: :mod:`smtl_dense_parts`' plain-torch variants, timed as the vector shapes are."""
+    batch_size = args.dense_batch
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [tuple(t.to(device) if torch.is_tensor(t) else [u.to(device) for u in t]
+                     for t in dense.random_batch(batch_size, gen)) for _ in range(2)]
+    x = dense.random_batch(batch_size, gen)[0].to(device)
+    T = len(dense.TASKS)
+    gate_logit = torch.tensor([1.0 if t % 2 == 0 else -1.0 for t in range(T)], device=device)  # even tasks public
+
+    train_steps, infer, params = {}, {}, {}
+    for name in dense.DENSE_VARIANTS:
+        model = dense.DenseVariant(name).to(device)
+        train_steps[name] = dense.train_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        if name == "dmtl":
+            infer["dmtl"] = model
+            params["dmtl"] = count(model)
+        if model.lite:
+            with torch.no_grad():
+                model.gate_logit.copy_(gate_logit)
+            gated = copy.deepcopy(model).eval()
+            pruned = dense.PrunedDense(gated, (gate_logit > 0).float()).eval()
+            with torch.no_grad():  # the pruned network gives the gated one's outputs
+                for a, b in zip(gated(x), pruned(x)):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            infer[f"{name} gated"], infer[f"{name} pruned"], infer[f"{name} chosen"] = gated, pruned, pruned.encoders
+            params[f"{name} gated"] = count(gated) - T
+            params[f"{name} pruned"] = count(pruned)
+            params[f"{name} chosen"] = count(pruned) - sum(count(h) for h in (*pruned.heads, *pruned.public_heads))
+
+    for name in ("stl", "smtl"):  # the private encoders as separate modules in a Python loop instead of vmap
+        model = dense.DenseVariant(name, loop=True).to(device)
+        train_steps[f"{name} (loop)"] = dense.train_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+
+    train_gf = {k: gflop(step, batches[0]) for k, step in train_steps.items()}
+    with torch.no_grad():
+        infer_gf = {k: gflop(fn, x) for k, fn in infer.items()}
+    steps = args.dense_steps
+    train_ms = {k: [] for k in train_steps}
+    infer_ms = {k: [] for k in infer}
+    for r in range(args.rounds):  # interleaved, as for the vector shapes
+        for key, step in train_steps.items():
+            for i in range(args.warmup if r == 0 else 1):
+                step(batches[i % len(batches)])
+            for i in range(steps):
+                train_ms[key] += timed(step, batches[i % len(batches)], 1, device)
+        with torch.no_grad():
+            for key, fn in infer.items():
+                timed(fn, x, 1, device)
+                infer_ms[key] += timed(fn, x, steps, device)
+    res = summary(shape, T, batch_size, device, "dmtl", train_ms, infer_ms, train_gf, infer_gf, params,
+                  steps * args.rounds)
+    res["flop_model"] = dense.paper_flops(batch_size)
+    return res
 
 
 def table(res: dict) -> str:
     lines = [f"### {res['shape']} (T={res['tasks']}, batch {res['batch']}, {res['device']}, "
              f"{res['timed_steps']} timed steps per row)", "",
-             "| train step | ms | × dmtl |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v:.3f} | {res['train_ratio_vs_dmtl'][k]:.2f} |" for k, v in res["train_ms"].items()]
-    lines += ["", "| inference | ms | × dmtl | parameters |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {v:.3f} | {res['infer_ratio_vs_dmtl'][k]:.2f} | {res['params'].get(k, '')} |"
+             "| train step | ms | × dmtl | GFLOP | FLOPs × dmtl |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {res['train_ratio_vs_dmtl'][k]:.2f} | {res['train_gflop'][k]:.4g} | "
+              f"{res['train_flop_ratio_vs_dmtl'][k]:.2f} |" for k, v in res["train_ms"].items()]
+    lines += ["", "| inference | ms | × dmtl | GFLOP | FLOPs × dmtl | parameters |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {res['infer_ratio_vs_dmtl'][k]:.2f} | {res['infer_gflop'][k]:.4g} | "
+              f"{res['infer_flop_ratio_vs_dmtl'][k]:.2f} | {res['params'].get(k, '')} |"
               for k, v in res["infer_ms"].items()]
+    for arch, m in res.get("flop_model", {}).items():
+        lines += ["", f"FLOP model of {arch} (encoder {m['encoder_share_of_dmtl_forward']:.0%} of dmtl's forward): "
+                  + ", ".join(f"{k} {v:.2f}×" for k, v in {**m["train_ratio_vs_dmtl"], **m["infer_ratio_vs_dmtl"]}.items()
+                              if k != "dmtl")]
     return "\n".join(lines)
 
 
@@ -162,6 +259,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dense-steps", type=int, default=5, help="timed steps per round at the cityscapes shape")
+    p.add_argument("--dense-batch", type=int, default=4, help="batch size at the cityscapes shape")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args()
