@@ -15,6 +15,8 @@ implemented"); ``digits-conflict``'s one-bit ``clockwise`` conflict is too easy 
     python examples/smtl_conflict.py --seeds 5 --steps 1000 --out results/smtl_conflict
 
 writes ``<out>.json`` (every run's test metrics, kept step and gates) and ``<out>.md`` (the tables).
+Runs already in ``<out>.json`` for the same data, steps and seeds are kept, so ``--methods``
+adds rows (``stl``, the baseline, must be among them or already there).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pyromtl.tables import render
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmtl_tables import mean_ci  # noqa: E402
 
-METHODS = ("stl", "bmtl", "smtl", "lsmtl", "smtl-c", "lsmtl-c")
+METHODS = ("stl", "bmtl", "cross-stitch", "smtl", "lsmtl", "smtl-c", "lsmtl-c")
 ARROW = {"accuracy": "↑", "nmse": "↓"}
 
 #: Task results as ``Fit.evaluate()["tasks"]`` holds them: ``{task: {metric: value}}``.
@@ -121,12 +123,17 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # small networks: extra threads only contend on a shared machine
     methods = tuple(args.methods.split(","))
-    if "stl" not in methods:
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = (old.get("data"), old.get("steps")) == (args.data, args.steps)
+    kept = {m: r for m, r in old.get("runs", {}).items() if same and m not in methods and len(r) == args.seeds}
+    if "stl" not in methods and "stl" not in kept:
         raise SystemExit("--methods must include stl, the baseline of Δ_I and η̂")
-    runs = run(args.data, methods, args.seeds, args.steps)
+    fresh = run(args.data, methods, args.seeds, args.steps)
+    runs = {m: (fresh if m in fresh else kept)[m] for m in (*METHODS, *methods) if m in fresh or m in kept}
     md = tables(runs, args.data, args.steps)
     print(md)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"data": args.data, "steps": args.steps, "runs": runs}, indent=1))
     out.with_suffix(".md").write_text(md + "\n")
