@@ -60,8 +60,11 @@ class CrossStitchModel(MultiTaskModel):
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Head outputs ``[T, B, K]`` of SIMO inputs ``x [B, ...]``."""
         h = x.flatten(x.dim() - len(self.info.input_shape))  # [B, D]: the first layer broadcasts it to every task
-        for layer, stitch in zip(self.layers, self.stitches):
-            h = torch.einsum("ts,sbd->tbd", stitch, self.act(layer(h)))
+        last = len(self.layers) - 1
+        for i, (layer, stitch) in enumerate(zip(self.layers, self.stitches)):
+            h = layer(h)
+            # the latent layer stays linear, as stl's and smtl's encoders do, so only the units differ
+            h = torch.einsum("ts,sbd->tbd", stitch, h if i == last else self.act(h))
         return self.head(h)
 
     def forward(self, batch: Batch) -> None:
