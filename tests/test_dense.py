@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -310,16 +307,14 @@ def test_dense_example_lite_gates_are_hard_at_evaluation(example, city: Path) ->
     assert set(results) == {"segmentation", "depth"} and set(results["depth"]) == {"abs_err", "rel_err"}
 
 
-@pytest.mark.slow
-def test_dense_example_command_line_on_fixtures(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(EXAMPLE), "--make-fixtures", str(tmp_path / "cs"), "--data",
-                           "cityscapes", "--steps", "3", "--lite", "--width", "4"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"^\| test\s*\|\s*segmentation \|\s*miou \|\s*[0-9.]+ \|", done.stdout, flags=re.M), done.stdout
-    assert re.search(r"^α_depth = [0-9.]+ \(weight of the public encoder\)$", done.stdout, flags=re.M)
+def test_dense_example_command_line_on_fixtures(example, tmp_path: Path, capsys) -> None:
+    # the example's main() in this process: a subprocess would pay torch's import again
+    example.main(["--make-fixtures", str(tmp_path / "cs"), "--data", "cityscapes", "--steps", "3", "--lite",
+                  "--width", "4"])
+    out = capsys.readouterr().out
+    assert re.search(r"^\| test\s*\|\s*segmentation \|\s*miou \|\s*[0-9.]+ \|", out, flags=re.M), out
+    assert re.search(r"^α_depth = [0-9.]+ \(weight of the public encoder\)$", out, flags=re.M)
     assert (tmp_path / "cs" / "val" / "label_19" / "2.npy").is_file()
-    neither = subprocess.run([sys.executable, str(EXAMPLE)], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert neither.returncode == 2 and "exactly one of --root and --make-fixtures" in neither.stderr
+    with pytest.raises(SystemExit) as stop:
+        example.main([])
+    assert stop.value.code == 2 and "exactly one of --root and --make-fixtures" in capsys.readouterr().err
