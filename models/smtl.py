@@ -147,18 +147,6 @@ def mix_encoders(gate: torch.Tensor, public: torch.Tensor, private: torch.Tensor
 
 
 # ---------------------------------------------------------------------------- model
-def _hookless(module: nn.Module, name: str) -> Any:
-    """``module.<name>`` (a parameter or a submodule) without ``PyroModule``'s attribute hook.
-
-    Inside a trace that hook issues one ``pyro.param`` statement per parameter of a plain
-    network, each through the whole handler stack: 12 of them per SMTL step, about 0.5 ms of a
-    2.2–2.9 ms traced forward on one CPU thread at the digits-conflict shape. pyromtl's
-    parameters are module-local, the ELBO takes them from ``.parameters()`` and nothing reads
-    those sites.
-    """
-    return module._parameters[name] if name in module._parameters else module._modules[name]
-
-
 class SMTLModel(MultiTaskModel):
     """``p(y | x) = prod_t p(y_t | out_t(x))`` with ``out_t`` of eq. 1 (or §3.4 for ``combine="outputs"``)."""
 
@@ -183,7 +171,7 @@ class SMTLModel(MultiTaskModel):
 
     def alpha(self) -> torch.Tensor:
         """``α_t`` ``[T]``: the weight of the public side (eq. 1)."""
-        return torch.sigmoid(_hookless(self, "gate_logit"))
+        return torch.sigmoid(self.gate_logit)
 
     def tau(self) -> torch.Tensor:
         return torch.tensor(self.state.value(self.temperature), device=self.info.type_code.device)
@@ -195,7 +183,7 @@ class SMTLModel(MultiTaskModel):
     def gate(self) -> torch.Tensor:
         """The point-estimate gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw
         (eq. 3–4) while training, ``1[α_t ≥ 0.5]`` when predicting."""
-        return straight_through_gate(_hookless(self, "gate_logit"), self.tau()) if self.lite else self.alpha()
+        return straight_through_gate(self.gate_logit, self.tau()) if self.lite else self.alpha()
 
     def gate_draws(self, n: int) -> torch.Tensor:
         """``n`` posterior draws of the gates ``[n, T]``: a Bayesian gate's relaxed draws at the
@@ -209,11 +197,10 @@ class SMTLModel(MultiTaskModel):
     def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Head outputs ``[..., T, B, K]`` of inputs ``x [B, ...]`` under gates ``[..., T]``."""
         x = x.flatten(x.dim() - len(self.info.input_shape))
-        public, private = _hookless(self, "public")(x), _hookless(self, "private")(x)  # [B, d], [T, B, d]
-        decoder = _hookless(self, "decoder")
+        public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
         if self.combine != "outputs":
-            return decoder(mix_encoders(gate, public, private))
-        return mix_encoders(gate, _hookless(self, "public_decoder")(public), decoder(private))
+            return self.decoder(mix_encoders(gate, public, private))
+        return mix_encoders(gate, self.public_decoder(public), self.decoder(private))
 
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch)
