@@ -261,8 +261,8 @@ class BayesAggObjective(Objective):
                     self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
             mus.append(mu)
             variances.append(var)
-        if len(mus) == 1:
-            return mu, var, self.s
+        if len(mus) == 1:  # one kind of task: no copy
+            return mus[0], variances[0], self.s
         return torch.cat(mus, 1), torch.cat(variances, 1), self.s
 
     def aggregated_gradient(self, h: Tensor, y: Tensor) -> Tensor:
