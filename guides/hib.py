@@ -28,6 +28,7 @@ from pyro import poutine
 
 from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.distributions import DiagNormal
 from pyromtl.nn import MLP, GaussianEncoder
 
 #: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_noise_var``.
@@ -117,8 +118,8 @@ class HIBGuide(ChannelScale):
         if self.point or (self.predict_mean and batch.split != "train"):
             channel = dist.Delta(z.expand(batch.num_tasks, batch.size, z.shape[-1]), event_dim=1)
         else:
-            scale = torch.exp(0.5 * self.channel_log_var()).unsqueeze(-2)  # [T, 1, D]: shared by the samples
-            channel = dist.Normal(z, scale).to_event(1)
+            # z [1, B, D] and σ [T, 1, D] stay compact: the KL's variance terms are then [T, D].
+            channel = DiagNormal(z, torch.exp(0.5 * self.channel_log_var()).unsqueeze(-2))
         with plates.locals(), self.beta_scope():
             pyro.sample("w", channel)
 

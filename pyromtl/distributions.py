@@ -9,6 +9,11 @@ representation ``z`` (eq. 9). Its KL from a diagonal Gaussian guide is registere
 A ``TaskMixture(..., sampled=True)`` holds a random subset of a larger mixture's components with
 importance weights: its KL bound is an unbiased estimate of the full mixture's (VMTL's z prior
 with ``z_components < T - 1``, see ``models/vmtl.py``).
+
+:class:`DiagNormal` is a diagonal Gaussian that keeps its mean and scale at their own
+broadcastable shapes: HIB's noise channel ``N(Z, diag σ_j²)`` (``Z`` shared by the tasks, ``σ_j``
+by the samples). Its KLs to a diagonal Gaussian prior (``Normal(...).to_event(k)`` or another
+``DiagNormal``) and to a :class:`TaskMixture` are registered in closed form.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pyro.distributions.util import broadcast_shape
 from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 
-__all__ = ["TaskMixture", "KL_MODES"]
+__all__ = ["DiagNormal", "TaskMixture", "KL_MODES"]
 
 #: Values of :attr:`TaskMixture.kl`.
 KL_MODES = ("upper_bound", "monte_carlo")
@@ -282,15 +287,174 @@ def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_
 @register_kl(Independent, TaskMixture)
 def _kl_independent_task_mixture(q: Independent, p: TaskMixture) -> torch.Tensor:
     # `.to_event(a).to_event(b)` may nest Independents; count all reinterpreted dims.
-    base, event_dim = q, 0
-    while isinstance(base, Independent):
-        event_dim += base.reinterpreted_batch_ndims
-        base = base.base_dist
-    if not isinstance(base, Normal):
-        raise NotImplementedError(f"no closed-form KL from {type(base).__name__} to TaskMixture")
+    base, event_dim = _normal_base(q)
+    if base is None:
+        raise NotImplementedError(f"no closed-form KL from {q} to TaskMixture")
     return _kl_diag_normal_mixture_bound(base.loc, base.scale, event_dim, p)
 
 
 @register_kl(Normal, TaskMixture)
 def _kl_normal_task_mixture(q: Normal, p: TaskMixture) -> torch.Tensor:
     return _kl_diag_normal_mixture_bound(q.loc, q.scale, 0, p)
+
+
+def _event_sum(t: torch.Tensor, event_shape: torch.Size) -> torch.Tensor:
+    """Sum over the event dims, counting those where ``t`` broadcasts (size 1) as often as the event has them."""
+    E = len(event_shape)
+    if not E:
+        return t
+    if t.shape[max(t.dim() - E, 0):] != event_shape:
+        t = t.reshape((1,) * max(E - t.dim(), 0) + t.shape)
+        t = t.expand(*t.shape[: t.dim() - E], *event_shape)
+    if E == 1:
+        return t.sum(-1)
+    return t.flatten(-E).sum(-1)
+
+
+class DiagNormal(TorchDistribution):
+    r"""``N(loc, diag scale²)`` over the rightmost ``event_dim`` dims, with ``loc`` and ``scale`` kept as given.
+
+    ``Normal(loc, scale).expand(shape).to_event(k)`` broadcasts both to the full shape when it is
+    built, and its KL works on that shape. Here they only need to broadcast to ``shape``:
+    HIB's channel (eq. 1) has ``loc = Z`` of shape ``[1, B, D]`` and ``scale = σ_j`` of shape
+    ``[T, 1, D]``, and a prior ``N(0, ξ_j²)`` has ``[T, 1, D]`` parameters, so the KL's variance
+    terms cost ``[T, D]`` rather than ``[T, B, D]``, and building either costs no tensor op.
+    The registry's ``normal`` and ``learned_normal`` priors are of this type.
+
+    :param loc: the mean, broadcastable to ``shape``.
+    :param scale: the standard deviation (positive), broadcastable to ``shape``.
+    :param event_dim: how many rightmost dims of ``shape`` form one event.
+    :param shape: ``batch_shape + event_shape`` (default: the broadcast of ``loc`` and ``scale``).
+
+    :meth:`expand` returns a ``DiagNormal``, so the KLs registered below stay reachable under
+    ``pyro.plate``: to and from ``Normal(...).to_event(k)`` (closed form), to a
+    :class:`TaskMixture` (VMTL's bound, eq. 11), and Pyro's ``Delta`` to it (``-log_prob``).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_dim: int = 1,
+                 shape: tuple[int, ...] | torch.Size | None = None, validate_args: bool | None = None):
+        try:
+            params = broadcast_shape(loc.shape, scale.shape, *(() if shape is None else (shape,)))
+        except ValueError:
+            params = None
+        if params is None or (shape is not None and params != tuple(shape)):
+            raise ValueError(f"loc {tuple(loc.shape)} and scale {tuple(scale.shape)} do not broadcast"
+                             + ("" if shape is None else f" to {tuple(shape)}"))
+        shape = params
+        if not 0 <= event_dim <= len(shape):
+            raise ValueError(f"event_dim must be in [0, {len(shape)}] for shape {tuple(shape)}, got {event_dim}")
+        self.loc, self.scale = loc, scale
+        split = len(shape) - event_dim
+        super().__init__(torch.Size(shape[:split]), torch.Size(shape[split:]), validate_args=validate_args)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None) -> "DiagNormal":
+        new = self._get_checked_instance(DiagNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
+            raise RuntimeError(f"cannot expand DiagNormal of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+        new.loc, new.scale = self.loc, self.scale
+        super(DiagNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.scale.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.scale.square().expand(self.batch_shape + self.event_shape)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return torch.addcmul(self.loc, eps, self.scale)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        norm = _event_sum(((value - self.loc) / self.scale).square(), self.event_shape)
+        log_norm = _event_sum(self.scale.log(), self.event_shape) + 0.5 * math.log(2 * math.pi) * self.event_shape.numel()
+        E = len(self.event_shape)
+        return (-0.5 * norm - log_norm).expand(broadcast_shape(value.shape[: value.dim() - E], self.batch_shape))
+
+    def entropy(self) -> torch.Tensor:
+        const = 0.5 * (1 + math.log(2 * math.pi)) * self.event_shape.numel()
+        return (_event_sum(self.scale.log(), self.event_shape) + const).expand(self.batch_shape)
+
+
+def _kl_diag_normals(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
+                     event_shape: torch.Size, batch_shape: torch.Size) -> torch.Tensor:
+    """``Σ_event KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²))``, each term at its parameters' own broadcast shape.
+
+    Per element ``(r - log r - 1 + m²)/2`` with ``r = (q_scale/p_scale)²`` and
+    ``m = (q_loc - p_loc)/p_scale``. Few ops on purpose: at HIB's sizes each op's dispatch
+    costs more than its arithmetic.
+    """
+    ratio = (q_scale / p_scale).square()
+    m = (q_loc - p_loc) / p_scale
+    kl = _event_sum(ratio - ratio.log(), event_shape) + _event_sum(m.square(), event_shape)
+    return kl.sub_(event_shape.numel()).mul_(0.5).expand(batch_shape)
+
+
+def _normal_base(d: Independent) -> tuple[Normal | None, int]:
+    """The base of ``Normal(...).to_event(k)`` (nested Independents allowed) and its event dims; None if not Normal."""
+    base, event_dim = d, 0
+    while isinstance(base, Independent):
+        event_dim += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    return (base if isinstance(base, Normal) else None), event_dim
+
+
+def _check_events(q, p) -> None:
+    if q.event_shape != p.event_shape:
+        raise ValueError(f"KL({type(q).__name__} ‖ {type(p).__name__}): event shapes {tuple(q.event_shape)} and "
+                         f"{tuple(p.event_shape)} differ")
+
+
+@register_kl(DiagNormal, DiagNormal)
+def _kl_diag_diag(q: DiagNormal, p: DiagNormal) -> torch.Tensor:
+    _check_events(q, p)
+    return _kl_diag_normals(q.loc, q.scale, p.loc, p.scale, q.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
+
+
+@register_kl(DiagNormal, Independent)
+def _kl_diag_independent(q: DiagNormal, p: Independent) -> torch.Tensor:
+    base, _ = _normal_base(p)
+    if base is None:
+        raise NotImplementedError(f"no closed-form KL from DiagNormal to {p}")
+    _check_events(q, p)
+    # A prior expanded over the plates holds stride-0 views: compute on one copy.
+    return _kl_diag_normals(q.loc, q.scale, _compact(base.loc), _compact(base.scale), q.event_shape,
+                            broadcast_shape(q.batch_shape, p.batch_shape))
+
+
+@register_kl(Independent, DiagNormal)
+def _kl_independent_diag(q: Independent, p: DiagNormal) -> torch.Tensor:
+    base, _ = _normal_base(q)
+    if base is None:
+        raise NotImplementedError(f"no closed-form KL from {q} to DiagNormal")
+    _check_events(q, p)
+    return _kl_diag_normals(base.loc, base.scale, p.loc, p.scale, p.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
+
+
+@register_kl(Normal, DiagNormal)
+def _kl_normal_diag(q: Normal, p: DiagNormal) -> torch.Tensor:
+    _check_events(q, p)
+    return _kl_diag_normals(q.loc, q.scale, p.loc, p.scale, p.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
+
+
+@register_kl(DiagNormal, TaskMixture)
+def _kl_diag_task_mixture(q: DiagNormal, p: TaskMixture) -> torch.Tensor:
+    # Full-shape views (the bound compacts them again), so its batch shape is q's.
+    return _kl_diag_normal_mixture_bound(q.mean, q.stddev, len(q.event_shape), p)

@@ -32,7 +32,7 @@ import torch
 from pyro.distributions.util import broadcast_shape
 from torch.distributions import Distribution, constraints
 
-from pyromtl.distributions import KL_MODES, TaskMixture
+from pyromtl.distributions import KL_MODES, DiagNormal, TaskMixture
 from pyromtl.params import LocalParamsModule
 from pyromtl.schedules import as_schedule
 
@@ -246,8 +246,19 @@ class PriorContext:
         self.dtype = self.dtype if self.dtype is not None else torch.get_default_dtype()
 
     def full(self, shape: tuple[int, ...] | torch.Size, value: float) -> torch.Tensor:
-        """A constant tensor on this context's device and dtype."""
-        return torch.full(tuple(shape), float(value), device=self.device, dtype=self.dtype)
+        """A constant tensor on this context's device and dtype; read it, never write to it.
+
+        Built through a :class:`PriorSite`, the same tensor is returned at every build, since
+        priors ask for the same constants every step.
+        """
+        key = (tuple(shape), float(value), self.device, self.dtype)
+        cache = self.owner._constants if self.owner is not None else {}
+        out = cache.get(key)
+        if out is None:
+            if len(cache) >= 64:  # shapes that change with the batch size: keep the cache small
+                cache.clear()
+            out = cache[key] = torch.full(key[0], key[1], device=self.device, dtype=self.dtype)
+        return out
 
     def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
         """A persistent learnable parameter of this site, created from ``init`` on first use.
@@ -287,6 +298,17 @@ def _build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return prior
 
 
+def _transform_to(constraint: constraints.Constraint) -> torch.distributions.Transform:
+    """``transform_to(constraint)``, with ``exp`` alone for ``positive``.
+
+    torch maps ``positive`` through ``exp`` and then the identity ``0 + 1·x``: the same values,
+    two more ops and autograd nodes on every use.
+    """
+    if constraint is constraints.positive:
+        return torch.distributions.ExpTransform()
+    return torch.distributions.transform_to(constraint)
+
+
 class PriorSite(LocalParamsModule):
     """The prior of one latent site, owned by a model; builds a distribution per call.
 
@@ -307,13 +329,17 @@ class PriorSite(LocalParamsModule):
         self.site = site
         self.spec = parse_spec(spec)
         self.params = torch.nn.ParameterDict()
+        self._transforms: dict[str, torch.distributions.Transform] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}  # PriorContext.full's, by shape, value, device, dtype
         # An empty buffer that moves with .to(): the device for priors without components.
         self.register_buffer("_anchor", torch.empty(0, device=device), persistent=False)
         self.num_tasks: int | None = None
 
     def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
         """See :meth:`PriorContext.param`."""
-        transform = torch.distributions.transform_to(constraint)
+        transform = self._transforms.get(name)
+        if transform is None:
+            transform = self._transforms[name] = _transform_to(constraint)
         if name not in self.params:
             with torch.no_grad():
                 self.params[name] = torch.nn.Parameter(transform.inv(init.detach()).clone())
@@ -347,7 +373,8 @@ class PriorSite(LocalParamsModule):
     def build(self, **context: Any) -> Distribution:
         """Build the prior; keyword arguments as in :meth:`context`."""
         ctx = self.context(**context)
-        self.num_tasks = ctx.num_tasks
+        if self.num_tasks != ctx.num_tasks:  # a module attribute write costs ~15 us a step
+            self.num_tasks = ctx.num_tasks
         return _build_parsed(self.spec, ctx)  # parsed in __init__: skip re-validating it every step
 
     def forward(self, **context: Any) -> Distribution:
@@ -391,7 +418,8 @@ def _temperature(value: Any) -> float | dict[str, Any]:
 
 
 def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext) -> Distribution:
-    return dist.Normal(loc, scale).expand(ctx.batch_shape + ctx.event_shape).to_event(len(ctx.event_shape))
+    # Unexpanded parameters: the closed-form KLs then work on them, not on the plates' full shape.
+    return DiagNormal(loc, scale, len(ctx.event_shape), ctx.batch_shape + ctx.event_shape)
 
 
 @register("normal", defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": _positive})

@@ -151,8 +151,8 @@ def test_learned_normal_parameters_are_owned_and_persist():
     assert prior.batch_shape == (T, 1) and prior.event_shape == (K, D)
     names = dict(site.named_parameters())
     assert set(names) == {"params.loc", "params.scale"} and names["params.loc"].shape == (K, D)
-    torch.testing.assert_close(prior.base_dist.scale, torch.full((T, 1, K, D), 2.0))
-    torch.testing.assert_close(prior.base_dist.loc, torch.full((T, 1, K, D), 0.5))
+    torch.testing.assert_close(prior.stddev, torch.full((T, 1, K, D), 2.0))
+    torch.testing.assert_close(prior.mean, torch.full((T, 1, K, D), 0.5))
     prior.log_prob(torch.randn(T, 1, K, D)).sum().backward()
     assert names["params.loc"].grad is not None and names["params.scale"].grad is not None
 
@@ -161,7 +161,7 @@ def test_learned_normal_parameters_are_owned_and_persist():
     fresh = PriorSite("w", {"kind": "learned_normal", "loc": 0.5, "scale": 2.0})
     fresh.load_state_dict(site.state_dict())  # strict, before any build
     again = fresh.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T)
-    torch.testing.assert_close(again.base_dist.loc, torch.full((T, 1, K, D), 1.5))
+    torch.testing.assert_close(again.mean, torch.full((T, 1, K, D), 1.5))
 
 
 def test_learned_normal_frozen_mean_and_per_task():
@@ -169,7 +169,7 @@ def test_learned_normal_frozen_mean_and_per_task():
     prior = site.build(batch_shape=(T, B), event_shape=(D,), num_tasks=T, task_axis=0)
     assert set(dict(site.named_parameters())) == {"params.scale"}
     assert site.params["scale"].shape == (T, 1, D)
-    assert torch.equal(prior.base_dist.loc, torch.zeros(T, B, D))
+    assert torch.equal(prior.mean, torch.zeros(T, B, D))
 
 
 # -------------------------------------------------------------------------- task mixture
