@@ -275,7 +275,8 @@ class BayesAggObjective(Objective):
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(h, y, posteriors)
-        g, self.last_weights = aggregate(mu, var, s, return_weights=True)  # reduced only when logged
+        # var is this step's own: overwrite it; the weights are reduced only when logged
+        g, self.last_weights = aggregate(mu, var, s, return_weights=True, overwrite_var=True)
         return g
 
     def backward(self, batch: Batch) -> Tensor:

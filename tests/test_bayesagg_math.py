@@ -124,13 +124,17 @@ def test_regression_posterior_with_missing_labels():
         torch.testing.assert_close(mean[t], ref_mean[0])
         torch.testing.assert_close(cov[t], ref_cov[0])
 
-    stats = GaussianStats()
-    stats.update(h[:15], y[:15].nan_to_num(), None)  # a chunk without missing labels first ...
-    stats.update(h[15:], y[15:], mask[15:])  # ... then per-task sums from here on
     full = mask.clone()
-    full[:15] = True
-    torch.testing.assert_close(stats.posterior(0.1, prior_precision, 0.8),
-                               regression_posterior(h, y.nan_to_num(), 0.1, prior_precision, 0.8, mask=full))
+    full[:15] = full[25:] = True  # the chunks without a mask count every row
+    want = regression_posterior(h, y.nan_to_num(), 0.1, prior_precision, 0.8, mask=full)
+    # summed at the end, or after every chunk (the masked chunk then turns the shared HᵀH into per-task ones)
+    for flush_rows in (GaussianStats.flush_rows, 1):
+        stats = GaussianStats()
+        stats.flush_rows = flush_rows
+        stats.update(h[:15], y[:15].nan_to_num(), None)  # a chunk without missing labels first ...
+        stats.update(h[15:25], y[15:25], mask[15:25])  # ... then per-task sums from here on
+        stats.update(h[25:], y[25:].nan_to_num(), None)
+        torch.testing.assert_close(stats.posterior(0.1, prior_precision, 0.8), want)
 
 
 @pytest.mark.parametrize(
@@ -161,9 +165,16 @@ def test_streaming_stats_equal_the_one_shot_posterior():
     h = torch.cat([c[0] for c in chunks]).to(DT)
     y = torch.cat([c[1] for c in chunks]).to(DT)
     stats = GaussianStats()
-    for chunk in chunks:
+    stats.flush_rows = 20  # sums after the second chunk and after the fourth
+    for chunk in chunks[:3]:
         stats.update(*chunk)
+    assert stats.count == 21 and stats.gram is not None  # 20 rows summed, one waiting
+    stats.update(*chunks[3])
     assert stats.count == h.shape[0]
+    saved = stats.state_dict()
+    restored = GaussianStats()
+    restored.load_state_dict(saved)
+    torch.testing.assert_close(restored.posterior(0.0, 2.0, noise=0.5), stats.posterior(0.0, 2.0, noise=0.5))
     mean, cov = stats.posterior(0.0, 2.0, noise=0.5)
     assert mean.dtype == torch.float32  # the features' dtype; the sums were float64
     ref_mean, ref_cov = regression_posterior(h, y, 0.0, 2.0, noise=0.5)
@@ -527,7 +538,14 @@ def test_aggregate_is_the_precision_weighted_mean():
     # one s per task
     s = torch.tensor([0.9, 0.05, 0.5], dtype=DT)
     weight = var.pow(-s[:, None])
-    torch.testing.assert_close(aggregate(mu, var, s), (weight * mu).sum(1) / weight.sum(1))
+    want = (weight * mu).sum(1) / weight.sum(1)
+    torch.testing.assert_close(aggregate(mu, var, s), want)
+    # var is left alone unless the caller gives it up
+    before = var.clone()
+    aggregate(mu, var, s, return_weights=True)
+    assert torch.equal(var, before)
+    torch.testing.assert_close(aggregate(mu, var, s, overwrite_var=True), want)
+    assert not torch.equal(var, before)
 
 
 def test_aggregate_is_stable_at_extreme_variances():

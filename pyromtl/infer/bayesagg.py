@@ -37,7 +37,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -60,9 +60,11 @@ Kind = Literal["binary", "multiclass"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, message: str | Callable[[], str]) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``; a callable message is built only then
+    (these checks run every training step, and formatting shapes costs more than checking them)."""
     if not condition:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def _shape(t: Tensor) -> str:
@@ -108,14 +110,14 @@ def _prior(prior_mean: Tensor | float, prior_precision: Tensor | float, num_task
     if mean.dim() == 0 or mean.shape == event_shape:
         mean = mean.expand((num_tasks,) + event_shape)
     _require(mean.shape == (num_tasks,) + event_shape,
-             f"prior_mean has shape {_shape(mean)}; expected a scalar, {list(event_shape)} "
-             f"or {[num_tasks, *event_shape]}")
+             lambda: (f"prior_mean has shape {_shape(mean)}; expected a scalar, {list(event_shape)} "
+                      f"or {[num_tasks, *event_shape]}"))
     precision = torch.as_tensor(prior_precision, dtype=like.dtype, device=like.device)
     if precision.dim() == 0:
         precision = precision * torch.eye(size, dtype=like.dtype, device=like.device)
     _require(precision.shape in ((size, size), (num_tasks, size, size)),
-             f"prior_precision has shape {_shape(precision)}; expected a scalar, "
-             f"[{size}, {size}] or [{num_tasks}, {size}, {size}]")
+             lambda: (f"prior_precision has shape {_shape(precision)}; expected a scalar, "
+                      f"[{size}, {size}] or [{num_tasks}, {size}, {size}]"))
     return mean.reshape(num_tasks, size), precision
 
 
@@ -138,7 +140,7 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
     num_tasks, dim = cross.shape
     noise = torch.as_tensor(noise, dtype=cross.dtype, device=cross.device)
     _require(noise.shape in ((), (num_tasks,)),
-             f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]")
+             lambda: f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]")
     inv_var = noise.pow(-2)
     if noise.dim() == 0:
         precision = prior_precision + gram * inv_var
@@ -147,22 +149,22 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
     rhs = _matvec(prior_precision, prior_mean) + cross * inv_var.reshape(-1, 1)
     factor = _cholesky(precision, "the posterior precision")
     if factor.dim() == 2:
-        mean = torch.cholesky_solve(rhs.T, factor).T
-        cov = torch.cholesky_inverse(factor).expand(num_tasks, dim, dim)
-        return mean, cov, precision.expand(num_tasks, dim, dim)
+        cov = torch.cholesky_inverse(factor)
+        mean = rhs @ cov  # the covariance is needed anyway: a product, not a second triangular solve
+        return mean, cov.expand(num_tasks, dim, dim), precision.expand(num_tasks, dim, dim)
     mean = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     return mean, torch.cholesky_inverse(factor), precision
 
 
 def _sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``HᵀH`` (``[d, d]``, or ``[K, d, d]`` over each task's observed rows) and ``Hᵀy`` as ``[K, d]``."""
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [N, d]")
+    _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
     _require(y.dim() == 2 and y.shape[0] == h.shape[0],
-             f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
+             lambda: f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
     y = y.to(h.dtype)
     if mask is None:
         return h.T @ h, y.T @ h
-    _require(mask.shape == y.shape, f"mask has shape {_shape(mask)}; expected {_shape(y)} as y")
+    _require(mask.shape == y.shape, lambda: f"mask has shape {_shape(mask)}; expected {_shape(y)} as y")
     keep = mask.to(torch.bool)
     weights = keep.T.to(h.dtype)  # [K, N]
     return (h.T * weights[:, None, :]) @ h, torch.where(keep, y, 0.0).T @ h
@@ -203,7 +205,8 @@ class GaussianStats:
     The paper's prior for an epoch is the posterior of the heads on the whole training set,
     from the features collected during the previous epoch, under an isotropic prior. This
     accumulates that posterior's sufficient statistics chunk by chunk, in float64 so 10⁵-sample
-    sums lose nothing: memory is ``d² + K·d`` numbers whatever N is. ``HᵀH`` is one matrix for
+    sums lose nothing: memory is ``d² + K·d`` numbers plus at most :attr:`flush_rows` waiting
+    rows, whatever N is. ``HᵀH`` is one matrix for
     all outputs since they share ``h`` (one per task, ``K·d²``, once a chunk has missing labels).
     Results come back in the dtype of the first chunk.
 
@@ -217,28 +220,57 @@ class GaussianStats:
         mean, cov = regression_posterior(h, y, prior_mean, prior_precision)
     """
 
+    #: Chunks wait until this many rows have come, then are summed in one product: a step pays
+    #: for a list append, not for its own float64 matmuls, and memory stays bounded.
+    flush_rows = 16384
+
     def __init__(self) -> None:
         self.gram: Tensor | None = None
         self.cross: Tensor | None = None
         self.count = 0
         self._dtype: torch.dtype | None = None
+        self._shape: tuple[int, int] | None = None  # (d, K) of the first chunk
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self._pending_rows = 0
 
     def update(self, h: Tensor, y: Tensor, mask: Tensor | None = None) -> None:
         """Add a chunk: ``h [n, d]`` (detached here), ``y [n, K]`` and an optional ``mask [n, K]``.
 
-        The first chunk with a mask switches to one ``HᵀH`` per task (``[K, d, d]``).
+        The first chunk with a mask switches to one ``HᵀH`` per task (``[K, d, d]``). The
+        chunk's tensors are kept, not copied, until they are summed: do not write to them.
         """
-        gram, cross = _sufficient_stats(h.detach().to(torch.float64), y.detach().to(h.device), mask)
+        _require(h.dim() == 2 and y.dim() == 2 and y.shape[0] == h.shape[0],
+                 lambda: f"chunk has h {_shape(h)} and y {_shape(y)}; expected [n, d] and [n, K]")
+        if self._shape is None:
+            self._shape, self._dtype = (h.shape[1], y.shape[1]), h.dtype
+        _require((h.shape[1], y.shape[1]) == self._shape,
+                 lambda: (f"chunk has d = {h.shape[1]} and K = {y.shape[1]}; earlier chunks had "
+                          f"d = {self._shape[0]} and K = {self._shape[1]}"))
+        self._pending.append((h.detach(), y.detach(), mask))
+        self._pending_rows += h.shape[0]
+        self.count += h.shape[0]
+        if self._pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Sum the waiting chunks into ``gram`` and ``cross`` (float64)."""
+        if not self._pending:
+            return
+        hs, ys, masks = zip(*self._pending)
+        self._pending, self._pending_rows = [], 0
+        h = torch.cat(hs).to(torch.float64)
+        y = torch.cat([t.to(h.device) for t in ys])
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.cat([torch.ones(t.shape, dtype=torch.bool, device=h.device) if m is None else m.to(h.device)
+                              for t, m in zip(ys, masks)])
+        gram, cross = _sufficient_stats(h, y, mask)
         if self.gram is None:
-            self.gram, self.cross, self._dtype = gram.new_zeros(gram.shape[-2:]), torch.zeros_like(cross), h.dtype
-        _require(self.gram.shape[-1] == h.shape[1] and self.cross.shape[0] == y.shape[1],
-                 f"chunk has d = {h.shape[1]} and K = {y.shape[1]}; earlier chunks had "
-                 f"d = {self.gram.shape[-1]} and K = {self.cross.shape[0]}")
+            self.gram, self.cross = gram.new_zeros(gram.shape[-2:]), torch.zeros_like(cross)
         if gram.dim() > self.gram.dim():
             self.gram = self.gram.expand_as(gram).clone()
         self.gram += gram
         self.cross += cross
-        self.count += h.shape[0]
 
     def reset(self) -> None:
         """Forget every chunk (start of an epoch)."""
@@ -246,13 +278,18 @@ class GaussianStats:
 
     def state_dict(self) -> dict:
         """The sums so far, for a checkpoint (:meth:`load_state_dict` restores them exactly)."""
+        self._flush()
         return {"gram": self.gram, "cross": self.cross, "count": self.count, "dtype": self._dtype}
 
     def load_state_dict(self, state: dict) -> None:
+        self.reset()
         self.gram, self.cross, self.count, self._dtype = state["gram"], state["cross"], state["count"], state["dtype"]
+        if self.gram is not None:
+            self._shape = (self.gram.shape[-1], self.cross.shape[0])
 
     def _solve(self, prior_mean: Tensor | float, prior_precision: Tensor | float,
                noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        self._flush()
         _require(self.gram is not None, "GaussianStats has seen no data; call update() first")
         mean_p, precision_p = _prior(prior_mean, prior_precision, self.cross.shape[0], (self.gram.shape[0],),
                                      self.gram)
@@ -286,8 +323,9 @@ def regression_gradient(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         ``[..., B, K, d]``.
     """
     _require(h.dim() == 2 and w.dim() >= 2 and w.shape[-1] == h.shape[1],
-             f"h {_shape(h)} and w {_shape(w)}: expected [B, d] and [..., K, d]")
-    _require(y.shape == (h.shape[0], w.shape[-2]), f"y has shape {_shape(y)}; expected {[h.shape[0], w.shape[-2]]}")
+             lambda: f"h {_shape(h)} and w {_shape(w)}: expected [B, d] and [..., K, d]")
+    _require(y.shape == (h.shape[0], w.shape[-2]),
+             lambda: f"y has shape {_shape(y)}; expected {[h.shape[0], w.shape[-2]]}")
     residual = torch.einsum("bd,...kd->...bk", h, w) - y
     return 2 * residual.unsqueeze(-1) * w.unsqueeze(-3)
 
@@ -318,14 +356,15 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     Returns:
         ``(mu, var)``, each ``[B, K, coords or d]``.
     """
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [B, d]")
+    _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     batch, dim = h.shape
-    _require(mean.dim() == 2 and mean.shape[1] == dim, f"mean has shape {_shape(mean)}; expected [K, {dim}]")
+    _require(mean.dim() == 2 and mean.shape[1] == dim, lambda: f"mean has shape {_shape(mean)}; expected [K, {dim}]")
     num_tasks = mean.shape[0]
-    _require(cov.shape == (num_tasks, dim, dim), f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
-    _require(y.shape == (batch, num_tasks), f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
+    _require(cov.shape == (num_tasks, dim, dim),
+             lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
+    _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     coords = dim if coords is None else coords
-    _require(0 < coords <= dim, f"coords is {coords}; expected 1 … {dim}")
+    _require(0 < coords <= dim, lambda: f"coords is {coords}; expected 1 … {dim}")
     c = (h @ mean.T - y).unsqueeze(-1)  # [B, K, 1]
     if num_tasks > 1 and cov.stride(0) == 0:
         shared = cov[0]  # one covariance broadcast to every head: apply it once
@@ -342,14 +381,14 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     # the constant factors go on the small tensors, not on [B, K, d]
     cm2 = (2 * c) * m  # 2 c m
     mu = cm2 + 2 * r
-    var = (cm2 + mu).mul_(2 * r)  # 4 r (2 c m + r)
+    var = cm2.add_(mu).mul_(2 * r)  # 4 r (2 c m + r), in 2 c m's memory
     var.addcmul_(4 * q, m.square()).addcmul_(4 * (c.square() + q), diag)
     return mu, var
 
 
 # ----------------------------------------------------------------------------- classification
 def _check_kind(kind: str) -> None:
-    _require(kind in ("binary", "multiclass"), f"kind is {kind!r}; expected 'binary' or 'multiclass'")
+    _require(kind in ("binary", "multiclass"), lambda: f"kind is {kind!r}; expected 'binary' or 'multiclass'")
 
 
 def _residual(logits: Tensor, y: Tensor, kind: Kind) -> tuple[Tensor, Tensor]:
@@ -367,10 +406,10 @@ def _as_classes(theta: Tensor, kind: Kind) -> Tensor:
 
 
 def _check_labels(y: Tensor, batch: int, num_tasks: int, kind: Kind) -> None:
-    _require(y.shape == (batch, num_tasks), f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
+    _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     if kind == "multiclass":
         _require(not y.is_floating_point(),
-                 f"multiclass y must hold integer class indices, got dtype {y.dtype}")
+                 lambda: f"multiclass y must hold integer class indices, got dtype {y.dtype}")
 
 
 def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tensor:
@@ -388,10 +427,11 @@ def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tens
         ``[..., B, K, d]``.
     """
     _check_kind(kind)
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [B, d]")
+    _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     w = _as_classes(w, kind)
     _require(w.dim() >= 3 and w.shape[-1] == h.shape[1] + 1,
-             f"w has shape {_shape(w)}; expected [..., K, d+1] (binary) or [..., K, C, d+1] with d = {h.shape[1]}")
+             lambda: (f"w has shape {_shape(w)}; expected [..., K, d+1] (binary) or [..., K, C, d+1] "
+                      f"with d = {h.shape[1]}"))
     _check_labels(y, h.shape[0], w.shape[-3], kind)
     logits = torch.einsum("bp,...kcp->...bkc", add_bias(h), w)
     _, residual = _residual(logits, y, kind)
@@ -401,15 +441,15 @@ def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tens
 def _classification_shapes(h: Tensor, mean: Tensor, cov: Tensor, kind: Kind) -> tuple[int, int, int, int]:
     """Check ``h``, ``mean``, ``cov``; return ``(B, d, K, C)``."""
     _check_kind(kind)
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [B, d]")
+    _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     batch, dim = h.shape
     expected = "[K, d+1]" if kind == "binary" else "[K, C, d+1]"
     mean = _as_classes(mean, kind)
     _require(mean.dim() == 3 and mean.shape[-1] == dim + 1,
-             f"mean has shape {_shape(mean)}; expected {expected} with d = {dim}")
+             lambda: f"mean has shape {_shape(mean)}; expected {expected} with d = {dim}")
     num_tasks, classes, size = mean.shape
     _require(cov.shape == (num_tasks, classes * size, classes * size),
-             f"cov has shape {_shape(cov)}; expected {[num_tasks, classes * size, classes * size]}")
+             lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, classes * size, classes * size]}")
     return batch, dim, num_tasks, classes
 
 
@@ -460,15 +500,15 @@ def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Ten
              prior_precision: Tensor | float, kind: Kind, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 8–10; returns the mean, the covariance and the precision."""
     _check_kind(kind)
-    _require(h.dim() == 2, f"h has shape {_shape(h)}; expected [N, d]")
-    _require(chunk >= 1, f"chunk is {chunk}; expected a positive integer")
+    _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
+    _require(chunk >= 1, lambda: f"chunk is {chunk}; expected a positive integer")
     count, dim = h.shape
     if kind == "binary":
         w_hat, b_hat, expected = w_hat.unsqueeze(-2), b_hat.unsqueeze(-1), "[K, d] and [K]"
     else:
         expected = "[K, C, d] and [K, C]"
     _require(w_hat.dim() == 3 and w_hat.shape[-1] == dim and b_hat.shape == w_hat.shape[:-1],
-             f"w_hat {_shape(w_hat)} and b_hat {_shape(b_hat)}: expected {expected} with d = {dim}")
+             lambda: f"w_hat {_shape(w_hat)} and b_hat {_shape(b_hat)}: expected {expected} with d = {dim}")
     num_tasks, classes, _ = w_hat.shape
     _check_labels(y, count, num_tasks, kind)
     theta = torch.cat([w_hat, b_hat.unsqueeze(-1)], dim=-1)  # [K, C, P]
@@ -707,10 +747,11 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
     _classification_shapes(h, mean, cov, kind)
     _check_labels(y, h.shape[0], mean.shape[0], kind)
     _require(moments in ("quadrature", "monte_carlo"),
-             f"moments is {moments!r}; expected 'quadrature' or 'monte_carlo'")
+             lambda: f"moments is {moments!r}; expected 'quadrature' or 'monte_carlo'")
     # numpy's Gauss–Hermite weights overflow beyond about 150 nodes; 100 is far more than needed.
     _require(num_samples >= 2 and 1 <= nodes <= 100 and chunk >= 1,
-             f"num_samples = {num_samples}, nodes = {nodes}, chunk = {chunk}: expected ≥ 2, 1 to 100 and ≥ 1")
+             lambda: (f"num_samples = {num_samples}, nodes = {nodes}, chunk = {chunk}: "
+                      "expected ≥ 2, 1 to 100 and ≥ 1"))
     if moments == "monte_carlo":
         return _monte_carlo_moments(h, mean, cov, y, kind, num_samples, chunk, generator)
     if kind == "binary":
@@ -720,7 +761,8 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
 
 # ----------------------------------------------------------------------------- aggregation
 def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = None,
-              min_var: float | None = None, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              min_var: float | None = None, return_weights: bool = False,
+              overwrite_var: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Precision-weighted mean of the task gradients, per sample and coordinate (eq. 7).
 
     ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, computed as a softmax over tasks of
@@ -738,31 +780,37 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
             variances stay finite and tie rather than produce NaN.
         return_weights: also return the weights ``λ_k^s / Σ_j λ_j^s`` ``[B, K, d]`` (0 for a
             masked task; they sum to 1 over the tasks of a sample that has any).
+        overwrite_var: ``var`` may be overwritten (with the log weights): saves a copy of
+            ``[B, K, d]`` when the caller no longer needs it.
 
     Returns:
         ``g [B, d]``, or ``(g, weights)``.
     """
-    _require(mu.dim() == 3, f"mu has shape {_shape(mu)}; expected [B, K, d]")
-    _require(var.shape == mu.shape, f"var has shape {_shape(var)}; expected {_shape(mu)} as mu")
+    _require(mu.dim() == 3, lambda: f"mu has shape {_shape(mu)}; expected [B, K, d]")
+    _require(var.shape == mu.shape, lambda: f"var has shape {_shape(var)}; expected {_shape(mu)} as mu")
     batch, num_tasks, _ = mu.shape
     if isinstance(s, (int, float)):
-        _require(s >= 0, f"s is {s}; expected s ≥ 0")
+        _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
     s = torch.as_tensor(s, dtype=mu.dtype, device=mu.device)
-    _require(s.shape in ((), (num_tasks,)), f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
+    _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
     if mask is not None:
-        _require(mask.shape == (batch, num_tasks), f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
+        _require(mask.shape == (batch, num_tasks),
+                 lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
         keep = mask.to(torch.bool).unsqueeze(-1)
         var = torch.where(keep, var, 1.0)
         mu = torch.where(keep, mu, 0.0)
-    # a softmax over tasks of −s·log var, in base 2: exp2 and log2 cost a fraction of exp and log on CPU
-    log_weight = var.clamp_min(floor).log2_().mul_(-s.reshape(-1, 1))
-    if mask is not None:
-        log_weight.masked_fill_(~keep, -math.inf)
-    top = log_weight.amax(1, keepdim=True)
-    if mask is not None:
-        top = torch.where(torch.isinf(top), 0.0, top)  # a sample with no task: every weight 0
-    weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
-    weights = weights.div_(weights.sum(1, keepdim=True).clamp_min(1.0))  # … so the sum is ≥ 1, or 0 with no task
+    if mask is None:
+        # a softmax over tasks of −s·ln var (log2 costs a fraction of log on CPU; ln 2 goes on s)
+        clamped = var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)
+        log_weight = clamped.log2_().mul_(s.reshape(-1, 1) * -math.log(2.0))
+        weights = torch.softmax(log_weight, 1)
+    else:
+        # the same in base 2, by hand: a sample with no task gets all weights 0, not a softmax's NaN
+        log_weight = var.clamp_min(floor).log2_().mul_(-s.reshape(-1, 1)).masked_fill_(~keep, -math.inf)
+        top = log_weight.amax(1, keepdim=True)
+        top = torch.where(torch.isinf(top), 0.0, top)
+        weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
+        weights = weights.div_(weights.sum(1, keepdim=True).clamp_min(1.0))  # … so the sum is ≥ 1, or 0 with no task
     g = torch.linalg.vecdot(weights, mu, dim=1)  # one pass, no [B, K, d] product kept
     return (g, weights) if return_weights else g
