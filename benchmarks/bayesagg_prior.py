@@ -5,7 +5,7 @@ training set. This measures, on N = 45,000 samples and d = 64, 128, 160 features
 CPU thread:
 
 * ``stream``: :class:`GaussianStats` fed in chunks of 512 (regression, K = 11 outputs), then
-  its posterior; its memory is O(d² + K·d) whatever N is;
+  its posterior; its memory is O(d² + K·d) plus the chunks waiting to be summed, whatever N is;
 * ``one-shot``: :func:`regression_posterior` on all features at once (for comparison: the
   same numbers, but the caller must hold ``H [N, d]``);
 * ``laplace``: :func:`laplace_posterior` on all features for K = 10 binary heads, summed in
@@ -18,18 +18,19 @@ not see torch's allocations.
 
     python benchmarks/bayesagg_prior.py            # about 30 s, mostly the three subprocesses' imports
 
-Measured with that command (2 cores shared with other jobs, load average about 4; 1 torch thread;
-float32 features; torch 2.14.1; 2026-12-01). ``mean gap``: largest difference between the
-streamed (float64 sums) and the one-shot (float32) posterior means.
+Measured with that command (otherwise idle 2-core machine; 1 torch thread; float32 features;
+torch 2.14.1; 2026-12-02). ``mean gap``: largest difference between the streamed (float64 sums)
+and the one-shot (float32) posterior means.
 
     | d   | stream s | one-shot s | laplace s | peak MB | extra MB (stream / one-shot / laplace) | mean gap |
     |-----|----------|------------|-----------|---------|----------------------------------------|----------|
-    | 64  |    0.062 |      0.023 |     0.345 |     579 | 5.5 / 0.6 / 34.1                       |  2.4e-07 |
-    | 128 |    0.144 |      0.032 |     1.064 |     625 | 7.5 / 0.5 / 67.6                       |  2.1e-07 |
-    | 160 |    0.149 |      0.059 |     1.709 |     673 | 9.2 / 0.6 / 108.3                      |  1.8e-07 |
+    | 64  |    0.098 |      0.016 |     0.374 |     587 | 16.4 / 0.4 / 32.0                      |  2.5e-07 |
+    | 128 |    0.222 |      0.041 |     0.846 |     624 | 31.0 / 0.5 / 42.3                      |  2.4e-07 |
+    | 160 |    0.355 |      0.080 |     1.925 |     661 | 37.4 / 0.5 / 69.2                      |  2.7e-07 |
 
-The target for the stream was 30 s and 4 GB: it takes under 0.2 s and adds under 10 MB. The
-Laplace row's extra memory is its chunk's ``[4096, K, d+1]`` intermediates (``chunk`` bounds it).
+The target for the stream was 30 s and 4 GB: it takes under 0.4 s and adds under 40 MB (the
+chunks waiting to be summed, up to ``GaussianStats.flush_rows`` rows, and their float64 copy).
+The Laplace row's extra memory is its chunk's ``[4096, K, d+1]`` intermediates (``chunk`` bounds it).
 """
 
 from __future__ import annotations
