@@ -156,6 +156,10 @@ def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
     )
     for group in OBS_GROUPS:
         tree[group] = tree[group].to_dataset().assign_coords(obs_coords)
+    if not post:
+        # No site to export (e.g. cross-stitch on classification): the group still carries the
+        # sample dims, which PSIS-LOO reads to count chains and draws.
+        tree["posterior"] = xr.Dataset(coords={"chain": [0], "draw": np.arange(D)})
     rel = fit.relatedness()
     if rel:
         tree["relatedness"] = xr.Dataset({k: (("task", "other_task"), np.asarray(v)) for k, v in rel.items()},

@@ -12,6 +12,7 @@ import xarray as xr
 
 import pyromtl
 from pyromtl import methods
+from pyromtl.data.core import MultiTaskData
 from tests.conftest import TINY, blobs_mimo, mixed_simo
 
 DRAWS = 30  # enough for PSIS-LOO's tail fit, few enough to stay fast
@@ -136,3 +137,15 @@ def test_every_method_exports(method: str) -> None:
     else:  # a point estimate (stl, bmtl; bayesagg predicts with one): every draw is the same, PSIS-LOO does not apply
         for name, site in tree["posterior"].data_vars.items():
             assert np.array_equal(site.values, np.broadcast_to(site.values[:, :1], site.shape), equal_nan=True), name
+
+
+def test_a_method_without_export_sites_still_has_sample_dims() -> None:
+    """Cross-stitch on classification tasks exports no posterior variable; the group keeps chain and draw."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    data = MultiTaskData.from_arrays(x, {"a": (x[:, 0] > 0).astype(int), "b": (x[:, 1] > 0).astype(int)},
+                                     ["binary", "binary"], name="two-binary")
+    fit = pyromtl.fit("cross-stitch", data, steps=2, **TINY)
+    post = fit.to_arviz(num_samples=DRAWS)["posterior"]
+    assert not post.data_vars
+    assert dict(post.sizes) == {"chain": 1, "draw": DRAWS}
