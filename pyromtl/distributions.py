@@ -56,7 +56,32 @@ class _ImportanceWeights(constraints.Constraint):
         return (value >= 0).all(-1)
 
 
-class TaskMixture(TorchDistribution):
+class _UnexpandedParams(TorchDistribution):
+    """A distribution that keeps its parameters at their own shapes: real-valued events, and an
+    :meth:`expand` that returns the same type (not an ``ExpandedDistribution``, which would hide
+    the registered KLs under ``pyro.plate``) sharing the parameters, which :meth:`_share` copies."""
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def _share(self, new: "_UnexpandedParams") -> None:
+        raise NotImplementedError
+
+    def expand(self, batch_shape, _instance=None):
+        cls = type(self)
+        new = self._get_checked_instance(cls, _instance)
+        batch_shape = torch.Size(batch_shape)
+        if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
+            raise RuntimeError(f"cannot expand {cls.__name__} of batch_shape {tuple(self.batch_shape)} to "
+                               f"{tuple(batch_shape)}")
+        self._share(new)
+        TorchDistribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+class TaskMixture(_UnexpandedParams):
     r"""Mixture of diagonal Gaussians ``p(x) = Σ_c w_c N(x | loc_c, diag scale_c²)``.
 
     VMTL's priors are of this form: ``p(w_t) = Σ_{i≠t} α_ti q(w_i)`` (eq. 6) and
@@ -155,22 +180,11 @@ class TaskMixture(TorchDistribution):
     def num_components(self) -> int:
         return self._num_components
 
-    @property
-    def support(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    def expand(self, batch_shape, _instance=None) -> "TaskMixture":
-        new = self._get_checked_instance(TaskMixture, _instance)
-        batch_shape = torch.Size(batch_shape)
-        if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
-            raise RuntimeError(f"cannot expand TaskMixture of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+    def _share(self, new: "TaskMixture") -> None:
         new._weights, new._loc, new._scale = self._weights, self._loc, self._scale
         new._num_components = self._num_components
         new.kl = self.kl
         new.sampled = self.sampled
-        super(TaskMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
     def _mixing_weights(self) -> torch.Tensor:
         """The (compact) weights of the distribution itself: a sampled mixture's, renormalised."""
@@ -311,7 +325,7 @@ def _event_sum(t: torch.Tensor, event_shape: torch.Size) -> torch.Tensor:
     return t.flatten(-E).sum(-1)
 
 
-class DiagNormal(TorchDistribution):
+class DiagNormal(_UnexpandedParams):
     r"""``N(loc, diag scale²)`` over the rightmost ``event_dim`` dims, with ``loc`` and ``scale`` kept as given.
 
     ``Normal(loc, scale).expand(shape).to_event(k)`` broadcasts both to the full shape when it is
@@ -350,19 +364,8 @@ class DiagNormal(TorchDistribution):
         split = len(shape) - event_dim
         super().__init__(torch.Size(shape[:split]), torch.Size(shape[split:]), validate_args=validate_args)
 
-    @property
-    def support(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    def expand(self, batch_shape, _instance=None) -> "DiagNormal":
-        new = self._get_checked_instance(DiagNormal, _instance)
-        batch_shape = torch.Size(batch_shape)
-        if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
-            raise RuntimeError(f"cannot expand DiagNormal of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+    def _share(self, new: "DiagNormal") -> None:
         new.loc, new.scale = self.loc, self.scale
-        super(DiagNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
     @property
     def mean(self) -> torch.Tensor:
@@ -416,42 +419,34 @@ def _normal_base(d: Independent) -> tuple[Normal | None, int]:
     return (base if isinstance(base, Normal) else None), event_dim
 
 
-def _check_events(q, p) -> None:
+def _diag_params(d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(loc, scale)`` of a diagonal Gaussian (``DiagNormal``, ``Normal`` or ``Normal(...).to_event(k)``), or None.
+
+    An expanded ``Normal`` holds stride-0 views (a prior broadcast over the plates): one copy is enough.
+    """
+    if isinstance(d, DiagNormal):
+        return d.loc, d.scale
+    base, _ = _normal_base(d) if isinstance(d, Independent) else (d, 0)
+    if not isinstance(base, Normal):
+        return None
+    return _compact(base.loc), _compact(base.scale)
+
+
+def _kl_gaussians(q, p) -> torch.Tensor:
+    """The closed-form KL between two diagonal Gaussians, one of them a ``DiagNormal``."""
+    q_params, p_params = _diag_params(q), _diag_params(p)
+    if q_params is None or p_params is None:
+        raise NotImplementedError(f"no closed-form KL from {q} to {p}")
     if q.event_shape != p.event_shape:
         raise ValueError(f"KL({type(q).__name__} ‖ {type(p).__name__}): event shapes {tuple(q.event_shape)} and "
                          f"{tuple(p.event_shape)} differ")
+    return _kl_diag_normals(*q_params, *p_params, q.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
 
 
-@register_kl(DiagNormal, DiagNormal)
-def _kl_diag_diag(q: DiagNormal, p: DiagNormal) -> torch.Tensor:
-    _check_events(q, p)
-    return _kl_diag_normals(q.loc, q.scale, p.loc, p.scale, q.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
-
-
-@register_kl(DiagNormal, Independent)
-def _kl_diag_independent(q: DiagNormal, p: Independent) -> torch.Tensor:
-    base, _ = _normal_base(p)
-    if base is None:
-        raise NotImplementedError(f"no closed-form KL from DiagNormal to {p}")
-    _check_events(q, p)
-    # A prior expanded over the plates holds stride-0 views: compute on one copy.
-    return _kl_diag_normals(q.loc, q.scale, _compact(base.loc), _compact(base.scale), q.event_shape,
-                            broadcast_shape(q.batch_shape, p.batch_shape))
-
-
-@register_kl(Independent, DiagNormal)
-def _kl_independent_diag(q: Independent, p: DiagNormal) -> torch.Tensor:
-    base, _ = _normal_base(q)
-    if base is None:
-        raise NotImplementedError(f"no closed-form KL from {q} to DiagNormal")
-    _check_events(q, p)
-    return _kl_diag_normals(base.loc, base.scale, p.loc, p.scale, p.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
-
-
-@register_kl(Normal, DiagNormal)
-def _kl_normal_diag(q: Normal, p: DiagNormal) -> torch.Tensor:
-    _check_events(q, p)
-    return _kl_diag_normals(q.loc, q.scale, p.loc, p.scale, p.event_shape, broadcast_shape(q.batch_shape, p.batch_shape))
+register_kl(DiagNormal, DiagNormal)(_kl_gaussians)
+register_kl(DiagNormal, Independent)(_kl_gaussians)
+register_kl(Independent, DiagNormal)(_kl_gaussians)
+register_kl(Normal, DiagNormal)(_kl_gaussians)
 
 
 @register_kl(DiagNormal, TaskMixture)

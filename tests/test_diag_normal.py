@@ -84,6 +84,10 @@ def test_kl_to_an_expanded_prior_and_from_an_event_free_normal():
     torch.testing.assert_close(kl_divergence(q0, p0), kl_divergence(q0, dist.Normal(p0.mean, p0.stddev)))
     with pytest.raises(ValueError, match="event shapes"):
         kl_divergence(q, DiagNormal(torch.zeros(T, B, D), torch.ones(T, B, D), event_dim=2))
+    # no closed form from a non-Gaussian guide: the mean-field ELBO falls back to Monte Carlo
+    with pytest.raises(NotImplementedError):
+        kl_divergence(dist.Laplace(torch.zeros(T, B, D), 1.0).to_event(1),
+                      DiagNormal(torch.zeros(()), torch.ones(()), shape=(T, B, D)))
 
 
 def test_kl_to_a_task_mixture_is_the_bound_of_the_full_normal():
