@@ -81,7 +81,7 @@ def _scale(value: Any) -> float:
 _SCALE = {"defaults": {"scale": 1.0}, "checks": {"scale": _scale}}
 
 
-@priors.register("isotropic", **_SCALE)
+@priors.register("isotropic", **_SCALE, uses_components=False)
 def isotropic_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
     """``N(0, γ² I)`` over every head (γ = ``scale``); its precision is one shared matrix."""
     size = ctx.event_shape[-1]
@@ -100,7 +100,7 @@ def _stored(name: str, spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
                              precision.reshape(ctx.batch_shape + ctx.event_shape + ctx.event_shape[-1:]))
 
 
-@priors.register("full_data", **_SCALE)
+@priors.register("full_data", **_SCALE, uses_components=False)
 def full_data_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
     """The heads' posterior on the previous epoch's features under ``N(0, γ² I)`` (§3.1, §3.2).
 
@@ -109,7 +109,7 @@ def full_data_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
     return _stored("full_data", spec, ctx)
 
 
-@priors.register("previous_batch", **_SCALE)
+@priors.register("previous_batch", **_SCALE, uses_components=False)
 def previous_batch_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
     """The previous batch's posterior (``ctx.extras["previous_batch"]``); isotropic at the first step."""
     return _stored("previous_batch", spec, ctx)

@@ -219,7 +219,7 @@ class SMTLModel(MultiTaskModel):
             self.observe(out, batch)
 
 
-@register_prior("relaxed_bernoulli", defaults={"probs": 0.5})
+@register_prior("relaxed_bernoulli", defaults={"probs": 0.5}, uses_components=False)
 def relaxed_bernoulli_prior(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
     """A gate prior ``RelaxedBernoulli(τ, probs)`` at the gate's own temperature (``ctx.extras["temperature"]``).
 

@@ -38,7 +38,7 @@ from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
 from pyromtl.models.baselines import CLASSIFIER_EXPORT, VMTL_PAPER, LatentMTLModel, LatentOptions, tempered
 from pyromtl.nn import GaussianEncoder, cross_attention
-from pyromtl.priors import PriorSite, mixture_weights, other_tasks
+from pyromtl.priors import PriorSite, mixture_weights, other_tasks, uses_components
 from pyromtl.schedules import as_schedule
 
 
@@ -151,7 +151,7 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         picked = keys.topk(k, dim=-1, sorted=False).indices  # k distinct positions among the T-1 others
         return others[:, None, :].expand(T, B, T - 1).gather(-1, picked), k / (T - 1)
 
-    def z_prior_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    def z_prior_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, Any]]:
         """Components ``q_phi(z | f(x_tn, D_i))`` of z's prior (eq. 9–10) and their tasks, for ``task_mixture``.
 
         In training: ``(loc, scale)`` ``[T, B, C, d]`` for the C tasks of :meth:`z_component_tasks`,
@@ -163,9 +163,12 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
 
         Outside training the labels of a batch are not used: every component is then the
         sample's own ``q_phi(z | x)``, ``[T, B, T, d]`` (no extras), which leaves predictions
-        untouched (they use the guide).
+        untouched (they use the guide). A prior kind that reads no components (e.g. Table 1's
+        ``deterministic`` z) gets none, and nothing is encoded for it.
         """
         T, B = batch.num_tasks, batch.size
+        if not uses_components(self.z_prior.spec.kind):
+            return None, {}  # e.g. Table 1's deterministic z: no attention or encoder pass for nothing
         if batch.split != "train":
             loc, scale = self.encoder(batch.x, batch.simo)
             return (loc.unsqueeze(-2).expand(T, B, T, -1), scale.unsqueeze(-2).expand(T, B, T, -1)), {}

@@ -79,6 +79,7 @@ class _Kind:
     builder: Builder
     defaults: dict[str, Any]
     checks: dict[str, Check]
+    uses_components: bool = True
 
 
 _REGISTRY: dict[str, _Kind] = {}
@@ -89,6 +90,7 @@ def register(
     *,
     defaults: Mapping[str, Any] | None = None,
     checks: Mapping[str, Check] | None = None,
+    uses_components: bool = True,
     replace: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Decorator that registers ``fn(spec, ctx) -> Distribution`` as the builder of prior ``kind``.
@@ -98,6 +100,9 @@ def register(
         default (bool, number, string) unless ``checks`` has an entry for that name.
     :param checks: per-parameter functions ``value -> normalised value`` that raise
         ``ValueError`` with a short reason for an invalid value.
+    :param uses_components: whether the builder reads ``ctx.components``. Declare ``False`` when
+        it does not: a model may then skip computing them (VMTL's z components cost an attention
+        pass and an encoder pass over every sample's other tasks).
     :param replace: allow re-registering an existing kind.
 
     Example::
@@ -115,7 +120,7 @@ def register(
         raise ValueError(f"prior kind {kind!r} is already registered; pass replace=True to override it")
 
     def decorator(fn: Builder) -> Builder:
-        _REGISTRY[kind] = _Kind(fn, defaults, checks)
+        _REGISTRY[kind] = _Kind(fn, defaults, checks, uses_components)
         return fn
 
     return decorator
@@ -129,6 +134,11 @@ def available() -> list[str]:
 def describe(kind: str) -> dict[str, Any]:
     """The parameters of prior ``kind`` with their default values."""
     return dict(_lookup(kind).defaults)
+
+
+def uses_components(kind: str) -> bool:
+    """Whether prior ``kind`` reads mixture components (see :func:`register`)."""
+    return _lookup(kind).uses_components
 
 
 def _lookup(kind: Any) -> _Kind:
@@ -422,7 +432,7 @@ def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext) -> D
     return DiagNormal(loc, scale, len(ctx.event_shape), ctx.batch_shape + ctx.event_shape)
 
 
-@register("normal", defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": _positive})
+@register("normal", defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": _positive}, uses_components=False)
 def _normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     """``N(loc, scale²)`` on every element: VSTL / VBMTL's ``N(0, I)`` prior."""
     return _diag_normal(ctx.full((), spec.params["loc"]), ctx.full((), spec.params["scale"]), ctx)
@@ -432,6 +442,7 @@ def _normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     "learned_normal",
     defaults={"loc": 0.0, "scale": 1.0, "learn_loc": True, "per_task": False},
     checks={"scale": _positive},
+    uses_components=False,
 )
 def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     """Diagonal Gaussian with a learned scale and (unless ``learn_loc = false``) a learned mean.
@@ -452,7 +463,7 @@ def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return _diag_normal(loc, scale, ctx)
 
 
-@register("deterministic")
+@register("deterministic", uses_components=False)
 def _deterministic(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     """A flat (improper, log density 0) prior: the site is a point estimate (STL / BMTL)."""
     support = constraints.independent(constraints.real, len(ctx.event_shape)) if ctx.event_shape else constraints.real

@@ -427,3 +427,21 @@ def test_vmtl_on_regression_mimo():
         assert sp.pred[t].shape == (data.splits["test"][t].numel(),) and np.isfinite(sp.pred[t]).all()
     average = fit.evaluate()["average"]
     assert np.isfinite(average["nmse"]) and average["nmse"] > 0
+
+
+@pytest.mark.parametrize("z_prior", ["deterministic", "normal", "task_mixture"])
+def test_z_components_are_encoded_only_for_a_prior_that_reads_them(z_prior):
+    """Table 1's deterministic z (and VSTL's N(0, I)) skip the attention and the components' encoder pass."""
+    model, guide, _ = build(priors={"z": z_prior})
+    calls = []
+    attention = model.attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return attention(*args, **kwargs)
+
+    model.attention = counted
+    batch = train_batch(blobs_mimo())
+    guide_tr, model_tr = traces(model, guide, batch)
+    assert bool(calls) == (z_prior == "task_mixture")
+    assert model_tr.nodes["z"]["fn"].batch_shape == guide_tr.nodes["z"]["fn"].batch_shape
