@@ -358,7 +358,9 @@ def _theta(w, b):
 def test_laplace_mean_is_one_newton_step(kind):
     """Linear heads with canonical links: the GGN is the exact Hessian, so eq. 9 is Newton's step."""
     h, y, w, b, prior_mean, prior_precision = _classification_problem(kind, 7)
+    prior_before = prior_precision.clone()
     mean, cov = laplace_posterior(h, y, w, b, prior_mean, prior_precision, kind=kind)
+    assert torch.equal(prior_precision, prior_before)  # B̃ accumulates onto a copy of the prior
     theta = _theta(w, b)
     for task in range(K_):
         def objective(t, task=task):
@@ -371,6 +373,7 @@ def test_laplace_mean_is_one_newton_step(kind):
     # Summing over data in chunks changes nothing.
     chunked = laplace_posterior(h, y, w, b, prior_mean, prior_precision, kind=kind, chunk=7)
     torch.testing.assert_close(chunked, (mean, cov))
+    assert torch.equal(prior_precision, prior_before)
     prior_mean_next, precision = laplace_as_prior(h, y, w, b, prior_mean, prior_precision, kind=kind)
     torch.testing.assert_close(prior_mean_next, mean)
     torch.testing.assert_close(precision, torch.linalg.inv(cov))
