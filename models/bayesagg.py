@@ -413,10 +413,14 @@ def bayesagg_extra(fit: Any) -> dict[str, Any]:
 
 
 def bayesagg_plots(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """Each task's mean aggregation weight against the step (the analogue of the paper's Fig. 3)."""
+    """Each task's mean aggregation weight against the step (the analogue of the paper's Fig. 3), drawn when written."""
     weights = (doc.get("extra") or {}).get("aggregation_weights")
     if not weights:
         return {}
+    return {"aggregation_weights.png": lambda: _plot_aggregation_weights(weights)}
+
+
+def _plot_aggregation_weights(weights: Mapping[str, list[float]]) -> Any:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 3.5), layout="constrained")
@@ -429,7 +433,7 @@ def bayesagg_plots(doc: Mapping[str, Any]) -> dict[str, Any]:
     ax.set_ylabel("mean aggregation weight")
     ax.set_title("BayesAgg: each task's weight in the shared gradient (eq. 7)")
     ax.legend(fontsize=7, ncol=2 if len(weights) > 6 else 1)
-    return {"aggregation_weights.png": fig}
+    return fig
 
 
 register(Method(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import pyro
@@ -182,15 +182,15 @@ def hib_extra(fit: "Fit") -> dict[str, Any]:
     return {"clustering": {"success": margin > 0.0, "margin": margin, "linkage": LINKAGE}}
 
 
-def hib_plots(doc: Mapping[str, Any]) -> dict[str, "Figure"]:
-    """The eq. 11 heatmap (in place of the generic relatedness heatmap) and the dendrogram."""
+def hib_plots(doc: Mapping[str, Any]) -> dict[str, Callable[[], "Figure"]]:
+    """The eq. 11 heatmap (in place of the generic relatedness heatmap) and the dendrogram, drawn when written."""
     distance = (doc.get("relatedness") or {}).get("distance")
     if distance is None:
         return {}
     names = list(doc["tasks"])
-    return {"relatedness_distance.png": plot_distance_heatmap(distance, names),
-            "dendrogram_distance.png": plot_dendrogram(cluster_tasks(distance, LINKAGE), names,
-                                                       f"task clustering ({LINKAGE} linkage, eq. 11)")}
+    return {"relatedness_distance.png": lambda: plot_distance_heatmap(distance, names),
+            "dendrogram_distance.png": lambda: plot_dendrogram(cluster_tasks(distance, LINKAGE), names,
+                                                               f"task clustering ({LINKAGE} linkage, eq. 11)")}
 
 
 def _log_var_draws(model: HIBModel, guide: HIBGuide, n: int) -> torch.Tensor | None:

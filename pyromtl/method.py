@@ -84,9 +84,10 @@ class Method:
         the fitted method uses at inference (``Fit.export_pruned``); ``None`` if it has none.
     :param extra: ``extra(fit) -> dict``, method-specific results (JSON values) that
         ``metrics.json`` keeps under ``"extra"`` (e.g. a clustering criterion).
-    :param plots: ``plots(doc) -> {filename: Figure}``, extra figures for the run's ``plots/``,
-        drawn from its ``metrics.json`` document ``doc``; a name the core also draws replaces
-        the core's figure.
+    :param plots: ``plots(doc) -> {filename: Figure or zero-argument function returning one}``,
+        extra figures for the run's ``plots/``, drawn from its ``metrics.json`` document ``doc``;
+        a name the core also draws replaces the core's figure. A function is called only when
+        its file is written (``pyromtl report`` redraws missing plots only).
     """
 
     name: str

@@ -137,6 +137,6 @@ def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mappin
     for key, matrix in (doc.get("relatedness") or {}).items():
         jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
     if declared is not None and declared.plots is not None:
-        jobs.update({name: lambda f=fig: f for name, fig in declared.plots(doc).items()})
+        jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in declared.plots(doc).items()})
     return [run.write_png(name, _png(make())) for name, make in jobs.items()
             if not (only_missing and (run.plots_dir / name).exists())]

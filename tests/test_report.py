@@ -91,3 +91,25 @@ def test_report_rejects_a_directory_that_is_no_run(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt cannot be read"):
         report(tmp_path)
+
+
+def test_method_figures_are_drawn_only_when_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method's declared figures (HIB's heatmap and dendrogram) are functions: existing files cost no drawing."""
+    import pyromtl.models.hib as hib
+
+    distance = [[0.0, 1.0, 3.0], [1.0, 0.0, 2.5], [3.0, 2.5, 0.0]]
+    doc = {"method": "hib", "tasks": {name: {"accuracy": 0.5} for name in ("a", "b", "c")},
+           "relatedness": {"distance": distance}}
+    run = RunDir(tmp_path)
+    first = {p.name for p in plot_run(run, history=[], doc=doc)}
+    assert {"relatedness_distance.png", "dendrogram_distance.png"} <= first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("drew a figure whose file exists")
+
+    monkeypatch.setattr(hib, "plot_distance_heatmap", refuse)
+    monkeypatch.setattr(hib, "plot_dendrogram", refuse)
+    assert plot_run(run, history=[], doc=doc, only_missing=True) == []
+    (tmp_path / "plots" / "dendrogram_distance.png").unlink()
+    with pytest.raises(AssertionError, match="drew a figure"):
+        plot_run(run, history=[], doc=doc, only_missing=True)
