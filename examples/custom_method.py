@@ -66,8 +66,7 @@ class BayesHeadsModel(MultiTaskModel):
         T, K, d = self.info.num_tasks, self.info.out_dim, self.latent_dim
         plates = Plates(batch)
         with plates.globals(), self.kl_scope("w"):
-            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, step=self.state.step,
-                                       total_steps=self.state.total_steps)
+            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, state=self.state)
             w = pyro.sample("w", prior)  # [..., T, 1, K, d]
         h = self.encoder(batch.x.flatten(-len(self.info.input_shape)))  # [B, d] (SIMO) or [T, B, d] (MIMO)
         outputs = torch.matmul(h, w.squeeze(-3).transpose(-1, -2)) + self.bias  # [..., T, B, K]

@@ -77,8 +77,8 @@ class LatentMTLModel(MultiTaskModel):
         # components first: parameter reads inside scale handlers each cost a device op
         components = self.w_components()
         with plates.globals(), self.kl_scope("w"):
-            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, step=self.state.step,
-                                       total_steps=self.state.total_steps, components=components, task_axis=-2)
+            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, state=self.state,
+                                       components=components, task_axis=-2)
             return pyro.sample("w", prior)
 
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
@@ -87,9 +87,8 @@ class LatentMTLModel(MultiTaskModel):
         components, extras = self.z_prior_inputs(batch)
         with plates.locals(shared=self.shared_z), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, step=self.state.step,
-                                       total_steps=self.state.total_steps, components=components, task_axis=-2,
-                                       extras=extras)
+                                       num_tasks=batch.num_tasks, state=self.state, components=components,
+                                       task_axis=-2, extras=extras)
             return pyro.sample("z", prior)
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -181,8 +181,8 @@ class BayesAggModel(MultiTaskModel):
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
         T = self.info.num_tasks
-        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, step=self.state.step,
-                                  total_steps=self.state.total_steps, extras=self.store.extras())
+        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, state=self.state,
+                                  extras=self.store.extras())
 
     def task_losses(self, h: Tensor, batch: Batch) -> Tensor:
         """The summed mean negative log-likelihoods of the tasks at ``θ̂`` (the LS loss)."""

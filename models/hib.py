@@ -74,8 +74,7 @@ class HIBModel(ChannelScale, MultiTaskModel):
         plates = Plates(batch)
         T, B = batch.num_tasks, batch.size
         with plates.locals(), self.beta_scope():
-            prior = self.w_prior.build(batch_shape=(T, B), event_shape=(self.latent_dim,), num_tasks=T,
-                                       step=self.state.step, total_steps=self.state.total_steps)
+            prior = self.w_prior.build(batch_shape=(T, B), event_shape=(self.latent_dim,), num_tasks=T, state=self.state)
             w = pyro.sample("w", prior)
         outputs = self.heads(w)  # [..., T, B, D] x [T, D, K]: every task's head in one matmul
         with plates.observations():
@@ -103,8 +102,7 @@ class MTVIBModel(MultiTaskModel):
         rows = 1 if batch.simo else batch.num_tasks
         with plates.locals(shared=batch.simo), self.kl_scope("z"):
             prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, step=self.state.step,
-                                       total_steps=self.state.total_steps)
+                                       num_tasks=batch.num_tasks, state=self.state)
             z = pyro.sample("z", prior)
         outputs = self.heads(z)
         s = self.log_task_var  # [T, 1]

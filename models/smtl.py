@@ -211,8 +211,8 @@ class SMTLModel(MultiTaskModel):
                 pyro.deterministic("gate", gate[:, None])
         else:
             with plates.globals(), self.kl_scope("gate"):
-                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, step=self.state.step,
-                                              total_steps=self.state.total_steps, extras={"temperature": self.tau()})
+                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, state=self.state,
+                                              extras={"temperature": self.tau()})
                 gate = pyro.sample("gate", prior).squeeze(-1)  # [..., T]
         out = self.outputs(batch.x, gate)
         with plates.observations():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -35,6 +35,9 @@ from torch.distributions import Distribution, constraints
 from pyromtl.distributions import KL_MODES, DiagNormal, TaskMixture
 from pyromtl.params import LocalParamsModule
 from pyromtl.schedules import as_schedule
+
+if TYPE_CHECKING:
+    from pyromtl.base import TrainState
 
 __all__ = [
     "PriorSpec",
@@ -367,17 +370,21 @@ class PriorSite(LocalParamsModule):
         batch_shape: tuple[int, ...] | torch.Size,
         event_shape: tuple[int, ...] | torch.Size,
         num_tasks: int,
-        step: int = 0,
-        total_steps: int | None = None,
+        state: "TrainState | None" = None,
         components: tuple[torch.Tensor, torch.Tensor] | None = None,
         task_axis: int | None = None,
         device: torch.device | str | None = None,
         extras: Mapping[str, Any] | None = None,
     ) -> PriorContext:
-        """The :class:`PriorContext` of one build, owned by this site."""
+        """The :class:`PriorContext` of one build, owned by this site.
+
+        ``state`` is the model's :class:`~pyromtl.base.TrainState`: the context's ``step`` and
+        ``total_steps``, for annealed prior parameters (step 0 of a run of unknown length if None).
+        """
         if device is None and components is None:
             device = self._anchor.device
-        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, total_steps=total_steps,
+        step, total = (state.step, state.total_steps) if state is not None else (0, None)
+        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, total_steps=total,
                             components=components, task_axis=task_axis, device=device, owner=self, extras=dict(extras or {}))
 
     def build(self, **context: Any) -> Distribution:

@@ -9,6 +9,7 @@ from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
 from pyromtl import priors
+from pyromtl.base import TrainState
 from pyromtl.distributions import TaskMixture
 from pyromtl.models.vmtl import expected_weights
 from pyromtl.priors import PriorContext, PriorSite, PriorSpec, available, build, describe, parse_spec, register
@@ -41,7 +42,7 @@ def w_components(requires_grad=False):
 
 def build_w(site: PriorSite, components, step=0):
     loc, scale = components
-    return site.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T, step=step,
+    return site.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T, state=TrainState(step=step),
                       components=(loc.detach().squeeze(1), scale.detach().squeeze(1)), task_axis=-2)
 
 

@@ -119,7 +119,7 @@ def test_a_step_encodes_T_B_k_rows(T):
     assert sorted(rows) == sorted([T * B, T * B * min(k, T - 1)])
     assert sum(rows) == T * B * (1 + min(k, T - 1))
     loss.backward()  # and the step runs through
-    sampled = model.z_prior.build(batch_shape=(T, B), event_shape=(cfg["latent_dim"],), num_tasks=T, total_steps=100,
+    sampled = model.z_prior.build(batch_shape=(T, B), event_shape=(cfg["latent_dim"],), num_tasks=T, state=model.state,
                                   components=model.z_prior_inputs(batch)[0], task_axis=-2,
                                   extras=model.z_prior_inputs(batch)[1])
     assert isinstance(sampled, TaskMixture) and sampled.sampled == (k < T - 1)
