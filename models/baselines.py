@@ -106,12 +106,18 @@ class LatentMTLModel(MultiTaskModel):
 
 # ---------------------------------------------------------------------------- declarations
 @dataclass
-class LatentOptions(Options):
-    """Options of the baseline family (and VMTL's, which extends them)."""
+class NetworkOptions(Options):
+    """The shared MLP every task reads: its hidden layers, activation and output size."""
 
     latent_dim: int = 64
     hidden: list[int] = field(default_factory=lambda: [256])
     activation: str = "elu"
+
+
+@dataclass
+class LatentOptions(NetworkOptions):
+    """Options of the baseline family (and VMTL's, which extends them)."""
+
     per_task_encoder: bool = False
     #: Per-site KL multipliers (a tempered posterior: the likelihood keeps weight 1).
     kl_weights: dict[str, float] = field(default_factory=lambda: {"z": 1.0, "w": 1.0})

@@ -16,7 +16,7 @@ is one batched matmul and each unit one ``einsum``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,8 @@ from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.cross_stitch import EmptyGuide
 from pyromtl.method import Method
 from pyromtl.methods import register
+from pyromtl.models.baselines import NetworkOptions
 from pyromtl.nn import TaskLinear, activation
-from pyromtl.options import Options
 
 #: The diagonal of a cross-stitch unit at the start (the paper's α_S); the rest of each row shares 1 − this.
 SELF_WEIGHT = 0.9
@@ -74,12 +74,8 @@ class CrossStitchModel(MultiTaskModel):
 
 
 @dataclass
-class CrossStitchOptions(Options):
-    """Options of ``cross-stitch``: the network matches ``smtl``'s defaults."""
-
-    latent_dim: int = 64
-    hidden: list[int] = field(default_factory=lambda: [256])
-    activation: str = "elu"
+class CrossStitchOptions(NetworkOptions):
+    """Options of ``cross-stitch``: the network of ``stl``/``bmtl``, whose defaults ``smtl`` shares."""
 
 
 def build_cross_stitch(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
