@@ -39,6 +39,7 @@ import torch
 from pyromtl import config, methods
 from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
+from pyromtl.infer.bayesagg import add_bias
 from pyromtl.objective import TrainContext
 
 
@@ -74,7 +75,7 @@ def setup(shape: Shape, options: dict[str, Any]):
     # one finished epoch, so the steps run under the full-data prior as in training
     with torch.no_grad():
         for batch in batches:
-            objective._collect(model.features(batch.x), batch.y)
+            objective._collect(add_bias(model.features(batch.x)), batch.y)
     objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), gen))
     optim = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)
     return data, cfg, model, objective, optim, batches
@@ -114,7 +115,7 @@ def epoch_prior(shape: Shape, n: int) -> float:
     y = torch.stack([torch.randn(n, generator=gen) if kind == "regression" else torch.randint(0, 2, (n,), generator=gen).float()
                      for kind in shape.task_types])
     for start in range(0, n, 512):  # what the steps of an epoch collect
-        objective._collect(h[start:start + 512], y[:, start:start + 512])
+        objective._collect(add_bias(h[start:start + 512]), y[:, start:start + 512])
     begin = time.perf_counter()
     objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), gen))
     return time.perf_counter() - begin
@@ -128,6 +129,8 @@ SHAPES = {
     "regression-wide": Shape("regression-wide", (512,), ("regression",) * 11, 120, 64, hidden=(1024, 1024)),
     "digits-mixed": Shape("digits-mixed", (64,), ("regression", "binary", "classification"), 64, 64),
 }
+ROWS = [("cifar-mtl", {}), ("cifar-mtl", {"moments": "monte_carlo", "num_samples": 1024}),
+        ("regression", {}), ("regression-wide", {}), ("digits-mixed", {})]
 
 
 def main() -> None:
@@ -137,13 +140,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epoch-n", type=int, default=45_000)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="time only these shapes (the per-epoch prior runs with cifar-mtl and regression)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pyro.settings.set(module_local_params=True)
-    rows = [("cifar-mtl", {}), ("cifar-mtl", {"moments": "monte_carlo", "num_samples": 1024}),
-            ("regression", {}), ("regression-wide", {}), ("digits-mixed", {})]
+    rows = [(name, options) for name, options in ROWS if name in args.shapes]
     results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "steps": args.steps,
                                "rounds": args.rounds, "step": [], "epoch_prior": []}
     print("| shape | moments | LS ms | BayesAgg ms | ratio |\n|---|---|---|---|---|")
@@ -154,6 +158,8 @@ def main() -> None:
         print(f"| {name} | {label} | {r['ls_ms']:.1f} | {r['bayesagg_ms']:.1f} | {r['ratio']:.2f} |", flush=True)
     print("\n| shape | N | end_epoch s |\n|---|---|---|")
     for name in ("cifar-mtl", "regression"):
+        if name not in args.shapes:
+            continue
         seconds = epoch_prior(SHAPES[name], args.epoch_n)
         results["epoch_prior"].append({"shape": name, "n": args.epoch_n, "seconds": seconds})
         print(f"| {name} | {args.epoch_n} | {seconds:.3f} |", flush=True)

@@ -88,12 +88,14 @@ class HeadGroup:
     """Tasks of one kind (and class count) whose posteriors are solved together.
 
     ``kind`` is ``regression``, ``binary`` or ``multiclass``; ``tasks [K_g]`` their indices;
-    ``classes`` the rows of ``θ_t`` they use.
+    ``classes`` the rows of ``θ_t`` they use; ``rows`` indexes the group's tasks along a task
+    axis: a slice when they are consecutive (a view, not a gather), else ``tasks``.
     """
 
     kind: str
     tasks: Tensor
     classes: int
+    rows: slice | Tensor
 
     def size(self, dim: int) -> int:
         """Numbers of ``θ_t`` the group uses, ``classes·(d+1)``."""
@@ -101,7 +103,7 @@ class HeadGroup:
 
     def labels(self, y: Tensor) -> Tensor:
         """``y [T, B]`` of the group's tasks as ``[B, K_g]`` (class indices for multiclass)."""
-        y = y[self.tasks].T
+        y = y[self.rows].T
         return y.long() if self.kind == "multiclass" else y
 
 
@@ -112,8 +114,14 @@ def head_groups(info: TaskInfo) -> tuple[HeadGroup, ...]:
         key = ("multiclass", classes) if kind == "classification" else (kind, 1)
         keys.setdefault(key, []).append(t)
     device = info.type_code.device
-    return tuple(HeadGroup(kind, torch.tensor(tasks, device=device), classes)
+    return tuple(HeadGroup(kind, torch.tensor(tasks, device=device), classes, _rows(tasks, device))
                  for (kind, classes), tasks in keys.items())
+
+
+def _rows(tasks: list[int], device: torch.device) -> slice | Tensor:
+    if tasks == list(range(tasks[0], tasks[0] + len(tasks))):
+        return slice(tasks[0], tasks[0] + len(tasks))
+    return torch.tensor(tasks, device=device)
 
 
 @dataclass
@@ -132,7 +140,7 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     Exact because every prior here is block-diagonal between used and unused rows.
     """
     size = group.size(dim)
-    loc = prior.loc.reshape(-1, prior.loc.shape[-1])[group.tasks, :size]
+    loc = prior.loc.reshape(-1, prior.loc.shape[-1])[group.rows, :size]
     if group.kind == "multiclass":
         loc = loc.view(-1, group.classes, dim + 1)
     precision = prior.precision
@@ -141,7 +149,7 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     precision = precision.reshape(-1, *precision.shape[-2:])
     if precision.stride(0) == 0:  # one matrix broadcast to every task (see share_rows)
         return loc, precision[0, :size, :size]
-    precision = precision[group.tasks, :size, :size]
+    precision = precision[group.rows, :size, :size]
     if group.kind == "regression" and torch.equal(precision, precision[:1].expand_as(precision)):
         # Regression heads see the same features, so every prior kind here gives them one
         # precision: pass it once, and the posterior is one factorisation for all of them.
@@ -149,21 +157,23 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     return loc, precision
 
 
-def batch_posterior(h: Tensor, y: Tensor, heads: Tensor, prior: GaussianPrecision, groups: tuple[HeadGroup, ...],
-                    with_precision: bool = False) -> list[GroupPosterior]:
-    """Posterior of every group's heads given features ``h [B, d]`` and labels ``y [T, B]`` (eq. 2, eq. 8–10).
+def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, prior: GaussianPrecision,
+                    groups: tuple[HeadGroup, ...], with_precision: bool = False) -> list[GroupPosterior]:
+    """Posterior of every group's heads given labels ``y [T, B]`` (eq. 2, eq. 8–10).
 
-    ``heads`` ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from.
+    ``features`` ``[B, d+1]`` are ``add_bias(h)``, built once per step by the caller; ``heads``
+    ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from.
     """
-    dim = h.shape[1]
+    dim = features.shape[1] - 1
+    h = features[:, :dim]
     out = []
     for group in groups:  # one batched solve per kind of task, not per task
         mean_p, precision_p = group_prior(prior, group, dim)
         labels = group.labels(y)
         if group.kind == "regression":
-            parts = regression_posterior(add_bias(h), labels, mean_p, precision_p, with_precision=with_precision)
+            parts = regression_posterior(features, labels, mean_p, precision_p, with_precision=with_precision)
         else:
-            theta = heads[group.tasks, :group.classes]
+            theta = heads[group.rows, :group.classes]
             if group.kind == "binary":
                 theta = theta.squeeze(1)
             kind = "binary" if group.kind == "binary" else "multiclass"
@@ -184,8 +194,8 @@ def assemble(mean: Tensor, precision: Tensor, groups: tuple[HeadGroup, ...], pos
     precision = precision.reshape(-1, size, size).expand(num_tasks, size, size).clone()
     for group, post in zip(groups, posteriors):
         used = group.size(dim)
-        mean[group.tasks, :used] = post.mean.reshape(len(group.tasks), used)
-        precision[group.tasks, :used, :used] = post.precision
+        mean[group.rows, :used] = post.mean.reshape(len(group.tasks), used)
+        precision[group.rows, :used, :used] = post.precision
     return mean, precision
 
 
@@ -216,7 +226,7 @@ class BayesAggGuide(MultiTaskModule):
         regression = model.store.regression_mean
         if regression is not None:
             group = model.regression_group
-            theta[group.tasks, :group.size(model.latent_dim)] = regression
+            theta[group.rows, :group.size(model.latent_dim)] = regression
         return theta
 
     def posterior(self, batch: Batch) -> GaussianPrecision:
@@ -224,8 +234,8 @@ class BayesAggGuide(MultiTaskModule):
         model = self._model[0]
         prior = model.prior()
         with torch.no_grad():
-            h = model.features(batch.x)
-            posts = batch_posterior(h, batch.y, model.heads, prior, model.groups, with_precision=True)
+            features = add_bias(model.features(batch.x))
+            posts = batch_posterior(features, batch.y, model.heads, prior, model.groups, with_precision=True)
             mean, precision = assemble(prior.mean.squeeze(-2), prior.precision, model.groups, posts, model.latent_dim)
         return GaussianPrecision(mean.unsqueeze(-2), precision.unsqueeze(-3))
 

@@ -141,9 +141,9 @@ class PriorStore(nn.Module):
         self.regression_mean = state["regression_mean"]
 
 
-def head_outputs(h: Tensor, theta: Tensor) -> Tensor:
-    """Outputs ``[..., T, B, K]`` of features ``h [B, d]`` and heads ``θ [..., T, K, d+1]``."""
-    return torch.einsum("bp,...tkp->...tbk", add_bias(h), theta)
+def head_outputs(features: Tensor, theta: Tensor) -> Tensor:
+    """Outputs ``[..., T, B, K]`` of features ``add_bias(h) [B, d+1]`` and heads ``θ [..., T, K, d+1]``."""
+    return torch.einsum("bp,...tkp->...tbk", features, theta)
 
 
 class BayesAggModel(MultiTaskModel):
@@ -184,9 +184,9 @@ class BayesAggModel(MultiTaskModel):
         return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, state=self.state,
                                   extras=self.store.extras())
 
-    def task_losses(self, h: Tensor, batch: Batch) -> Tensor:
-        """The summed mean negative log-likelihoods of the tasks at ``θ̂`` (the LS loss)."""
-        outputs = head_outputs(h, self.heads)
+    def task_losses(self, features: Tensor, batch: Batch) -> Tensor:
+        """The LS loss: the tasks' summed mean negative log-likelihoods at ``θ̂``, of ``features = add_bias(h)``."""
+        outputs = head_outputs(features, self.heads)
         logp = MultiTaskOutput(outputs, self.info, self.noise.detach()).log_prob(batch.y)
         return -(logp * batch.mask).sum() / batch.size
 
@@ -194,7 +194,7 @@ class BayesAggModel(MultiTaskModel):
         plates = Plates(batch)
         with plates.globals():
             theta = pyro.sample("w", self.prior())  # [..., T, 1, P]
-        outputs = head_outputs(self.features(batch.x), theta.squeeze(-2).unflatten(-1, self.heads.shape[1:]))
+        outputs = head_outputs(add_bias(self.features(batch.x)), theta.squeeze(-2).unflatten(-1, self.heads.shape[1:]))
         with plates.observations():
             self.observe(outputs, batch)
 
@@ -208,7 +208,7 @@ class _TaskLoss(nn.Module):
         self.model, self.guide = model, guide
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.model.task_losses(self.model.features(batch.x), batch)
+        return self.model.task_losses(add_bias(self.model.features(batch.x)), batch)
 
 
 class BayesAggObjective(Objective):
@@ -237,24 +237,28 @@ class BayesAggObjective(Objective):
     def _collect_classification(self) -> bool:
         return self.prior_kind == "full_data" and any(g.kind != "regression" for g in self.model.groups)
 
-    def _collect(self, h: Tensor, y: Tensor) -> None:
+    def _collect(self, features: Tensor, y: Tensor) -> None:
+        """Keep what the epoch's full-data prior needs of a batch's ``features = add_bias(h)``."""
         group = self.model.regression_group
         if group is not None:
-            self.stats.update(add_bias(h), group.labels(y))
+            self.stats.update(features, group.labels(y))
         if self._collect_classification():
-            self.seen.append((h, y.T))
+            self.seen.append((features[:, :-1], y.T))
 
-    def moments(self, h: Tensor, y: Tensor, posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor]:
+    def moments(self, features: Tensor, y: Tensor, posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor]:
         """Mean and diagonal variance of each task's per-sample gradient w.r.t. ``h`` (eq. 4, eq. 11).
 
-        Returns ``mu``, ``var`` ``[B, T, d]`` and ``s [T]``, tasks in group order.
+        ``features`` are ``add_bias(h)``. Returns ``mu``, ``var`` ``[B, T, d]`` and ``s [T]``,
+        tasks in group order.
         """
+        dim = features.shape[1] - 1
+        h = features[:, :dim]
         mus, variances = [], []
         for group, post in zip(self.model.groups, posteriors):  # one batched call per kind of task
             labels = group.labels(y)
             if group.kind == "regression":
                 # the constant feature's coordinate is not part of h: skip it
-                mu, var = regression_moments(add_bias(h), post.mean, post.cov, labels, coords=h.shape[1])
+                mu, var = regression_moments(features, post.mean, post.cov, labels, coords=dim)
             else:
                 mu, var = classification_moments(
                     h, post.mean, post.cov, labels, "binary" if group.kind == "binary" else "multiclass",
@@ -265,16 +269,18 @@ class BayesAggObjective(Objective):
             return mus[0], variances[0], self.s
         return torch.cat(mus, 1), torch.cat(variances, 1), self.s
 
-    def aggregated_gradient(self, h: Tensor, y: Tensor) -> Tensor:
-        """``g [B, d]`` (eq. 7) from the heads' posteriors on the batch ``(h, y)``; updates ``previous_batch``."""
+    def aggregated_gradient(self, features: Tensor, y: Tensor) -> Tensor:
+        """``g [B, d]`` (eq. 7) from the heads' posteriors on a batch (``features = add_bias(h)``, ``y``).
+
+        Updates the ``previous_batch`` prior."""
         model = self.model
         prior = model.prior()
         keep = self.prior_kind == "previous_batch"
-        posteriors = batch_posterior(h, y, model.heads.detach(), prior, model.groups, with_precision=keep)
+        posteriors = batch_posterior(features, y, model.heads.detach(), prior, model.groups, with_precision=keep)
         if keep:
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
-        mu, var, s = self.moments(h, y, posteriors)
+        mu, var, s = self.moments(features, y, posteriors)
         # var is this step's own: overwrite it; the weights are reduced only when logged
         g, self.last_weights = aggregate(mu, var, s, return_weights=True, overwrite_var=True)
         return g
@@ -284,13 +290,13 @@ class BayesAggObjective(Objective):
         model = self.model
         h = model.features(batch.x)
         with torch.no_grad():
-            self._collect(h.detach(), batch.y)
+            features = add_bias(h.detach())  # once per step: the prior's statistics, the posterior and the moments
+            self._collect(features, batch.y)
         if model.state.step < self.cfg["pretrain_steps"]:
-            loss = model.task_losses(h, batch)
+            loss = model.task_losses(add_bias(h), batch)
             if torch.isfinite(loss):
                 loss.backward()
             return loss.detach()
-        features = h.detach()
         loss = model.task_losses(features, batch)  # the heads' ordinary gradients; h gets none from it
         if not torch.isfinite(loss):
             return loss.detach()
@@ -335,7 +341,7 @@ class BayesAggObjective(Objective):
             if group.kind == "regression":
                 posteriors.append(reg_post)
                 continue
-            theta = heads[group.tasks, :group.classes]
+            theta = heads[group.rows, :group.classes]
             theta = theta.squeeze(1) if group.kind == "binary" else theta
             kind = "binary" if group.kind == "binary" else "multiclass"
             mean, prec = laplace_as_prior(h, group.labels(y.T), theta[..., :dim], theta[..., dim], 0.0, precision, kind)

@@ -327,3 +327,27 @@ def test_gaussian_precision_matches_multivariate_normal() -> None:
     assert draws.shape == (20_000, 4, 2, 3)
     cov = torch.einsum("nbi,nbj->bij", draws[:, 0] - loc, draws[:, 0] - loc) / 20_000
     torch.testing.assert_close(cov, torch.linalg.inv(precision), rtol=0.1, atol=0.02)
+
+
+def test_head_groups_index_consecutive_tasks_by_a_slice_and_others_by_index() -> None:
+    from pyromtl.data.core import MultiTaskData
+    from pyromtl.guides.bayesagg import GaussianPrecision, group_prior, head_groups
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(12, 3, generator=gen).numpy()
+    y = {f"t{i}": (torch.randn(12, generator=gen) if kind == "regression" else torch.randint(0, 2, (12,), generator=gen)).numpy()
+         for i, kind in enumerate(["regression", "binary", "binary", "regression"])}
+    info = MultiTaskData.from_arrays(x, y, ["regression", "binary", "binary", "regression"]).info
+    groups = {g.kind: g for g in head_groups(info)}
+    assert groups["binary"].rows == slice(1, 3)  # a view
+    assert torch.equal(groups["regression"].rows, torch.tensor([0, 3]))  # a gather
+    labels = torch.randn(4, 12, generator=gen)
+    size = 3 + 1
+    loc = torch.randn(4, 1, size, generator=gen)
+    root = torch.randn(4, size, size, generator=gen)
+    precision = (root @ root.mT + torch.eye(size)).unsqueeze(1)
+    for group in groups.values():
+        assert torch.equal(group.labels(labels), labels[group.tasks].T)
+        mean_p, precision_p = group_prior(GaussianPrecision(loc, precision), group, 3)
+        torch.testing.assert_close(mean_p, loc[group.tasks, 0])
+        torch.testing.assert_close(precision_p, precision[group.tasks, 0])

@@ -101,6 +101,9 @@ def test_regression_posterior_matches_dense_solve():
     assert cov.shape == (k, d, d)
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(cov, ref_cov)
+    # the noise as a Python number (no tensor ops) and as a 0-dim tensor agree
+    for got, want in zip(regression_posterior(h, y, prior_mean[0], shared, torch.tensor(0.7, dtype=DT)), (mean, cov)):
+        torch.testing.assert_close(got, want)
 
     # A scalar prior precision is that multiple of the identity.
     mean, _ = regression_posterior(h, y, 0.0, 3.0)
@@ -146,6 +149,7 @@ def test_regression_posterior_with_missing_labels():
         ((torch.zeros(5, 2), torch.zeros(5, 3), torch.zeros(2, 2), 1.0), "prior_mean has shape"),
         ((torch.zeros(5, 2), torch.zeros(5, 3), 0.0, torch.eye(3)), "prior_precision has shape"),
         ((torch.zeros(5, 2), torch.zeros(5, 3), 0.0, 1.0, torch.ones(2)), "noise has shape"),
+        ((torch.zeros(5, 2), torch.zeros(5, 3), 0.0, 1.0, 0.0), "noise is 0.0"),
     ],
 )
 def test_regression_posterior_rejects_bad_shapes(args, match):

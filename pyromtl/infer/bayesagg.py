@@ -84,7 +84,8 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
     an all-zero matrix, e.g. a head without uncertainty).
     """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if not bool(info.any()):  # info > 0 marks a failed factorisation (it is never negative here)
+    # info > 0 marks a failed factorisation (it is never negative here)
+    if not bool(info if info.dim() == 0 else info.any()):
         return factor
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
@@ -138,15 +139,18 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
     is then a broadcast view).
     """
     num_tasks, dim = cross.shape
-    noise = torch.as_tensor(noise, dtype=cross.dtype, device=cross.device)
-    _require(noise.shape in ((), (num_tasks,)),
-             lambda: f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]")
-    inv_var = noise.pow(-2)
-    if noise.dim() == 0:
-        precision = prior_precision + gram * inv_var
+    if isinstance(noise, (int, float)):  # the usual case: no tensor ops for the scaling
+        _require(noise > 0, lambda: f"noise is {noise}; expected τ > 0")
+        inv_var = noise**-2.0
+        precision = torch.add(prior_precision, gram, alpha=inv_var)
+        rhs = torch.add(_matvec(prior_precision, prior_mean), cross, alpha=inv_var)
     else:
-        precision = prior_precision + gram * inv_var[:, None, None]
-    rhs = _matvec(prior_precision, prior_mean) + cross * inv_var.reshape(-1, 1)
+        noise = torch.as_tensor(noise, dtype=cross.dtype, device=cross.device)
+        _require(noise.shape in ((), (num_tasks,)),
+                 lambda: f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]")
+        inv_var = noise.pow(-2)
+        precision = prior_precision + gram * (inv_var if noise.dim() == 0 else inv_var[:, None, None])
+        rhs = _matvec(prior_precision, prior_mean) + cross * inv_var.reshape(-1, 1)
     factor = _cholesky(precision, "the posterior precision")
     if factor.dim() == 2:
         cov = torch.cholesky_inverse(factor)
@@ -340,8 +344,11 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
 
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``,
 
-    evaluated as ``4 (r_j (2 c m_j + r_j) + q m_j² + (c² + q) S_jj)``: six passes over ``[B, K, d]``
-    rather than a dozen, since this is most of a regression step's extra cost.
+    evaluated as ``4 r_j (2 c m_j + r_j)`` plus the rank-2 product ``[4q, 4(c² + q)] · [m_j², S_jj]``
+    per head (one batched matrix product): four passes over ``[K, B, d]`` with nothing broadcast
+    twice, since this is most of a regression step's extra cost. The algebraically shorter
+    ``(r + c m)² + c² (S − m²) + q (S + m²)`` is not used: it cancels catastrophically once
+    ``S ≪ m²``, which is what a full-data prior gives.
 
     Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built, or
     O(B·d² + B·K·d) when ``cov`` is one matrix broadcast to every head (a stride-0 view, as
@@ -354,7 +361,8 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
             skip a constant bias feature), without computing the others.
 
     Returns:
-        ``(mu, var)``, each ``[B, K, coords or d]``.
+        ``(mu, var)``, each ``[B, K, coords or d]``: views of head-major ``[K, B, ·]`` memory,
+        the layout in which :func:`aggregate` reduces over the heads fastest.
     """
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     batch, dim = h.shape
@@ -365,25 +373,26 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     coords = dim if coords is None else coords
     _require(0 < coords <= dim, lambda: f"coords is {coords}; expected 1 … {dim}")
-    c = (h @ mean.T - y).unsqueeze(-1)  # [B, K, 1]
+    c = torch.addmm(y.T, mean, h.T, beta=-1)  # hᵀm − y  [K, B]
     if num_tasks > 1 and cov.stride(0) == 0:
         shared = cov[0]  # one covariance broadcast to every head: apply it once
         r_all = h @ shared  # [B, d]
-        q = (r_all * h).sum(-1).view(batch, 1, 1)
-        r = r_all[:, :coords].unsqueeze(1)  # [B, 1, coords]
-        diag = shared.diagonal()[:coords]
+        q = (r_all * h).sum(-1)  # [B]
+        diag = shared.diagonal()[:coords].expand(num_tasks, coords)
     else:
-        r_all = torch.einsum("kde,be->bkd", cov, h)
-        q = (r_all * h.unsqueeze(1)).sum(-1, keepdim=True)
-        r = r_all[..., :coords]
+        r_all = torch.matmul(h, cov)  # [K, B, d]
+        q = (r_all * h).sum(-1)  # [K, B]
         diag = cov.diagonal(dim1=-2, dim2=-1)[:, :coords]
     m = mean[:, :coords]
-    # the constant factors go on the small tensors, not on [B, K, d]
-    cm2 = (2 * c) * m  # 2 c m
-    mu = cm2 + 2 * r
-    var = cm2.add_(mu).mul_(2 * r)  # 4 r (2 c m + r), in 2 c m's memory
-    var.addcmul_(4 * q, m.square()).addcmul_(4 * (c.square() + q), diag)
-    return mu, var
+    r2 = 2 * r_all[..., :coords]
+    # the constant factors go on the small tensors, not on [K, B, d]
+    mu = torch.mul((2 * c).unsqueeze(-1), m.unsqueeze(1))  # 2 c m, then + 2 r
+    var = torch.add(r2, mu, alpha=2)  # 4 c m + 2 r, times 2 r below
+    mu.add_(r2)
+    var.mul_(r2)
+    q4 = (4 * q).expand(num_tasks, batch)
+    var.baddbmm_(torch.stack([q4, q4 + 4 * c.square()], -1), torch.stack([m.square(), diag], 1))
+    return mu.transpose(0, 1), var.transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -772,11 +781,12 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
     """Precision-weighted mean of the task gradients, per sample and coordinate (eq. 7).
 
     ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, computed as a softmax over tasks of
-    ``−s·log var`` so neither large nor tiny variances overflow. ``s = 1`` is inverse-variance
-    weighting and ``s → 0`` the plain mean over tasks.
+    ``−s·log₂ var`` (largest weight 1 before normalising), so neither large nor tiny variances
+    overflow. ``s = 1`` is inverse-variance weighting and ``s → 0`` the plain mean over tasks.
 
     Args:
-        mu, var: ``[B, K, d]``.
+        mu, var: ``[B, K, d]``, in any memory layout (:func:`regression_moments` returns views of
+            ``[K, B, d]`` memory, over whose leading axis the sums are fastest).
         s: a float, or ``[K]`` (e.g. one value per task type: the paper uses larger s for
             regression than for classification); expected ≥ 0.
         mask: optional ``[B, K]`` bool, False where a task's label is missing: that task gets no
@@ -786,7 +796,7 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
             variances stay finite and tie rather than produce NaN.
         return_weights: also return the weights ``λ_k^s / Σ_j λ_j^s`` ``[B, K, d]`` (0 for a
             masked task; they sum to 1 over the tasks of a sample that has any).
-        overwrite_var: ``var`` may be overwritten (with the log weights): saves a copy of
+        overwrite_var: ``var`` may be overwritten (with the weights): saves a copy of
             ``[B, K, d]`` when the caller no longer needs it.
 
     Returns:
@@ -797,26 +807,25 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
     batch, num_tasks, _ = mu.shape
     if isinstance(s, (int, float)):
         _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
-    s = torch.as_tensor(s, dtype=mu.dtype, device=mu.device)
-    _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
+        neg_s: Tensor | float = -float(s)
+    else:
+        _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
+        neg_s = -s.to(device=mu.device, dtype=mu.dtype).reshape(-1, 1)
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
+    keep = None
     if mask is not None:
         _require(mask.shape == (batch, num_tasks),
                  lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
         keep = mask.to(torch.bool).unsqueeze(-1)
-        var = torch.where(keep, var, 1.0)
-        mu = torch.where(keep, mu, 0.0)
-    if mask is None:
-        # a softmax over tasks of −s·ln var (log2 costs a fraction of log on CPU; ln 2 goes on s)
-        clamped = var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)
-        log_weight = clamped.log2_().mul_(s.reshape(-1, 1) * -math.log(2.0))
-        weights = torch.softmax(log_weight, 1)
-    else:
-        # the same in base 2, by hand: a sample with no task gets all weights 0, not a softmax's NaN
-        log_weight = var.clamp_min(floor).log2_().mul_(-s.reshape(-1, 1)).masked_fill_(~keep, -math.inf)
-        top = log_weight.amax(1, keepdim=True)
-        top = torch.where(torch.isinf(top), 0.0, top)
-        weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
-        weights = weights.div_(weights.sum(1, keepdim=True).clamp_min(1.0))  # … so the sum is ≥ 1, or 0 with no task
-    g = torch.linalg.vecdot(weights, mu, dim=1)  # one pass, no [B, K, d] product kept
-    return (g, weights) if return_weights else g
+        mu = torch.where(keep, mu, 0.0)  # a masked NaN times its weight 0 would still be NaN
+    # log2/exp2 cost a fraction of log/exp on CPU, and the base does not change the weights
+    log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
+    if keep is not None:
+        log_weight.masked_fill_(~keep, -math.inf)
+    top = log_weight.amax(1, keepdim=True)
+    if keep is not None:  # a sample with no task: all weights 0, not NaN
+        top.masked_fill_(torch.isinf(top), 0.0)
+    weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
+    total = weights.sum(1).clamp_min_(1.0)  # … so the sum is ≥ 1, or 0 with no task
+    g = (weights * mu).sum(1).div_(total)
+    return (g, weights.div_(total.unsqueeze(1))) if return_weights else g
