@@ -434,15 +434,16 @@ def _temperature(value: Any) -> float | dict[str, Any]:
     return schedule.to_config()
 
 
-def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext) -> Distribution:
+def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext, zero_loc: bool) -> Distribution:
     # Unexpanded parameters: the closed-form KLs then work on them, not on the plates' full shape.
-    return DiagNormal(loc, scale, len(ctx.event_shape), ctx.batch_shape + ctx.event_shape)
+    return DiagNormal(loc, scale, len(ctx.event_shape), ctx.batch_shape + ctx.event_shape, zero_loc=zero_loc)
 
 
 @register("normal", defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": _positive}, uses_components=False)
 def _normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     """``N(loc, scale²)`` on every element: VSTL / VBMTL's ``N(0, I)`` prior."""
-    return _diag_normal(ctx.full((), spec.params["loc"]), ctx.full((), spec.params["scale"]), ctx)
+    loc = spec.params["loc"]
+    return _diag_normal(ctx.full((), loc), ctx.full((), spec.params["scale"]), ctx, zero_loc=loc == 0)
 
 
 @register(
@@ -464,10 +465,11 @@ def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
         rows[len(rows) + ctx.task_axis] = ctx.num_tasks
         shape = torch.Size(rows) + ctx.event_shape
     loc = ctx.full(shape, spec.params["loc"])
-    if spec.params["learn_loc"]:
+    learn_loc = spec.params["learn_loc"]
+    if learn_loc:
         loc = ctx.param("loc", loc)
     scale = ctx.param("scale", ctx.full(shape, spec.params["scale"]), constraints.positive)
-    return _diag_normal(loc, scale, ctx)
+    return _diag_normal(loc, scale, ctx, zero_loc=not learn_loc and spec.params["loc"] == 0)
 
 
 @register("deterministic", uses_components=False)

@@ -128,3 +128,33 @@ def test_prior_sites_positive_parameters_are_plain_exp_of_the_stored_value():
     torch.testing.assert_close(raw, torch.full((T, 1, D), 0.4).log())
     ref = torch.distributions.transform_to(torch.distributions.constraints.positive)(raw)
     assert torch.equal(prior.scale, ref)
+
+
+@pytest.mark.parametrize("zero_side", ["prior", "guide"])
+def test_a_known_zero_loc_gives_the_same_kl_in_value_and_gradient(zero_side):
+    q = channel()
+    p_scale = (torch.rand(T, 1, D, dtype=torch.float64) + 0.5).requires_grad_()
+    p = DiagNormal(torch.zeros(T, 1, D, dtype=torch.float64), p_scale, shape=(T, B, D))
+    if zero_side == "guide":  # KL(N(0, σ²) ‖ N(μ, ξ²)): the other loc is the one that counts
+        q, p = DiagNormal(torch.zeros((), dtype=torch.float64), q.scale, shape=(T, B, D)), DiagNormal(q.loc, p_scale)
+    flagged = DiagNormal(q.loc, q.scale, shape=(T, B, D), zero_loc=zero_side == "guide")
+    prior = DiagNormal(p.loc, p.scale, shape=(T, B, D), zero_loc=zero_side == "prior")
+    assert prior.expand((2, T, B)).zero_loc == (zero_side == "prior")  # plates keep the promise
+    ref = kl_divergence(full(q), full(p))
+    params = [t for t in (q.loc, q.scale, p_scale) if t.requires_grad]
+    got = kl_divergence(flagged, prior)
+    torch.testing.assert_close(got, ref)
+    for g, w in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize(("spec", "zero"), [
+    ({"kind": "normal"}, True), ({"kind": "normal", "loc": 1.0}, False),
+    ({"kind": "learned_normal", "learn_loc": False}, True), ({"kind": "learned_normal"}, False),
+    ({"kind": "learned_normal", "learn_loc": False, "loc": 0.5}, False),
+])
+def test_gaussian_prior_kinds_promise_a_zero_loc_only_when_it_is_frozen_at_zero(spec, zero):
+    prior = PriorSite("w", spec).build(batch_shape=(T, B), event_shape=(D,), num_tasks=T)
+    assert prior.zero_loc is zero
+    if zero:
+        assert not prior.mean.any()
