@@ -547,6 +547,7 @@ def test_aggregate_is_the_precision_weighted_mean():
     weight = var.pow(-s[:, None])
     want = (weight * mu).sum(1) / weight.sum(1)
     torch.testing.assert_close(aggregate(mu, var, s), want)
+    torch.testing.assert_close(aggregate(mu, var, s.tolist()), want)  # any sequence of K numbers
     # var is left alone unless the caller gives it up
     before = var.clone()
     aggregate(mu, var, s, return_weights=True)

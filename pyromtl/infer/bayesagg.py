@@ -345,8 +345,9 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``,
 
     evaluated as ``4 r_j (2 c m_j + r_j)`` plus the rank-2 product ``[4q, 4(c² + q)] · [m_j², S_jj]``
-    per head (one batched matrix product): four passes over ``[K, B, d]`` with nothing broadcast
-    twice, since this is most of a regression step's extra cost. The algebraically shorter
+    per head (one batched matrix product): five passes over ``[K, B, d]``, none with an operand
+    broadcast along two axes (a slow path on CPU), since this is most of a regression step's
+    extra cost. The algebraically shorter
     ``(r + c m)² + c² (S − m²) + q (S + m²)`` is not used: it cancels catastrophically once
     ``S ≪ m²``, which is what a full-data prior gives.
 
@@ -809,8 +810,9 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
         _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
         neg_s: Tensor | float = -float(s)
     else:
+        s = torch.as_tensor(s, dtype=mu.dtype, device=mu.device)
         _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
-        neg_s = -s.to(device=mu.device, dtype=mu.dtype).reshape(-1, 1)
+        neg_s = -s.reshape(-1, 1)
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
     keep = None
     if mask is not None:
@@ -818,7 +820,7 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
                  lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
         keep = mask.to(torch.bool).unsqueeze(-1)
         mu = torch.where(keep, mu, 0.0)  # a masked NaN times its weight 0 would still be NaN
-    # log2/exp2 cost a fraction of log/exp on CPU, and the base does not change the weights
+    # exp2 costs about half of exp on CPU, and the base does not change the weights
     log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
     if keep is not None:
         log_weight.masked_fill_(~keep, -math.inf)
