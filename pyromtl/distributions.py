@@ -290,11 +290,8 @@ def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_
     # Plates broadcast q over the prior's MC draws and p over q's: compute on the unexpanded
     # tensors and broadcast the (event-summed) result, not the [..., C, *event] terms.
     q_loc, q_scale = _compact(q_loc).unsqueeze(comp), _compact(q_scale).unsqueeze(comp)
-    p_loc, p_scale = _compact(p._loc), _compact(p._scale)
-    var_ratio = (q_scale / p_scale) ** 2
-    kl = 0.5 * (var_ratio + ((q_loc - p_loc) / p_scale) ** 2 - 1.0 - var_ratio.log())
-    if p_event_dim:
-        kl = kl.sum(dim=tuple(range(-p_event_dim, 0)))
+    terms = _kl_terms(q_loc, q_scale, _compact(p._loc), _compact(p._scale))
+    kl = 0.5 * (_event_sum(terms, p.event_shape) - p.event_shape.numel())  # [..., C]
     return (_compact(p._weights) * kl).sum(-1).expand(batch_shape)
 
 
@@ -399,21 +396,27 @@ class DiagNormal(_UnexpandedParams):
         return (_event_sum(self.scale.log(), self.event_shape) + const).expand(self.batch_shape)
 
 
-def _kl_diag_normals(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
-                     event_shape: torch.Size, batch_shape: torch.Size, zero_loc: tuple[bool, bool] = (False, False)
-                     ) -> torch.Tensor:
-    """``Σ_event KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²))``, each term at its parameters' own broadcast shape.
+def _kl_terms(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
+              zero_loc: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """``2 KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²)) + 1`` per element, at the parameters' broadcast shape.
 
-    Per element ``(r - log r - 1 + δ²/p_scale²)/2`` with ``r = q_scale²/p_scale²`` and
-    ``δ = q_loc - p_loc``; ``zero_loc`` says which locs are known zeros, so ``δ`` needs no
-    subtraction (HIB: ``δ = Z`` is ``[1, B, D]``, squared before it meets the ``[T, 1, D]``
-    scales). Few ops on purpose: at HIB's sizes each op's dispatch costs more than its
-    arithmetic, so the full-shape work is one ``addcmul`` and its sum.
+    That is ``r - log r + δ²/p_scale²`` with ``r = q_scale²/p_scale²`` and ``δ = q_loc - p_loc``;
+    ``zero_loc`` says which locs are known zeros, so ``δ`` needs no subtraction (HIB: ``δ = Z``
+    is ``[1, B, D]``, squared before it meets the ``[T, 1, D]`` scales). Few ops on purpose: at
+    HIB's sizes each op's dispatch costs more than its arithmetic, so the full-shape work is
+    one ``addcmul``.
     """
     inv_var = p_scale.pow(-2)
     ratio = q_scale.square() * inv_var
     diff = q_loc if zero_loc[1] else p_loc if zero_loc[0] else q_loc - p_loc
-    kl = _event_sum(torch.addcmul(ratio - ratio.log(), diff.square(), inv_var), event_shape)
+    return torch.addcmul(ratio - ratio.log(), diff.square(), inv_var)
+
+
+def _kl_diag_normals(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
+                     event_shape: torch.Size, batch_shape: torch.Size, zero_loc: tuple[bool, bool] = (False, False)
+                     ) -> torch.Tensor:
+    """``Σ_event KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²))`` from :func:`_kl_terms`, broadcast to ``batch_shape``."""
+    kl = _event_sum(_kl_terms(q_loc, q_scale, p_loc, p_scale, zero_loc), event_shape)
     return kl.sub_(event_shape.numel()).mul_(0.5).expand(batch_shape)
 
 
