@@ -30,18 +30,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
-from pyromtl import config, methods
-from pyromtl.base import TrainState
-from pyromtl.data.core import MultiTaskData
-from pyromtl.infer.bayesagg import add_bias
-from pyromtl.objective import TrainContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vmtl_step import _iqr  # noqa: E402
+
+from pyromtl import config, methods  # noqa: E402
+from pyromtl.base import TrainState  # noqa: E402
+from pyromtl.data.core import MultiTaskData  # noqa: E402
+from pyromtl.infer.bayesagg import add_bias  # noqa: E402
+from pyromtl.objective import TrainContext  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,8 @@ def step_ratio(shape: Shape, options: dict[str, Any], steps: int, warmup: int, r
         times["bayesagg"].append(timed_steps(objective, optim, batches, steps, True))
     # a ratio per round compares steps timed moments apart; their median resists load that drifts
     ratios = [ba / ls for ls, ba in zip(times["ls"], times["bayesagg"])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {"ls_ms": 1e3 * statistics.median(times["ls"]), "bayesagg_ms": 1e3 * statistics.median(times["bayesagg"]),
-            "ratio": statistics.median(ratios), "ratio_iqr": [quartiles[0], quartiles[2]]}
+            "ratio": statistics.median(ratios), "ratio_iqr": _iqr(ratios)}
 
 
 def epoch_prior(shape: Shape, n: int) -> float:
