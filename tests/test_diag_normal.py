@@ -158,3 +158,16 @@ def test_gaussian_prior_kinds_promise_a_zero_loc_only_when_it_is_frozen_at_zero(
     assert prior.zero_loc is zero
     if zero:
         assert not prior.mean.any()
+
+
+def test_mixture_bound_counts_an_event_dim_that_both_sides_broadcast():
+    # q and the components constant along the event (stride-0 views, as plates make them): the
+    # bound must equal the one on contiguous copies, not count that dim once
+    weights = torch.softmax(torch.randn(T, B, 2, dtype=torch.float64), -1)
+    loc, scale = torch.randn(T, B, 2, 1, dtype=torch.float64), torch.rand(T, B, 2, 1, dtype=torch.float64) + 0.2
+    q_loc, q_scale = torch.randn(T, B, 1, dtype=torch.float64), torch.rand(T, B, 1, dtype=torch.float64) + 0.3
+    broadcast = kl_divergence(dist.Normal(q_loc.expand(T, B, D), q_scale.expand(T, B, D)).to_event(1),
+                              TaskMixture(weights, loc.expand(T, B, 2, D), scale.expand(T, B, 2, D), event_dim=1))
+    dense = kl_divergence(dist.Normal(q_loc.expand(T, B, D).clone(), q_scale.expand(T, B, D).clone()).to_event(1),
+                          TaskMixture(weights, loc.expand(T, B, 2, D).clone(), scale.expand(T, B, 2, D).clone(), event_dim=1))
+    torch.testing.assert_close(broadcast, dense)
