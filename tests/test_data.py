@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -266,6 +268,21 @@ def test_torch_inputs_of_any_real_dtype_are_accepted():
     assert data.x[0].dtype == torch.float32 and data.num_classes == [3, 3]
     with pytest.raises(ValueError, match="real numbers"):
         MultiTaskData.from_arrays([torch.zeros(6, 3, dtype=torch.complex64)], y[:1], "classification")
+
+
+def test_unscaled_inputs_warn_naming_the_task_and_their_magnitude():
+    with pytest.warns(UserWarning, match=r"task 'beta': x: inputs reach 3e\+07 in magnitude.*standardise"):
+        MultiTaskData.from_arrays(**_mimo(x=_with(_X, 1, np.full((5, 3), 3e7))))
+    with warnings.catch_warnings(record=True) as caught:  # SIMO: one input, one warning
+        warnings.simplefilter("always")
+        MultiTaskData.from_arrays(np.full((6, 3), -2e6), {"a": np.arange(6) % 2, "b": np.arange(6) % 2}, "binary")
+    assert [str(w.message).split(";")[0] for w in caught] == ["x: inputs reach 2e+06 in magnitude"]
+    with warnings.catch_warnings():  # up to the threshold, and on invalid data, nothing is said
+        warnings.simplefilter("error")
+        MultiTaskData.from_arrays(**_mimo(x=_with(_X, 1, np.full((5, 3), 1e6))))
+        with pytest.raises(ValueError, match="label 3 out of range"):
+            MultiTaskData.from_arrays(**_mimo(x=_with(_X, 1, np.full((5, 3), 1e9)), num_classes=3,
+                                              y=_with(_Y, 1, np.array([0, 1, 2, 3, 0]))))
 
 
 # ------------------------------------------------------------------------------- fuzz

@@ -244,8 +244,9 @@ def test_bad_runs_fail_before_training_in_one_line(tmp_path: Path, capsys) -> No
 
 def test_huge_inputs_stop_as_a_non_finite_loss(capsys, tmp_path: Path) -> None:
     data = blobs_mimo()
-    huge = MultiTaskData.from_arrays([x.numpy() * 1e30 for x in data.x], [y.numpy() for y in data.y],
-                                     "classification", name="huge")
+    with pytest.warns(UserWarning, match="inputs reach .*e\\+30"):
+        huge = MultiTaskData.from_arrays([x.numpy() * 1e30 for x in data.x], [y.numpy() for y in data.y],
+                                         "classification", name="huge")
     from pyromtl.train import TrainingError
 
     with pytest.raises(TrainingError, match=r"loss (is|became) (nan|inf|-inf) (before the first step|at step \d+)"):

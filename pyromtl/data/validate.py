@@ -6,6 +6,7 @@ never reaches torch or Pyro.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,9 @@ from pyromtl.data.constants import TASK_TYPES
 _F32_MAX = float(np.finfo(np.float32).max)
 #: The most classes one classification task may have.
 MAX_CLASSES = 1_000_000
+#: Inputs larger than this in magnitude get a warning: networks train poorly on unscaled inputs,
+#: and float32 products of values past ~1e19 overflow (a NaN loss at the first step).
+LARGE_INPUT = 1e6
 
 
 def as_real_array(a, what: str) -> np.ndarray:
@@ -40,6 +44,14 @@ def as_real_array(a, what: str) -> np.ndarray:
         # stored as float32: larger values would silently become inf
         raise ValueError(f"{what}: values beyond the float32 range (|v| > {_F32_MAX:.3g})")
     return arr
+
+
+def _warn_if_unscaled(x: np.ndarray, what: str) -> None:
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > LARGE_INPUT:
+        warnings.warn(f"{what}: inputs reach {peak:.3g} in magnitude; networks train poorly on unscaled inputs, "
+                      "and float32 arithmetic overflows past about 1e19: standardise them (e.g. each feature to "
+                      "mean 0, sd 1)", UserWarning, stacklevel=4)
 
 
 def as_names(task_names, what: str = "task_names") -> list[str]:
@@ -160,4 +172,6 @@ def validate_arrays(x, y, task_types, task_names, num_classes):
         # MIMO tasks share one label space: a task missing the top labels still has them.
         top = max((c for c, k in zip(ncls, types) if k == "classification"), default=0)
         ncls = [top if k == "classification" else c for c, k in zip(ncls, types)]
+    for t, xt in enumerate(xs_np[:1] if simo else xs_np):  # valid data only: a warning, then no error
+        _warn_if_unscaled(xt, "x" if simo else f"task {names[t]!r}: x")
     return xs, ys, names, types, ncls, simo
