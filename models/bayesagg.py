@@ -51,7 +51,7 @@ from pyromtl.guides.bayesagg import (
 from pyromtl.infer.bayesagg import (
     GaussianStats,
     add_bias,
-    aggregate,
+    aggregation_weights,
     classification_moments,
     laplace_as_prior,
     regression_moments,
@@ -229,9 +229,12 @@ class BayesAggObjective(Objective):
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"])[order],
                              persistent=False)
+        # one s for every task (e.g. all regression) is a float: no tensor op to apply it
+        self.shared_s = float(self.s[0]) if bool((self.s == self.s[0]).all()) else None
         self.stats = GaussianStats()
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
-        self.last_weights: Tensor | None = None  # [B, T, d]: the last step's aggregation weights, tasks in group order
+        # the last step's unnormalised aggregation weights [B, T, d] (tasks in group order) and their sum [B, d]
+        self.last_weights: tuple[Tensor, Tensor] | None = None
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
@@ -245,11 +248,12 @@ class BayesAggObjective(Objective):
         if self._collect_classification():
             self.seen.append((features[:, :-1], y.T))
 
-    def moments(self, features: Tensor, y: Tensor, posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor]:
+    def moments(self, features: Tensor, y: Tensor,
+                posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor | float]:
         """Mean and diagonal variance of each task's per-sample gradient w.r.t. ``h`` (eq. 4, eq. 11).
 
-        ``features`` are ``add_bias(h)``. Returns ``mu``, ``var`` ``[B, T, d]`` and ``s [T]``,
-        tasks in group order.
+        ``features`` are ``add_bias(h)``. Returns ``mu``, ``var`` ``[B, T, d]`` and ``s`` (``[T]``,
+        or a float when every task has the same), tasks in group order.
         """
         dim = features.shape[1] - 1
         h = features[:, :dim]
@@ -265,9 +269,10 @@ class BayesAggObjective(Objective):
                     self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
             mus.append(mu)
             variances.append(var)
+        s = self.s if self.shared_s is None else self.shared_s
         if len(mus) == 1:  # one kind of task: no copy
-            return mus[0], variances[0], self.s
-        return torch.cat(mus, 1), torch.cat(variances, 1), self.s
+            return mus[0], variances[0], s
+        return torch.cat(mus, 1), torch.cat(variances, 1), s
 
     def aggregated_gradient(self, features: Tensor, y: Tensor) -> Tensor:
         """``g [B, d]`` (eq. 7) from the heads' posteriors on a batch (``features = add_bias(h)``, ``y``).
@@ -281,9 +286,9 @@ class BayesAggObjective(Objective):
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(features, y, posteriors)
-        # var is this step's own: overwrite it; the weights are reduced only when logged
-        g, self.last_weights = aggregate(mu, var, s, return_weights=True, overwrite_var=True)
-        return g
+        # aggregate()'s sum, with the weights kept as they are: diagnostics() normalises them if asked
+        weights, total = self.last_weights = aggregation_weights(var, s, overwrite_var=True)
+        return torch.linalg.vecdot(weights, mu, dim=1).div_(total)
 
     def backward(self, batch: Batch) -> Tensor:
         """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch."""
@@ -311,7 +316,9 @@ class BayesAggObjective(Objective):
         the batch and the coordinates of ``h`` (the analogue of the paper's Fig. 3); none in pre-training."""
         if self.last_weights is None:
             return {}
-        weights = self.last_weights.new_zeros(len(self.order)).index_copy(0, self.order, self.last_weights.mean((0, 2)))
+        weights, total = self.last_weights
+        means = (weights / total.unsqueeze(1)).mean((0, 2))
+        weights = means.new_zeros(len(self.order)).index_copy(0, self.order, means)
         return {f"{WEIGHT_KEY}{t}": w for t, w in enumerate(weights.tolist())}
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from pyromtl.infer.bayesagg import (
     GaussianStats,
     add_bias,
     aggregate,
+    aggregation_weights,
     classification_gradient,
     classification_moments,
     laplace_as_prior,
@@ -579,6 +580,20 @@ def test_aggregate_masks_missing_labels():
     torch.testing.assert_close(out[0], aggregate(mu[:1, [0, 2]], var[:1, [0, 2]], 0.6)[0])
     torch.testing.assert_close(out[[1, 3]], aggregate(mu[[1, 3]], var[[1, 3]], 0.6))
     assert (out[2] == 0).all()
+
+
+def test_aggregation_weights_are_the_unnormalised_weights_with_the_largest_one():
+    mu, var = _mu_var(20)
+    weights, total = aggregation_weights(var, 0.7)
+    _, normalised = aggregate(mu, var, 0.7, return_weights=True)
+    torch.testing.assert_close(weights / total.unsqueeze(1), normalised)
+    torch.testing.assert_close(total, weights.sum(1))
+    assert torch.equal(weights.amax(1), torch.ones_like(total))  # the most precise task has weight 1 exactly
+    # a sample with no task: weights 0 and total 1, so a weighted sum divided by it is 0
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1] = False
+    weights, total = aggregation_weights(var, 0.7, mask=mask)
+    assert (weights[1] == 0).all() and (total[1] == 1).all() and (total[[0, 2, 3]] >= 1).all()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ result is pushed into the shared extractor (``h.backward(g)``). Equation numbers
 * Classification (§3.2): :func:`laplace_posterior` (eq. 8–10) and :func:`classification_moments`
   (eq. 11, plus a quadrature alternative). The gradient formulas themselves are
   :func:`regression_gradient` and :func:`classification_gradient`.
-* :func:`aggregate` (eq. 7). Algorithm 1 then gives the shared parameters
+* :func:`aggregate` (eq. 7), with its unnormalised weights :func:`aggregation_weights`.
+  Algorithm 1 then gives the shared parameters
   ``(1/B) Σ_i g_i ∂h_i/∂θ``, i.e. ``h.backward(g / B)``.
 * Full-data priors: :meth:`GaussianStats.as_prior` and :func:`laplace_as_prior` return a
   posterior as ``(mean, precision)``, the form every ``prior_*`` argument takes, so no
@@ -47,6 +48,7 @@ __all__ = [
     "GaussianStats",
     "add_bias",
     "aggregate",
+    "aggregation_weights",
     "classification_gradient",
     "classification_moments",
     "laplace_as_prior",
@@ -344,10 +346,10 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
 
     ``E[g] = 2 (r + m c)`` and ``Var[g_j] = 4 (c² S_jj + q (S_jj + m_j²) + 2 c m_j r_j + r_j²)``,
 
-    evaluated as ``4 r_j (2 c m_j + r_j)`` plus the rank-2 product ``[4q, 4(c² + q)] · [m_j², S_jj]``
-    per head (one batched matrix product): five passes over ``[K, B, d]``, none with an operand
-    broadcast along two axes (a slow path on CPU), since this is most of a regression step's
-    extra cost. The algebraically shorter
+    evaluated as ``4 r_j² + 8 c m_j r_j`` plus the rank-2 product ``[4q, 4(c² + q)] · [m_j², S_jj]``
+    per head (one batched matrix product): four passes over ``[K, B, d]``, none with an operand
+    broadcast along two axes (a slow path on CPU), and few ops on the small tensors, since at
+    the paper's sizes each op's dispatch costs about as much as its arithmetic. The algebraically shorter
     ``(r + c m)² + c² (S − m²) + q (S + m²)`` is not used: it cancels catastrophically once
     ``S ≪ m²``, which is what a full-data prior gives.
 
@@ -374,25 +376,23 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     coords = dim if coords is None else coords
     _require(0 < coords <= dim, lambda: f"coords is {coords}; expected 1 … {dim}")
-    c = torch.addmm(y.T, mean, h.T, beta=-1)  # hᵀm − y  [K, B]
+    c2 = torch.addmm(y.T, mean, h.T, beta=-2, alpha=2)  # 2(hᵀm − y)  [K, B]
     if num_tasks > 1 and cov.stride(0) == 0:
         shared = cov[0]  # one covariance broadcast to every head: apply it once
         r_all = h @ shared  # [B, d]
-        q = (r_all * h).sum(-1)  # [B]
         diag = shared.diagonal()[:coords].expand(num_tasks, coords)
     else:
         r_all = torch.matmul(h, cov)  # [K, B, d]
-        q = (r_all * h).sum(-1)  # [K, B]
         diag = cov.diagonal(dim1=-2, dim2=-1)[:, :coords]
+    q4 = 4 * torch.linalg.vecdot(r_all, h)  # 4q, [B] or [K, B]
     m = mean[:, :coords]
     r2 = 2 * r_all[..., :coords]
     # the constant factors go on the small tensors, not on [K, B, d]
-    mu = torch.mul((2 * c).unsqueeze(-1), m.unsqueeze(1))  # 2 c m, then + 2 r
-    var = torch.add(r2, mu, alpha=2)  # 4 c m + 2 r, times 2 r below
+    mu = torch.mul(c2.unsqueeze(-1), m.unsqueeze(1))  # 2 c m, then + 2 r
+    var = torch.addcmul(r2.square(), mu, r2, value=2)  # 4 r² + 8 c m r
     mu.add_(r2)
-    var.mul_(r2)
-    q4 = (4 * q).expand(num_tasks, batch)
-    var.baddbmm_(torch.stack([q4, q4 + 4 * c.square()], -1), torch.stack([m.square(), diag], 1))
+    q4 = q4.expand(num_tasks, batch)
+    var.baddbmm_(torch.stack([q4, torch.addcmul(q4, c2, c2)], -1), torch.stack([m.square(), diag], 1))
     return mu.transpose(0, 1), var.transpose(0, 1)
 
 
@@ -776,14 +776,52 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
 
 
 # ----------------------------------------------------------------------------- aggregation
+def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = None, min_var: float | None = None,
+                        overwrite_var: bool = False) -> tuple[Tensor, Tensor]:
+    """Eq. 7's weights before normalising, ``λ_k^s / max_j λ_j^s`` (``λ = 1/var``), and their sum over tasks.
+
+    Computed as ``2^(−s·log₂ var − max)`` per sample and coordinate, so neither large nor tiny
+    variances overflow; ``exp2`` and ``log2`` cost about half of ``exp`` and ``log`` on CPU.
+
+    Args:
+        var: ``[B, K, d]`` in any memory layout (sums run over the task axis, dim 1).
+        s, mask, min_var, overwrite_var: as in :func:`aggregate`.
+
+    Returns:
+        ``(weights [B, K, d], total [B, d])``. The largest weight of a sample's coordinate is 1,
+        so ``total ≥ 1``; a sample with no task has weights 0 and total 1, so ``Σ_k w μ / total``
+        is 0 for it. ``weights`` is ``var``'s memory with ``overwrite_var``.
+    """
+    _require(var.dim() == 3, lambda: f"var has shape {_shape(var)}; expected [B, K, d]")
+    batch, num_tasks, _ = var.shape
+    if isinstance(s, (int, float)):
+        _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
+        neg_s: Tensor | float = -float(s)
+    else:
+        s = torch.as_tensor(s, dtype=var.dtype, device=var.device)
+        _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
+        neg_s = -s.reshape(-1, 1)
+    floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
+    log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
+    if mask is None:
+        weights = log_weight.sub_(log_weight.amax(1, keepdim=True)).exp2_()
+        return weights, weights.sum(1)  # ≥ 1: one weight per coordinate is exactly 1
+    _require(mask.shape == (batch, num_tasks), lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
+    log_weight.masked_fill_(~mask.to(torch.bool).unsqueeze(-1), -math.inf)
+    top = log_weight.amax(1, keepdim=True)
+    top.masked_fill_(torch.isinf(top), 0.0)  # a sample with no task: all weights 0, not NaN
+    weights = log_weight.sub_(top).exp2_()
+    return weights, weights.sum(1).clamp_min_(1.0)
+
+
 def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = None,
               min_var: float | None = None, return_weights: bool = False,
               overwrite_var: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Precision-weighted mean of the task gradients, per sample and coordinate (eq. 7).
 
-    ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, computed as a softmax over tasks of
-    ``−s·log₂ var`` (largest weight 1 before normalising), so neither large nor tiny variances
-    overflow. ``s = 1`` is inverse-variance weighting and ``s → 0`` the plain mean over tasks.
+    ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, the weights from
+    :func:`aggregation_weights` (largest weight 1 before normalising), so neither large nor tiny
+    variances overflow. ``s = 1`` is inverse-variance weighting and ``s → 0`` the plain mean over tasks.
 
     Args:
         mu, var: ``[B, K, d]``, in any memory layout (:func:`regression_moments` returns views of
@@ -805,29 +843,8 @@ def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = 
     """
     _require(mu.dim() == 3, lambda: f"mu has shape {_shape(mu)}; expected [B, K, d]")
     _require(var.shape == mu.shape, lambda: f"var has shape {_shape(var)}; expected {_shape(mu)} as mu")
-    batch, num_tasks, _ = mu.shape
-    if isinstance(s, (int, float)):
-        _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
-        neg_s: Tensor | float = -float(s)
-    else:
-        s = torch.as_tensor(s, dtype=mu.dtype, device=mu.device)
-        _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
-        neg_s = -s.reshape(-1, 1)
-    floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
-    keep = None
-    if mask is not None:
-        _require(mask.shape == (batch, num_tasks),
-                 lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
-        keep = mask.to(torch.bool).unsqueeze(-1)
-        mu = torch.where(keep, mu, 0.0)  # a masked NaN times its weight 0 would still be NaN
-    # exp2 costs about half of exp on CPU, and the base does not change the weights
-    log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
-    if keep is not None:
-        log_weight.masked_fill_(~keep, -math.inf)
-    top = log_weight.amax(1, keepdim=True)
-    if keep is not None:  # a sample with no task: all weights 0, not NaN
-        top.masked_fill_(torch.isinf(top), 0.0)
-    weights = log_weight.sub_(top).exp2_()  # the largest weight is 1 …
-    total = weights.sum(1).clamp_min_(1.0)  # … so the sum is ≥ 1, or 0 with no task
-    g = (weights * mu).sum(1).div_(total)
+    weights, total = aggregation_weights(var, s, mask, min_var, overwrite_var)
+    if mask is not None:  # a masked NaN times its weight 0 would still be NaN
+        mu = torch.where(mask.to(torch.bool).unsqueeze(-1), mu, 0.0)
+    g = torch.linalg.vecdot(weights, mu, dim=1).div_(total)
     return (g, weights.div_(total.unsqueeze(1))) if return_weights else g
