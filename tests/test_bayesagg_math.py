@@ -594,6 +594,11 @@ def test_aggregation_weights_are_the_unnormalised_weights_with_the_largest_one()
     mask[1] = False
     weights, total = aggregation_weights(var, 0.7, mask=mask)
     assert (weights[1] == 0).all() and (total[1] == 1).all() and (total[[0, 2, 3]] >= 1).all()
+    # a bad mask is refused before var, given up to be overwritten, is touched
+    before = var.clone()
+    with pytest.raises(ValueError, match="mask has shape"):
+        aggregation_weights(var, 0.7, mask=mask.T, overwrite_var=True)
+    assert torch.equal(var, before)
 
 
 @pytest.mark.parametrize(

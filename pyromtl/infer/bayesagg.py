@@ -348,9 +348,9 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
 
     evaluated as ``4 r_j² + 8 c m_j r_j`` plus the rank-2 product ``[4q, 4(c² + q)] · [m_j², S_jj]``
     per head (one batched matrix product): four passes over ``[K, B, d]``, none with an operand
-    broadcast along two axes (a slow path on CPU), and few ops on the small tensors, since at
-    the paper's sizes each op's dispatch costs about as much as its arithmetic. The algebraically shorter
-    ``(r + c m)² + c² (S − m²) + q (S + m²)`` is not used: it cancels catastrophically once
+    broadcast along two axes (a slow path on CPU), and few ops on the small tensors, since at the
+    paper's sizes each op's dispatch costs about as much as its arithmetic. The algebraically
+    shorter ``(r + c m)² + c² (S − m²) + q (S + m²)`` is not used: it cancels catastrophically once
     ``S ≪ m²``, which is what a full-data prior gives.
 
     Any symmetric PSD ``cov`` works; the cost is O(B·K·d²) and nothing of size B×d×d is built, or
@@ -801,12 +801,14 @@ def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = No
         s = torch.as_tensor(s, dtype=var.dtype, device=var.device)
         _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
         neg_s = -s.reshape(-1, 1)
+    if mask is not None:  # checked before var is touched
+        _require(mask.shape == (batch, num_tasks),
+                 lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
     log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
     if mask is None:
         weights = log_weight.sub_(log_weight.amax(1, keepdim=True)).exp2_()
         return weights, weights.sum(1)  # ≥ 1: one weight per coordinate is exactly 1
-    _require(mask.shape == (batch, num_tasks), lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
     log_weight.masked_fill_(~mask.to(torch.bool).unsqueeze(-1), -math.inf)
     top = log_weight.amax(1, keepdim=True)
     top.masked_fill_(torch.isinf(top), 0.0)  # a sample with no task: all weights 0, not NaN
