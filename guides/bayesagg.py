@@ -113,15 +113,12 @@ def head_groups(info: TaskInfo) -> tuple[HeadGroup, ...]:
     for t, (kind, classes) in enumerate(zip(info.types, info.num_classes)):
         key = ("multiclass", classes) if kind == "classification" else (kind, 1)
         keys.setdefault(key, []).append(t)
-    device = info.type_code.device
-    return tuple(HeadGroup(kind, torch.tensor(tasks, device=device), classes, _rows(tasks, device))
-                 for (kind, classes), tasks in keys.items())
-
-
-def _rows(tasks: list[int], device: torch.device) -> slice | Tensor:
-    if tasks == list(range(tasks[0], tasks[0] + len(tasks))):
-        return slice(tasks[0], tasks[0] + len(tasks))
-    return torch.tensor(tasks, device=device)
+    groups = []
+    for (kind, classes), tasks in keys.items():
+        index = torch.tensor(tasks, device=info.type_code.device)
+        consecutive = tasks == list(range(tasks[0], tasks[0] + len(tasks)))
+        groups.append(HeadGroup(kind, index, classes, slice(tasks[0], tasks[0] + len(tasks)) if consecutive else index))
+    return tuple(groups)
 
 
 @dataclass
