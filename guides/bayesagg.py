@@ -32,7 +32,7 @@ from torch.distributions import constraints
 
 from pyromtl.base import MultiTaskModule, Plates, TrainState
 from pyromtl.data.core import Batch, TaskInfo
-from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior
+from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
 
 
 class GaussianPrecision(TorchDistribution):
@@ -129,6 +129,8 @@ class GroupPosterior:
     mean: Tensor
     cov: Tensor | None
     precision: Tensor | None = None
+    #: a regression group's batch ``(HᵀH, Hᵀy)`` (:func:`~pyromtl.infer.bayesagg.sufficient_stats`)
+    stats: tuple[Tensor, Tensor] | None = None
 
 
 def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[Tensor, Tensor]:
@@ -154,29 +156,36 @@ def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[T
     return loc, precision
 
 
-def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, prior: GaussianPrecision,
+def group_priors(prior: GaussianPrecision, groups: tuple[HeadGroup, ...], dim: int) -> list[tuple[Tensor, Tensor]]:
+    """:func:`group_prior` of every group, in the order of ``groups``."""
+    return [group_prior(prior, group, dim) for group in groups]
+
+
+def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, priors: list[tuple[Tensor, Tensor]],
                     groups: tuple[HeadGroup, ...], with_precision: bool = False) -> list[GroupPosterior]:
     """Posterior of every group's heads given labels ``y [T, B]`` (eq. 2, eq. 8–10).
 
     ``features`` ``[B, d+1]`` are ``add_bias(h)``, built once per step by the caller; ``heads``
-    ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from.
+    ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from; ``priors`` are
+    the groups' priors, :func:`group_priors`.
     """
     dim = features.shape[1] - 1
     h = features[:, :dim]
     out = []
-    for group in groups:  # one batched solve per kind of task, not per task
-        mean_p, precision_p = group_prior(prior, group, dim)
+    for group, (mean_p, precision_p) in zip(groups, priors):  # one batched solve per kind of task, not per task
         labels = group.labels(y)
         if group.kind == "regression":
-            parts = regression_posterior(features, labels, mean_p, precision_p, with_precision=with_precision)
+            stats = sufficient_stats(features, labels)
+            parts = regression_posterior_from_stats(*stats, mean_p, precision_p, with_precision=with_precision)
         else:
+            stats = None
             theta = heads[group.rows, :group.classes]
             if group.kind == "binary":
                 theta = theta.squeeze(1)
             kind = "binary" if group.kind == "binary" else "multiclass"
             parts = laplace_posterior(h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind,
                                       with_precision=with_precision)
-        out.append(GroupPosterior(*parts))
+        out.append(GroupPosterior(*parts, stats=stats))
     return out
 
 
@@ -232,7 +241,8 @@ class BayesAggGuide(MultiTaskModule):
         prior = model.prior()
         with torch.no_grad():
             features = add_bias(model.features(batch.x))
-            posts = batch_posterior(features, batch.y, model.heads, prior, model.groups, with_precision=True)
+            posts = batch_posterior(features, batch.y, model.heads, group_priors(prior, model.groups, model.latent_dim),
+                                    model.groups, with_precision=True)
             mean, precision = assemble(prior.mean.squeeze(-2), prior.precision, model.groups, posts, model.latent_dim)
         return GaussianPrecision(mean.unsqueeze(-2), precision.unsqueeze(-3))
 

@@ -45,6 +45,7 @@ from pyromtl.guides.bayesagg import (
     HeadGroup,
     assemble,
     batch_posterior,
+    group_priors,
     head_groups,
     share_rows,
 )
@@ -69,6 +70,9 @@ PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi
 MOMENTS = ("quadrature", "monte_carlo")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
+#: The prior kinds registered here: each reads only ``PriorStore``, so a built prior stays valid
+#: until the store's entry changes.
+STORED_KINDS = ("isotropic", "full_data", "previous_batch")
 
 
 # ----------------------------------------------------------------------------- prior kinds
@@ -232,19 +236,30 @@ class BayesAggObjective(Objective):
         # one s for every task (e.g. all regression) is a float: no tensor op to apply it
         self.shared_s = float(self.s[0]) if bool((self.s == self.s[0]).all()) else None
         self.stats = GaussianStats()
+        # the regression group's place in model.groups (and in the batch posteriors)
+        self.regression_index = next((i for i, g in enumerate(model.groups) if g.kind == "regression"), None)
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
         # the last step's unnormalised aggregation weights [B, T, d] (tasks in group order) and their sum [B, d]
         self.last_weights: tuple[Tensor, Tensor] | None = None
+        # (what the prior was built from, prior, group priors): see _priors
+        self._prior_cache: tuple[tuple[Any, ...], GaussianPrecision, list[tuple[Tensor, Tensor]]] | None = None
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
         return self.prior_kind == "full_data" and any(g.kind != "regression" for g in self.model.groups)
 
-    def _collect(self, features: Tensor, y: Tensor) -> None:
-        """Keep what the epoch's full-data prior needs of a batch's ``features = add_bias(h)``."""
+    def _collect(self, features: Tensor, y: Tensor, posteriors: list[GroupPosterior] | None = None) -> None:
+        """Keep what the epoch's full-data prior needs of a batch's ``features = add_bias(h)``.
+
+        The regression heads' ``HᵀH`` and ``Hᵀy`` are the batch ``posteriors``' when given, so an
+        aggregated step does not multiply the features a second time."""
         group = self.model.regression_group
         if group is not None:
-            self.stats.update(features, group.labels(y))
+            stats = None if posteriors is None else posteriors[self.regression_index].stats
+            if stats is None:
+                self.stats.update(features, group.labels(y))
+            else:
+                self.stats.add(*stats, rows=features.shape[0])
         if self._collect_classification():
             self.seen.append((features[:, :-1], y.T))
 
@@ -274,21 +289,41 @@ class BayesAggObjective(Objective):
             return mus[0], variances[0], s
         return torch.cat(mus, 1), torch.cat(variances, 1), s
 
+    def _priors(self) -> tuple[GaussianPrecision, list[tuple[Tensor, Tensor]]]:
+        """The heads' prior and each group's part of it (:func:`group_priors`).
+
+        A kind of :data:`STORED_KINDS` is built again only when the store's entries are replaced
+        (an epoch's end, a previous-batch step, a checkpoint load) or the heads move: building
+        one costs more than the step's largest tensor ops. Other kinds are built every step, as
+        they may read the step or learned parameters.
+        """
+        model = self.model
+        store, heads = model.store, model.heads
+        source = (store.full_data, store.previous_batch, heads.device, heads.dtype)
+        cached = self._prior_cache
+        if (cached is None or self.prior_kind not in STORED_KINDS or cached[0][0] is not source[0]
+                or cached[0][1] is not source[1] or cached[0][2:] != source[2:]):
+            prior = model.prior()
+            cached = self._prior_cache = source, prior, group_priors(prior, model.groups, model.latent_dim)
+        return cached[1], cached[2]
+
     def aggregated_gradient(self, features: Tensor, y: Tensor) -> Tensor:
         """``g [B, d]`` (eq. 7) from the heads' posteriors on a batch (``features = add_bias(h)``, ``y``).
 
-        Updates the ``previous_batch`` prior."""
+        Keeps what the epoch's full-data prior needs of the batch, and updates the ``previous_batch`` prior."""
         model = self.model
-        prior = model.prior()
+        prior, priors = self._priors()
         keep = self.prior_kind == "previous_batch"
-        posteriors = batch_posterior(features, y, model.heads.detach(), prior, model.groups, with_precision=keep)
+        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep)
+        self._collect(features, y, posteriors)
         if keep:
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
         mu, var, s = self.moments(features, y, posteriors)
-        # aggregate()'s sum, with the weights kept as they are: diagnostics() normalises them if asked
+        # aggregate()'s sum, with the weights kept as they are (diagnostics() normalises them if
+        # asked), and mu overwritten, which moments() made for this step alone
         weights, total = self.last_weights = aggregation_weights(var, s, overwrite_var=True)
-        return torch.linalg.vecdot(weights, mu, dim=1).div_(total)
+        return mu.mul_(weights).sum(1).div_(total)
 
     def backward(self, batch: Batch) -> Tensor:
         """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch."""
@@ -296,8 +331,9 @@ class BayesAggObjective(Objective):
         h = model.features(batch.x)
         with torch.no_grad():
             features = add_bias(h.detach())  # once per step: the prior's statistics, the posterior and the moments
-            self._collect(features, batch.y)
         if model.state.step < self.cfg["pretrain_steps"]:
+            with torch.no_grad():
+                self._collect(features, batch.y)
             loss = model.task_losses(add_bias(h), batch)
             if torch.isfinite(loss):
                 loss.backward()
@@ -308,7 +344,7 @@ class BayesAggObjective(Objective):
         with torch.no_grad():
             g = self.aggregated_gradient(features, batch.y)
         # one pass of the autograd engine for both graphs: the heads' loss, and g through the extractor
-        torch.autograd.backward([loss, h], [torch.ones_like(loss), g / batch.size])
+        torch.autograd.backward([loss, h], [None, g.div_(batch.size)])
         return loss.detach()
 
     def diagnostics(self) -> dict[str, float]:

@@ -3,6 +3,7 @@ exact resume and learning (``models/bayesagg.py``, ``guides/bayesagg.py``)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import pyromtl
 from pyromtl import config, methods
 from pyromtl.base import TrainState
+from pyromtl.guides.bayesagg import GaussianPrecision
 from pyromtl.cli import main
 from pyromtl.infer.bayesagg import (
     add_bias,
@@ -205,6 +207,52 @@ def test_prior_kinds_switch_from_the_config(kind: str) -> None:
     prior = model.prior()
     torch.testing.assert_close(prior.loc, torch.zeros_like(prior.loc))
     torch.testing.assert_close(prior.precision, torch.eye(prior.loc.shape[-1]) / GAMMA**2)
+
+
+def test_a_built_prior_is_kept_until_the_store_changes() -> None:
+    data, cfg, model, guide, objective = _build("full_data")
+    batch = _batch(data)
+    features = add_bias(model.features(batch.x).detach())
+    objective.backward(batch)
+    first = objective._priors()
+    assert objective._priors()[0] is first[0]  # nothing changed: the same prior
+    isotropic = objective.aggregated_gradient(features, batch.y)
+    objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), torch.Generator()))
+    prior, _ = objective._priors()
+    assert prior is not first[0]
+    torch.testing.assert_close(prior.loc, model.prior().loc)
+    # the step under the new prior is what an objective that never built one computes
+    method = methods.get("bayesagg")
+    torch.manual_seed(1)  # the multiclass task's logit draws
+    want = method.objective(method, cfg, model, guide).aggregated_gradient(features, batch.y)
+    torch.manual_seed(1)
+    got = objective.aggregated_gradient(features, batch.y)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, isotropic, atol=1e-4)  # the prior matters to the step
+    # a checkpoint load replaces the store's entry: built again
+    model.store.set_extra_state(copy.deepcopy(model.store.get_extra_state()))
+    assert objective._priors()[0] is not prior
+
+
+@pytest.fixture
+def annealed_kind():
+    """A prior kind that reads the step, registered for one test."""
+    @pyromtl.priors.register("test_annealed", defaults={"scale": 1.0}, uses_components=False)
+    def annealed(spec, ctx):
+        eye = torch.eye(ctx.event_shape[-1], dtype=ctx.dtype, device=ctx.device)
+        return GaussianPrecision(ctx.full(ctx.batch_shape + ctx.event_shape, 0.0), eye * (1.0 + ctx.step))
+
+    yield "test_annealed"
+    del pyromtl.priors._REGISTRY["test_annealed"]
+
+
+def test_other_prior_kinds_are_built_every_step(annealed_kind: str) -> None:
+    _, _, model, _, objective = _build(annealed_kind)
+    for step in (0, 4):
+        model.state.step = step
+        prior, groups = objective._priors()
+        torch.testing.assert_close(prior.precision, torch.eye(model.size) * (1.0 + step))
+        torch.testing.assert_close(groups[0][1], torch.eye(groups[0][1].shape[-1]) * (1.0 + step))
 
 
 # ----------------------------------------------------------------------------- checkpoints and learning

@@ -26,6 +26,7 @@ from pyromtl.infer.bayesagg import (
     regression_gradient,
     regression_moments,
     regression_posterior,
+    sufficient_stats,
 )
 
 DT = torch.float64
@@ -139,6 +140,12 @@ def test_regression_posterior_with_missing_labels():
         stats.update(h[15:25], y[15:25], mask[15:25])  # ... then per-task sums from here on
         stats.update(h[25:], y[25:].nan_to_num(), None)
         torch.testing.assert_close(stats.posterior(0.1, prior_precision, 0.8), want)
+    # the same sums handed over already made (as a batch posterior's are)
+    stats = GaussianStats()
+    for rows, chunk_mask in ((slice(0, 15), None), (slice(15, 25), mask[15:25]), (slice(25, n), None)):
+        stats.add(*sufficient_stats(h[rows], y[rows].nan_to_num(), chunk_mask), rows=h[rows].shape[0])
+    assert stats.count == n
+    torch.testing.assert_close(stats.posterior(0.1, prior_precision, 0.8), want)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +205,10 @@ def test_streaming_stats_equal_the_one_shot_posterior():
     stats.update(h[:3], y[:3])
     with pytest.raises(ValueError, match="earlier chunks"):
         stats.update(h[:3, :2], y[:3])
+    with pytest.raises(ValueError, match="earlier chunks"):
+        stats.add(*sufficient_stats(h[:3, :2], y[:3]), rows=3)
+    with pytest.raises(ValueError, match=r"gram \[3, 3\] and cross \[2, 5\]"):
+        stats.add(torch.zeros(3, 3), torch.zeros(2, 5), rows=3)
 
 
 @pytest.mark.slow
@@ -554,6 +565,13 @@ def test_aggregate_is_the_precision_weighted_mean():
     aggregate(mu, var, s, return_weights=True)
     assert torch.equal(var, before)
     torch.testing.assert_close(aggregate(mu, var, s, overwrite_var=True), want)
+    assert not torch.equal(var, before)
+    # one s for all tasks (its own shortcut) agrees with the same s given per task
+    var = before.clone()
+    want = aggregate(mu, var, torch.full((3,), 0.7, dtype=DT))
+    torch.testing.assert_close(aggregate(mu, var, 0.7), want)
+    assert torch.equal(var, before)
+    torch.testing.assert_close(aggregate(mu, var, 0.7, overwrite_var=True), want)
     assert not torch.equal(var, before)
 
 

@@ -5,7 +5,8 @@ Gaussian posterior, which turns the per-sample gradient of the task loss with re
 into a random vector. Its mean and diagonal variance feed a precision-weighted aggregation whose
 result is pushed into the shared extractor (``h.backward(g)``). Equation numbers are the paper's.
 
-* Regression (§3.1): :func:`regression_posterior` (eq. 2), its streaming form
+* Regression (§3.1): :func:`regression_posterior` (eq. 2), also from the data's
+  :func:`sufficient_stats` (:func:`regression_posterior_from_stats`), its streaming form
   :class:`GaussianStats` for the full-data prior rebuilt every epoch, and the closed-form
   gradient moments :func:`regression_moments` (eq. 3–4).
 * Classification (§3.2): :func:`laplace_posterior` (eq. 8–10) and :func:`classification_moments`
@@ -56,6 +57,8 @@ __all__ = [
     "regression_gradient",
     "regression_moments",
     "regression_posterior",
+    "regression_posterior_from_stats",
+    "sufficient_stats",
 ]
 
 Kind = Literal["binary", "multiclass"]
@@ -162,8 +165,16 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
     return mean, torch.cholesky_inverse(factor), precision
 
 
-def _sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``HᵀH`` (``[d, d]``, or ``[K, d, d]`` over each task's observed rows) and ``Hᵀy`` as ``[K, d]``."""
+def sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """What eq. 2 needs of the data: ``HᵀH`` and ``Hᵀy``.
+
+    Args:
+        h: features ``[N, d]``; y: targets ``[N, K]``; mask: optional ``[N, K]`` bool, False
+            where a label is missing.
+
+    Returns:
+        ``HᵀH`` ``[d, d]`` (``[K, d, d]`` with a mask: each task's observed rows) and ``Hᵀy`` ``[K, d]``.
+    """
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
     _require(y.dim() == 2 and y.shape[0] == h.shape[0],
              lambda: f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
@@ -174,6 +185,11 @@ def _sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor
     keep = mask.to(torch.bool)
     weights = keep.T.to(h.dtype)  # [K, N]
     return (h.T * weights[:, None, :]) @ h, torch.where(keep, y, 0.0).T @ h
+
+
+def _check_stats(gram: Tensor, cross: Tensor) -> None:
+    _require(cross.dim() == 2 and gram.shape in ((cross.shape[1],) * 2, (cross.shape[0],) + (cross.shape[1],) * 2),
+             lambda: f"gram {_shape(gram)} and cross {_shape(cross)}: expected [d, d] or [K, d, d], and [K, d]")
 
 
 def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior_precision: Tensor | float,
@@ -199,8 +215,17 @@ def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior
         Without a mask, with a scalar noise and a shared prior precision, the covariance and
         precision are one matrix broadcast to ``[K, d, d]`` (views: copy them before writing).
     """
-    gram, cross = _sufficient_stats(h, y, mask)
-    mean_p, precision_p = _prior(prior_mean, prior_precision, y.shape[1], (h.shape[1],), h)
+    return regression_posterior_from_stats(*sufficient_stats(h, y, mask), prior_mean, prior_precision, noise,
+                                           with_precision=with_precision)
+
+
+def regression_posterior_from_stats(gram: Tensor, cross: Tensor, prior_mean: Tensor | float,
+                                    prior_precision: Tensor | float, noise: Tensor | float = 1.0, *,
+                                    with_precision: bool = False) -> tuple[Tensor, ...]:
+    """:func:`regression_posterior` from :func:`sufficient_stats`' ``HᵀH`` and ``Hᵀy``, for a
+    caller that keeps them too (e.g. to add a batch's to :class:`GaussianStats`)."""
+    _check_stats(gram, cross)
+    mean_p, precision_p = _prior(prior_mean, prior_precision, cross.shape[0], (cross.shape[1],), cross)
     mean, cov, precision = _linear_gaussian(gram, cross, mean_p, precision_p, noise)
     return (mean, cov, precision) if with_precision else (mean, cov)
 
@@ -247,11 +272,7 @@ class GaussianStats:
         """
         _require(h.dim() == 2 and y.dim() == 2 and y.shape[0] == h.shape[0],
                  lambda: f"chunk has h {_shape(h)} and y {_shape(y)}; expected [n, d] and [n, K]")
-        if self._shape is None:
-            self._shape, self._dtype = (h.shape[1], y.shape[1]), h.dtype
-        _require((h.shape[1], y.shape[1]) == self._shape,
-                 lambda: (f"chunk has d = {h.shape[1]} and K = {y.shape[1]}; earlier chunks had "
-                          f"d = {self._shape[0]} and K = {self._shape[1]}"))
+        self._check_sizes(h.shape[1], y.shape[1], h.dtype)
         self._pending.append((h.detach(), y.detach(), mask))
         self._pending_rows += h.shape[0]
         self.count += h.shape[0]
@@ -270,9 +291,30 @@ class GaussianStats:
         if any(m is not None for m in masks):
             mask = torch.cat([torch.ones(t.shape, dtype=torch.bool, device=h.device) if m is None else m.to(h.device)
                               for t, m in zip(ys, masks)])
-        gram, cross = _sufficient_stats(h, y, mask)
+        self._accumulate(*sufficient_stats(h, y, mask))
+
+    def add(self, gram: Tensor, cross: Tensor, rows: int) -> None:
+        """Add the statistics of ``rows`` samples computed elsewhere (:func:`sufficient_stats`), e.g.
+        a batch posterior's: no second product over the features. A ``[K, d, d]`` ``gram``
+        switches to one ``HᵀH`` per task, as a masked chunk does."""
+        _check_stats(gram, cross)
+        self._check_sizes(cross.shape[1], cross.shape[0], cross.dtype)
+        self._accumulate(gram.detach(), cross.detach())
+        self.count += rows
+
+    def _check_sizes(self, dim: int, num_tasks: int, dtype: torch.dtype) -> None:
+        """Keep the first chunk's ``d``, ``K`` and dtype; reject a later chunk with another ``d`` or ``K``."""
+        if self._shape is None:
+            self._shape, self._dtype = (dim, num_tasks), dtype
+        _require((dim, num_tasks) == self._shape,
+                 lambda: (f"chunk has d = {dim} and K = {num_tasks}; earlier chunks had "
+                          f"d = {self._shape[0]} and K = {self._shape[1]}"))
+
+    def _accumulate(self, gram: Tensor, cross: Tensor) -> None:
+        """Add to the float64 sums (an in-place add converts a float32 operand on the fly)."""
         if self.gram is None:
-            self.gram, self.cross = gram.new_zeros(gram.shape[-2:]), torch.zeros_like(cross)
+            self.gram = gram.new_zeros(gram.shape[-2:], dtype=torch.float64)
+            self.cross = cross.new_zeros(cross.shape, dtype=torch.float64)
         if gram.dim() > self.gram.dim():
             self.gram = self.gram.expand_as(gram).clone()
         self.gram += gram
@@ -297,10 +339,9 @@ class GaussianStats:
                noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         self._flush()
         _require(self.gram is not None, "GaussianStats has seen no data; call update() first")
-        mean_p, precision_p = _prior(prior_mean, prior_precision, self.cross.shape[0], (self.gram.shape[0],),
-                                     self.gram)
         noise = torch.as_tensor(noise, dtype=torch.float64, device=self.gram.device)
-        mean, cov, precision = _linear_gaussian(self.gram, self.cross, mean_p, precision_p, noise)
+        mean, cov, precision = regression_posterior_from_stats(self.gram, self.cross, prior_mean, prior_precision,
+                                                               noise, with_precision=True)
         return mean.to(self._dtype), cov.to(self._dtype), precision.to(self._dtype)
 
     def posterior(self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0,
@@ -805,10 +846,17 @@ def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = No
         _require(mask.shape == (batch, num_tasks),
                  lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
-    log_weight = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_().mul_(neg_s)
+    log_var = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_()
+    if mask is None and isinstance(neg_s, float):
+        # one s: the largest −s·log₂ var is −s times the smallest log₂ var, and
+        # s·min − s·log₂ var is one pass (sub with alpha), not a scaling and a subtraction
+        top = log_var.amin(1, keepdim=True).mul_(-neg_s)
+        weights = torch.sub(top, log_var, alpha=-neg_s, out=log_var).exp2_()
+        return weights, weights.sum(1)  # ≥ 1: one weight per coordinate is exactly 1
+    log_weight = log_var.mul_(neg_s)
     if mask is None:
         weights = log_weight.sub_(log_weight.amax(1, keepdim=True)).exp2_()
-        return weights, weights.sum(1)  # ≥ 1: one weight per coordinate is exactly 1
+        return weights, weights.sum(1)
     log_weight.masked_fill_(~mask.to(torch.bool).unsqueeze(-1), -math.inf)
     top = log_weight.amax(1, keepdim=True)
     top.masked_fill_(torch.isinf(top), 0.0)  # a sample with no task: all weights 0, not NaN
