@@ -295,8 +295,9 @@ class GaussianStats:
 
     def add(self, gram: Tensor, cross: Tensor, rows: int) -> None:
         """Add the statistics of ``rows`` samples computed elsewhere (:func:`sufficient_stats`), e.g.
-        a batch posterior's: no second product over the features. A ``[K, d, d]`` ``gram``
-        switches to one ``HᵀH`` per task, as a masked chunk does."""
+        a batch posterior's: no second product over the features. Float32 statistics keep the
+        rounding of their own product; the sum over chunks is float64 as :meth:`update`'s. A
+        ``[K, d, d]`` ``gram`` switches to one ``HᵀH`` per task, as a masked chunk does."""
         _check_stats(gram, cross)
         self._check_sizes(cross.shape[1], cross.shape[0], cross.dtype)
         self._accumulate(gram.detach(), cross.detach())
