@@ -255,11 +255,10 @@ class BayesAggObjective(Objective):
         aggregated step does not multiply the features a second time."""
         group = self.model.regression_group
         if group is not None:
-            stats = None if posteriors is None else posteriors[self.regression_index].stats
-            if stats is None:
+            if posteriors is None:
                 self.stats.update(features, group.labels(y))
             else:
-                self.stats.add(*stats, rows=features.shape[0])
+                self.stats.add(*posteriors[self.regression_index].stats, rows=features.shape[0])
         if self._collect_classification():
             self.seen.append((features[:, :-1], y.T))
 

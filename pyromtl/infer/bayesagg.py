@@ -838,23 +838,23 @@ def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = No
     batch, num_tasks, _ = var.shape
     if isinstance(s, (int, float)):
         _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
-        neg_s: Tensor | float = -float(s)
+        s = float(s)
     else:
         s = torch.as_tensor(s, dtype=var.dtype, device=var.device)
         _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
-        neg_s = -s.reshape(-1, 1)
+        s = s.reshape(-1, 1)
     if mask is not None:  # checked before var is touched
         _require(mask.shape == (batch, num_tasks),
                  lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
     log_var = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_()
-    if mask is None and isinstance(neg_s, float):
+    if mask is None and isinstance(s, float):
         # one s: the largest −s·log₂ var is −s times the smallest log₂ var, and
         # s·min − s·log₂ var is one pass (sub with alpha), not a scaling and a subtraction
-        top = log_var.amin(1, keepdim=True).mul_(-neg_s)
-        weights = torch.sub(top, log_var, alpha=-neg_s, out=log_var).exp2_()
+        top = log_var.amin(1, keepdim=True).mul_(s)
+        weights = torch.sub(top, log_var, alpha=s, out=log_var).exp2_()
         return weights, weights.sum(1)  # ≥ 1: one weight per coordinate is exactly 1
-    log_weight = log_var.mul_(neg_s)
+    log_weight = log_var.mul_(-s)
     if mask is None:
         weights = log_weight.sub_(log_weight.amax(1, keepdim=True)).exp2_()
         return weights, weights.sum(1)
