@@ -61,7 +61,7 @@ from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
 from pyromtl.nn import CNN, DEFAULT_CONV_CHANNELS, MLP, activation, check_backbone
-from pyromtl.objective import Objective, TrainContext
+from pyromtl.objective import Objective, TrainContext, is_finite
 from pyromtl.options import Options
 from pyromtl import priors
 from pyromtl.priors import PriorContext, PriorSite, PriorSpec
@@ -334,11 +334,11 @@ class BayesAggObjective(Objective):
             with torch.no_grad():
                 self._collect(features, batch.y)
             loss = model.task_losses(add_bias(h), batch)
-            if torch.isfinite(loss):
+            if is_finite(loss):
                 loss.backward()
             return loss.detach()
         loss = model.task_losses(features, batch)  # the heads' ordinary gradients; h gets none from it
-        if not torch.isfinite(loss):
+        if not is_finite(loss):
             return loss.detach()
         with torch.no_grad():
             g = self.aggregated_gradient(features, batch.y)

@@ -113,6 +113,28 @@ def test_objective_can_replace_the_backward_pass_and_runs_its_hooks() -> None:
     assert epochs == [("epoch", e * per_epoch, e) for e in range(1, 12 // per_epoch + 1)]
 
 
+class _Scaled(torch.nn.Module):
+    """A loss module: ``scale · Σ w`` of one parameter ``w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, scale: float) -> torch.Tensor:
+        return scale * self.w.sum()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_default_backward_leaves_a_non_finite_loss_unpropagated(scale: float) -> None:
+    objective = Objective(_Scaled())
+    loss = objective.backward(scale)
+    assert not loss.requires_grad and not torch.isfinite(loss)
+    assert objective.loss.w.grad is None  # the trainer stops before its optimiser sees anything
+    finite = objective.backward(2.0)
+    assert float(finite) == 6.0
+    torch.testing.assert_close(objective.loss.w.grad, torch.full((3,), 2.0))
+
+
 class OwnGate(Objective):
     """Owns a parameter and its optimiser, updated after every step; its state is checkpointed."""
 

@@ -17,7 +17,7 @@ from torchjd import aggregation, scalarization
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from pyromtl.data.core import Batch
-from pyromtl.objective import Objective, TrainContext
+from pyromtl.objective import Objective, TrainContext, is_finite
 
 
 # ---------------------------------------------------------------------------- combiners
@@ -108,7 +108,7 @@ class ScalarizedObjective(TaskLossObjective):
     def backward(self, batch: Batch) -> torch.Tensor:
         losses, _ = self.task_losses(batch)
         total = losses.detach().sum()
-        if torch.isfinite(total):
+        if is_finite(total):
             self.combine(losses).backward()
         return total
 
@@ -129,7 +129,7 @@ class JacobianDescentObjective(TaskLossObjective):
     def backward(self, batch: Batch) -> torch.Tensor:
         losses, features = self.task_losses(batch)
         total = losses.detach().sum()
-        if torch.isfinite(total):
+        if is_finite(total):
             # The heads run as one batched op, so the task losses share their graph up to the
             # per-task split; torchjd frees it after the first task unless it is retained.
             mtl_backward(list(losses), features=features, shared_params=self.shared, retain_graph=True)
