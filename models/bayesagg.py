@@ -13,7 +13,8 @@ Training (:class:`BayesAggObjective`, Algorithm 1):
   task's per-sample gradient with respect to ``h`` (eq. 4 in closed form for regression; eq. 11
   or quadrature for classification), aggregates them (eq. 7, with ``s`` per task type) and
   back-propagates the result ``g`` through the extractor once, ``h.backward(g / B)``; the heads
-  get the ordinary gradient of the task losses;
+  get the ordinary gradient of the task losses. On the CPU, when every task is a regression, the
+  moments and eq. 7 run as one compiled loop (``kernel``, :mod:`pyromtl.infer.native`);
 * at each epoch's end the full-data prior is rebuilt from the features seen during the epoch:
   the regression posterior from streamed ``HᵀH`` (:class:`~pyromtl.infer.bayesagg.GaussianStats`),
   and for classification the Laplace posterior around the heads as they are then.
@@ -27,9 +28,10 @@ learned heads ``θ̂`` for classification tasks.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyro
@@ -57,6 +59,7 @@ from pyromtl.infer.bayesagg import (
     laplace_as_prior,
     regression_moments,
 )
+from pyromtl.infer import native
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
@@ -68,6 +71,8 @@ from pyromtl.priors import PriorContext, PriorSite, PriorSpec
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
+#: Values of the ``kernel`` option: see :meth:`BayesAggObjective._use_native`.
+KERNELS = ("auto", "native", "torch")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
 #: The prior kinds registered here: each reads only ``PriorStore``, so a built prior stays valid
@@ -224,6 +229,8 @@ class BayesAggObjective(Objective):
             raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
         if cfg["num_samples"] < 2:
             raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
+        if cfg["kernel"] not in KERNELS:
+            raise ValueError(f"config key 'kernel' must be one of {list(KERNELS)}, got {cfg['kernel']!r}")
         self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps")}
         self.prior_kind = cfg["priors"]["w"]["kind"]
         self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
@@ -239,10 +246,38 @@ class BayesAggObjective(Objective):
         # the regression group's place in model.groups (and in the batch posteriors)
         self.regression_index = next((i for i, g in enumerate(model.groups) if g.kind == "regression"), None)
         self.seen: list[tuple[Tensor, Tensor]] = []  # (h [B, d], y [B, T]) of the epoch, for the classification Laplace
-        # the last step's unnormalised aggregation weights [B, T, d] (tasks in group order) and their sum [B, d]
-        self.last_weights: tuple[Tensor, Tensor] | None = None
+        # each task's mean aggregation weight at the last step [T] (tasks in group order), computed
+        # only when asked (a logged step), since the torch path would pay a pass over [B, T, d]
+        self._mean_weights: Callable[[], Tensor] | None = None
+        self.use_native = self._use_native(cfg["kernel"], model)
         # (what the prior was built from, prior, group priors): see _priors
         self._prior_cache: tuple[tuple[Any, ...], GaussianPrecision, list[tuple[Tensor, Tensor]]] | None = None
+
+    @staticmethod
+    def _use_native(kernel: str, model: BayesAggModel) -> bool:
+        """Whether the regression step runs :func:`pyromtl.infer.native.regression_aggregate`.
+
+        It covers float32 CPU runs whose tasks are all regressions. ``auto`` uses it there when it
+        builds (a warning says why not otherwise), ``native`` requires it (an error before training
+        says why not), ``torch`` never uses it.
+        """
+        if kernel == "torch":
+            return False
+        heads = model.heads
+        if not (len(model.groups) == 1 and model.groups[0].kind == "regression"):
+            why = "some tasks are not regressions"
+        elif heads.device.type != "cpu" or heads.dtype != torch.float32:
+            why = f"it runs on float32 CPU tensors, not {heads.dtype} on {heads.device.type}"
+        else:
+            why = native.unavailable()
+            if why is not None and kernel == "auto":
+                warnings.warn(f"bayesagg: the compiled regression kernel is off ({why}); the step runs on "
+                              "torch ops (about 10% slower at the regression benchmark). Set kernel = 'torch' "
+                              "to silence this", stacklevel=3)
+                return False
+        if why is not None and kernel == "native":
+            raise ValueError(f"config key 'kernel' is 'native' but the compiled kernel cannot run: {why}")
+        return why is None
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
@@ -318,10 +353,18 @@ class BayesAggObjective(Objective):
         if keep:
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
+        if self.use_native and posteriors[0].cov.stride(0) == 0:  # one covariance shared by the heads
+            cov = posteriors[0].cov[0]
+            g, sums = native.regression_aggregate(features, features @ cov, posteriors[0].mean,
+                                                  model.groups[0].labels(y), cov.diagonal(), self.shared_s,
+                                                  model.latent_dim)
+            self._mean_weights = lambda: sums / g.numel()
+            return g
         mu, var, s = self.moments(features, y, posteriors)
         # aggregate()'s sum, with the weights kept as they are (diagnostics() normalises them if
         # asked), and mu overwritten, which moments() made for this step alone
-        weights, total = self.last_weights = aggregation_weights(var, s, overwrite_var=True)
+        weights, total = aggregation_weights(var, s, overwrite_var=True)
+        self._mean_weights = lambda: (weights / total.unsqueeze(1)).mean((0, 2))
         return mu.mul_(weights).sum(1).div_(total)
 
     def backward(self, batch: Batch) -> Tensor:
@@ -349,10 +392,9 @@ class BayesAggObjective(Objective):
     def diagnostics(self) -> dict[str, float]:
         """Each task's aggregation weight ``λ_k^s / Σ_j λ_j^s`` (eq. 7) at the last step, averaged over
         the batch and the coordinates of ``h`` (the analogue of the paper's Fig. 3); none in pre-training."""
-        if self.last_weights is None:
+        if self._mean_weights is None:
             return {}
-        weights, total = self.last_weights
-        means = (weights / total.unsqueeze(1)).mean((0, 2))
+        means = self._mean_weights()
         weights = means.new_zeros(len(self.order)).index_copy(0, self.order, means)
         return {f"{WEIGHT_KEY}{t}": w for t, w in enumerate(weights.tolist())}
 
@@ -425,6 +467,10 @@ class BayesAggOptions(Options):
     nodes: int = 32
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
+    #: the regression step's moments and eq. 7 on float32 CPU runs whose tasks are all regressions:
+    #: "auto" (one compiled C loop where a C compiler is found, else torch ops), "native"
+    #: (require the compiled loop) or "torch" (never)
+    kernel: str = "auto"
 
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:
