@@ -16,8 +16,9 @@ keeps what only some steps pay. Shapes:
 * ``regression``: an MLP standing in for the paper's QM9 network (128 inputs, hidden
   256-256, d = 64), b = 120, 11 regression targets; ``regression-wide`` the same with 512
   inputs and hidden 1024-1024, whose step costs more like a message-passing network's. Both run
-  the compiled moments-and-aggregation loop (``kernel = "auto"``, :mod:`pyromtl.infer.native`)
-  where it builds; the ``regression`` shape is timed with ``kernel = "torch"`` too;
+  the compiled posterior inverse and moments-and-aggregation loop (``kernel = "auto"``,
+  :mod:`pyromtl.infer.native`) where they build; the ``regression`` shape is timed with
+  ``kernel = "torch"`` too;
 * ``digits-mixed``: the default MLP on 8×8 digits (d = 64), b = 64, one task of each type
   (regression, binary, 10 classes), for reference.
 

@@ -14,7 +14,7 @@ Training (:class:`BayesAggObjective`, Algorithm 1):
   or quadrature for classification), aggregates them (eq. 7, with ``s`` per task type) and
   back-propagates the result ``g`` through the extractor once, ``h.backward(g / B)``; the heads
   get the ordinary gradient of the task losses. On the CPU, when every task is a regression, the
-  moments and eq. 7 run as one compiled loop (``kernel``, :mod:`pyromtl.infer.native`);
+  batch posterior's inverse, the moments and eq. 7 run compiled (``kernel``, :mod:`pyromtl.infer.native`);
 * at each epoch's end the full-data prior is rebuilt from the features seen during the epoch:
   the regression posterior from streamed ``HᵀH`` (:class:`~pyromtl.infer.bayesagg.GaussianStats`),
   and for classification the Laplace posterior around the heads as they are then.
@@ -255,7 +255,8 @@ class BayesAggObjective(Objective):
 
     @staticmethod
     def _use_native(kernel: str, model: BayesAggModel) -> bool:
-        """Whether the regression step runs :func:`pyromtl.infer.native.regression_aggregate`.
+        """Whether the regression step runs the compiled kernels of :mod:`pyromtl.infer.native`
+        (the batch posterior's inverse, then the moments and eq. 7 in one loop).
 
         It covers float32 CPU runs whose tasks are all regressions. ``auto`` uses it there when it
         builds (a warning says why not otherwise), ``native`` requires it (an error before training
@@ -272,7 +273,7 @@ class BayesAggObjective(Objective):
             why = native.unavailable()
             if why is not None and kernel == "auto":
                 warnings.warn(f"bayesagg: the compiled regression kernel is off ({why}); the step runs on "
-                              "torch ops (about 10% slower at the regression benchmark). Set kernel = 'torch' "
+                              "torch ops (about 15% slower at the regression benchmark). Set kernel = 'torch' "
                               "to silence this", stacklevel=3)
                 return False
         if why is not None and kernel == "native":
@@ -348,7 +349,8 @@ class BayesAggObjective(Objective):
         model = self.model
         prior, priors = self._priors()
         keep = self.prior_kind == "previous_batch"
-        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep)
+        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep,
+                                     native=self.use_native)
         self._collect(features, y, posteriors)
         if keep:
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
@@ -467,9 +469,9 @@ class BayesAggOptions(Options):
     nodes: int = 32
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
-    #: the regression step's moments and eq. 7 on float32 CPU runs whose tasks are all regressions:
-    #: "auto" (one compiled C loop where a C compiler is found, else torch ops), "native"
-    #: (require the compiled loop) or "torch" (never)
+    #: the regression step (posterior inverse, moments, eq. 7) on float32 CPU runs whose tasks are all
+    #: regressions: "auto" (compiled C where a C compiler is found, else torch ops), "native"
+    #: (require the compiled C) or "torch" (never)
     kernel: str = "auto"
 
     @classmethod

@@ -14,7 +14,14 @@ from pyromtl import config, methods
 from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 from pyromtl.infer import native
-from pyromtl.infer.bayesagg import add_bias, aggregate, regression_moments
+from pyromtl.infer import bayesagg
+from pyromtl.infer.bayesagg import (
+    add_bias,
+    aggregate,
+    regression_moments,
+    regression_posterior_from_stats,
+    sufficient_stats,
+)
 from tests.conftest import TINY, mixed_simo
 
 needs_kernel = pytest.mark.skipif(native.unavailable() is not None,
@@ -74,6 +81,14 @@ def test_loading_the_kernel_leaves_subnormal_numbers_alone() -> None:
 
 
 @needs_kernel
+def test_spd_inverse_names_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"expected \[P, P\] and \[K, P\], got \[2, 3\]"):
+        native.spd_inverse(torch.zeros(2, 3), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="matrix: expected a float32"):
+        native.spd_inverse(torch.eye(3, dtype=torch.float64), torch.zeros(1, 3))
+
+
+@needs_kernel
 @pytest.mark.parametrize("bad, match", [
     (dict(features=torch.zeros(4, 3, dtype=torch.float64)), "features: expected a float32"),
     (dict(mean=torch.zeros(2, 4)), r"mean: expected .* shape \[2, 3\]"),
@@ -85,6 +100,46 @@ def test_kernel_names_bad_input(bad, match) -> None:
                 diag=torch.ones(3), s=0.9, coords=2)
     with pytest.raises(ValueError, match=match):
         native.regression_aggregate(**{**args, **bad})
+
+
+@needs_kernel
+@pytest.mark.parametrize("size, heads", [(1, 1), (2, 3), (7, 1), (65, 11), (130, 4)])
+def test_spd_inverse_is_the_inverse_and_its_products(size: int, heads: int) -> None:
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(2 * size + 3, size, generator=g)
+    matrix = x.T @ x + 0.5 * torch.eye(size)
+    rhs = torch.randn(heads, size, generator=g)
+    inverse, product = native.spd_inverse(matrix, rhs)
+    exact = torch.linalg.inv(matrix.double())
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(inverse.double(), exact, rtol=0, atol=2e-5 * scale)
+    bound = 2e-5 * scale * rhs.abs().sum(1).max().item()
+    torch.testing.assert_close(product.double(), rhs.double() @ exact, rtol=0, atol=bound)
+    assert torch.equal(inverse, inverse.T)  # both triangles written, and symmetric
+
+
+@needs_kernel
+@pytest.mark.parametrize("matrix", [
+    -torch.eye(3), torch.zeros(3, 3), torch.diag(torch.tensor([1.0, float("nan"), 1.0])),
+    torch.tensor([[1.0, 2.0], [2.0, 1.0]]),  # eigenvalues 3 and -1
+])
+def test_spd_inverse_reports_a_matrix_it_cannot_factorise(matrix: torch.Tensor) -> None:
+    assert native.spd_inverse(matrix, torch.ones(2, matrix.shape[0])) is None
+
+
+@needs_kernel
+def test_posterior_with_the_kernel_matches_torch_and_falls_back_on_failure(monkeypatch) -> None:
+    features, mean, cov, y = _problem(40, 6, 3, seed=5)
+    stats = sufficient_stats(features, y)
+    prior = (torch.randn(3, 7), 2.0 * torch.eye(7))
+    want = regression_posterior_from_stats(*stats, *prior, with_precision=True)
+    got = regression_posterior_from_stats(*stats, *prior, with_precision=True, native=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[1].stride(0) == 0  # one covariance, broadcast to every head
+    monkeypatch.setattr(bayesagg.native_kernels, "spd_inverse", lambda matrix, rhs: None)  # as for an indefinite one
+    for a, b in zip(regression_posterior_from_stats(*stats, *prior, with_precision=True, native=True), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -1,20 +1,25 @@
-/* BayesAgg-MTL's regression step in one pass: the gradient moments of eq. 4 for K linear heads
- * sharing one posterior covariance S, and their precision-weighted mean of eq. 7.
+/* BayesAgg-MTL's regression step, compiled (pyromtl.infer.native builds and loads this file).
  *
- * The torch path (pyromtl.infer.bayesagg.regression_moments, then aggregate) is the reference;
- * this file computes the same numbers per sample b without building [K, B, d] tensors:
+ * pyromtl_spd_inverse: the batch posterior's covariance S = A⁻¹ of one SPD precision A shared by
+ * K heads, by a Cholesky factor, and their means S b_k (eq. 2).
+ *
+ * pyromtl_regression_aggregate: the gradient moments of eq. 4 for K linear heads sharing S, and
+ * their precision-weighted mean of eq. 7. The torch path (pyromtl.infer.bayesagg.
+ * regression_moments, then aggregate) is the reference; this computes the same numbers per
+ * sample b without building [K, B, d] tensors:
  *
  *   q = fᵀ r,  c_k = fᵀ m_k − y_k   (r = S f),
  *   μ_kj = 2 (c_k m_kj + r_j),
  *   v_kj = 4 r_j² + 8 c_k m_kj r_j + 4 q m_kj² + 4 (c_k² + q) S_jj,
  *   w_kj = exp(s (min_i log v_ij − log v_kj)),   g_j = Σ_k w_kj μ_kj / Σ_k w_kj.
  *
- * Built by pyromtl.infer.native without -ffast-math (linked in, it would set flush-to-zero for
- * the whole process); the loops vectorise through libmvec's logf and expf, declared below.
+ * Built without -ffast-math (linked in, it would set flush-to-zero for the whole process); the
+ * loops vectorise through libmvec's logf and expf, declared below.
  */
 #include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #pragma omp declare simd notinbranch
 float logf(float);
@@ -27,6 +32,81 @@ float expf(float);
 #else
 #define CLONES
 #endif
+
+/* a [P, P] (row stride as) SPD; rhs [K, P] (row stride rs). Writes S = a⁻¹ [P, P] and
+ * mean = rhs S [K, P], both contiguous. Returns 0, 1 when a is not positive definite in float32
+ * (the caller then factorises with a jitter), or 2 when memory runs out. */
+CLONES int pyromtl_spd_inverse(int64_t P, const float *a, int64_t as, int64_t K, const float *rhs, int64_t rs,
+                               float *S, float *mean)
+{
+    float *L = malloc(sizeof(float) * (size_t)(2 * P * P));
+    if (!L)
+        return 2;
+    float *X = L + P * P;
+    /* a = L Lᵀ, row by row (each entry one dot product of two rows) */
+    for (int64_t i = 0; i < P; ++i) {
+        const float *li = L + i * P;
+        for (int64_t j = 0; j <= i; ++j) {
+            const float *lj = L + j * P;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t k = 0; k < j; ++k)
+                dot += li[k] * lj[k];
+            const float rest = a[i * as + j] - dot;
+            if (i == j) {
+                if (!(rest > 0.f)) { /* NaN fails too */
+                    free(L);
+                    return 1;
+                }
+                L[i * P + i] = __builtin_sqrtf(rest);
+            } else {
+                L[i * P + j] = rest / L[j * P + j];
+            }
+        }
+    }
+    /* X = L⁻¹ (lower), row by row: x_i = (e_i − Σ_{k<i} L_ik x_k) / L_ii */
+    memset(X, 0, sizeof(float) * (size_t)(P * P));
+    for (int64_t i = 0; i < P; ++i) {
+        float *xi = X + i * P;
+        xi[i] = 1.f;
+        for (int64_t k = 0; k < i; ++k) {
+            const float lik = L[i * P + k];
+            const float *xk = X + k * P;
+#pragma omp simd
+            for (int64_t c = 0; c <= k; ++c)
+                xi[c] -= lik * xk[c];
+        }
+        const float inv = 1.f / L[i * P + i];
+#pragma omp simd
+        for (int64_t c = 0; c <= i; ++c)
+            xi[c] *= inv;
+    }
+    /* S = Xᵀ X, as a sum of the rows' outer products */
+    memset(S, 0, sizeof(float) * (size_t)(P * P));
+    for (int64_t i = 0; i < P; ++i) {
+        const float *xi = X + i * P;
+        for (int64_t r = 0; r <= i; ++r) {
+            const float xr = xi[r];
+            float *sr = S + r * P;
+#pragma omp simd
+            for (int64_t c = 0; c <= i; ++c)
+                sr[c] += xr * xi[c];
+        }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        float *mk = mean + k * P;
+        memset(mk, 0, sizeof(float) * (size_t)P);
+        for (int64_t c = 0; c < P; ++c) {
+            const float v = rhs[k * rs + c];
+            const float *sc = S + c * P;
+#pragma omp simd
+            for (int64_t j = 0; j < P; ++j)
+                mk[j] += v * sc[j];
+        }
+    }
+    free(L);
+    return 0;
+}
 
 /* features f [B, P] (rows of stride fs), r [B, P], means m [K, P], labels y [B, K] (any strides),
  * diag(S) [P] (stride ds); the first d ≤ P coordinates are aggregated into g [B, d] (row stride gs).
