@@ -150,11 +150,11 @@ ROWS = [("cifar-mtl", {}), ("cifar-mtl", {"moments": "monte_carlo", "num_samples
 
 
 def variant(options: dict[str, Any], native: bool) -> str:
-    """The row's label: the classification moments, J, and the regression kernel that ran."""
+    """The row's label: the classification moments, J, and whether the compiled regression kernels ran."""
     label = options.get("moments", "quadrature")
     if "num_samples" in options:
         label += f", J = {options['num_samples']}"
-    return label + (", compiled kernel" if native else "")
+    return label + (", compiled kernels" if native else "")
 
 
 def main() -> None:
