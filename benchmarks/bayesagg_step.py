@@ -15,10 +15,7 @@ keeps what only some steps pay. Shapes:
   Carlo with J = 1024 (eq. 11);
 * ``regression``: an MLP standing in for the paper's QM9 network (128 inputs, hidden
   256-256, d = 64), b = 120, 11 regression targets; ``regression-wide`` the same with 512
-  inputs and hidden 1024-1024, whose step costs more like a message-passing network's. Both run
-  the compiled posterior inverse and moments-and-aggregation loop (``kernel = "auto"``,
-  :mod:`pyromtl.infer.native`) where they build; the ``regression`` shape is timed with
-  ``kernel = "torch"`` too;
+  inputs and hidden 1024-1024, whose step costs more like a message-passing network's;
 * ``digits-mixed``: the default MLP on 8×8 digits (d = 64), b = 64, one task of each type
   (regression, binary, 10 classes), for reference.
 
@@ -120,7 +117,7 @@ def step_ratio(shape: Shape, options: dict[str, Any], steps: int, warmup: int, r
     # the ratio of the summed times keeps them
     return {"ls_ms": 1e3 * statistics.median(times["ls"]), "bayesagg_ms": 1e3 * statistics.median(times["bayesagg"]),
             "ratio": statistics.median(ratios), "ratio_iqr": _iqr(ratios),
-            "ratio_of_totals": sum(times["bayesagg"]) / sum(times["ls"]), "native": objective.use_native}
+            "ratio_of_totals": sum(times["bayesagg"]) / sum(times["ls"])}
 
 
 def epoch_prior(shape: Shape, n: int) -> float:
@@ -146,15 +143,15 @@ SHAPES = {
     "digits-mixed": Shape("digits-mixed", (64,), ("regression", "binary", "classification"), 64, 64),
 }
 ROWS = [("cifar-mtl", {}), ("cifar-mtl", {"moments": "monte_carlo", "num_samples": 1024}),
-        ("regression", {}), ("regression", {"kernel": "torch"}), ("regression-wide", {}), ("digits-mixed", {})]
+        ("regression", {}), ("regression-wide", {}), ("digits-mixed", {})]
 
 
-def variant(options: dict[str, Any], native: bool) -> str:
-    """The row's label: the classification moments, J, and whether the compiled regression kernels ran."""
+def variant(options: dict[str, Any]) -> str:
+    """The row's label: the classification moments and J."""
     label = options.get("moments", "quadrature")
     if "num_samples" in options:
         label += f", J = {options['num_samples']}"
-    return label + (", compiled kernels" if native else "")
+    return label
 
 
 def main() -> None:
@@ -178,7 +175,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|")
     for name, options in rows:
         r = step_ratio(SHAPES[name], options, args.steps, args.warmup, args.rounds)
-        label = variant(options, r["native"])
+        label = variant(options)
         results["step"].append({"shape": name, "variant": label, **r})
         print(f"| {name} | {label} | {r['ls_ms']:.1f} | {r['bayesagg_ms']:.1f} | {r['ratio']:.2f} | "
               f"{r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | {r['ratio_of_totals']:.2f} |", flush=True)

@@ -162,14 +162,12 @@ def group_priors(prior: GaussianPrecision, groups: tuple[HeadGroup, ...], dim: i
 
 
 def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, priors: list[tuple[Tensor, Tensor]],
-                    groups: tuple[HeadGroup, ...], with_precision: bool = False,
-                    native: bool = False) -> list[GroupPosterior]:
+                    groups: tuple[HeadGroup, ...], with_precision: bool = False) -> list[GroupPosterior]:
     """Posterior of every group's heads given labels ``y [T, B]`` (eq. 2, eq. 8–10).
 
     ``features`` ``[B, d+1]`` are ``add_bias(h)``, built once per step by the caller; ``heads``
     ``[T, K, d+1]`` are the learned ``θ̂`` the classification step starts from; ``priors`` are
-    the groups' priors, :func:`group_priors`. ``native``: the regression group's inverse by the
-    compiled kernel (see :func:`~pyromtl.infer.bayesagg.regression_posterior_from_stats`).
+    the groups' priors, :func:`group_priors`.
     """
     dim = features.shape[1] - 1
     h = features[:, :dim]
@@ -178,8 +176,7 @@ def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, priors: list[tup
         labels = group.labels(y)
         if group.kind == "regression":
             stats = sufficient_stats(features, labels)
-            parts = regression_posterior_from_stats(*stats, mean_p, precision_p, with_precision=with_precision,
-                                                    native=native)
+            parts = regression_posterior_from_stats(*stats, mean_p, precision_p, with_precision=with_precision)
         else:
             stats = None
             theta = heads[group.rows, :group.classes]

@@ -13,8 +13,7 @@ Training (:class:`BayesAggObjective`, Algorithm 1):
   task's per-sample gradient with respect to ``h`` (eq. 4 in closed form for regression; eq. 11
   or quadrature for classification), aggregates them (eq. 7, with ``s`` per task type) and
   back-propagates the result ``g`` through the extractor once, ``h.backward(g / B)``; the heads
-  get the ordinary gradient of the task losses. On the CPU, when every task is a regression, the
-  batch posterior's inverse, the moments and eq. 7 run compiled (``kernel``, :mod:`pyromtl.infer.native`);
+  get the ordinary gradient of the task losses;
 * at each epoch's end the full-data prior is rebuilt from the features seen during the epoch:
   the regression posterior from streamed ``HᵀH`` (:class:`~pyromtl.infer.bayesagg.GaussianStats`),
   and for classification the Laplace posterior around the heads as they are then.
@@ -28,7 +27,6 @@ learned heads ``θ̂`` for classification tasks.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Callable, Mapping
@@ -59,7 +57,6 @@ from pyromtl.infer.bayesagg import (
     laplace_as_prior,
     regression_moments,
 )
-from pyromtl.infer import native
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method
 from pyromtl.methods import register
@@ -71,8 +68,6 @@ from pyromtl.priors import PriorContext, PriorSite, PriorSpec
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
-#: Values of the ``kernel`` option: see :meth:`BayesAggObjective._use_native`.
-KERNELS = ("auto", "native", "torch")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
 #: The prior kinds registered here: each reads only ``PriorStore``, so a built prior stays valid
@@ -229,8 +224,6 @@ class BayesAggObjective(Objective):
             raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
         if cfg["num_samples"] < 2:
             raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
-        if cfg["kernel"] not in KERNELS:
-            raise ValueError(f"config key 'kernel' must be one of {list(KERNELS)}, got {cfg['kernel']!r}")
         self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps")}
         self.prior_kind = cfg["priors"]["w"]["kind"]
         self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
@@ -249,36 +242,8 @@ class BayesAggObjective(Objective):
         # each task's mean aggregation weight at the last step [T] (tasks in group order), computed
         # only when asked (a logged step), since the torch path would pay a pass over [B, T, d]
         self._mean_weights: Callable[[], Tensor] | None = None
-        self.use_native = self._use_native(cfg["kernel"], model)
         # (what the prior was built from, prior, group priors): see _priors
         self._prior_cache: tuple[tuple[Any, ...], GaussianPrecision, list[tuple[Tensor, Tensor]]] | None = None
-
-    @staticmethod
-    def _use_native(kernel: str, model: BayesAggModel) -> bool:
-        """Whether the regression step runs the compiled kernels of :mod:`pyromtl.infer.native`
-        (the batch posterior's inverse, then the moments and eq. 7 in one loop).
-
-        It covers float32 CPU runs whose tasks are all regressions. ``auto`` uses it there when it
-        builds (a warning says why not otherwise), ``native`` requires it (an error before training
-        says why not), ``torch`` never uses it.
-        """
-        if kernel == "torch":
-            return False
-        heads = model.heads
-        if not (len(model.groups) == 1 and model.groups[0].kind == "regression"):
-            why = "some tasks are not regressions"
-        elif heads.device.type != "cpu" or heads.dtype != torch.float32:
-            why = f"it runs on float32 CPU tensors, not {heads.dtype} on {heads.device.type}"
-        else:
-            why = native.unavailable()
-            if why is not None and kernel == "auto":
-                warnings.warn(f"bayesagg: the compiled regression kernel is off ({why}); the step runs on "
-                              "torch ops (about 15% slower at the regression benchmark). Set kernel = 'torch' "
-                              "to silence this", stacklevel=3)
-                return False
-        if why is not None and kernel == "native":
-            raise ValueError(f"config key 'kernel' is 'native' but the compiled kernel cannot run: {why}")
-        return why is None
 
     # what the epoch collects
     def _collect_classification(self) -> bool:
@@ -349,19 +314,11 @@ class BayesAggObjective(Objective):
         model = self.model
         prior, priors = self._priors()
         keep = self.prior_kind == "previous_batch"
-        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep,
-                                     native=self.use_native)
+        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep)
         self._collect(features, y, posteriors)
         if keep:
             model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
                                                   posteriors, model.latent_dim)
-        if self.use_native and posteriors[0].cov.stride(0) == 0:  # one covariance shared by the heads
-            cov = posteriors[0].cov[0]
-            g, sums = native.regression_aggregate(features, features @ cov, posteriors[0].mean,
-                                                  model.groups[0].labels(y), cov.diagonal(), self.shared_s,
-                                                  model.latent_dim)
-            self._mean_weights = lambda: sums / g.numel()
-            return g
         mu, var, s = self.moments(features, y, posteriors)
         # aggregate()'s sum, with the weights kept as they are (diagnostics() normalises them if
         # asked), and mu overwritten, which moments() made for this step alone
@@ -469,10 +426,6 @@ class BayesAggOptions(Options):
     nodes: int = 32
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
-    #: the regression step (posterior inverse, moments, eq. 7) on float32 CPU runs whose tasks are all
-    #: regressions: "auto" (compiled C where a C compiler is found, else torch ops), "native"
-    #: (require the compiled C) or "torch" (never)
-    kernel: str = "auto"
 
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:

@@ -39,7 +39,7 @@ CASES: dict[str, dict[str, Any]] = {
     **{name: _default_case(name) for name in methods.available()},
     "bayesagg-aggregate": {"method": "bayesagg", "data": "digits-mixed", "options": {"pretrain_steps": 5}},
     "bayesagg-regression": {"method": "bayesagg", "data": "digits-regression",
-                            "options": {"pretrain_steps": 5, "kernel": "torch"}},
+                            "options": {"pretrain_steps": 5}},
     "lsmtl-bilevel": {"method": "lsmtl", "data": "digits-mixed", "options": {"gates": "bilevel"}},
     "vbmtl-simo": {"method": "vbmtl", "data": "digits-mixed", "options": {}},
 }

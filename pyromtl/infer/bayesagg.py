@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyromtl.infer import native as native_kernels
 
 __all__ = [
     "GaussianStats",
@@ -138,12 +137,12 @@ def _matvec(matrix: Tensor, vectors: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- regression
 def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_precision: Tensor,
-                     noise: Tensor | float, native: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                     noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 2 from sufficient statistics ``gram = HᵀH [d, d]`` and ``cross = Hᵀy`` as ``[K, d]``.
 
     Returns mean ``[K, d]``, covariance and precision ``[K, d, d]``. With a scalar noise and a
     shared prior precision every output has the same precision, factorised once (the covariance
-    is then a broadcast view), by :func:`pyromtl.infer.native.spd_inverse` with ``native``.
+    is then a broadcast view).
     """
     num_tasks, dim = cross.shape
     if isinstance(noise, (int, float)):  # the usual case: no tensor ops for the scaling
@@ -158,11 +157,6 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
         inv_var = noise.pow(-2)
         precision = prior_precision + gram * (inv_var if noise.dim() == 0 else inv_var[:, None, None])
         rhs = _matvec(prior_precision, prior_mean) + cross * inv_var.reshape(-1, 1)
-    if native and precision.dim() == 2:
-        solved = native_kernels.spd_inverse(precision, rhs)
-        if solved is not None:  # else not positive definite in float32: factorise with a jitter below
-            cov, mean = solved
-            return mean, cov.expand(num_tasks, dim, dim), precision.expand(num_tasks, dim, dim)
     factor = _cholesky(precision, "the posterior precision")
     if factor.dim() == 2:
         cov = torch.cholesky_inverse(factor)
@@ -228,17 +222,13 @@ def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior
 
 def regression_posterior_from_stats(gram: Tensor, cross: Tensor, prior_mean: Tensor | float,
                                     prior_precision: Tensor | float, noise: Tensor | float = 1.0, *,
-                                    with_precision: bool = False, native: bool = False) -> tuple[Tensor, ...]:
+                                    with_precision: bool = False) -> tuple[Tensor, ...]:
     """:func:`regression_posterior` from :func:`sufficient_stats`' ``HᵀH`` and ``Hᵀy``, for a
     caller that keeps them too (e.g. to add a batch's to :class:`GaussianStats`).
-
-    ``native``: invert a shared float32 CPU precision with the compiled kernel
-    (:func:`pyromtl.infer.native.spd_inverse`; it must be available), falling back to torch's
-    factorisation with a jitter where float32 rounding leaves the precision indefinite.
     """
     _check_stats(gram, cross)
     mean_p, precision_p = _prior(prior_mean, prior_precision, cross.shape[0], (cross.shape[1],), cross)
-    mean, cov, precision = _linear_gaussian(gram, cross, mean_p, precision_p, noise, native)
+    mean, cov, precision = _linear_gaussian(gram, cross, mean_p, precision_p, noise)
     return (mean, cov, precision) if with_precision else (mean, cov)
 
 
