@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmtl_step import _iqr  # noqa: E402
 
 from pyromtl import config, methods  # noqa: E402
-from pyromtl.base import TrainState  # noqa: E402
+from pyromtl.runspec import RunSpec  # noqa: E402
 from pyromtl.data.core import MultiTaskData  # noqa: E402
 from pyromtl.infer.bayesagg import add_bias  # noqa: E402
 from pyromtl.objective import TrainContext  # noqa: E402
@@ -75,9 +75,10 @@ def setup(shape: Shape, options: dict[str, Any]):
     data = synthetic(shape, n=max(4 * shape.batch, 512))
     method = methods.get("bayesagg")
     cfg = config.resolve(method, {"device": "cpu", "latent_dim": shape.latent_dim, "hidden": list(shape.hidden),
-                                  "pretrain_steps": 0, **dict(shape.options), **options})
-    model, guide = method.build(data, cfg, TrainState(), torch.device("cpu"))
-    objective = method.objective(method, cfg, model, guide)
+                                  "pretrain_steps": 0, **dict(shape.options), **options}, data=data)
+    ctx = RunSpec.build(method, cfg, data).context()
+    model, guide = method.build(ctx)
+    objective = method.objective(ctx.replace(model=model, guide=guide))
     gen = torch.Generator().manual_seed(0)
     batches = [data.train_batch(shape.batch, gen, "cpu") for _ in range(8)]
     # one finished epoch, so the steps run under the full-data prior as in training

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmtl_step import _iqr, environment, objective_step, time_steps  # noqa: E402
 
 from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.base import TrainState  # noqa: E402
+from pyromtl.runspec import RunSpec  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
 from pyromtl.train import build_training  # noqa: E402
 
@@ -42,9 +42,9 @@ def build_step(data, prior, device):
     """One trainer step of ``hib`` with ``prior`` for ``w``, built as ``pyromtl.train`` builds it."""
     method = methods.get("hib")
     cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True},
-                  {"w": prior} if prior is not None else None)
+                  {"w": prior} if prior is not None else None, data=data)
     torch.manual_seed(0)
-    return objective_step(*build_training(method, data, cfg, TrainState(), device)), cfg
+    return objective_step(*build_training(RunSpec.build(method, cfg, data))), cfg
 
 
 def bench(num_tasks: int, args, device) -> dict:

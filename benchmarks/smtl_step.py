@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmtl_step import objective_step  # noqa: E402
 
 from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.base import TrainState  # noqa: E402
+from pyromtl.runspec import RunSpec  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
 from pyromtl.train import build_training  # noqa: E402
 from pyromtl.data.core import MultiTaskData  # noqa: E402
@@ -78,8 +78,8 @@ SHAPES = {
 def build(name: str, data: MultiTaskData, opts: dict, device: torch.device):
     """Objective and optimiser of ``name``, built as ``pyromtl.train`` builds them."""
     m = methods.get(name)
-    cfg = resolve(m, {**opts, "device": str(device), "quiet": True})
-    objective, optim = build_training(m, data, cfg, TrainState(), device)
+    cfg = resolve(m, {**opts, "device": str(device), "quiet": True}, data=data)
+    objective, optim = build_training(RunSpec.build(m, cfg, data))
     return objective, objective_step(objective, optim)
 
 

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_vmtl import PlainVMTL, precompute_attention  # noqa: E402
 
 from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.base import TrainState  # noqa: E402
+from pyromtl.runspec import RunSpec  # noqa: E402
+from pyromtl.schedules import TrainState  # noqa: E402
 from pyromtl.config import resolve  # noqa: E402
 from pyromtl.data.core import MultiTaskData  # noqa: E402
 from pyro.infer import TraceMeanField_ELBO  # noqa: E402
@@ -101,9 +102,10 @@ def build_ours(data, cfg, device, optim_kind, elbo=None):
     """
     method = methods.get("vmtl")
     state = TrainState(total_steps=STEP)
-    model, guide = method.build(data, cfg, state, device)
+    ctx = RunSpec.build(method, cfg, data).context(state)
+    model, guide = method.build(ctx)
     if elbo is None:
-        loss_fn = method.elbo(method, cfg)(model, guide)
+        loss_fn = method.elbo(ctx)(model, guide)
     else:
         n = cfg["num_particles"]
         loss_fn = elbo(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)(model, guide)
@@ -155,7 +157,7 @@ def bench_shape(name: str, args, device) -> dict:
     L, M = args.mc
     method = methods.get("vmtl")
     extra = {} if args.z_components is None else {"z_components": args.z_components}
-    cfg = resolve(method, {**opts, **extra, "mc_z": L, "mc_w": M, "device": str(device), "quiet": True})
+    cfg = resolve(method, {**opts, **extra, "mc_z": L, "mc_w": M, "device": str(device), "quiet": True}, data=data)
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -260,7 +262,7 @@ def check(device, num_tasks: int = 4) -> dict:
     """
     data = datasets.load("synthetic-clusters", num_tasks=num_tasks)
     method = methods.get("vmtl")
-    cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True})
+    cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True}, data=data)
     torch.manual_seed(0)
     with pyro.settings.context(module_local_params=True):
         loss_fn, _, (model, guide) = build_ours(data, cfg, device, "adam")

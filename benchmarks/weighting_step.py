@@ -22,9 +22,9 @@ import pyro
 import torch
 
 from pyromtl import config, datasets, methods
-from pyromtl.base import TrainState
 from pyromtl.params import local_params
-from pyromtl.train import build_training, resolve_device
+from pyromtl.runspec import RunSpec, resolve_device
+from pyromtl.train import build_training
 
 METHODS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "upgrad"]
 
@@ -33,9 +33,9 @@ METHODS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g",
 def _stepper(name: str, data, batch_size: int, device: torch.device):
     """A closure running one training step of ``name``, built as the trainer builds it."""
     m = methods.get(name)
-    cfg = config.resolve(m, {"batch_size": batch_size})
+    cfg = config.resolve(m, {"batch_size": batch_size, "device": str(device)}, data=data)
     pyro.set_rng_seed(0)
-    objective, optim = build_training(m, data, cfg, TrainState(), device)
+    objective, optim = build_training(RunSpec.build(m, cfg, data))
     gen = torch.Generator().manual_seed(0)
 
     @local_params

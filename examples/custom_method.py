@@ -3,7 +3,9 @@
 ``bayes-heads`` has a deterministic shared MLP encoder ``h = f(x)`` and one linear head per task,
 ``w_t ~ N(0, I)`` a priori with a diagonal Gaussian posterior ``q(w_t)``; the likelihood is
 pyromtl's (any mix of classification, binary and regression tasks). Registering it takes one
-``Method(...)`` declaration; nothing in pyromtl changes.
+``Method(...)`` declaration; nothing in pyromtl changes. Every callback of the declaration
+(``build``, the export site's ``draw``) takes one :class:`~pyromtl.method.MethodContext`: the
+resolved config, the data, the device, the training state, and the model and guide once built.
 
 Run it::
 
@@ -26,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -34,13 +36,14 @@ import torch
 from pyro.nn import PyroParam
 
 import pyromtl
-from pyromtl.base import MultiTaskModel, MultiTaskModule, Plates, TrainState
+from pyromtl.base import MultiTaskModel, MultiTaskModule, Plates
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.method import ExportSite, Method
+from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.methods import available, register
 from pyromtl.nn import MLP
 from pyromtl.options import Options
 from pyromtl.priors import PriorSite
+from pyromtl.schedules import TrainState
 
 
 @dataclass
@@ -53,7 +56,7 @@ class BayesHeadsOptions(Options):
 class BayesHeadsModel(MultiTaskModel):
     """``p(w_t) p(y | f(x), w_t)``: the heads are the only latent site."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: torch.nn.Module,
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, encoder: torch.nn.Module,
                  device: torch.device):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"])
@@ -77,7 +80,7 @@ class BayesHeadsModel(MultiTaskModel):
 class BayesHeadsGuide(MultiTaskModule):
     """``q(w_t) = N(loc_t, diag scale_t²)``."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"])
         shape = (info.num_tasks, 1, info.out_dim, cfg["latent_dim"])
@@ -93,14 +96,15 @@ class BayesHeadsGuide(MultiTaskModule):
             pyro.sample("w", dist.Normal(loc, scale).to_event(2))
 
 
-def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+def build(ctx: MethodContext) -> tuple[BayesHeadsModel, BayesHeadsGuide]:
+    data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     encoder = MLP(data.info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
     return BayesHeadsModel(data, cfg, state, encoder, device), BayesHeadsGuide(data, cfg, state, device)
 
 
-def head_draws(model, guide, n: int) -> torch.Tensor:
+def head_draws(ctx: MethodContext, n: int) -> torch.Tensor:
     """``n`` draws of every head, ``[n, T, K, d]``, for ArviZ."""
-    loc, scale = guide.posterior()
+    loc, scale = ctx.guide.posterior()
     return (loc + scale * torch.randn(n, *loc.shape, device=loc.device)).squeeze(2)
 
 

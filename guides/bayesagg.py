@@ -18,69 +18,19 @@ the full-data posterior mean for regression tasks (once an epoch has ended), ``�
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import TorchDistribution
-from pyro.distributions.util import broadcast_shape
 from torch import Tensor
-from torch.distributions import constraints
 
-from pyromtl.base import MultiTaskModule, Plates, TrainState
+from pyromtl.base import MultiTaskModule, Plates
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, TaskInfo
+from pyromtl.distributions import GaussianPrecision
 from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
-
-
-class GaussianPrecision(TorchDistribution):
-    """``N(loc, precision⁻¹)`` over the last dim, kept in precision form.
-
-    BayesAgg's priors and posteriors are precisions (``S_p⁻¹ + HᵀH``, ``B̃``); building one is free
-    and only :meth:`rsample` and :meth:`log_prob` factorise it. ``precision`` is ``[P, P]`` (shared
-    by the whole batch, e.g. an isotropic prior) or ``[*batch_shape, P, P]``.
-    """
-
-    arg_constraints = {}
-    support = constraints.real_vector
-    has_rsample = True
-
-    def __init__(self, loc: Tensor, precision: Tensor, validate_args=None):
-        self.loc, self.precision = loc, precision
-        batch_shape = torch.Size(broadcast_shape(loc.shape[:-1], precision.shape[:-2]))
-        super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
-
-    def expand(self, batch_shape, _instance=None) -> "GaussianPrecision":
-        new = self._get_checked_instance(GaussianPrecision, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc = self.loc.expand(batch_shape + self.event_shape)
-        # a shared precision stays one matrix
-        new.precision = self.precision if self.precision.dim() == 2 else self.precision.expand(
-            batch_shape + self.precision.shape[-2:])
-        super(GaussianPrecision, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        return new
-
-    @property
-    def mean(self) -> Tensor:
-        return self.loc.expand(self.batch_shape + self.event_shape)
-
-    def _factor(self) -> Tensor:
-        return torch.linalg.cholesky(self.precision)
-
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
-        # precision = L Lᵀ, so L⁻ᵀ ε has covariance precision⁻¹
-        eps = torch.randn(torch.Size(sample_shape) + self.batch_shape + self.event_shape,
-                          dtype=self.loc.dtype, device=self.loc.device)
-        factor = self._factor().mT.expand(eps.shape + eps.shape[-1:])
-        return self.loc + torch.linalg.solve_triangular(factor, eps.unsqueeze(-1), upper=True).squeeze(-1)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        factor = self._factor()
-        white = ((value - self.loc).unsqueeze(-2) @ factor).squeeze(-2)  # Lᵀ(x − m)
-        half_log_det = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * white.square().sum(-1) + half_log_det - 0.5 * self.event_shape[0] * math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)

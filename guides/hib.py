@@ -26,7 +26,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
+from pyromtl.base import MultiTaskModule, Plates, is_point
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import DiagNormal
 from pyromtl.nn import MLP, GaussianEncoder

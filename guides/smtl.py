@@ -14,7 +14,8 @@ from typing import Any
 import pyro
 import torch
 
-from pyromtl.base import MultiTaskModule, Plates, TrainState, is_point
+from pyromtl.base import MultiTaskModule, Plates, is_point
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 
 

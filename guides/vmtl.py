@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyromtl.base import Plates, TrainState
+from pyromtl.base import Plates
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.guides.baselines import LatentMTLGuide
+from pyromtl.latent import LatentMTLGuide
 from pyromtl.nn import MLP, GaussianEncoder
+from pyromtl.schedules import TrainState
 
 
 class MonteCarloDraws:

@@ -1,11 +1,5 @@
-"""The baseline family STL / BMTL / VSTL / VBMTL as one Pyro model (VMTL paper, §4 baselines).
-
-Latents, each with a prior from the registry (``pyromtl.priors``):
-
-* ``z`` — per-sample representation, ``[T, B, d]`` (or ``[1, B, d]`` when SIMO tasks share it);
-* ``w`` — per-task classifier, ``[T, 1, K, d]`` (one weight vector per class, eq. 8).
-
-The four baselines differ only in configuration:
+"""The baselines STL / BMTL / VSTL / VBMTL of the VMTL paper (§4): the core latent model
+(:mod:`pyromtl.latent`, model and guide) under four configurations.
 
 ========  ==========================  ==========================
 method    encoder                     priors of z and w
@@ -18,178 +12,25 @@ method    encoder                     priors of z and w
 
 A ``deterministic`` prior is flat, and the guide then uses a point mass (``Delta``), so the
 ELBO reduces to the log-likelihood at that point; any other prior gets a diagonal Gaussian
-posterior. The encoder and the posterior of ``w`` are shared with the guide, because
-mixture priors (VMTL) are built from them.
+posterior.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
-
-import numpy as np
-import pyro
-import torch
-from pyro.nn import PyroParam
-
-from pyromtl.base import MultiTaskModel, Plates, TrainState
-from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.guides.baselines import ClassifierPosterior, LatentMTLGuide
-from pyromtl.method import ExportSite, Method
-from pyromtl.methods import register
-from pyromtl.nn import DEFAULT_CONV_CHANNELS, GaussianEncoder, check_backbone
-from pyromtl.options import Options
-from pyromtl.priors import PriorSite
-
-
-class LatentMTLModel(MultiTaskModel):
-    """``p(y, z, w | x) = p(w) p(z | x) p(y | z, w)`` with priors from the registry."""
-
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 w_post: torch.nn.Module, device: torch.device):
-        info = data.info.to(device)
-        super().__init__(info, state, cfg["kl_weight"], cfg["kl_weights"])
-        self.encoder = encoder
-        self.w_post = w_post
-        self.latent_dim = cfg["latent_dim"]
-        self.shared_z = info.simo and not cfg["per_task_encoder"]
-        self.z_prior = PriorSite("z", cfg["priors"]["z"], device=device)
-        self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
-        self.bias = PyroParam(torch.zeros(info.num_tasks, 1, info.out_dim, device=device))
-
-    def plates(self, batch: Batch) -> Plates:
-        return Plates(batch)
-
-    def z_components(self, batch: Batch):
-        """Mixture components for the prior of ``z``; the baselines' priors need none."""
-        return None
-
-    def z_prior_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, Any]]:
-        """``(components, extras)`` for the build of z's prior: :meth:`z_components` and no extras."""
-        return self.z_components(batch), {}
-
-    def w_components(self):
-        return None
-
-    def sample_w(self, plates: Plates) -> torch.Tensor:
-        """``w [..., T, 1, K, d]``, one per task."""
-        T, K, d = self.info.num_tasks, self.info.out_dim, self.latent_dim
-        # components first: parameter reads inside scale handlers each cost a device op
-        components = self.w_components()
-        with plates.globals(), self.kl_scope("w"):
-            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, state=self.state,
-                                       components=components, task_axis=-2)
-            return pyro.sample("w", prior)
-
-    def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
-        """``z [..., T|1, B, d]``, one per sample."""
-        rows = 1 if self.shared_z else batch.num_tasks
-        components, extras = self.z_prior_inputs(batch)
-        with plates.locals(shared=self.shared_z), self.kl_scope("z"):
-            prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, state=self.state, components=components,
-                                       task_axis=-2, extras=extras)
-            return pyro.sample("z", prior)
-
-    def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Head outputs ``[..., T, B, K]`` of ``z [..., T|1, B, d]`` and ``w [..., T, 1, K, d]``."""
-        return torch.matmul(z, w.squeeze(-3).transpose(-1, -2)) + self.bias
-
-    def forward(self, batch: Batch) -> None:
-        plates = self.plates(batch)
-        w = self.sample_w(plates)
-        z = self.sample_z(batch, plates)
-        outputs = self.head(z, w)
-        with plates.observations():
-            self.observe(outputs, batch)
-
-
-# ---------------------------------------------------------------------------- declarations
-@dataclass
-class NetworkOptions(Options):
-    """The shared MLP every task reads: its hidden layers, activation and output size."""
-
-    latent_dim: int = 64
-    hidden: list[int] = field(default_factory=lambda: [256])
-    activation: str = "elu"
-
-
-@dataclass
-class LatentOptions(NetworkOptions):
-    """Options of the baseline family (and VMTL's, which extends them)."""
-
-    per_task_encoder: bool = False
-    #: Per-site KL multipliers (a tempered posterior: the likelihood keeps weight 1).
-    kl_weights: dict[str, float] = field(default_factory=lambda: {"z": 1.0, "w": 1.0})
-    #: The encoder's network before its ``hidden`` layers: "mlp" (flattened inputs) or "cnn"
-    #: (image inputs [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of
-    #: ``conv_channels``; per task with ``per_task_encoder``, pyromtl.nn.TaskCNN).
-    backbone: str = "mlp"
-    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
-
-    @classmethod
-    def validate(cls, cfg: Mapping[str, Any]) -> None:
-        check_backbone(cfg["backbone"], cfg["conv_channels"])
-
-
-def build_latent(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
-    """Model and guide of the baseline family; they share the encoder and ``q(w)``."""
-    info = data.info
-    # the input shape, not its size: the cnn backbone needs [C, H, W] (and refuses other shapes)
-    encoder = GaussianEncoder(info.num_tasks, info.input_shape, cfg["hidden"], cfg["latent_dim"], cfg["activation"],
-                              per_task=cfg["per_task_encoder"], backbone=cfg["backbone"],
-                              conv_channels=cfg["conv_channels"]).to(device)
-    w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
-    model = LatentMTLModel(data, cfg, state, encoder, w_post, device)
-    guide = LatentMTLGuide(data, cfg, state, encoder, w_post, device)
-    return model, guide
-
-
-def _classifier_draws(model, guide, n: int) -> torch.Tensor:
-    """``n`` draws of ``q(w)``, ``[n, T, K, d]``; NaN where a task lacks the class (heads are padded)."""
-    loc, scale = guide.w_post()
-    loc, scale = loc.squeeze(1), scale.squeeze(1)
-    w = loc.expand(n, *loc.shape) if guide.point_w else loc + scale * torch.randn(n, *loc.shape, device=loc.device)
-    return w.masked_fill(~model.info.class_mask[None, :, :, None], float("nan"))
-
-
-def _classifier_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Class names where the dataset has one per head output, else ``0..K-1``; latent dims by index."""
-    K, d = shape[-2:]
-    names = data.class_names
-    return {"class": list(names) if names is not None and len(names) == K else list(range(K)),
-            "latent_dim": np.arange(d)}
-
-
-#: The classifier ``w``, exported by every method of this family and by VMTL.
-CLASSIFIER_EXPORT = ExportSite("w", ("task", "class", "latent_dim"), _classifier_draws, _classifier_coords)
-
-VMTL_PAPER = "Shen et al., Variational Multi-Task Learning with Gumbel-Softmax Priors, NeurIPS 2021"
-
-#: The KL warm-up of every variational method (vstl, vbmtl, vmtl, vmtl-ac): Bowman et al.'s
-#: linear warm-up over the first quarter of the run; model selection starts after it.
-KL_WARMUP: dict[str, Any] = {"start": 0.0, "end": 1.0, "fraction": 0.25}
-
-
-def tempered(weight: float) -> dict[str, Any]:
-    """KL settings of a variational method whose posterior is tempered by ``weight``.
-
-    Every site's KL is scaled by ``weight`` (``kl_weights``), the likelihood is not: the
-    posterior of a likelihood raised to the power ``1 / weight``. Each method's weight was
-    picked on validation accuracy from {1e-7, 1e-4, 1e-2, 0.1, 1} (README, "KL weight sweep").
-    """
-    return {"kl_weight": dict(KL_WARMUP), "kl_weights": {"z": weight, "w": weight}}
+from pyromtl.latent import CLASSIFIER_EXPORT, VMTL_PAPER, LatentOptions, build_latent, tempered
+from pyromtl.method import Method
 
 _POINT = {"z": "deterministic", "w": "deterministic"}
 _NORMAL = {"z": "normal", "w": "normal"}
-for _name, _per_task, _priors, _kl, _summary in (
-    ("stl", True, _POINT, {}, "single-task learning: one encoder and head per task, maximum likelihood"),
-    ("bmtl", False, _POINT, {}, "shared encoder with task heads, maximum likelihood"),
-    ("vstl", True, _NORMAL, tempered(1e-4), "variational STL: probabilistic z and w under N(0, I) priors"),
-    ("vbmtl", False, _NORMAL, tempered(1e-7),
-     "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
-):
-    register(Method(name=_name, summary=_summary, paper=VMTL_PAPER + " (baselines)", build=build_latent,
-                    options=LatentOptions,
-                    overrides={**_kl, "per_task_encoder": _per_task},
-                    priors=dict(_priors), export=(CLASSIFIER_EXPORT,)))
+
+METHODS: tuple[Method, ...] = tuple(
+    Method(name=name, summary=summary, paper=VMTL_PAPER + " (baselines)", build=build_latent, options=LatentOptions,
+           overrides={**kl, "per_task_encoder": per_task}, priors=dict(priors), export=(CLASSIFIER_EXPORT,))
+    for name, per_task, priors, kl, summary in (
+        ("stl", True, _POINT, {}, "single-task learning: one encoder and head per task, maximum likelihood"),
+        ("bmtl", False, _POINT, {}, "shared encoder with task heads, maximum likelihood"),
+        ("vstl", True, _NORMAL, tempered(1e-4), "variational STL: probabilistic z and w under N(0, I) priors"),
+        ("vbmtl", False, _NORMAL, tempered(1e-7),
+         "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
+    )
+)

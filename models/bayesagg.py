@@ -18,9 +18,9 @@ Training (:class:`BayesAggObjective`, Algorithm 1):
   the regression posterior from streamed ``HᵀH`` (:class:`~pyromtl.infer.bayesagg.GaussianStats`),
   and for classification the Laplace posterior around the heads as they are then.
 
-Prior kinds registered here (``[priors.w] kind = ...``), each with the isotropic scale γ:
-``full_data`` (the paper's), ``previous_batch`` (the last batch's posterior) and ``isotropic``
-(``N(0, γ² I)``). Prediction uses the full-data posterior mean for regression tasks and the
+Its prior kinds (``[priors.w] kind = ...``, in :mod:`pyromtl.priors.last_layer`), each with the
+isotropic scale γ: ``full_data`` (the paper's), ``previous_batch`` (the last batch's posterior)
+and ``isotropic`` (``N(0, γ² I)``). Prediction uses the full-data posterior mean for regression tasks and the
 learned heads ``θ̂`` for classification tasks.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -36,11 +35,12 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.base import MultiTaskModel, Plates
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.distributions import GaussianPrecision
 from pyromtl.guides.bayesagg import (
     BayesAggGuide,
-    GaussianPrecision,
     GroupPosterior,
     HeadGroup,
     assemble,
@@ -58,65 +58,19 @@ from pyromtl.infer.bayesagg import (
     regression_moments,
 )
 from pyromtl.likelihoods import MultiTaskOutput
-from pyromtl.method import ExportSite, Method
-from pyromtl.methods import register
+from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import CNN, DEFAULT_CONV_CHANNELS, MLP, activation, check_backbone
 from pyromtl.objective import Objective, TrainContext, is_finite
 from pyromtl.options import Options
-from pyromtl import priors
-from pyromtl.priors import PriorContext, PriorSite, PriorSpec
+from pyromtl.priors import PriorSite
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
-#: The prior kinds registered here: each reads only ``PriorStore``, so a built prior stays valid
-#: until the store's entry changes.
+#: The last-layer prior kinds (``pyromtl.priors.last_layer``): each reads only ``PriorStore``, so
+#: a built prior stays valid until the store's entry changes.
 STORED_KINDS = ("isotropic", "full_data", "previous_batch")
-
-
-# ----------------------------------------------------------------------------- prior kinds
-def _scale(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive number, got {value!r}")
-    return float(value)
-
-
-_SCALE = {"defaults": {"scale": 1.0}, "checks": {"scale": _scale}}
-
-
-@priors.register("isotropic", **_SCALE, uses_components=False)
-def isotropic_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
-    """``N(0, γ² I)`` over every head (γ = ``scale``); its precision is one shared matrix."""
-    size = ctx.event_shape[-1]
-    loc = ctx.full(ctx.batch_shape + ctx.event_shape, 0.0)
-    eye = torch.eye(size, dtype=ctx.dtype, device=ctx.device)
-    return GaussianPrecision(loc, eye / spec.params["scale"] ** 2)
-
-
-def _stored(name: str, spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
-    """The Gaussian ``ctx.extras[name] = (mean [T, P], precision [T, P, P])``, or isotropic until there is one."""
-    stored = ctx.extras.get(name)
-    if stored is None:
-        return isotropic_prior(spec, ctx)
-    mean, precision = stored
-    return GaussianPrecision(mean.reshape(ctx.batch_shape + ctx.event_shape),
-                             precision.reshape(ctx.batch_shape + ctx.event_shape + ctx.event_shape[-1:]))
-
-
-@priors.register("full_data", **_SCALE, uses_components=False)
-def full_data_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
-    """The heads' posterior on the previous epoch's features under ``N(0, γ² I)`` (§3.1, §3.2).
-
-    Reads ``ctx.extras["full_data"]``; isotropic during the first epoch.
-    """
-    return _stored("full_data", spec, ctx)
-
-
-@priors.register("previous_batch", **_SCALE, uses_components=False)
-def previous_batch_prior(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
-    """The previous batch's posterior (``ctx.extras["previous_batch"]``); isotropic at the first step."""
-    return _stored("previous_batch", spec, ctx)
 
 
 # ----------------------------------------------------------------------------- model
@@ -432,18 +386,18 @@ class BayesAggOptions(Options):
         check_backbone(cfg["backbone"], cfg["conv_channels"])
 
 
-def build_bayesagg(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
-    model = BayesAggModel(data, cfg, state, device)
-    return model, BayesAggGuide(model, state)
+def build_bayesagg(ctx: MethodContext) -> tuple[BayesAggModel, BayesAggGuide]:
+    model = BayesAggModel(ctx.data, ctx.config, ctx.state, ctx.device)
+    return model, BayesAggGuide(model, ctx.state)
 
 
-def bayesagg_objective(method: Method, cfg: dict[str, Any], model: BayesAggModel, guide: BayesAggGuide) -> Objective:
-    return BayesAggObjective(model, guide, cfg)
+def bayesagg_objective(ctx: MethodContext) -> Objective:
+    return BayesAggObjective(ctx.model, ctx.guide, ctx.config)
 
 
-def _prediction_heads(model: BayesAggModel, guide: BayesAggGuide, n: int) -> Tensor:
+def _prediction_heads(ctx: MethodContext, n: int) -> Tensor:
     """The prediction heads ``[n, T, K, d+1]`` (a point estimate: every draw is the same)."""
-    theta = guide.prediction_heads().unflatten(-1, model.heads.shape[1:])
+    theta = ctx.guide.prediction_heads().unflatten(-1, ctx.model.heads.shape[1:])
     return theta.expand(n, *theta.shape)
 
 
@@ -451,19 +405,19 @@ def _head_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"class": np.arange(shape[-2]), "feature": np.arange(shape[-1])}
 
 
-def bayesagg_extra(fit: Any) -> dict[str, Any]:
+def bayesagg_extra(ctx: MethodContext) -> dict[str, Any]:
     """The aggregation weights over training, from the run's history: ``{"step": [...], task: [...]}``."""
-    logged = [h for h in fit.history if f"{WEIGHT_KEY}0" in h]
+    logged = [h for h in ctx.history if f"{WEIGHT_KEY}0" in h]
     if not logged:
         return {}
     weights = {"step": [h["step"] for h in logged]}
-    weights.update({name: [h[f"{WEIGHT_KEY}{t}"] for h in logged] for t, name in enumerate(fit.data.task_names)})
+    weights.update({name: [h[f"{WEIGHT_KEY}{t}"] for h in logged] for t, name in enumerate(ctx.data.task_names)})
     return {"aggregation_weights": weights}
 
 
-def bayesagg_plots(doc: Mapping[str, Any]) -> dict[str, Any]:
+def bayesagg_plots(ctx: MethodContext) -> dict[str, Any]:
     """Each task's mean aggregation weight against the step (the analogue of the paper's Fig. 3), drawn when written."""
-    weights = (doc.get("extra") or {}).get("aggregation_weights")
+    weights = (ctx.doc.get("extra") or {}).get("aggregation_weights")
     if not weights:
         return {}
     return {"aggregation_weights.png": lambda: _plot_aggregation_weights(weights)}
@@ -485,11 +439,11 @@ def _plot_aggregation_weights(weights: Mapping[str, list[float]]) -> Any:
     return fig
 
 
-register(Method(
+METHODS: tuple[Method, ...] = (Method(
     name="bayesagg", summary="shared extractor, Bayesian linear heads; precision-weighted aggregation of the "
                              "heads' gradient moments (BayesAgg-MTL)",
     paper=PAPER, build=build_bayesagg, options=BayesAggOptions,
     priors={"w": {"kind": "full_data", "scale": 1.0}}, settings=("simo",), objective=bayesagg_objective,
     export=(ExportSite("w", ("task", "class", "feature"), _prediction_heads, _head_coords),),
     extra=bayesagg_extra, plots=bayesagg_plots,
-))
+),)

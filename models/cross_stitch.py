@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.base import MultiTaskModel, Plates
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.cross_stitch import EmptyGuide
-from pyromtl.method import Method
-from pyromtl.methods import register
-from pyromtl.models.baselines import NetworkOptions
+from pyromtl.method import Method, MethodContext
+from pyromtl.options import NetworkOptions
 from pyromtl.nn import TaskLinear, activation
 
 #: The diagonal of a cross-stitch unit at the start (the paper's α_S); the rest of each row shares 1 − this.
@@ -78,21 +78,21 @@ class CrossStitchOptions(NetworkOptions):
     """Options of ``cross-stitch``: the network of ``stl``/``bmtl``, whose defaults ``smtl`` shares."""
 
 
-def build_cross_stitch(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
-    model = CrossStitchModel(data, cfg, state, device)
-    return model, EmptyGuide(data, state, device)
+def build_cross_stitch(ctx: MethodContext) -> tuple[CrossStitchModel, EmptyGuide]:
+    model = CrossStitchModel(ctx.data, ctx.config, ctx.state, ctx.device)
+    return model, EmptyGuide(ctx.data, ctx.state, ctx.device)
 
 
-def stitch_relatedness(model: CrossStitchModel, guide: EmptyGuide) -> dict[str, np.ndarray]:
+def stitch_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     """``{"stitch": A}`` of the last unit: how much of task s's representation task t reads."""
-    return {"stitch": model.stitches[-1].detach().cpu().numpy()}
+    return {"stitch": ctx.model.stitches[-1].detach().cpu().numpy()}
 
 
-register(Method(
+METHODS: tuple[Method, ...] = (Method(
     name="cross-stitch",
     summary="cross-stitch networks: one network per task, learned T x T units mix their activations after every layer",
     paper="Misra et al., Cross-stitch Networks for Multi-task Learning, CVPR 2016 (SMTL's baseline)",
     build=build_cross_stitch, options=CrossStitchOptions, settings=("simo",), min_tasks=2,
     relatedness=stitch_relatedness,
     relatedness_titles={"stitch": "cross-stitch unit of the last layer: row t reads task s with weight A_ts"},
-))
+),)

@@ -14,9 +14,9 @@ Machado de Freitas, Berg, Geiger, Mücke, IJCNN 2022. Equation numbers refer to 
   scaled by β_j (``beta``, or per task ``task_beta``), in model and guide alike.
 
 Task similarity is the eq. 11 distance between the learned ``log σ_j²``: ``Fit.relatedness()
-["distance"]``. Where the data declares its groups (``data.relatedness``), ``metrics.json``
-gets ``extra.clustering`` with the paper's success criterion (§V-B), and the run's plots get
-a dendrogram of the average-linkage clustering.
+["distance"]`` (drawn as the run's ``relatedness_distance.png``). Where the data declares its
+groups (``data.relatedness``), ``metrics.json`` gets ``extra.clustering`` with the paper's
+success criterion (§V-B), and the run's plots get a dendrogram of the average-linkage clustering.
 
 The paper's ablations are configuration (``examples/configs/hib_*.toml``): no noise is the
 ``deterministic`` prior of ``w``, fixed noise (Table V) is ``noise = "fixed"``, and β = 0 is
@@ -27,33 +27,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState
+from pyromtl.base import MultiTaskModel, Plates
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.hib import ChannelScale, HIBGuide, MTVIBGuide
-from pyromtl.infer.hib import (
-    cluster_tasks,
-    clustering_margin,
-    noise_distance,
-    plot_dendrogram,
-    plot_distance_heatmap,
-)
-from pyromtl.method import ExportSite, Method
-from pyromtl.methods import register
+from pyromtl.infer.hib import cluster_tasks, clustering_margin, noise_distance
+from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import MLP, GaussianEncoder, TaskLinear
 from pyromtl.options import Options
+from pyromtl.plots import plot_dendrogram
 from pyromtl.priors import PriorSite
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from pyromtl.fit import Fit
 
 PAPER = ("Machado de Freitas, Berg, Geiger, Mücke, Compressed Hierarchical Representations for Multi-Task "
          "Learning and Task Clustering, IJCNN 2022")
@@ -129,8 +122,9 @@ class HIBOptions(Options):
     predict_w: str = "sample"  # outside training: "sample" W_j (§III-D) or take its "mean" Z
 
 
-def build_hib(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+def build_hib(ctx: MethodContext) -> tuple[HIBModel, HIBGuide]:
     """HIB's model and guide; the guide owns the encoder f_θ and the channels' σ_j."""
+    data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     if cfg["latent_dim"] < 1:
         raise ValueError("config key 'latent_dim' must be at least 1")
     encoder = MLP(data.info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
@@ -149,8 +143,9 @@ class MTVIBOptions(Options):
     beta: float = 0.1  # weight of KL(q(Z | x) ‖ N(0, I))
 
 
-def build_mtvib(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+def build_mtvib(ctx: MethodContext) -> tuple[MTVIBModel, MTVIBGuide]:
     """MTVIB's model and guide; the guide owns the Gaussian encoder."""
+    data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     encoder = GaussianEncoder(data.num_tasks, data.info.input_dim, cfg["hidden"], cfg["latent_dim"],
                               cfg["activation"]).to(device)
     return MTVIBModel(data, cfg, state, device), MTVIBGuide(data, cfg, state, encoder, device)
@@ -160,39 +155,40 @@ def _has_channels(guide: HIBGuide) -> bool:
     return not guide.point
 
 
-def hib_relatedness(model: HIBModel, guide: HIBGuide) -> dict[str, np.ndarray]:
+def hib_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     """The eq. 11 distance between the tasks' log noise variances; none without channels."""
+    guide = ctx.guide
     if not _has_channels(guide):
         return {}
     return {"distance": noise_distance(guide.channel_log_var().detach()).cpu().numpy()}
 
 
-def hib_extra(fit: "Fit") -> dict[str, Any]:
+def hib_extra(ctx: MethodContext) -> dict[str, Any]:
     """The paper's clustering criterion (§V-B) where the data declares its task groups.
 
     ``success``: every across-group distance exceeds every within-group one; ``margin``: the
     smallest across minus the largest within (eq. 11 units).
     """
-    distance = fit.relatedness().get("distance")
-    if distance is None or fit.data.relatedness is None:
+    distance = ctx.relatedness().get("distance")
+    if distance is None or ctx.data.relatedness is None:
         return {}
-    margin = clustering_margin(distance, fit.data.relatedness)
+    margin = clustering_margin(distance, ctx.data.relatedness)
     return {"clustering": {"success": margin > 0.0, "margin": margin, "linkage": LINKAGE}}
 
 
-def hib_plots(doc: Mapping[str, Any]) -> dict[str, Callable[[], "Figure"]]:
-    """The eq. 11 heatmap (in place of the generic relatedness heatmap) and the dendrogram, drawn when written."""
-    distance = (doc.get("relatedness") or {}).get("distance")
+def hib_plots(ctx: MethodContext) -> dict[str, Callable[[], "Figure"]]:
+    """The dendrogram of the eq. 11 task clustering, drawn when written."""
+    distance = (ctx.doc.get("relatedness") or {}).get("distance")
     if distance is None:
         return {}
-    names = list(doc["tasks"])
-    return {"relatedness_distance.png": lambda: plot_distance_heatmap(distance, names),
-            "dendrogram_distance.png": lambda: plot_dendrogram(cluster_tasks(distance, LINKAGE), names,
+    names = list(ctx.doc["tasks"])
+    return {"dendrogram_distance.png": lambda: plot_dendrogram(cluster_tasks(distance, LINKAGE), names,
                                                                f"task clustering ({LINKAGE} linkage, eq. 11)")}
 
 
-def _log_var_draws(model: HIBModel, guide: HIBGuide, n: int) -> torch.Tensor | None:
+def _log_var_draws(ctx: MethodContext, n: int) -> torch.Tensor | None:
     """``log σ_j²`` repeated over the ``n`` draws (a point estimate), ``[n, T, D]``."""
+    guide = ctx.guide
     if not _has_channels(guide):
         return None
     log_var = guide.channel_log_var().detach()
@@ -206,7 +202,7 @@ def _latent_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any
 #: ν_j frozen at 0 and ξ_j learned per task (§III-D).
 MARGINAL = {"kind": "learned_normal", "loc": 0.0, "scale": 1.0, "learn_loc": False, "per_task": True}
 
-register(Method(
+HIB = Method(
     name="hib", summary="HIB: a deterministic shared Z, per-task Gaussian noise channels W_j = Z + N_j "
                         "under a β_j-weighted KL, task clustering from the noise variances",
     paper=PAPER, build=build_hib, options=HIBOptions, priors={"w": dict(MARGINAL)},
@@ -214,17 +210,19 @@ register(Method(
     relatedness_titles={"distance": "eq. 11: L1 distance between the tasks' log noise variances"},
     export=(ExportSite("channel_log_var", ("task", "latent_dim"), _log_var_draws, _latent_coords),),
     extra=hib_extra, plots=hib_plots,
-))
+)
 
-def _task_log_var_draws(model: MTVIBModel, guide: MTVIBGuide, n: int) -> torch.Tensor:
+def _task_log_var_draws(ctx: MethodContext, n: int) -> torch.Tensor:
     """The uncertainty weights' log variances ``s_j`` (point estimates), repeated over draws."""
-    s = model.log_task_var.detach().squeeze(-1)
+    s = ctx.model.log_task_var.detach().squeeze(-1)
     return s.expand(n, *s.shape)
 
 
-register(Method(
+MTVIB = Method(
     name="mtvib", summary="MTVIB (HIB's baseline): one stochastic Z under N(0, I) with a β-weighted KL, "
                           "linear heads and uncertainty-weighted task losses",
     paper=PAPER + " (baseline, §V-A)", build=build_mtvib, options=MTVIBOptions, priors={"z": "normal"},
     export=(ExportSite("task_log_var", ("task",), _task_log_var_draws),),
-))
+)
+
+METHODS: tuple[Method, ...] = (HIB, MTVIB)

@@ -29,17 +29,17 @@ logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average ove
 optimiser in :class:`GateObjective`; the rest of val stays for model selection.
 
 Encoders and decoders are MLPs (``hidden``, ``decoder_hidden``) unless ``encoder``/``decoder``
-name a factory ``"module:function"``, ``function(in_dim, out_dim) -> nn.Module``; the private
-copies then run together through :class:`TaskStack` (``torch.vmap``), never in a task loop.
+name a network registered with :func:`pyromtl.networks.register` (``factory(in_dim, out_dim) ->
+nn.Module``); the private copies then run together through :class:`TaskStack` (``torch.vmap``),
+never in a task loop.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyro
@@ -47,15 +47,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyromtl.base import MultiTaskModel, Plates, TrainState, is_point
+from pyromtl.base import MultiTaskModel, Plates, is_point
+from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.smtl import GateGuide
-from pyromtl.method import ExportSite, Method
-from pyromtl.methods import register
+from pyromtl import networks
+from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import MLP, TaskMLP
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.options import Options, ScheduleValue
-from pyromtl.priors import PriorContext, PriorSite, PriorSpec, register as register_prior
+from pyromtl.priors import PriorSite
 from pyromtl.schedules import as_schedule
 
 #: The part of val that trains the bi-level gates (eq. 6); model selection uses the rest.
@@ -64,17 +65,6 @@ GATE_MODES = ("joint", "bilevel")
 
 
 # ---------------------------------------------------------------------------- networks
-def load_factory(path: str) -> Callable[[int, int], nn.Module]:
-    """The factory ``"module:function"`` names (``function(in_dim, out_dim) -> nn.Module``)."""
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ValueError(f"a network factory is written 'module:function', got {path!r}")
-    factory = getattr(importlib.import_module(module), name, None)
-    if not callable(factory):
-        raise ValueError(f"{path!r} names no callable")
-    return factory
-
-
 class TaskStack(nn.Module):
     """``T`` copies of one network, parameters stacked ``[T, ...]`` and run with ``torch.vmap``.
 
@@ -103,15 +93,16 @@ class TaskStack(nn.Module):
         return torch.vmap(one, in_dims=(0, None if shared else 0))(params, x)
 
 
-def shared_net(factory: str, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
-    return load_factory(factory)(in_dim, out_dim) if factory else MLP(in_dim, hidden, out_dim, act)
+def shared_net(network: str, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
+    """The registered ``network`` (by name), or an MLP when the name is empty."""
+    return networks.get(network)(in_dim, out_dim) if network else MLP(in_dim, hidden, out_dim, act)
 
 
-def task_net(factory: str, num_tasks: int, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
+def task_net(network: str, num_tasks: int, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
     """One network per task, evaluated in one batched call (``TaskMLP`` or a :class:`TaskStack`)."""
-    if not factory:
+    if not network:
         return TaskMLP(num_tasks, in_dim, hidden, out_dim, act)
-    make = load_factory(factory)
+    make = networks.get(network)
     return TaskStack([make(in_dim, out_dim) for _ in range(num_tasks)])
 
 
@@ -219,19 +210,6 @@ class SMTLModel(MultiTaskModel):
             self.observe(out, batch)
 
 
-@register_prior("relaxed_bernoulli", defaults={"probs": 0.5}, uses_components=False)
-def relaxed_bernoulli_prior(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
-    """A gate prior ``RelaxedBernoulli(τ, probs)`` at the gate's own temperature (``ctx.extras["temperature"]``).
-
-    Straight-through so that it scores a hard draw at the relaxed value the draw came from
-    (the hidden attribute of that exact tensor: the site's value is never copied).
-    """
-    if not 0.0 < spec.params["probs"] < 1.0:
-        raise ValueError(f"relaxed_bernoulli needs 0 < probs < 1, got {spec.params['probs']}")
-    probs = ctx.full(ctx.batch_shape, spec.params["probs"])
-    return dist.RelaxedBernoulliStraightThrough(ctx.extras["temperature"], probs=probs)
-
-
 # ---------------------------------------------------------------------------- pruning
 class PrunedSMTL(nn.Module):
     """A lite SMTL network at inference (Fig. 1, right): the public encoder if any task chose it, the
@@ -271,9 +249,9 @@ def prune(model: SMTLModel) -> PrunedSMTL:
         return PrunedSMTL(model, model.gate()).eval()
 
 
-def export_pruned(fit) -> PrunedSMTL:
+def export_pruned(ctx: MethodContext) -> PrunedSMTL:
     """``Fit.export_pruned()``: :func:`prune` of the fitted model."""
-    return prune(fit.model)
+    return prune(ctx.model)
 
 
 # ---------------------------------------------------------------------------- objective
@@ -313,9 +291,10 @@ class GateObjective(Objective):
             self.gate_optim.load_state_dict(state["gate_optim"])
 
 
-def carve_gate_split(data: MultiTaskData, cfg: dict[str, Any]) -> MultiTaskData:
+def carve_gate_split(ctx: MethodContext) -> MultiTaskData:
     """Bi-level only: split val at random (seeded) into ``gates`` (the gates' data, eq. 6) and a
     smaller ``val`` (``selection_fraction`` of it) that model selection uses and the gates never see."""
+    data, cfg = ctx.data, ctx.config
     if cfg["gates"] != "bilevel":
         return data
     val = data.splits["val"][0]  # SIMO: every task shares its rows
@@ -339,7 +318,7 @@ class SMTLOptions(Options):
     #: Hidden layers of the decoders; none: a linear head, as ``stl``/``bmtl`` have.
     decoder_hidden: list[int] = field(default_factory=list)
     activation: str = "elu"
-    #: ``"module:function"`` building an encoder, ``function(in_dim, out_dim)``; empty: an MLP.
+    #: A network registered with ``pyromtl.networks.register`` (by name) for the encoders; empty: an MLP.
     encoder: str = ""
     #: The same for the decoders.
     decoder: str = ""
@@ -353,39 +332,48 @@ class SMTLOptions(Options):
     #: Bi-level: the share of val kept for model selection; the gates learn on the rest.
     selection_fraction: float = 0.5
 
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        # names only: a network is looked up in the registry the user's own module filled
+        networks.check("encoder", cfg["encoder"])
+        networks.check("decoder", cfg["decoder"])
 
-def _builder(lite: bool, combine: str) -> Callable:
-    def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+
+def _builder(lite: bool, combine: str) -> Callable[[MethodContext], tuple[SMTLModel, GateGuide]]:
+    def build(ctx: MethodContext) -> tuple[SMTLModel, GateGuide]:
+        data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
         model = SMTLModel(data, cfg, state, device, lite=lite, combine=combine)
         return model, GateGuide(data, cfg, state, model, device)
 
     return build
 
 
-def gate_objective(method: Method, cfg: dict[str, Any], model: SMTLModel, guide: GateGuide) -> GateObjective:
-    return GateObjective(method.elbo(method, cfg)(model, guide), cfg)
+def gate_objective(ctx: MethodContext) -> GateObjective:
+    return GateObjective(ctx.method.elbo(ctx)(ctx.model, ctx.guide), ctx.config)
 
 
-def gate_relatedness(model: SMTLModel, guide: GateGuide) -> dict[str, np.ndarray]:
+def gate_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     """``{"gates": diag(α_t)}``: the gates are one number per task, shown on the diagonal (with a
     Bayesian gate, ``α_t`` is its posterior's ``probs``)."""
-    return {"gates": np.diag(model.alpha().cpu().numpy())}
+    return {"gates": np.diag(ctx.model.alpha().cpu().numpy())}
 
 
-def _gate_draws(model: SMTLModel, guide: GateGuide, n: int) -> torch.Tensor:
-    return model.gate_draws(n)
+def _gate_draws(ctx: MethodContext, n: int) -> torch.Tensor:
+    return ctx.model.gate_draws(n)
 
 
 GATE_EXPORT = ExportSite("gate", ("task",), _gate_draws)
 PAPER = "Guo, Ye, Zhang, Safe Multi-Task Learning, arXiv:2111.10601"
 
-for _name, _lite, _combine, _summary in (
-    ("smtl", False, "encoders", "safe MTL: learned α_t mixes a public and a private encoder per task (eq. 1)"),
-    ("lsmtl", True, "encoders", "lite SMTL: straight-through binary gates pick one encoder per task (eq. 3-4)"),
-    ("smtl-c", False, "outputs", "SMTL_c: learned α_t mixes a public and a private decoder's outputs (§3.4)"),
-    ("lsmtl-c", True, "outputs", "lite SMTL_c: straight-through binary gates pick one output per task (§3.4)"),
-):
-    register(Method(name=_name, summary=_summary, paper=PAPER, build=_builder(_lite, _combine), options=SMTLOptions,
-                    priors={"gate": "deterministic"}, settings=("simo",), objective=gate_objective, relatedness=gate_relatedness,
-                    relatedness_titles={"gates": "gate α_t (weight of the public side)"}, export=(GATE_EXPORT,),
-                    prepare_data=carve_gate_split, export_pruned=export_pruned))
+METHODS: tuple[Method, ...] = tuple(
+    Method(name=name, summary=summary, paper=PAPER, build=_builder(lite, combine), options=SMTLOptions,
+           priors={"gate": "deterministic"}, settings=("simo",), objective=gate_objective,
+           relatedness=gate_relatedness, relatedness_titles={"gates": "gate α_t (weight of the public side)"},
+           export=(GATE_EXPORT,), prepare_data=carve_gate_split, export_pruned=export_pruned)
+    for name, lite, combine, summary in (
+        ("smtl", False, "encoders", "safe MTL: learned α_t mixes a public and a private encoder per task (eq. 1)"),
+        ("lsmtl", True, "encoders", "lite SMTL: straight-through binary gates pick one encoder per task (eq. 3-4)"),
+        ("smtl-c", False, "outputs", "SMTL_c: learned α_t mixes a public and a private decoder's outputs (§3.4)"),
+        ("lsmtl-c", True, "outputs", "lite SMTL_c: straight-through binary gates pick one output per task (§3.4)"),
+    )
+)

@@ -1,6 +1,6 @@
 """VMTL: variational multi-task learning with Gumbel-Softmax priors (Shen et al., NeurIPS 2021).
 
-The model is the baseline latent model (``models/baselines.py``) under L x M Monte-Carlo
+The model is the core latent model (:mod:`pyromtl.latent`) under L x M Monte-Carlo
 plates (eq. 11), with conditional priors that mix the other tasks' variational posteriors:
 
 * classifier (eq. 6–7): ``p(w_t) = sum_{i != t} alpha_ti q(w_i)``; the components are the other
@@ -30,16 +30,20 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pyromtl.base import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
-from pyromtl.guides.baselines import ClassifierPosterior
 from pyromtl.guides.vmtl import AmortizedClassifier, MonteCarloDraws, VMTLGuide
-from pyromtl.method import ExportSite, Method
-from pyromtl.methods import register
-from pyromtl.models.baselines import CLASSIFIER_EXPORT, VMTL_PAPER, LatentMTLModel, LatentOptions, tempered
+from pyromtl.latent import (
+    CLASSIFIER_EXPORT,
+    VMTL_PAPER,
+    ClassifierPosterior,
+    LatentMTLModel,
+    LatentOptions,
+    tempered,
+)
+from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import GaussianEncoder, cross_attention
 from pyromtl.priors import PriorSite, mixture_weights, other_tasks, uses_components
-from pyromtl.schedules import as_schedule
+from pyromtl.schedules import TrainState, as_schedule
 
 
 class ClassAttention:
@@ -220,8 +224,9 @@ class VMTLOptions(LatentOptions):
         super().validate(cfg)
 
 
-def build_vmtl(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+def build_vmtl(ctx: MethodContext) -> tuple[VMTLModel, VMTLGuide]:
     """VMTL (and VMTL-AC when ``amortized_classifier``): mixture priors over the other tasks."""
+    data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     info = data.info
     _check_z_components(cfg, info.num_tasks)  # before the attention's one-off precomputation
     encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
@@ -261,15 +266,16 @@ def _mixture_sites(model) -> dict[str, PriorSite]:
     return {k: s for k, s in sites.items() if s.spec.kind == "task_mixture"}
 
 
-def vmtl_relatedness(model, guide) -> dict[str, np.ndarray]:
+def vmtl_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     """Expected mixing weights: α (classifier prior, eq. 7) and β (representation prior, eq. 9)."""
-    return {k: expected_weights(s).cpu().numpy() for k, s in _mixture_sites(model).items()}
+    return {k: expected_weights(s).cpu().numpy() for k, s in _mixture_sites(ctx.model).items()}
 
 
 def _weight_draws(which: str):
     """Draws of α or β as the model samples them at its current step; None for an ablated site."""
 
-    def draw(model, guide, n: int) -> torch.Tensor | None:
+    def draw(ctx: MethodContext, n: int) -> torch.Tensor | None:
+        model = ctx.model
         site = _mixture_sites(model).get(which)
         if site is None:
             return None
@@ -283,13 +289,10 @@ def _weight_draws(which: str):
 
 _MIXTURE = {"kind": "task_mixture", "weights": "gumbel_softmax",
             "temperature": {"start": 5.0, "end": 0.5, "decay_fraction": 0.25}, "kl": "upper_bound"}
-for _name, _amortized, _summary in (
-    ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),
-    ("vmtl-ac", True, "VMTL-AC: VMTL with an amortised classifier from per-class mean representations"),
-):
-    register(Method(
-        name=_name, summary=_summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
-        overrides={**tempered(1e-2), "amortized_classifier": _amortized,
+METHODS: tuple[Method, ...] = tuple(
+    Method(
+        name=name, summary=summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
+        overrides={**tempered(1e-2), "amortized_classifier": amortized,
                    "eval_samples": 2},  # each draw already averages L x M = 100 inner pairs
         priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), min_tasks=2, max_plate_nesting=4,
         relatedness=vmtl_relatedness,
@@ -297,4 +300,9 @@ for _name, _amortized, _summary in (
         export=(CLASSIFIER_EXPORT,
                 ExportSite("w_weights", ("task", "other_task"), _weight_draws("alpha")),
                 ExportSite("z_weights", ("task", "other_task"), _weight_draws("beta"))),
-    ))
+    )
+    for name, amortized, summary in (
+        ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),
+        ("vmtl-ac", True, "VMTL-AC: VMTL with an amortised classifier from per-class mean representations"),
+    )
+)

@@ -1,6 +1,6 @@
 """Gradient-weighting MTL baselines on ``bmtl``'s network, through torchjd.
 
-Every method here trains exactly ``bmtl``'s model and guide (``models/baselines.py``): one
+Every method here trains exactly ``bmtl``'s model and guide (:mod:`pyromtl.latent`): one
 shared encoder, one linear head per task, point estimates from ``deterministic`` priors on
 ``z`` and ``w``, with the same trainer, optimiser and step budget. Only the backward pass
 differs. Each step reads the per-task losses ``ℓ_t`` from the model trace (the negative
@@ -32,13 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
-from pyromtl.base import TrainState, is_point
-from pyromtl.data.core import MultiTaskData
-from pyromtl.method import Method
-from pyromtl.methods import register
-from pyromtl.models.baselines import CLASSIFIER_EXPORT, LatentOptions, build_latent
+from pyromtl.base import is_point
+from pyromtl.latent import CLASSIFIER_EXPORT, LatentOptions, build_latent
+from pyromtl.method import Method, MethodContext
 from pyromtl.objective import Objective
 
 
@@ -86,7 +82,8 @@ class Weighting:
 def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
     """``bmtl``'s model and guide, refusing what would make them another network."""
 
-    def build(data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def build(ctx: MethodContext) -> tuple[Any, Any]:
+        cfg = ctx.config
         if cfg["per_task_encoder"]:
             raise ValueError(f"method {spec.name!r} weights the gradients of one shared encoder; "
                              "per_task_encoder must be false")
@@ -96,7 +93,7 @@ def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
         if cfg["learn_noise"] and spec.positive_losses:
             raise ValueError(f"method {spec.name!r} needs positive task losses, which a learned regression noise "
                              "does not guarantee; keep learn_noise = false")
-        model, guide = build_latent(data, cfg, state, device)
+        model, guide = build_latent(ctx)
         if not cfg["learn_noise"]:
             model.noise_unconstrained.requires_grad_(False)  # stays at its initial value, 1
         return model, guide
@@ -104,10 +101,11 @@ def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
     return build
 
 
-def _objective(method: Method, cfg: dict[str, Any], model, guide) -> Objective:
+def _objective(ctx: MethodContext) -> Objective:
     from pyromtl.infer.weighting import weighting_objective  # torchjd loads its solvers: only when used
 
-    return weighting_objective(method.name, method.elbo(method, cfg)(model, guide), model, cfg)
+    method = ctx.method
+    return weighting_objective(method.name, method.elbo(ctx)(ctx.model, ctx.guide), ctx.model, ctx.config)
 
 
 _NAVON = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"
@@ -137,8 +135,9 @@ WEIGHTINGS: tuple[Weighting, ...] = (
               "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"),
 )
 
-for _spec in WEIGHTINGS:
-    register(Method(name=_spec.name, summary=_spec.summary, paper=_spec.paper, build=_checked_build(_spec),
-                    options=_spec.options, overrides={"per_task_encoder": False},
-                    priors={"z": "deterministic", "w": "deterministic"}, objective=_objective,
-                    export=(CLASSIFIER_EXPORT,)))
+METHODS: tuple[Method, ...] = tuple(
+    Method(name=spec.name, summary=spec.summary, paper=spec.paper, build=_checked_build(spec), options=spec.options,
+           overrides={"per_task_encoder": False}, priors={"z": "deterministic", "w": "deterministic"},
+           objective=_objective, export=(CLASSIFIER_EXPORT,))
+    for spec in WEIGHTINGS
+)

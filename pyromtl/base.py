@@ -19,7 +19,6 @@ masked where a task's row is padding.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import pyro
@@ -32,27 +31,12 @@ from pyromtl.data.core import Batch, TaskInfo
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.params import LocalParamsModule
 from pyromtl.priors import parse_spec
-from pyromtl.schedules import Schedule, as_schedule
+from pyromtl.schedules import Schedule, TrainState, as_schedule
 
 
 def is_point(spec) -> bool:
     """A ``deterministic`` prior makes the site a point estimate (flat prior, Delta guide)."""
     return parse_spec(spec).kind == "deterministic"
-
-
-@dataclass
-class TrainState:
-    """Mutable training progress, shared by a model and its guide (the trainer sets both fields).
-
-    ``total_steps`` is the run's length, which schedules written relative to it need.
-    """
-
-    step: int = 0
-    total_steps: int | None = None
-
-    def value(self, schedule: Schedule) -> float:
-        """``schedule`` at the current step of this run."""
-        return schedule(self.step, self.total_steps)
 
 
 class Plates:

@@ -21,6 +21,12 @@ from pyromtl.rundir import RunDir
 from pyromtl.tables import metrics_table
 
 # ---------------------------------------------------------------------------- list
+#: What ``pyromtl list`` lists, in order.
+LIST_SECTIONS = ("methods", "datasets", "priors", "networks")
+#: Said where a section has no entry.
+NONE_HINT = {"networks": ": register one with pyromtl.networks.register in a module passed with --import"}
+
+
 def _summaries(section: str) -> list[tuple[str, str]]:
     """``(name, one-line summary)`` for every entry of a registry."""
     if section == "methods":
@@ -31,6 +37,10 @@ def _summaries(section: str) -> list[tuple[str, str]]:
         from pyromtl import datasets
 
         return [(name, _plain(datasets.summary(name))) for name in datasets.available()]
+    if section == "networks":
+        from pyromtl import networks
+
+        return [(name, "registered by your code") for name in networks.available()]
     from pyromtl import priors
 
     def params(kind: str) -> str:
@@ -48,12 +58,13 @@ def _plain(text: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    sections = [args.section] if args.section else ["methods", "datasets", "priors"]
+    sections = [args.section] if args.section else list(LIST_SECTIONS)
     blocks = []
     for section in sections:
         entries = _summaries(section)
         width = max((len(n) for n, _ in entries), default=0)
-        blocks.append("\n".join([f"{section}:", *(f"  {n.ljust(width)}  {s}".rstrip() for n, s in entries)]))
+        lines = [f"  {n.ljust(width)}  {s}".rstrip() for n, s in entries] or [f"  (none{NONE_HINT.get(section, '')})"]
+        blocks.append("\n".join([f"{section}:", *lines]))
     print("\n\n".join(blocks))
     return 0
 
@@ -80,16 +91,15 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from pyromtl import config, methods
-    from pyromtl.fit import fit_resolved, resolve_fraction
+    from pyromtl.fit import fit_resolved
 
     method = methods.get(args.method)
     cfg = config.resolve(method, fit_options(args))  # fail on bad options before any work
-    resolve_fraction(cfg)
     out = Path(args.out or f"runs/{args.method}-{cfg['data']}-s{cfg['seed']}")
     t0 = time.perf_counter()
     fit = fit_resolved(method, cfg, out=out)
     wall = time.perf_counter() - t0
-    doc = RunDir(out).read_metrics()
+    doc = fit.metrics()
     train = doc["train"]
     print(f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:")
     print(metrics_table(doc["tasks"], doc["average"]))
@@ -217,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sp = sub.add_parser("list", parents=[common], help="list methods, datasets and prior kinds")
-    sp.add_argument("section", nargs="?", choices=["methods", "datasets", "priors"])
+    sp = sub.add_parser("list", parents=[common], help="list methods, datasets, prior kinds and networks")
+    sp.add_argument("section", nargs="?", choices=list(LIST_SECTIONS))
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("fit", parents=[common], help="train a method and write a run directory",

@@ -13,6 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
+from pyromtl import datasets
+from pyromtl.data.core import MultiTaskData
+from pyromtl.method import Method
 from pyromtl.options import ScheduleValue, TrainOptions, check
 from pyromtl.priors import parse_spec
 from pyromtl.schedules import Schedule, find_schedules
@@ -23,16 +26,25 @@ TRAIN_DEFAULTS: dict[str, Any] = TrainOptions.defaults()
 SELECT_MODES = ("after_warmup", "all", "last")
 
 
-def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Merge defaults, the method's defaults and ``options``; validate every key and value.
+def resolve(method: Method, options: Mapping[str, Any] | None = None, priors: Mapping[str, Any] | None = None,
+            data: MultiTaskData | str | None = None) -> dict[str, Any]:
+    """The final config of a run: defaults, the method's defaults and ``options``, every key and
+    value validated, and what depends on the data resolved (DESIGN: two configs are the same run
+    when they agree after this).
 
-    ``method`` is a :class:`pyromtl.methods.Method`. ``priors`` maps latent sites to prior specs
-    (objects, dicts or kind names); it may also come as ``options["priors"]``.
+    ``priors`` maps latent sites to prior specs (objects, dicts or kind names); it may also come
+    as ``options["priors"]``. ``data`` (a dataset name or a :class:`MultiTaskData`) sets the
+    ``data`` key to its name. ``fraction = 0`` becomes the dataset's default fraction (1 for a
+    dataset without one) and ``root`` an absolute path.
     """
     defaults = {**TRAIN_DEFAULTS, **method.defaults}
     hints = {**TrainOptions.hints(), **method.options.hints()}
     cfg: dict[str, Any] = dict(defaults)
     options = dict(options or {})
+    if isinstance(data, (str, MultiTaskData)):
+        options["data"] = data if isinstance(data, str) else data.name
+    elif data is not None:
+        raise ValueError(f"data must be a dataset name or a MultiTaskData, got {type(data).__name__}")
     prior_opts: dict[str, Any] = {}
     for table in (options.pop("priors", None), priors):
         if table is not None and not isinstance(table, Mapping):
@@ -77,17 +89,21 @@ def resolve(method, options: Mapping[str, Any] | None = None, priors: Mapping[st
         )
     cfg["priors"] = resolved_priors
     method.options.validate(cfg)
+    if cfg["root"]:
+        cfg["root"] = str(Path(cfg["root"]).expanduser().resolve())
+    if not cfg["fraction"]:
+        cfg["fraction"] = datasets.default_fraction(cfg["data"]) or 1.0
     return cfg
 
 
-def schedules(method, cfg: Mapping[str, Any]) -> dict[str, Schedule]:
+def schedules(method: Method, cfg: Mapping[str, Any]) -> dict[str, Schedule]:
     """The schedules of a resolved config by dotted path: its options typed as schedules and
     every schedule table in it (such as a prior's temperature)."""
     hints = {**TrainOptions.hints(), **method.options.hints()}
     return find_schedules(cfg, [key for key, hint in hints.items() if hint is ScheduleValue])
 
 
-def _kl_weights(method, default: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:
+def _kl_weights(method: Method, default: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:
     """A partial ``kl_weights`` table tunes the defaults; every key must be a latent site."""
     if unknown := sorted(set(given) - set(method.priors)):
         raise ValueError(f"config key 'kl_weights' names unknown site(s) {unknown} of method {method.name!r}; "

@@ -1,4 +1,8 @@
-"""Predict a whole split and score it, per task, with :mod:`pyromtl.metrics`."""
+"""Predict a whole split and score it, per task, with :mod:`pyromtl.metrics`.
+
+One prediction of a split is what both the run's metrics and its ArviZ export read, so the two
+come from the same posterior draws.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from pyromtl import metrics
 from pyromtl.data.core import MultiTaskData
+from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.predict import draw, mean_prediction
 
 
@@ -18,7 +23,8 @@ class SplitPrediction:
 
     ``pred[t]`` is ``[N_t, C]`` class probabilities (classification), ``[N_t]`` ``P(y=1)``
     (binary) or ``[N_t]`` predictive means (regression); ``y[t]`` the targets. ``loglik``
-    ``[D, T, N]`` and ``mask [T, N]`` hold per-draw pointwise log-likelihoods (padded).
+    ``[D, T, N]`` and ``mask [T, N]`` hold per-draw pointwise log-likelihoods (padded); ``y_rep``
+    ``[D, T, N]`` a replicated target per draw (standardised, padded) when asked for.
     """
 
     pred: list[np.ndarray]
@@ -26,15 +32,24 @@ class SplitPrediction:
     loglik: np.ndarray
     mask: np.ndarray
     sites: dict[str, np.ndarray]
+    y_rep: np.ndarray | None = None
 
 
 @torch.no_grad()
 def predict_split(model, guide, data: MultiTaskData, split: str, *, num_samples: int, max_plate_nesting: int,
-                  device: torch.device, keep: tuple[str, ...] = ()) -> SplitPrediction:
+                  device: torch.device, keep: tuple[str, ...] = (), replicate: bool = False) -> SplitPrediction:
+    """Posterior predictive of ``split`` from ``num_samples`` draws per batch (and the sites in ``keep``).
+
+    ``replicate`` also draws ``y_rep`` from each draw's likelihood. Those draws take a fork of
+    the RNG, so the predictions are the same with or without them.
+    """
     info = model.info
-    probs, ys, lls, masks, sites = [], [], [], [], {k: [] for k in keep}
+    probs, ys, lls, masks, reps, sites = [], [], [], [], [], {k: [] for k in keep}
     for batch in data.eval_batches(split, device):
         d = draw(model, guide, batch, num_samples, max_plate_nesting, keep)
+        if replicate:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                reps.append(MultiTaskOutput(d.outputs, info, model.noise).sample())
         probs.append(mean_prediction(d.outputs, info))
         ys.append(batch.y)
         lls.append(d.loglik)
@@ -58,7 +73,9 @@ def predict_split(model, guide, data: MultiTaskData, split: str, *, num_samples:
             pred_t.append(prob[t, m, 0] * std + mean)
             y_t.append(y[t, m] * std + mean)
     keep_sites = {k: torch.cat(v, -1).cpu().numpy() if v[0].dim() else v[0].cpu().numpy() for k, v in sites.items() if v}
-    return SplitPrediction(pred=pred_t, y=y_t, loglik=torch.cat(lls, -1).cpu().numpy(), mask=mask, sites=keep_sites)
+    y_rep = torch.cat(reps, -1).cpu().numpy() if replicate else None
+    return SplitPrediction(pred=pred_t, y=y_t, loglik=torch.cat(lls, -1).cpu().numpy(), mask=mask, sites=keep_sites,
+                           y_rep=y_rep)
 
 
 def score_prediction(data: MultiTaskData, sp: SplitPrediction) -> dict:

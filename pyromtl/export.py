@@ -1,5 +1,9 @@
 """ArviZ export: :func:`to_datatree` builds an ArviZ (>= 1.0) DataTree with one chain of D draws.
 
+The draws are the fit's prediction of the split (``Fit.predict``), the very draws its metrics
+come from: ``eval_samples`` model passes by default (raise it for PSIS-LOO, whose Pareto
+diagnostics want a hundred draws or more).
+
 * ``posterior``: the sites the method declares (``Method.export``; e.g. the classifier ``w``
   ``(chain, draw, task, class, latent_dim)`` and VMTL's mixing weights ``(chain, draw, task,
   other_task)``), plus ``noise`` ``(chain, draw, regression_task)``: the
@@ -13,79 +17,45 @@
 * ``relatedness``: ``Fit.relatedness()`` ``(task, other_task)``.
 
 Methods with inner Monte-Carlo plates (VMTL's L x M draws of z and w per model pass) give
-L·M joint draws per pass: each is a draw of the DataTree, so D draws take ``ceil(D / (L M))``
-passes (the inner draws of one pass share their z and w draws crosswise, so they are
-correlated, as MCMC draws are).
+L·M joint draws per pass: each is a draw of the DataTree, so n passes give D = n·L·M draws (the
+inner draws of one pass share their z and w draws crosswise, so they are correlated, as MCMC
+draws are).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from pyromtl.data.core import Batch
-from pyromtl.likelihoods import MultiTaskOutput
-from pyromtl.params import local_params
-from pyromtl.predict import draw
+from pyromtl.evaluation import SplitPrediction
+from pyromtl.method import MethodContext
 
-#: Default number of draws: PSIS-LOO fits a tail to the top 20% of the draws and needs ≥ 5 there.
-MIN_DRAWS = 100
-#: Head outputs held by one vectorised pass over draws (64 MiB of float32), which bounds memory.
-CHUNK_ELEMENTS = 2**24
 #: The groups whose ``y`` runs over the stacked ``obs`` dim.
 OBS_GROUPS = ("posterior_predictive", "log_likelihood", "observed_data")
 
 
-def _draw_chunk(fit, batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``loglik [n I, T, B]`` and ``y_rep [n I, T, B]`` from ``n`` model passes of I inner draws each."""
-    d = draw(fit.model, fit.guide, batch, n, fit.method.max_plate_nesting)
-    y_rep = MultiTaskOutput(d.outputs, fit.model.info, fit.model.noise).sample()
-    return d.loglik, y_rep
-
-
-@local_params
-@torch.no_grad()
-def _draw_split(fit, split: str, num_samples: int):
-    """``loglik [D, T, N]``, ``y_rep [D, T, N]`` (standardised), ``y [T, N]``, ``mask [T, N]`` and the
-    declared sites' draws.
-
-    Vectorised over model passes, in chunks that hold about :data:`CHUNK_ELEMENTS` outputs.
-    """
-    batches = list(fit.data.eval_batches(split, fit.device))
-    device = [fit.device] if fit.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=device):
-        torch.manual_seed(fit.config["seed"])
-        lls, reps = [], []
-
-        def passes(n: int) -> int:
-            parts = [_draw_chunk(fit, b, n) for b in batches]
-            lls.append(torch.cat([p[0] for p in parts], -1))
-            reps.append(torch.cat([p[1] for p in parts], -1))
-            return lls[-1].shape[0] // n
-
-        inner = passes(1)  # the first pass tells how many draws a pass gives
-        total = math.ceil(num_samples / inner)
-        chunk = max(1, CHUNK_ELEMENTS // (inner * max(b.y.numel() for b in batches) * fit.model.info.out_dim))
-        for start in range(1, total, chunk):
-            passes(min(chunk, total - start))
-        posterior = _draw_sites(fit, num_samples)
-    y = torch.cat([b.y for b in batches], 1).cpu().numpy()
-    mask = torch.cat([b.mask for b in batches], 1).cpu().numpy()
-    loglik, y_rep = torch.cat(lls)[:num_samples], torch.cat(reps)[:num_samples]
-    return loglik.cpu().numpy(), y_rep.cpu().numpy(), y, mask, posterior
-
-
-def _draw_sites(fit, num_samples: int) -> dict[str, np.ndarray]:
-    """``[D, ...]`` draws of every site the method exports (those its configuration has)."""
+def _draw_sites(ctx: MethodContext, num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``[D, ...]`` draws of every site the method exports (those its configuration has), seeded."""
     out = {}
-    for site in fit.method.export:
-        values = site.draw(fit.model, fit.guide, num_samples)
-        if values is not None:
-            out[site.name] = values.cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for site in ctx.method.export:
+            values = site.draw(ctx, num_samples)
+            if values is not None:
+                out[site.name] = values.cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
     return out
+
+
+def _prediction(fit, split: str, num_samples: int) -> SplitPrediction:
+    """``num_samples`` draws of ``split``: a model pass of methods with inner Monte-Carlo plates
+    gives several (VMTL: L·M), so one pass tells how many passes to take."""
+    per_pass = fit.predict(split, 1).loglik.shape[0]
+    sp = fit.predict(split, math.ceil(num_samples / per_pass))
+    return replace(sp, loglik=sp.loglik[:num_samples], y_rep=sp.y_rep[:num_samples])
 
 
 def _target_scale(data) -> tuple[np.ndarray, np.ndarray]:
@@ -117,16 +87,16 @@ def _posterior(fit, sites: dict[str, np.ndarray], num_samples: int):
     return post, dims, coords
 
 
-def _stack_obs(fit, loglik, y_rep, y, mask, split: str):
+def _stack_obs(fit, sp: SplitPrediction, split: str):
     """``y`` of the three obs groups on the stacked ``obs`` dim, and the per-obs coordinates."""
-    t_idx, n_idx = np.nonzero(mask)  # task-major, in split order within a task
+    t_idx, n_idx = np.nonzero(sp.mask)  # task-major, in split order within a task
     mean, std = _target_scale(fit.data)
     mean, std = mean[t_idx], std[t_idx]
     groups = {
-        "posterior_predictive": (y_rep[:, t_idx, n_idx] * std + mean)[None],
+        "posterior_predictive": (sp.y_rep[:, t_idx, n_idx] * std + mean)[None],
         # a density on the original scale: log p(y) = log p(y_std) - log std
-        "log_likelihood": (loglik[:, t_idx, n_idx] - np.log(std))[None],
-        "observed_data": y[t_idx, n_idx] * std + mean,
+        "log_likelihood": (sp.loglik[:, t_idx, n_idx] - np.log(std))[None],
+        "observed_data": np.concatenate(sp.y).astype(np.float64),  # task-major, on the original scale
     }
     # valid entries are each task's first N_t positions, so the split's indices line up with them
     rows = np.concatenate([idx.cpu().numpy() for idx in fit.data.splits[split]]).astype(np.int64)
@@ -137,16 +107,18 @@ def _stack_obs(fit, loglik, y_rep, y, mask, split: str):
 def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
     """Export ``fit`` to an ArviZ DataTree (layout in the module docstring).
 
-    ``num_samples`` draws (default ``max(eval_samples, MIN_DRAWS)``, enough for PSIS-LOO) of the
-    posterior and of the predictive on ``split``.
+    By default the draws of the posterior and of the predictive on ``split`` are the ones the
+    fit's metrics come from (``fit.predict(split)``); ``num_samples`` asks for that many draws
+    instead (the fewest model passes that give them, the surplus of the last pass dropped).
     """
     import arviz as az
     import xarray as xr
 
-    D = num_samples or max(int(fit.config["eval_samples"]), MIN_DRAWS)
-    loglik, y_rep, y, mask, sites = _draw_split(fit, split, D)
+    sp = fit.predict(split) if num_samples is None else _prediction(fit, split, num_samples)
+    D = sp.loglik.shape[0]
+    sites = _draw_sites(fit.context, D, int(fit.config["seed"]))
     post, dims, coords = _posterior(fit, sites, D)
-    obs, obs_coords = _stack_obs(fit, loglik, y_rep, y, mask, split)
+    obs, obs_coords = _stack_obs(fit, sp, split)
     names = list(fit.data.task_names)
     tree = az.from_dict(
         {"posterior": post, **{g: {"y": v} for g, v in obs.items()}},

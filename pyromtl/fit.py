@@ -4,45 +4,68 @@ A run directory (:class:`~pyromtl.rundir.RunDir`) holds ``config.toml`` (resolve
 again reproduces the run), ``metrics.json``, ``posterior.nc`` (ArviZ DataTree),
 ``checkpoint.pt`` and ``plots/``. Every file is written atomically.
 
-Every public entry point runs with Pyro's module-local parameters, so two fits in one process
-never share a parameter.
+A run is resolved once, into a :class:`~pyromtl.runspec.RunSpec` that the trainer, the Fit, its
+files and the CLI all read. Every public entry point runs with Pyro's module-local parameters,
+so two fits in one process never share a parameter.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from pyromtl import config as config_mod
 from pyromtl import methods
-from pyromtl.base import TrainState
 from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import SplitPrediction, predict_split, score_prediction
-from pyromtl.method import Method
+from pyromtl.method import Method, MethodContext
 from pyromtl.objective import Objective
 from pyromtl.params import local_params
+from pyromtl.predict import draw
 from pyromtl.rundir import RunDir
-from pyromtl.train import TrainResult, resolve_device, total_steps, train
+from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
+from pyromtl.train import TrainResult, build_objective, train
+
+#: The fewest draws of the final evaluation: PSIS-LOO fits a tail to the top 20% of the draws
+#: and needs at least 5 there (with a margin: 20).
+MIN_DRAWS = 100
 
 
 @dataclass
 class Fit:
     """A trained method on a dataset: evaluate it, read task relatedness, export to ArviZ, save."""
 
-    method: Method
-    data: MultiTaskData
-    config: dict[str, Any]
+    spec: RunSpec
     objective: Objective
-    device: torch.device
+    state: TrainState
     train_info: dict[str, Any]
     history: list[dict[str, float]]
     #: The run directory the trainer checkpointed into, if any.
     trained_in: Path | None = None
+    _doc: dict[str, Any] | None = field(default=None, repr=False)
     _predictions: dict[str, SplitPrediction] = field(default_factory=dict, repr=False)
+
+    @property
+    def method(self) -> Method:
+        return self.spec.method
+
+    @property
+    def data(self) -> MultiTaskData:
+        return self.spec.data
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self.spec.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.spec.device
 
     @property
     def model(self):
@@ -52,22 +75,38 @@ class Fit:
     def guide(self):
         return self.objective.guide
 
+    @property
+    def context(self) -> MethodContext:
+        """What the method's callbacks are given about this fit (model, guide, data, history)."""
+        return self.spec.context(self.state).replace(model=self.model, guide=self.guide, history=self.history)
+
     @local_params
     def predict(self, split: str = "test", num_samples: int | None = None, keep: tuple[str, ...] = ()) -> SplitPrediction:
-        """Monte-Carlo posterior predictive of a split (VMTL eq. 12), on the original target scale.
+        """Monte-Carlo posterior predictive of a split (VMTL eq. 12), on the original target scale,
+        with a replicated target per draw (``y_rep``), from ``num_samples`` model passes.
 
-        With the default draws and nothing kept, a split is predicted once and reused.
+        By default it takes ``eval_samples`` passes, or more where those give fewer than
+        :data:`MIN_DRAWS` draws (a pass of VMTL gives L·M). With the default and nothing kept, a
+        split is predicted once and reused: the metrics and the ArviZ export read the same draws.
         """
         cached = num_samples is None and not keep
         if cached and split in self._predictions:
             return self._predictions[split]
-        n = num_samples or self.config["eval_samples"]
+        n = num_samples or self._passes(split)
         torch.manual_seed(self.config["seed"])
         sp = predict_split(self.model, self.guide, self.data, split, num_samples=n,
-                           max_plate_nesting=self.method.max_plate_nesting, device=self.device, keep=keep)
+                           max_plate_nesting=self.method.max_plate_nesting, device=self.device, keep=keep,
+                           replicate=True)
         if cached:
             self._predictions[split] = sp
         return sp
+
+    def _passes(self, split: str) -> int:
+        """The default number of model passes of :meth:`predict` (one pass on a batch tells its draws)."""
+        batch = next(iter(self.data.eval_batches(split, self.device)))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            per_pass = draw(self.model, self.guide, batch, 1, self.method.max_plate_nesting).loglik.shape[0]
+        return max(int(self.config["eval_samples"]), math.ceil(MIN_DRAWS / per_pass))
 
     def evaluate(self, split: str = "test", num_samples: int | None = None) -> dict[str, dict]:
         """Per-task metrics and their average, shaped like ``metrics.json``'s ``tasks``/``average``."""
@@ -76,10 +115,7 @@ class Fit:
     @local_params
     def relatedness(self) -> dict[str, np.ndarray]:
         """Task-by-task matrices (VMTL α and β, ...); empty for methods without any."""
-        if self.method.relatedness is None:
-            return {}
-        with torch.no_grad():
-            return {k: np.asarray(v) for k, v in self.method.relatedness(self.model, self.guide).items()}
+        return self.context.relatedness()
 
     @local_params
     def export_pruned(self) -> torch.nn.Module:
@@ -87,37 +123,43 @@ class Fit:
         if self.method.export_pruned is None:
             raise ValueError(f"method {self.method.name!r} has no pruned export")
         with torch.no_grad():
-            return self.method.export_pruned(self)
+            return self.method.export_pruned(self.context)
 
+    @local_params
     def to_arviz(self, num_samples: int | None = None, split: str = "test"):
-        """An ArviZ DataTree with posterior, posterior_predictive, log_likelihood, observed_data."""
+        """An ArviZ DataTree with posterior, posterior_predictive, log_likelihood, observed_data,
+        from the draws of :meth:`predict` (by default those of the metrics)."""
         from pyromtl.export import to_datatree
 
         return to_datatree(self, num_samples=num_samples, split=split)
 
-    def metrics(self, split: str = "test") -> dict[str, Any]:
-        """The ``metrics.json`` document."""
-        scores = self.evaluate(split)
+    def metrics(self) -> dict[str, Any]:
+        """The ``metrics.json`` document of the test split: computed once (a reopened run's is the
+        one its directory holds)."""
+        if self._doc is not None:
+            return self._doc
+        scores = self.evaluate("test")
         doc = {
             "method": self.method.name,
             "dataset": self.data.name,
             "fraction": self.config["fraction"],
             "seed": self.config["seed"],
             "device": self.device.type,
-            "split": split,
+            "split": "test",
             "tasks": scores["tasks"],
             "average": scores["average"],
             "train": self.train_info,
             "relatedness": {k: v.tolist() for k, v in self.relatedness().items()},
         }
-        if self.method.extra is not None and (extra := self.method.extra(self)):
+        if self.method.extra is not None and (extra := self.method.extra(self.context)):
             doc["extra"] = extra
+        self._doc = doc
         return doc
 
     def checkpoint(self) -> dict[str, Any]:
         """A checkpoint of this fit's kept state (loadable with ``weights_only=True``)."""
         return {"step": self.train_info["steps"], "objective": self.objective.state_dict(), "best": {"state": None},
-                "config": self.config, "history": self.history}
+                "config": dict(self.config), "history": self.history}
 
     def save(self, out: str | Path) -> Path:
         """Write the run directory; every file is replaced atomically.
@@ -135,37 +177,9 @@ class Fit:
         run.write_metrics(doc)
         # plots before the ArviZ export: ArviZ leaves a lazy `jax` module behind, and
         # matplotlib's unit lookup probes it, which imports jax (about a second)
-        plot_run(run, history=self.history, doc=doc)
+        plot_run(run, doc=doc, history=self.history, context=self.context)
         run.write_posterior(self.to_arviz())
         return run.path
-
-
-def _check_data_arg(data: Any) -> None:
-    if data is not None and not isinstance(data, (str, MultiTaskData)):
-        raise ValueError(f"data must be a dataset name or a MultiTaskData, got {type(data).__name__}")
-
-
-def resolve_fraction(cfg: dict[str, Any], data: MultiTaskData | str | None = None) -> None:
-    """Turn ``fraction = 0`` into the dataset's default fraction, in place (DESIGN: two configs
-    are the same run when they agree after this)."""
-    from pyromtl import datasets
-
-    _check_data_arg(data)
-    name = data.name if isinstance(data, MultiTaskData) else data or cfg["data"]
-    if not cfg["fraction"]:
-        cfg["fraction"] = datasets.default_fraction(name) or 1.0
-
-
-def _load_data(cfg: dict[str, Any], data: MultiTaskData | str | None) -> MultiTaskData:
-    """Load (or re-split) the data of a config whose fraction is resolved."""
-    from pyromtl import datasets
-
-    resolve_fraction(cfg, data)
-    if isinstance(data, MultiTaskData):
-        return data.with_fraction(cfg["fraction"], cfg["seed"])
-    name = data or cfg["data"]
-    options = {"root": cfg["root"]} if cfg["root"] else {}
-    return datasets.load(name, fraction=cfg["fraction"], seed=cfg["seed"], **options)
 
 
 def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[str, Any] | None = None, seed: int = 0,
@@ -177,77 +191,55 @@ def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[st
     there during training (an existing checkpoint is resumed) and the run directory is saved.
     """
     m = methods.get(method)
-    _check_data_arg(data)
-    if isinstance(data, str):
-        options["data"] = data
-    cfg = config_mod.resolve(m, {**options, "seed": seed, "device": device}, priors)
+    cfg = config_mod.resolve(m, {**options, "seed": seed, "device": device}, priors, data=data)
     return fit_resolved(m, cfg, data if isinstance(data, MultiTaskData) else None, out)
 
 
-#: Config keys that may differ when a run directory's checkpoint is resumed: where and how
-#: long to train, not what is trained.
-RESUMABLE_KEYS = frozenset({"device", "quiet", "steps", "epochs", "checkpoint_every"})
-
-
-def check_resume(run: RunDir, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint in ``run`` if it belongs to this resolved config (else ``ValueError``), or None.
-
-    A run directory is one run: its checkpoint is resumed only by the config that wrote it,
-    compared after both are resolved.
-    """
-    if not run.has_checkpoint():
-        return None
-    saved = run.read_checkpoint()
-    old = saved.get("config", {})
-    changed = sorted(k for k in set(old) | set(cfg) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
-        raise ValueError(f"{run.path} holds a run with a different config ({diffs}); pass another run directory "
-                         "or remove it")
-    return saved
-
-
-def _check_splits(data: MultiTaskData) -> None:
-    """Every task needs test rows (metrics) and training rows; say which lacks them before training."""
-    for split in ("train", "test"):
-        empty = [name for name, n in zip(data.task_names, data.split_sizes(split)) if n == 0]
-        if empty:
-            raise ValueError(f"task(s) {', '.join(map(repr, empty))} of {data.name!r} have no {split} rows; "
-                             "give each task more samples or explicit splits")
-
-
-def fit_resolved(method: Method, cfg: dict[str, Any], data: MultiTaskData | None = None,
+@local_params
+def fit_resolved(method: Method, cfg: Mapping[str, Any], data: MultiTaskData | None = None,
                  out: str | Path | None = None) -> Fit:
-    """:func:`fit` from a config that :func:`pyromtl.config.resolve` already resolved (the CLI's path).
+    """:func:`fit` from a config that :func:`pyromtl.config.resolve` returned (the CLI's path).
 
-    With ``out``: a checkpoint there is resumed if this config wrote it (else ``ValueError``);
-    a run that is already complete is loaded and returned as it is, with nothing written
-    (``Fit.train_info["complete"]`` is then true).
+    Builds the run's :class:`~pyromtl.runspec.RunSpec` (every check runs there, before anything is
+    written). With ``out``: a checkpoint there is resumed if this config wrote it (else
+    ``ValueError``); a run that is already complete is reopened as it is, with nothing trained or
+    written (``Fit.train_info["complete"]`` is then true).
     """
-    device = resolve_device(cfg["device"])  # before anything is written: no empty run directory
-    if cfg["root"]:
-        cfg["root"] = str(Path(cfg["root"]).expanduser().resolve())
-    dataset = _load_data(cfg, data)
-    cfg["data"] = dataset.name
-    method.check_data(dataset)
-    dataset = method.prepare(dataset, cfg)
-    _check_splits(dataset)
-    run = RunDir(out) if out is not None else None
-    if run is not None:
-        saved = check_resume(run, cfg)
-        if saved is not None and saved["step"] == total_steps(cfg, dataset) and run.metrics_path.is_file():
-            done = load(run.path, data=data, device=cfg["device"])
-            done.train_info["complete"] = True
-            return done
-        run.create()
-    result: TrainResult = train(method, dataset, cfg, run=run)
+    spec = RunSpec.build(method, cfg, data, out)
+    if spec.complete:
+        done = _restore(spec)
+        done.train_info["complete"] = True
+        return done
+    if spec.run is not None:
+        spec.run.create()
+    result: TrainResult = train(spec)
     info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
             "best_step": result.best_step, "best_val_score": result.best_score, "selected": result.selected}
-    f = Fit(method=method, data=dataset, config=cfg, objective=result.objective, device=device, train_info=info,
-            history=result.history, trained_in=run.path if run is not None else None)
-    if run is not None:
-        f.save(run.path)
+    f = Fit(spec=spec, objective=result.objective, state=result.state, train_info=info, history=result.history,
+            trained_in=spec.run.path if spec.run is not None else None)
+    if spec.run is not None:
+        f.save(spec.run.path)
     return f
+
+
+def _restore(spec: RunSpec) -> Fit:
+    """The :class:`Fit` a run directory holds: its checkpoint's kept state, and its ``metrics.json``."""
+    run, saved = spec.run, spec.checkpoint
+    if run is None or saved is None:
+        raise ValueError(f"{run.path if run else 'the run'} holds no checkpoint to reopen")
+    state = TrainState(total_steps=spec.total_steps)
+    objective = build_objective(spec, state)
+    best = saved.get("best") or {}
+    try:
+        objective.load_state_dict(best.get("state") or saved["objective"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"{run.checkpoint_path} does not fit data {spec.data.name!r} "
+                         f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on") from None
+    doc = run.read_metrics() if run.metrics_path.exists() else None
+    info = dict(doc["train"]) if doc is not None else {"steps": saved["step"]}
+    state.step = info.get("steps", 0)
+    return Fit(spec=spec, objective=objective, state=state, train_info=info,
+               history=list(saved.get("history", [])), trained_in=run.path, _doc=doc)
 
 
 @local_params
@@ -262,7 +254,7 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
         if not path.exists():
             raise ValueError(f"{run.path} is not a pyromtl run directory (no {path.name})")
     raw = run.read_config()
-    m = methods.get(raw.get("method", ""))
+    m = methods.get(raw.pop("method", ""))
     if data is None:
         from pyromtl import datasets
 
@@ -271,24 +263,6 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
             raise ValueError(f"{run.path} was fitted on data {name!r}, which is not a registered dataset: reopen it "
                              "with pyromtl.load(RUN, data=...) from Python, or register a builder of that name "
                              "(pyromtl.datasets.register) in a module and pass --import MODULE")
-    raw.pop("method", None)
     if device is not None:
         raw["device"] = device
-    cfg = config_mod.resolve(m, raw)
-    dataset = m.prepare(_load_data(cfg, data), cfg)
-    dev = resolve_device(cfg["device"])
-    saved = run.read_checkpoint(dev)
-    state = TrainState(total_steps=total_steps(cfg, dataset))
-    model, guide = m.build(dataset, cfg, state, dev)
-    objective = m.objective(m, cfg, model, guide)
-    objective(dataset.train_batch(cfg["batch_size"], torch.Generator().manual_seed(0), dev))  # create lazy params
-    best = saved.get("best") or {}
-    try:
-        objective.load_state_dict(best.get("state") or saved["objective"])
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{run.checkpoint_path} does not fit data {dataset.name!r} "
-                         f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on") from None
-    info = run.read_metrics()["train"] if run.metrics_path.exists() else {"steps": saved["step"]}
-    state.step = info.get("steps", 0)
-    return Fit(method=m, data=dataset, config=cfg, objective=objective, device=dev, train_info=info,
-               history=saved.get("history", []))
+    return _restore(RunSpec.build(m, config_mod.resolve(m, raw, data=data), data, run.path))

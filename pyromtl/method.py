@@ -1,69 +1,139 @@
-"""What a method declares about itself: :class:`Method` and the posterior sites it exports.
+"""What a method declares about itself (:class:`Method`), the posterior sites it exports
+(:class:`ExportSite`), and the one object its callbacks are given (:class:`MethodContext`).
 
 A method is a plug-in. Its declaration sits beside its code in ``models/<name>.py``::
 
-    register(Method(name="vmtl", summary=..., paper=..., build=build_vmtl, options=VMTLOptions,
-                    priors={"z": ..., "w": ...}, settings=("mimo",), relatedness=vmtl_relatedness,
-                    export=(CLASSIFIER_EXPORT, ...)))
+    METHODS = (Method(name="vmtl", summary=..., paper=..., build=build_vmtl, options=VMTLOptions,
+                      priors={"z": ..., "w": ...}, settings=("mimo",), relatedness=vmtl_relatedness,
+                      export=(CLASSIFIER_EXPORT, ...)),)
 
-The core (trainer, Fit, diagnostics, CLI) reads only this declaration: it never names a
-method's sites.
+and :mod:`pyromtl.methods` lists the built-in modules. The core (trainer, Fit, diagnostics, CLI)
+reads only this declaration: it never names a method's sites.
+
+Every callback takes a :class:`MethodContext`: the method, the resolved config, the data, the
+device and training state, and, once they exist, the model and guide, the training history and
+the ``metrics.json`` document. A callback reads what its phase provides (see each field).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from pyro.infer import ELBO
 
+from pyromtl.data.core import MultiTaskData
+from pyromtl.infer.meanfield import MeanFieldELBO
+from pyromtl.objective import Objective
 from pyromtl.options import Options
-
-if TYPE_CHECKING:
-    from pyromtl.base import TrainState
-    from pyromtl.data.core import MultiTaskData
-    from pyromtl.objective import Objective
+from pyromtl.schedules import TrainState
 
 
-def meanfield_elbo(method: "Method", cfg: Mapping[str, Any]) -> ELBO:
+class MethodContext:
+    """What a method's callbacks are given. Each field exists from a phase of the run on:
+
+    * ``method``, ``config`` (the resolved config), ``device`` and ``state`` always;
+    * ``data`` from the data's preparation on (``prepare_data`` gets the loaded data, every later
+      callback the prepared data);
+    * ``model`` and ``guide`` once ``build`` returned them (``objective``, ``relatedness``,
+      ``extra``, ``export_pruned`` and the export sites' ``draw``);
+    * ``history`` (the training history, possibly empty) for ``extra``; ``doc`` (the run's
+      ``metrics.json``) for ``plots``, which draw from a run directory's files alone.
+
+    Reading ``data``, ``model``, ``guide`` or ``doc`` where the phase lacks it raises
+    ``RuntimeError`` naming it.
+    """
+
+    __slots__ = ("method", "config", "device", "state", "history", "_data", "_model", "_guide", "_doc")
+
+    def __init__(self, method: Method, config: Mapping[str, Any], *, device: torch.device | None = None,
+                 state: TrainState | None = None, data: MultiTaskData | None = None, model: Any = None,
+                 guide: Any = None, history: Sequence[Mapping[str, float]] = (),
+                 doc: Mapping[str, Any] | None = None):
+        self.method = method
+        self.config = config
+        self.device = device if device is not None else torch.device("cpu")
+        self.state = state if state is not None else TrainState()
+        self.history = history
+        self._data, self._model, self._guide, self._doc = data, model, guide, doc
+
+    def __repr__(self) -> str:
+        return f"MethodContext({self.method.name!r}, device={self.device.type!r}, step={self.state.step})"
+
+    def _need(self, value: Any, name: str) -> Any:
+        if value is None:
+            raise RuntimeError(f"method {self.method.name!r} read ctx.{name}, which this phase of the run does not "
+                               "provide (see pyromtl.method.MethodContext)")
+        return value
+
+    @property
+    def data(self) -> MultiTaskData:
+        return self._need(self._data, "data")
+
+    @property
+    def model(self) -> Any:
+        return self._need(self._model, "model")
+
+    @property
+    def guide(self) -> Any:
+        return self._need(self._guide, "guide")
+
+    @property
+    def doc(self) -> Mapping[str, Any]:
+        return self._need(self._doc, "doc")
+
+    def replace(self, **changes: Any) -> MethodContext:
+        """A copy with ``changes`` to the keyword fields (``data=``, ``model=``, ``guide=``, ...)."""
+        fields = {"device": self.device, "state": self.state, "data": self._data, "model": self._model,
+                  "guide": self._guide, "history": self.history, "doc": self._doc}
+        if unknown := sorted(set(changes) - set(fields)):
+            raise TypeError(f"MethodContext has no field(s) {unknown}")
+        return MethodContext(self.method, self.config, **{**fields, **changes})
+
+    def relatedness(self) -> dict[str, np.ndarray]:
+        """The method's task-by-task matrices (``Method.relatedness``), as numpy; empty if it declares none."""
+        if self.method.relatedness is None:
+            return {}
+        with torch.no_grad():
+            return {k: np.asarray(v) for k, v in self.method.relatedness(self).items()}
+
+
+def meanfield_elbo(ctx: MethodContext) -> ELBO:
     """``TraceMeanField_ELBO`` (as :class:`~pyromtl.infer.meanfield.MeanFieldELBO`, which skips the
     log-densities its analytic KL terms replace): analytic KL wherever one is registered."""
-    from pyromtl.infer.meanfield import MeanFieldELBO
-
-    n = cfg["num_particles"]
-    return MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)
+    n = ctx.config["num_particles"]
+    return MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=ctx.method.max_plate_nesting)
 
 
-def default_objective(method: "Method", cfg: Mapping[str, Any], model, guide) -> "Objective":
-    from pyromtl.objective import Objective
-
-    return Objective(method.elbo(method, cfg)(model, guide))
+def default_objective(ctx: MethodContext) -> Objective:
+    """The method's ELBO of the context's model and guide, and ``backward()``."""
+    return Objective(ctx.method.elbo(ctx)(ctx.model, ctx.guide))
 
 
 @dataclass(frozen=True)
 class ExportSite:
     """A posterior quantity that ``to_arviz`` writes and the report shows.
 
-    ``draw(model, guide, n)`` returns ``n`` draws, ``[n, *shape]`` (numpy or a tensor), with one
-    named dim per entry of ``dims``, or ``None`` where the fitted configuration lacks the site
-    (e.g. an ablation without mixing weights). ``coords(data, shape)`` may name the coordinates of dims
-    the core does not know (``task``, ``other_task`` and ``obs`` it does).
+    ``draw(ctx, n)`` returns ``n`` draws, ``[n, *shape]`` (numpy or a tensor), with one named dim
+    per entry of ``dims``, or ``None`` where the fitted configuration lacks the site (e.g. an
+    ablation without mixing weights). ``coords(data, shape)`` may name the coordinates of dims the
+    core does not know (``task``, ``other_task`` and ``obs`` it does).
     """
 
     name: str
     dims: tuple[str, ...]
-    draw: Callable[[Any, Any, int], Any | None]
-    coords: Callable[["MultiTaskData", tuple[int, ...]], dict[str, Any]] | None = None
+    draw: Callable[[MethodContext, int], Any]
+    coords: Callable[[MultiTaskData, tuple[int, ...]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
 class Method:
-    """How to build, train and inspect one method.
+    """How to build, train and inspect one method. Every callback takes a :class:`MethodContext`.
 
-    :param build: ``build(data, cfg, state, device) -> (model, guide)``, two PyroModules called
-        with the same :class:`~pyromtl.data.core.Batch`.
+    :param build: ``build(ctx) -> (model, guide)``, two PyroModules called with the same
+        :class:`~pyromtl.data.core.Batch`.
     :param options: the method's options dataclass (keys, types, defaults);
         ``config.resolve`` validates every key against it and :class:`~pyromtl.options.TrainOptions`.
     :param overrides: this method's values for keys of either dataclass (e.g. stl's
@@ -72,54 +142,54 @@ class Method:
     :param settings: the data settings it supports (``simo``, ``mimo``).
     :param min_tasks: the fewest tasks it can learn (VMTL's priors mix the *other* tasks: 2).
     :param max_plate_nesting: plates its model nests (2: ``task`` and ``data``).
-    :param elbo: ``elbo(method, cfg) -> ELBO`` (default: :func:`meanfield_elbo`).
-    :param objective: ``objective(method, cfg, model, guide) -> Objective``, what the trainer
-        calls each step (default: the ELBO and ``backward()``).
-    :param relatedness: ``relatedness(model, guide) -> {name: [T, T] array}``.
+    :param elbo: ``elbo(ctx) -> ELBO`` (default: :func:`meanfield_elbo`).
+    :param objective: ``objective(ctx) -> Objective``, what the trainer calls each step (default:
+        the ELBO of ``ctx.model`` and ``ctx.guide`` and ``backward()``).
+    :param relatedness: ``relatedness(ctx) -> {name: [T, T] array}``.
     :param relatedness_titles: a title per relatedness matrix, for plots and reports.
     :param export: the posterior sites diagnostics export.
-    :param prepare_data: ``prepare_data(data, cfg) -> data``, run on the loaded data before
-        training and on reload (e.g. carve an extra split out of val); ``None`` keeps it as is.
-    :param export_pruned: ``export_pruned(fit) -> nn.Module``, a plain module holding only what
+    :param prepare_data: ``prepare_data(ctx) -> data``, run on the loaded data (``ctx.data``)
+        before training and on reload (e.g. carve an extra split out of val); ``None`` keeps it.
+    :param export_pruned: ``export_pruned(ctx) -> nn.Module``, a plain module holding only what
         the fitted method uses at inference (``Fit.export_pruned``); ``None`` if it has none.
-    :param extra: ``extra(fit) -> dict``, method-specific results (JSON values) that
+    :param extra: ``extra(ctx) -> dict``, method-specific results (JSON values) that
         ``metrics.json`` keeps under ``"extra"`` (e.g. a clustering criterion).
-    :param plots: ``plots(doc) -> {filename: Figure or zero-argument function returning one}``,
-        extra figures for the run's ``plots/``, drawn from its ``metrics.json`` document ``doc``;
-        a name the core also draws replaces the core's figure. A function is called only when
-        its file is written (``pyromtl report`` redraws missing plots only).
+    :param plots: ``plots(ctx) -> {filename: Figure or zero-argument function returning one}``,
+        extra figures for the run's ``plots/``, drawn from its ``metrics.json`` document
+        ``ctx.doc``; a name the core also draws replaces the core's figure. A function is called
+        only when its file is written (``pyromtl report`` redraws missing plots only).
     """
 
     name: str
     summary: str
     paper: str
-    build: Callable[["MultiTaskData", dict[str, Any], "TrainState", torch.device], tuple[Any, Any]]
+    build: Callable[[MethodContext], tuple[Any, Any]]
     options: type[Options] = Options
     overrides: Mapping[str, Any] = field(default_factory=dict)
     priors: Mapping[str, Any] = field(default_factory=dict)
     settings: tuple[str, ...] = ("simo", "mimo")
     min_tasks: int = 1
     max_plate_nesting: int = 2
-    elbo: Callable[["Method", Mapping[str, Any]], ELBO] = meanfield_elbo
-    objective: Callable[..., "Objective"] = default_objective
-    relatedness: Callable[[Any, Any], dict[str, np.ndarray]] | None = None
+    elbo: Callable[[MethodContext], ELBO] = meanfield_elbo
+    objective: Callable[[MethodContext], Objective] = default_objective
+    relatedness: Callable[[MethodContext], Mapping[str, Any]] | None = None
     relatedness_titles: Mapping[str, str] = field(default_factory=dict)
     export: tuple[ExportSite, ...] = ()
-    prepare_data: Callable[["MultiTaskData", Mapping[str, Any]], "MultiTaskData"] | None = None
-    export_pruned: Callable[[Any], torch.nn.Module] | None = None
-    extra: Callable[[Any], dict[str, Any]] | None = None
-    plots: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    prepare_data: Callable[[MethodContext], MultiTaskData] | None = None
+    export_pruned: Callable[[MethodContext], torch.nn.Module] | None = None
+    extra: Callable[[MethodContext], dict[str, Any]] | None = None
+    plots: Callable[[MethodContext], dict[str, Any]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The method's option defaults (its dataclass's, then :attr:`overrides`), fresh copies."""
         return {**self.options.defaults(), **{k: _copy(v) for k, v in self.overrides.items()}}
 
-    def prepare(self, data: "MultiTaskData", cfg: Mapping[str, Any]) -> "MultiTaskData":
-        """``data`` as this method trains on it (:attr:`prepare_data`, if declared)."""
-        return data if self.prepare_data is None else self.prepare_data(data, cfg)
+    def prepare(self, ctx: MethodContext) -> MultiTaskData:
+        """``ctx.data`` as this method trains on it (:attr:`prepare_data`, if declared)."""
+        return ctx.data if self.prepare_data is None else self.prepare_data(ctx)
 
-    def check_data(self, data: "MultiTaskData") -> None:
+    def check_data(self, data: MultiTaskData) -> None:
         """Refuse data the method cannot learn (its setting, too few tasks), naming the problem."""
         if data.setting not in self.settings:
             raise ValueError(f"method {self.name!r} needs {' or '.join(s.upper() for s in self.settings)} data; "

@@ -1,51 +1,58 @@
 """The method registry: ``register``, ``get`` and ``available``.
 
-Each method declares itself (a :class:`~pyromtl.method.Method`) beside its code in
-``models/<name>.py``, shipped as ``pyromtl.models``; the built-ins are found by importing every
-module of that package. User code registers its own methods the same way.
+Each built-in method is declared (a :class:`~pyromtl.method.Method`) beside its code in
+``models/<name>.py``, shipped as ``pyromtl.models``, in the module's ``METHODS`` tuple; the
+table in :func:`builtin` lists those modules, so every listing is complete in a fresh process,
+whatever was imported first. User code registers its own methods with :func:`register`.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from functools import cache
+from types import MappingProxyType
+from typing import Mapping
 
-from pyromtl.method import ExportSite, Method
+from pyromtl.method import ExportSite, Method, MethodContext
 
-__all__ = ["ExportSite", "Method", "available", "get", "register"]
+__all__ = ["ExportSite", "Method", "MethodContext", "available", "builtin", "get", "register"]
 
-_REGISTRY: dict[str, Method] = {}
-_DISCOVERED: list[bool] = []
+_USER: dict[str, Method] = {}
+
+
+@cache
+def builtin() -> Mapping[str, Method]:
+    """The built-in methods by name, from the ``METHODS`` of each module of ``pyromtl.models``.
+
+    Imported on first use, so ``import pyromtl`` and the CLI start without building them.
+    """
+    from pyromtl.models import baselines, bayesagg, cross_stitch, hib, smtl, vmtl, weighting
+
+    modules = (baselines, vmtl, weighting, bayesagg, hib, smtl, cross_stitch)
+    table: dict[str, Method] = {}
+    for module in modules:
+        for method in module.METHODS:
+            if method.name in table:
+                raise RuntimeError(f"built-in method {method.name!r} is declared twice")
+            table[method.name] = method
+    return MappingProxyType(table)
 
 
 def register(method: Method) -> Method:
-    """Add ``method`` under its name; a name can be registered once."""
-    if method.name in _REGISTRY:
+    """Add ``method`` under its name; a name can be registered once (built-in names are taken)."""
+    if method.name in builtin() or method.name in _USER:
         raise ValueError(f"method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
+    _USER[method.name] = method
     return method
-
-
-def _discover() -> None:
-    """Import every ``pyromtl.models`` module once; each registers the methods it declares."""
-    if _DISCOVERED:
-        return
-    _DISCOVERED.append(True)
-    import pyromtl.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def available() -> list[str]:
     """The registered method names, sorted."""
-    _discover()
-    return sorted(_REGISTRY)
+    return sorted({**builtin(), **_USER})
 
 
 def get(name: str) -> Method:
     """The method registered as ``name``; ``ValueError`` listing the names if there is none."""
-    _discover()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    method = builtin().get(name) or _USER.get(name)
+    if method is None:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
+    return method

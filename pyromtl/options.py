@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: A number or a schedule table (``pyromtl.schedules``): a value annealed over training steps.
@@ -77,6 +77,16 @@ class TrainOptions(Options):
     checkpoint_every: int = 200
     kl_weight: ScheduleValue = 1.0
     quiet: bool = False
+
+
+@dataclass
+class NetworkOptions(Options):
+    """The shared MLP every task reads: its hidden layers, activation and output size (the
+    latent model's, cross-stitch's and the weighting baselines')."""
+
+    latent_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [256])
+    activation: str = "elu"
 
 
 def _finite(value: int | float) -> bool:

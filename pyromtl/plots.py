@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pyromtl.method import MethodContext
 from pyromtl.metrics import primary_metric
 from pyromtl.rundir import RunDir
 
@@ -103,40 +104,45 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
     return fig
 
 
-def _declared(method: str):
-    """The registered :class:`~pyromtl.method.Method` named ``method``, or None if there is none."""
-    from pyromtl import methods
+def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str = "task clustering"):
+    """Dendrogram of a scipy linkage matrix (e.g. :func:`pyromtl.infer.hib.cluster_tasks`), one labelled
+    leaf per task; the x tick labels are the task names in leaf order."""
+    from scipy.cluster import hierarchy
 
-    try:
-        return methods.get(method)
-    except ValueError:
-        return None
+    linkage = np.asarray(linkage, dtype=np.float64)
+    if linkage.ndim != 2 or linkage.shape[1] != 4 or not hierarchy.is_valid_linkage(linkage):
+        raise ValueError(f"linkage: not a valid scipy linkage matrix (shape {linkage.shape})")
+    if len(task_names) != linkage.shape[0] + 1:
+        raise ValueError(f"task_names: expected {linkage.shape[0] + 1} names, got {len(task_names)}")
+    fig = _figure(2.0 + 0.5 * len(task_names), 3.5)
+    ax = fig.add_subplot()
+    hierarchy.dendrogram(linkage, labels=[str(n) for n in task_names], ax=ax, leaf_rotation=45)
+    ax.set_xlabel("task")
+    ax.set_ylabel("merge distance")
+    ax.set_title(title)
+    return fig
 
 
-def relatedness_titles(method: str) -> Mapping[str, str]:
-    """The titles a registered method declares for its relatedness matrices (none if unknown)."""
-    declared = _declared(method)
-    return declared.relatedness_titles if declared is not None else {}
-
-
-def plot_run(run: RunDir, *, history: Sequence[Mapping[str, float]], doc: Mapping[str, Any],
-             only_missing: bool = False) -> list[Path]:
+def plot_run(run: RunDir, *, doc: Mapping[str, Any], history: Sequence[Mapping[str, float]],
+             context: MethodContext | None = None, only_missing: bool = False) -> list[Path]:
     """Write ``training.png``, ``task_metrics.png``, one ``relatedness_<name>.png`` per matrix and
     the figures the method declares (``Method.plots``, which may replace any of those).
 
-    ``doc`` is the run's ``metrics.json``. Returns the paths written; with ``only_missing``
-    existing files are kept as they are.
+    ``doc`` is the run's ``metrics.json`` and ``history`` its training history. ``context`` is the
+    method's (with ``doc``): its relatedness titles and figures; without one (a run of a method
+    that is not registered) only the generic figures are drawn. Returns the paths written; with
+    ``only_missing`` existing files are kept as they are.
     """
     tasks = doc["tasks"]
     names = list(tasks)
-    declared = _declared(doc.get("method", ""))
-    titles = declared.relatedness_titles if declared is not None else {}
+    titles = context.method.relatedness_titles if context is not None else {}
     jobs = {"task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))}
     if history:
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():
         jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
-    if declared is not None and declared.plots is not None:
-        jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in declared.plots(doc).items()})
+    if context is not None and context.method.plots is not None:
+        figures = context.method.plots(context.replace(doc=doc))
+        jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in figures.items()})
     return [run.write_png(name, _png(make())) for name, make in jobs.items()
             if not (only_missing and (run.plots_dir / name).exists())]

@@ -14,8 +14,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pyromtl import config, methods
 from pyromtl.config import TRAIN_DEFAULTS
-from pyromtl.plots import plot_run, relatedness_titles
+from pyromtl.method import MethodContext
+from pyromtl.plots import plot_run
 from pyromtl.rundir import RunDir
 from pyromtl.tables import metrics_table, render
 
@@ -23,12 +25,18 @@ from pyromtl.tables import metrics_table, render
 TRAIN_HIGHLIGHTS = ("data", "steps", "epochs", "batch_size", "lr", "kl_weight", "eval_samples")
 
 
-def _read_run(run: RunDir) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, float]]]:
-    """``metrics.json`` (required), ``config.toml`` and the checkpoint's training history."""
+def _read_run(run: RunDir) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, float]], MethodContext | None]:
+    """``metrics.json`` (required), ``config.toml``, the checkpoint's training history, and the
+    method's context where the method is registered (its config then checked as a run's is)."""
     doc = run.read_metrics()
     cfg = run.read_config() if run.config_path.is_file() else {}
     history = run.read_checkpoint().get("history", []) if run.has_checkpoint() else []
-    return doc, cfg, history
+    name = doc.get("method", "")
+    if name not in methods.available():
+        return doc, cfg, history, None
+    method = methods.get(name)
+    resolved = config.resolve(method, {k: v for k, v in cfg.items() if k != "method"})
+    return doc, cfg, history, MethodContext(method, resolved, history=history, doc=doc)
 
 
 def _cell(value: Any) -> str:
@@ -91,7 +99,8 @@ def _elpd_md(path: Path) -> str:
     return "\n".join([*lines, line])
 
 
-def _report_md(run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plots: Sequence[Path]) -> str:
+def _report_md(run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plots: Sequence[Path],
+               titles: Mapping[str, str]) -> str:
     """The markdown of :func:`report`."""
     names = list(doc["tasks"])
     train = doc.get("train", {})
@@ -110,7 +119,6 @@ def _report_md(run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plot
         parts += ["## Configuration", _config_md(cfg)]
     parts += [f"## {split.capitalize()} metrics", metrics_table(doc["tasks"], doc.get("average", {}))]
     if doc.get("relatedness"):
-        titles = relatedness_titles(doc.get("method", ""))
         parts += ["## Task relatedness", _relatedness_md(doc["relatedness"], names, titles)]
     if doc.get("extra"):
         parts += ["## Method-specific results", f"```json\n{json.dumps(doc['extra'], indent=2)}\n```"]
@@ -129,9 +137,9 @@ def report(run_dir: str | Path) -> str:
     written ``report.md``, so a caller that prints it tells the user where it went.
     """
     run = RunDir(run_dir)
-    doc, cfg, history = _read_run(run)
-    plot_run(run, history=history, doc=doc, only_missing=True)
+    doc, cfg, history, context = _read_run(run)
+    plot_run(run, doc=doc, history=history, context=context, only_missing=True)
     plots = sorted(run.plots_dir.glob("*.png"))
-    text = _report_md(run, doc, cfg, plots)
+    text = _report_md(run, doc, cfg, plots, context.method.relatedness_titles if context is not None else {})
     run.write_report(text)
     return f"{text}\n{run.report_path}"

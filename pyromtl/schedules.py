@@ -211,3 +211,18 @@ def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
         missing = sorted(min((k - keys for k in _KEY_SETS), key=len))
         raise ValueError(f"schedule table {dict(value)!r} is missing key(s) {missing}; it needs {hint}")
     return Schedule.constant(_number("value", value))
+
+
+@dataclass
+class TrainState:
+    """Mutable training progress, shared by a model and its guide (the trainer sets both fields).
+
+    ``total_steps`` is the run's length, which schedules written relative to it need.
+    """
+
+    step: int = 0
+    total_steps: int | None = None
+
+    def value(self, schedule: Schedule) -> float:
+        """``schedule`` at the current step of this run."""
+        return schedule(self.step, self.total_steps)

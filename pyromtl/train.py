@@ -17,7 +17,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pyro
 import torch
@@ -25,12 +25,13 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyromtl import config, metrics
-from pyromtl.base import TrainState
-from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import predict_split, score_prediction
+from pyromtl.method import Method
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.params import local_params
 from pyromtl.rundir import RunDir
+from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
 
 
 class TrainingError(RuntimeError):
@@ -39,27 +40,6 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says truthfully where a rerun resumes."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
-
-
-def steps_per_epoch(cfg: dict[str, Any], data: MultiTaskData) -> int:
-    """Steps of one pass over the largest task's training split."""
-    return math.ceil(max(data.split_sizes("train")) / cfg["batch_size"])
-
-
-def total_steps(cfg: dict[str, Any], data: MultiTaskData) -> int:
-    """``steps`` if set, else ``epochs`` passes over the largest task's training split."""
-    if cfg["steps"]:
-        return int(cfg["steps"])
-    return int(cfg["epochs"]) * steps_per_epoch(cfg, data)
 
 
 @dataclass
@@ -76,13 +56,13 @@ class TrainResult:
     selected: dict[str, Any] = field(default_factory=dict)
 
 
-def warmup_steps(method, cfg: dict[str, Any], n_steps: int) -> int:
+def warmup_steps(method: Method, cfg: Mapping[str, Any], n_steps: int) -> int:
     """The first step at which every schedule of the run holds its final value (capped at the run's end)."""
     settled = [s.settled(n_steps) for s in config.schedules(method, cfg).values()]
     return int(min(n_steps, max(settled, default=0)))
 
 
-def schedule_values(method, cfg: dict[str, Any], step: int, n_steps: int) -> dict[str, Any]:
+def schedule_values(method: Method, cfg: Mapping[str, Any], step: int, n_steps: int) -> dict[str, Any]:
     """``{"step": step, path: value}`` for every schedule of the run; per-site KL weights too, if the
     method has ``kl_weights`` (each is the annealed ``kl_weight`` times the site's own)."""
     values: dict[str, Any] = {"step": step}
@@ -124,74 +104,75 @@ def _interrupted(run: RunDir | None, step: int, updating: bool, snapshot, checkp
     return f"interrupted at step {step} before any checkpoint was written; the same command starts over"
 
 
-def validation_score(method, model, guide, data: MultiTaskData, cfg: dict[str, Any], device, seed: int) -> float:
+def validation_score(spec: RunSpec, model, guide, seed: int) -> float:
     """Higher-is-better score of the val split (mean accuracy, or -NMSE for regression).
 
     Draws use their own seeded RNG so evaluating never shifts the training random stream.
     """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    device = spec.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        sp = predict_split(model, guide, data, "val", num_samples=cfg["eval_samples"],
-                           max_plate_nesting=method.max_plate_nesting, device=device)
-    tasks = score_prediction(data, sp)["tasks"]
-    return metrics.selection_score(tasks, data.task_types)
+        sp = predict_split(model, guide, spec.data, "val", num_samples=spec.config["eval_samples"],
+                           max_plate_nesting=spec.method.max_plate_nesting, device=device)
+    tasks = score_prediction(spec.data, sp)["tasks"]
+    return metrics.selection_score(tasks, spec.data.task_types)
 
 
-def build_training(method, data: MultiTaskData, cfg: dict[str, Any], state: TrainState,
-                   device: torch.device) -> tuple[Objective, ClippedAdam]:
-    """The objective and optimiser of a run, as the trainer builds them (benchmarks time them).
+def build_objective(spec: RunSpec, state: TrainState) -> Objective:
+    """The run's model, guide and objective, with every lazily created parameter made.
 
     Parameters of priors and guides may be created on first use, so the objective runs once on
-    a batch before the optimiser is built. Validation is off as in the loop: a non-finite loss
-    is reported as such (:class:`TrainingError`), not as a distribution's argument check.
-    Call it with module-local parameters on. A ``state`` without a run length gets this run's.
+    a batch (with the RNGs restored after it). Validation is off as in the loop: a non-finite
+    loss is reported as such (:class:`TrainingError`), not as a distribution's argument check.
+    Call it with module-local parameters on.
     """
-    if state.total_steps is None:
-        state.total_steps = total_steps(cfg, data)
-    model, guide = method.build(data, cfg, state, device)
-    objective = method.objective(method, cfg, model, guide)
-    seed = int(cfg["seed"])
+    cfg, data, device = spec.config, spec.data, spec.device
+    ctx = spec.context(state)
+    model, guide = spec.method.build(ctx)
+    objective = spec.method.objective(ctx.replace(model=model, guide=guide))
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
-        first = float(objective(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(seed), device)).detach())
+        first = float(objective(data.train_batch(cfg["batch_size"], generator, device)).detach())
     if not math.isfinite(first):
         raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
                             "inputs' scale (standardise them) and the priors; training did not start")
+    return objective
+
+
+def build_training(spec: RunSpec, state: TrainState | None = None) -> tuple[Objective, ClippedAdam]:
+    """The objective (:func:`build_objective`) and optimiser of a run, as the trainer builds them
+    (benchmarks time them). ``state`` defaults to a fresh one of the run's length."""
+    cfg = spec.config
+    objective = build_objective(spec, state if state is not None else TrainState(total_steps=spec.total_steps))
     optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
                         lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
     return objective, optim
 
 
 @local_params
-def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | None = None,
-          callback: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Fit ``method`` on ``data`` by SVI; resume from ``run``'s checkpoint when it has one.
+def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Fit ``spec.method`` on ``spec.data`` by SVI; resume from ``spec.checkpoint`` when it has one,
+    and checkpoint into ``spec.run`` when it has one.
 
     ``callback(step, loss)`` runs after every step (tests use it to interrupt a run).
     """
-    device = resolve_device(cfg["device"])
+    method, data, cfg, device, run = spec.method, spec.data, spec.config, spec.device, spec.run
     seed = int(cfg["seed"])
     pyro.set_rng_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    n_steps = total_steps(cfg, data)
+    n_steps = spec.total_steps
     state = TrainState(total_steps=n_steps)
-    objective, optim = build_training(method, data, cfg, state, device)
+    objective, optim = build_training(spec, state)
     model, guide = objective.model, objective.guide
     has_val = all(n > 0 for n in data.split_sizes("val"))
-    per_epoch = steps_per_epoch(cfg, data)
+    per_epoch = spec.steps_per_epoch
     # states model selection may keep: from the full objective on, every state, or the last one
     first_kept = {"after_warmup": warmup_steps(method, cfg, n_steps), "all": 0, "last": n_steps}[cfg["select"]]
 
     start, history, seconds, loss_val = 0, [], 0.0, math.nan
     best = {"score": -math.inf, "step": -1, "state": None}
-    if run is not None and run.has_checkpoint():
-        saved = run.read_checkpoint(device)
-        if saved.get("config", {}).get("method") != cfg["method"]:
-            raise ValueError(f"{run.checkpoint_path} belongs to method {saved.get('config', {}).get('method')!r}, "
-                             f"not {cfg['method']!r}")
-        if saved["step"] > n_steps:
-            raise ValueError(f"{run.checkpoint_path} holds {saved['step']} steps, more than the {n_steps} asked; "
-                             "ask for at least as many, or pass another run directory")
+    if spec.checkpoint is not None and run is not None:
+        saved = spec.checkpoint
         try:
             objective.load_state_dict(saved["objective"])
             optim.load_state_dict(saved["optim"])
@@ -199,13 +180,14 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
             raise ValueError(f"{run.checkpoint_path} does not fit this method and data: "
                              f"{' '.join(str(err).split())[:300]}") from None
         _set_rng_state(saved["rng"], gen)
-        start, history, seconds, best = saved["step"], saved["history"], saved["seconds"], saved["best"]
+        start, seconds, best = saved["step"], saved["seconds"], saved["best"]
+        history = list(saved["history"])  # appended to: the spec's checkpoint stays as it was read
         loss_val = saved.get("loss", math.nan)
 
     def checkpoint(step: int, rng: dict[str, Any]) -> None:
         run.write_checkpoint({"step": step, "objective": objective.state_dict(), "optim": optim.state_dict(),
                               "rng": rng, "history": history, "seconds": seconds, "best": best, "loss": loss_val,
-                              "config": cfg})
+                              "config": dict(cfg)})
 
     ctx = TrainContext(data=data, cfg=cfg, device=device, generator=gen, step=start, epoch=start // per_epoch)
     log_every = max(1, cfg["eval_every"] // 10)  # training-loss points between validation scores
@@ -239,7 +221,7 @@ def train(method, data: MultiTaskData, cfg: dict[str, Any], *, run: RunDir | Non
                 if done % cfg["eval_every"] == 0 or done == n_steps:
                     record = {"step": done, "loss": loss_val, **objective.diagnostics()}
                     if has_val:
-                        score = validation_score(method, model, guide, data, cfg, device, seed + done)
+                        score = validation_score(spec, model, guide, seed + done)
                         record["val_score"] = score
                         if done >= first_kept and (score > best["score"] or cfg["select"] == "last"):
                             best = {"score": score, "step": done, "state": copy.deepcopy(objective.state_dict())}

@@ -48,7 +48,7 @@ class Interrupt(Exception):
 
 def interrupted_then_resumed(method, data: MultiTaskData, cfg: dict, directory, at: int):
     """Train ``method`` in ``directory`` until step ``at``, interrupt it, resume it; the resumed result."""
-    from pyromtl.rundir import RunDir
+    from pyromtl.runspec import RunSpec
     from pyromtl.train import train
 
     def stop(step: int, loss: float) -> None:
@@ -56,8 +56,20 @@ def interrupted_then_resumed(method, data: MultiTaskData, cfg: dict, directory, 
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(method, data, cfg, run=RunDir(directory), callback=stop)
-    return train(method, data, cfg, run=RunDir(directory))
+        train(RunSpec.build(method, cfg, data, directory), callback=stop)
+    return train(RunSpec.build(method, cfg, data, directory))
+
+
+def context(method, cfg: dict, data: MultiTaskData, state=None):
+    """The method's context for ``data`` under the resolved ``cfg`` (what ``build`` is given)."""
+    from pyromtl.runspec import RunSpec
+
+    return RunSpec.build(method, cfg, data).context(state)
+
+
+def built(method, cfg: dict, data: MultiTaskData, state=None):
+    """``(model, guide)`` as the method builds them for ``data`` under the resolved ``cfg``."""
+    return method.build(context(method, cfg, data, state))
 
 
 def regression_mimo(num_tasks: int = 2, n: int = 50, dim: int = 4, seed: int = 0) -> MultiTaskData:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.base import TrainState
-from pyromtl.guides.bayesagg import GaussianPrecision
+from pyromtl.schedules import TrainState
+from pyromtl.distributions import GaussianPrecision
 from pyromtl.cli import main
 from pyromtl.infer.bayesagg import (
     add_bias,
@@ -27,8 +27,10 @@ from pyromtl.infer.bayesagg import (
     regression_posterior,
 )
 from pyromtl.objective import TrainContext
+from pyromtl.runspec import RunSpec
 from pyromtl.train import train
-from tests.conftest import TINY, interrupted_then_resumed, mixed_simo
+from pyromtl.method import MethodContext
+from tests.conftest import TINY, built, interrupted_then_resumed, mixed_simo
 
 GAMMA = 0.7
 # mixed_simo's tasks: 0 "cls" (3 classes), 1 "bin", 2 "reg"
@@ -45,10 +47,10 @@ def _build(kind: str = "isotropic", **options: Any):
     data = mixed_simo()
     method = methods.get("bayesagg")
     cfg = config.resolve(method, {**TINY, "device": "cpu", "pretrain_steps": 0, **options},
-                         priors={"w": {"kind": kind, "scale": GAMMA}})
+                         priors={"w": {"kind": kind, "scale": GAMMA}}, data=data)
     torch.manual_seed(0)
-    model, guide = method.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
-    return data, cfg, model, guide, method.objective(method, cfg, model, guide)
+    model, guide = built(method, cfg, data, TrainState(total_steps=100))
+    return data, cfg, model, guide, method.objective(MethodContext(method, cfg, model=model, guide=guide))
 
 
 def _batch(data, size: int = 16, seed: int = 0):
@@ -224,7 +226,7 @@ def test_a_built_prior_is_kept_until_the_store_changes() -> None:
     # the step under the new prior is what an objective that never built one computes
     method = methods.get("bayesagg")
     torch.manual_seed(1)  # the multiclass task's logit draws
-    want = method.objective(method, cfg, model, guide).aggregated_gradient(features, batch.y)
+    want = method.objective(MethodContext(method, cfg, model=model, guide=guide)).aggregated_gradient(features, batch.y)
     torch.manual_seed(1)
     got = objective.aggregated_gradient(features, batch.y)
     torch.testing.assert_close(got, want)
@@ -243,7 +245,7 @@ def annealed_kind():
         return GaussianPrecision(ctx.full(ctx.batch_shape + ctx.event_shape, 0.0), eye * (1.0 + ctx.step))
 
     yield "test_annealed"
-    del pyromtl.priors._REGISTRY["test_annealed"]
+    del pyromtl.priors.registry._REGISTRY["test_annealed"]
 
 
 def test_other_prior_kinds_are_built_every_step(annealed_kind: str) -> None:
@@ -275,8 +277,8 @@ def test_checkpoint_and_resume_are_exact(tmp_path: Path, kind: str) -> None:
     data = mixed_simo()
     method = methods.get("bayesagg")
     cfg = config.resolve(method, {**TINY, "steps": 30, "batch_size": 16, "pretrain_steps": 6, "checkpoint_every": 10,
-                                  "device": "cpu"}, priors={"w": {"kind": kind}})
-    full = train(method, data, cfg)
+                                  "device": "cpu"}, priors={"w": {"kind": kind}}, data=data)
+    full = train(RunSpec.build(method, cfg, data))
     resumed = interrupted_then_resumed(method, data, cfg, tmp_path, at=25)
     want, got = full.objective.state_dict(), resumed.objective.state_dict()
     assert want.keys() == got.keys()
@@ -341,7 +343,7 @@ def test_regression_moments_use_a_shared_covariance_once() -> None:
 
 
 def test_shared_prior_rows_skip_the_comparison_and_give_the_same_prior() -> None:
-    from pyromtl.guides.bayesagg import GaussianPrecision, group_prior, head_groups, share_rows
+    from pyromtl.guides.bayesagg import group_prior, head_groups, share_rows
 
     info = mixed_simo().info  # out_dim 3
     gen = torch.Generator().manual_seed(5)
@@ -361,8 +363,6 @@ def test_shared_prior_rows_skip_the_comparison_and_give_the_same_prior() -> None
 
 
 def test_gaussian_precision_matches_multivariate_normal() -> None:
-    from pyromtl.guides.bayesagg import GaussianPrecision
-
     gen = torch.Generator().manual_seed(4)
     root = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
     precision = root @ root.mT + torch.eye(3, dtype=torch.float64)
@@ -379,7 +379,7 @@ def test_gaussian_precision_matches_multivariate_normal() -> None:
 
 def test_head_groups_index_consecutive_tasks_by_a_slice_and_others_by_index() -> None:
     from pyromtl.data.core import MultiTaskData
-    from pyromtl.guides.bayesagg import GaussianPrecision, group_prior, head_groups
+    from pyromtl.guides.bayesagg import group_prior, head_groups
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(12, 3, generator=gen).numpy()

@@ -31,10 +31,13 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
 def test_resolve_fills_defaults() -> None:
     cfg = resolve(VBMTL)
     assert cfg["method"] == "vbmtl"
+    assert cfg["fraction"] == 0.05  # fraction = 0 is the dataset's default fraction, resolved here
     for key, value in TRAIN_DEFAULTS.items():
-        assert cfg[key] == VBMTL.defaults.get(key, value)  # method defaults override the trainer's
+        if key != "fraction":
+            assert cfg[key] == VBMTL.defaults.get(key, value)  # method defaults override the trainer's
     for key, value in VBMTL.defaults.items():
         assert cfg[key] == value
+    assert resolve(VBMTL, {"data": "digits-mixed"})["fraction"] == 1.0  # no default fraction: everything
     assert set(cfg["priors"]) == set(VBMTL.priors)
     assert cfg["priors"]["w"] == {"kind": "normal", "loc": 0.0, "scale": 1.0}
 

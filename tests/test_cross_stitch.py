@@ -8,18 +8,18 @@ import torch
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.models.cross_stitch import SELF_WEIGHT, stitch_init
 from pyromtl.params import local_params
-from tests.conftest import TINY, blobs_mimo, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 
 
 @local_params
 def _model(data, **options):
     m = methods.get("cross-stitch")
-    cfg = config.resolve(m, {**TINY, "device": "cpu", **options})
+    cfg = config.resolve(m, {**TINY, "device": "cpu", **options}, data=data)
     torch.manual_seed(0)
-    model, _ = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
+    model, _ = built(m, cfg, data, TrainState(total_steps=100))
     return model
 
 

@@ -310,7 +310,7 @@ def test_fraction_one_or_none_keeps_the_whole_train_split():
 ])
 def test_runs_take_the_dataset_default_fraction(name, fraction, expected):
     import pyromtl
-    from conftest import TINY
+    from tests.conftest import TINY
 
     fit = pyromtl.fit("stl", name, fraction=fraction, steps=1, device="cpu", **TINY)
     assert fit.config["fraction"] == expected

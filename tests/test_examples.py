@@ -124,7 +124,7 @@ def custom_prior_module():
     spec.loader.exec_module(module)
     yield module
     for kind in set(priors.available()) - before:
-        del priors._REGISTRY[kind]
+        del priors.registry._REGISTRY[kind]
 
 
 def test_custom_prior_kind_uses_the_documented_api(custom_prior_module):

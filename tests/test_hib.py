@@ -16,15 +16,16 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import TINY, blobs_mimo, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from pyro import poutine
 from torch.distributions import Normal, kl_divergence
 
 import pyromtl
 from pyromtl import cli, config, methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.data import MultiTaskData
 from pyromtl.infer.hib import channel_kl
+from pyromtl.method import MethodContext
 
 SMALL = {**TINY, "latent_dim": 4}
 
@@ -40,10 +41,10 @@ def build(data: MultiTaskData | None = None, priors: dict | None = None, **optio
     """``(model, guide, state)`` of ``hib`` on ``data`` (default: one task of each type, SIMO)."""
     data = data if data is not None else mixed_simo()
     m = methods.get("hib")
-    cfg = config.resolve(m, {**SMALL, **options}, priors)
+    cfg = config.resolve(m, {**SMALL, **options}, priors, data=data)
     torch.manual_seed(0)
     state = TrainState(total_steps=100)
-    model, guide = m.build(data, cfg, state, torch.device("cpu"))
+    model, guide = built(m, cfg, data, state)
     return model, guide, state
 
 
@@ -53,7 +54,7 @@ def batch_of(data: MultiTaskData, size: int = 16):
 
 def elbo_loss(model, guide, batch, hide_y: bool = False) -> torch.Tensor:
     m = methods.get("hib")
-    loss = m.elbo(m, {"num_particles": 1})
+    loss = m.elbo(MethodContext(m, {"num_particles": 1}))
     return loss.differentiable_loss(poutine.block(model, hide=["y"]) if hide_y else model, guide, batch)
 
 
@@ -129,7 +130,8 @@ def test_no_noise_prior_passes_z_through():
     tr = poutine.trace(guide).get_trace(batch)
     w = tr.nodes["w"]["value"]
     assert torch.equal(w, guide.represent(batch).expand_as(w))
-    assert methods.get("hib").relatedness(model, guide) == {}
+    hib = methods.get("hib")
+    assert hib.relatedness(MethodContext(hib, config.resolve(hib, {}), model=model, guide=guide)) == {}
     assert float(elbo_loss(model, guide, batch, hide_y=True)) == 0.0
 
 
@@ -242,9 +244,9 @@ def test_mtvib_weights_each_task_by_its_learned_uncertainty():
     """d loss / d s_j = (N_t / B) (Σ_b log p(y_jb | z_b) e^{-s_j} + B / 2): Kendall et al.'s weighting."""
     data = mixed_simo()
     m = methods.get("mtvib")
-    cfg = config.resolve(m, {**SMALL})
+    cfg = config.resolve(m, {**SMALL}, data=data)
     torch.manual_seed(0)
-    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
+    model, guide = built(m, cfg, data, TrainState(total_steps=100))
     batch = batch_of(data)
     with torch.no_grad():
         model.log_task_var.copy_(torch.tensor([[0.5], [-0.3], [0.0]]))

@@ -20,10 +20,9 @@ from pyromtl.infer.hib import (
     clustering_success,
     gaussian_optimal_precisions,
     noise_distance,
-    plot_dendrogram,
-    plot_distance_heatmap,
     two_task_gaussian,
 )
+from pyromtl.plots import plot_dendrogram
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hib_gaussian_theory.py"
 
@@ -189,18 +188,6 @@ def test_cluster_tasks_recovers_the_pairs():
 # --------------------------------------------------------------------------- figures
 
 
-def test_distance_heatmap_labels_values_and_fitted_colour_scale():
-    names = ["a", "b", "c", "d"]
-    fig = plot_distance_heatmap(PAIRS, names)
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == names
-    assert [t.get_text() for t in ax.get_yticklabels()] == names
-    assert len(ax.texts) == 16 and {t.get_text() for t in ax.texts} >= {"3.5", "6", "0"}
-    assert ax.images[0].get_clim() == (0.0, 6.0)  # the data's range, not 0-1
-    with pytest.raises(ValueError, match="task_names"):
-        plot_distance_heatmap(PAIRS, names[:3])
-
-
 def test_dendrogram_has_one_labelled_leaf_per_task():
     names = ["a", "b", "c", "d"]
     linkage = cluster_tasks(PAIRS)
@@ -211,7 +198,9 @@ def test_dendrogram_has_one_labelled_leaf_per_task():
     # the pairs are adjacent leaves
     assert abs(labels.index("a") - labels.index("b")) == 1
     with pytest.raises(ValueError, match="linkage"):
-        plot_dendrogram(np.zeros((2, 3)))
+        plot_dendrogram(np.zeros((2, 3)), names)
+    with pytest.raises(ValueError, match="task_names"):
+        plot_dendrogram(linkage, names[:3])
 
 
 # --------------------------------------------------------------------------- Section IV, eq. 10

@@ -8,9 +8,9 @@ import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from conftest import TINY, blobs_mimo, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from pyromtl import methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.config import resolve
 from pyromtl.infer.meanfield import MeanFieldELBO
 
@@ -40,11 +40,11 @@ def _loss_and_grads(elbo_cls, model, guide, batch, num_particles, seed):
 def test_matches_trace_mean_field_elbo(name, simo, extra, validate):
     data = mixed_simo() if simo else blobs_mimo()
     method = methods.get(name)
-    cfg = resolve(method, {**TINY, **extra, "kl_weight": 0.7})
+    cfg = resolve(method, {**TINY, **extra, "kl_weight": 0.7}, data=data)
     batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
     with pyro.settings.context(module_local_params=True), pyro.validation_enabled(validate):
         state = TrainState(step=50, total_steps=400)  # mid-way through the KL warm-up
-        model, guide = method.build(data, cfg, state, torch.device("cpu"))
+        model, guide = built(method, cfg, data, state)
         ref_loss, ref_grads = _loss_and_grads(TraceMeanField_ELBO, model, guide, batch, cfg["num_particles"], 3)
         loss, grads = _loss_and_grads(MeanFieldELBO, model, guide, batch, cfg["num_particles"], 3)
     torch.testing.assert_close(loss, ref_loss)

@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import TINY, blobs_mimo, mixed_simo, regression_mimo
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo, regression_mimo
 
 import pyromtl
 from pyromtl import methods
@@ -57,7 +57,7 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
     from pyro import poutine
 
     from pyromtl import config
-    from pyromtl.base import TrainState
+    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
 
     data = blobs_mimo()
@@ -65,8 +65,8 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
 
     @local_params
     def run():
-        cfg = config.resolve(m, dict(TINY, mc_z=3, mc_w=5))
-        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
+        cfg = config.resolve(m, dict(TINY, mc_z=3, mc_w=5), data=data)
+        model, guide = built(m, cfg, data, TrainState(total_steps=100))
         batch = data.train_batch(8, None, "cpu")
         guide_tr = poutine.trace(guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
@@ -85,7 +85,7 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
 def test_mean_field_elbo_uses_the_analytic_normal_kl():
     """With z and w from fixed guide draws, two loss evaluations agree only if every KL is analytic."""
     from pyromtl import config
-    from pyromtl.base import TrainState
+    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
 
     data = blobs_mimo()
@@ -93,8 +93,8 @@ def test_mean_field_elbo_uses_the_analytic_normal_kl():
 
     @local_params
     def kl_terms():
-        cfg = config.resolve(m, {**TINY, "kl_weight": 1.0})
-        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
+        cfg = config.resolve(m, {**TINY, "kl_weight": 1.0}, data=data)
+        model, guide = built(m, cfg, data, TrainState(total_steps=100))
         batch = data.train_batch(8, None, "cpu")
         elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=4)
         losses = []

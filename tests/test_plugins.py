@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,23 +15,31 @@ import torch
 from pyro import poutine
 
 import pyromtl
+import pyromtl.models
 from pyromtl import config, methods
 from pyromtl.cli import main
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.rundir import RunDir
+from pyromtl.runspec import RunSpec
 from pyromtl.train import train
-from tests.conftest import TINY, blobs_mimo, interrupted_then_resumed, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, interrupted_then_resumed, mixed_simo
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- declarations
 def test_builtin_methods_are_declared_beside_their_code() -> None:
-    for name in methods.available():
-        m = methods.get(name)
-        module = m.build.__module__
-        assert module.startswith("pyromtl.models."), (name, module)
-        assert set(m.overrides) <= set(m.options.defaults()) | set(config.TRAIN_DEFAULTS), name
+    """Every built-in method is in the METHODS of exactly one module of pyromtl.models, and the
+    registry's table lists each such module."""
+    declared: dict[str, str] = {}
+    for info in pkgutil.iter_modules(pyromtl.models.__path__):
+        module = importlib.import_module(f"pyromtl.models.{info.name}")
+        for m in module.METHODS:
+            assert m.name not in declared, (m.name, declared.get(m.name), info.name)
+            declared[m.name] = info.name
+    assert declared.keys() == methods.builtin().keys()
+    for m in methods.builtin().values():
+        assert set(m.overrides) <= set(m.options.defaults()) | set(config.TRAIN_DEFAULTS), m.name
 
 
 def test_core_names_no_method_site() -> None:
@@ -91,19 +101,19 @@ class FrozenEncoder(Objective):
 
 
 def _with_objective(name: str, factory) -> methods.Method:
-    return dataclasses.replace(methods.get(name), objective=lambda m, cfg, model, guide: factory(m.elbo(m, cfg)(model, guide)))
+    return dataclasses.replace(methods.get(name), objective=lambda ctx: factory(ctx.method.elbo(ctx)(ctx.model, ctx.guide)))
 
 
 def test_objective_can_replace_the_backward_pass_and_runs_its_hooks() -> None:
     data = blobs_mimo()
     m = _with_objective("bmtl", FrozenEncoder)
-    cfg = config.resolve(m, {**TINY, "steps": 12, "batch_size": 16, "device": "cpu"})
+    cfg = config.resolve(m, {**TINY, "steps": 12, "batch_size": 16, "device": "cpu"}, data=data)
     per_epoch = -(-max(data.split_sizes("train")) // 16)
     pyro.set_rng_seed(cfg["seed"])  # the trainer's seed: the same initialisation
     with pyro.settings.context(module_local_params=True):
-        before = {k: v.clone() for k, v in m.build(data, cfg, pyromtl.base.TrainState(total_steps=100), torch.device("cpu"))[0]
+        before = {k: v.clone() for k, v in built(m, cfg, data, pyromtl.schedules.TrainState(total_steps=100))[0]
                   .encoder.state_dict().items()}
-    result = train(m, data, cfg)
+    result = train(RunSpec.build(m, cfg, data))
     obj = result.objective
     after = obj.model.encoder.state_dict()
     for k in before:  # no gradient ever reached the encoder
@@ -162,8 +172,8 @@ class OwnGate(Objective):
 def test_objective_state_and_optimiser_resume_exactly(tmp_path: Path) -> None:
     data = mixed_simo()
     m = _with_objective("vbmtl", OwnGate)
-    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu"})
-    full = train(m, data, cfg)
+    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu"}, data=data)
+    full = train(RunSpec.build(m, cfg, data))
     assert id(full.objective.gate) not in {id(p) for p in full.objective.trainable_parameters()}
 
     resumed = interrupted_then_resumed(m, data, cfg, tmp_path, at=25)

@@ -9,7 +9,7 @@ from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
 from pyromtl import priors
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.distributions import TaskMixture
 from pyromtl.models.vmtl import expected_weights
 from pyromtl.priors import PriorContext, PriorSite, PriorSpec, available, build, describe, parse_spec, register
@@ -27,10 +27,10 @@ def _validation():
 @pytest.fixture
 def scratch_kinds():
     """Kinds registered by a test are removed afterwards."""
-    before = set(priors._REGISTRY)
+    before = set(priors.registry._REGISTRY)
     yield
-    for kind in set(priors._REGISTRY) - before:
-        del priors._REGISTRY[kind]
+    for kind in set(priors.registry._REGISTRY) - before:
+        del priors.registry._REGISTRY[kind]
 
 
 def w_components(requires_grad=False):

@@ -11,6 +11,8 @@ import pytest
 import xarray as xr
 
 import pyromtl
+from pyromtl import config, methods
+from pyromtl.method import MethodContext
 from pyromtl.plots import plot_run
 from pyromtl.report import report
 from pyromtl.rundir import RunDir
@@ -94,22 +96,25 @@ def test_report_rejects_a_directory_that_is_no_run(tmp_path: Path) -> None:
 
 
 def test_method_figures_are_drawn_only_when_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A method's declared figures (HIB's heatmap and dendrogram) are functions: existing files cost no drawing."""
+    """Figures are functions (HIB's dendrogram, the relatedness heatmap): existing files cost no drawing."""
     import pyromtl.models.hib as hib
+    import pyromtl.plots as plots
 
     distance = [[0.0, 1.0, 3.0], [1.0, 0.0, 2.5], [3.0, 2.5, 0.0]]
     doc = {"method": "hib", "tasks": {name: {"accuracy": 0.5} for name in ("a", "b", "c")},
            "relatedness": {"distance": distance}}
+    method = methods.get("hib")
+    context = MethodContext(method, config.resolve(method, {}), doc=doc)
     run = RunDir(tmp_path)
-    first = {p.name for p in plot_run(run, history=[], doc=doc)}
+    first = {p.name for p in plot_run(run, doc=doc, history=[], context=context)}
     assert {"relatedness_distance.png", "dendrogram_distance.png"} <= first
 
     def refuse(*args, **kwargs):
         raise AssertionError("drew a figure whose file exists")
 
-    monkeypatch.setattr(hib, "plot_distance_heatmap", refuse)
+    monkeypatch.setattr(plots, "plot_relatedness", refuse)
     monkeypatch.setattr(hib, "plot_dendrogram", refuse)
-    assert plot_run(run, history=[], doc=doc, only_missing=True) == []
+    assert plot_run(run, doc=doc, history=[], context=context, only_missing=True) == []
     (tmp_path / "plots" / "dendrogram_distance.png").unlink()
     with pytest.raises(AssertionError, match="drew a figure"):
-        plot_run(run, history=[], doc=doc, only_missing=True)
+        plot_run(run, doc=doc, history=[], context=context, only_missing=True)

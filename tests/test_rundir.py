@@ -21,6 +21,7 @@ import pyromtl
 from pyromtl import cli, config
 from pyromtl.data import MultiTaskData
 from pyromtl.rundir import RunDir
+from pyromtl.runspec import RunSpec
 from pyromtl.train import TrainingInterrupted, train
 from tests.conftest import TINY, blobs_mimo
 
@@ -157,8 +158,8 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_resume_is_exact(tmp_path: Path,
 
     data = blobs_mimo()
     m = methods.get("vbmtl")
-    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 100, "device": "cpu"})
-    full = train(m, data, cfg)
+    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 100, "device": "cpu"}, data=data)
+    full = train(RunSpec.build(m, cfg, data))
     calls = []
     original = type(data).train_batch
 
@@ -170,11 +171,11 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_resume_is_exact(tmp_path: Path,
 
     monkeypatch.setattr(type(data), "train_batch", interrupt)
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step \d+; saved a checkpoint there") as info:
-        train(m, data, cfg, run=RunDir(tmp_path))
+        train(RunSpec.build(m, cfg, data, tmp_path))
     monkeypatch.undo()
     step = int(str(info.value).split()[3].rstrip(";"))
     assert 10 < step < 30 and RunDir(tmp_path).read_checkpoint()["step"] == step
-    resumed = train(m, data, cfg, run=RunDir(tmp_path))
+    resumed = train(RunSpec.build(m, cfg, data, tmp_path))
     for k, v in full.objective.state_dict().items():
         torch.testing.assert_close(resumed.objective.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
@@ -183,14 +184,14 @@ def test_ctrl_c_during_an_update_says_where_a_rerun_resumes(tmp_path: Path) -> N
     from pyromtl import methods
 
     m = methods.get("bmtl")
-    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu"})
+    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu"}, data="blobs")
 
     def stop(step: int, loss: float) -> None:
         if step == 15:
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted, match="the same command resumes from the checkpoint of step 10"):
-        train(m, blobs_mimo(), cfg, run=RunDir(tmp_path), callback=stop)
+        train(RunSpec.build(m, cfg, blobs_mimo(), tmp_path), callback=stop)
 
 
 @pytest.mark.slow
@@ -254,7 +255,7 @@ def test_huge_inputs_stop_as_a_non_finite_loss(capsys, tmp_path: Path) -> None:
 
 
 def test_load_with_data_of_another_shape_is_one_line(finished: Path) -> None:
-    with pytest.raises(ValueError, match="does not fit data 'blobs'"):
+    with pytest.raises(ValueError, match="holds a run with a different config \\(data: 'synthetic-clusters' -> 'blobs'\\)"):
         pyromtl.load(finished, data=blobs_mimo())
 
 

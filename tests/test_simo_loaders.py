@@ -18,7 +18,7 @@ from pyromtl.data.faces import load_mtfl, load_utkface
 from pyromtl.data.mnist import load_grouped_mnist, load_multi_mnist
 from pyromtl.data.qm9 import QM9_TARGETS, load_qm9, molecule_features
 from pyromtl.data.safe_pickle import load_pickle
-from test_loaders import digit_image, write_idx
+from tests.test_loaders import digit_image, write_idx
 
 COARSE = [f"coarse_{k:02d}" for k in range(20)]
 

@@ -15,13 +15,15 @@ from pyro.nn import PyroModule
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.cli import main
 from pyromtl.params import local_params
 from pyromtl.predict import draw
 from pyromtl.rundir import RunDir
+from pyromtl.runspec import RunSpec
 from pyromtl.train import train
-from tests.conftest import TINY, mixed_simo
+from pyromtl.method import MethodContext
+from tests.conftest import TINY, built, mixed_simo
 
 VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
 
@@ -29,9 +31,9 @@ VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
 @local_params
 def _build(name: str, data, **options):
     m = methods.get(name)
-    cfg = config.resolve(m, {**TINY, "device": "cpu", **options})
+    cfg = config.resolve(m, {**TINY, "device": "cpu", **options}, data=data)
     torch.manual_seed(0)
-    return m.build(m.prepare(data, cfg), cfg, TrainState(total_steps=100), torch.device("cpu"))
+    return built(m, cfg, data, TrainState(total_steps=100))
 
 
 @local_params
@@ -129,15 +131,18 @@ def test_every_variant_fits_mixed_task_types_and_reports_its_gates(name: str) ->
     assert gates.shape == (3, 3) and (gates == gates.diagonal() * torch.eye(3).numpy()).all()
     assert ((0 < gates.diagonal()) & (gates.diagonal() < 1)).all()
     assert set(fit.evaluate()["tasks"]) == {"cls", "bin", "reg"}
-    draws = methods.get(name).export[0].draw(fit.model, fit.guide, 5)
+    draws = methods.get(name).export[0].draw(fit.context, 5)
     assert draws.shape == (5, 3)
 
 
-def test_network_factories_run_as_one_batched_stack() -> None:
+def test_registered_networks_run_as_one_batched_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyromtl import networks
     from pyromtl.models.smtl import TaskStack
 
-    fit = pyromtl.fit("lsmtl-c", mixed_simo(), steps=5, device="cpu", encoder="tests.test_smtl:tiny_encoder",
-                      decoder="torch.nn:Linear", **TINY)
+    monkeypatch.setattr(networks, "_REGISTRY", {})
+    networks.register("tiny", tiny_encoder)
+    networks.register("linear", torch.nn.Linear)
+    fit = pyromtl.fit("lsmtl-c", mixed_simo(), steps=5, device="cpu", encoder="tiny", decoder="linear", **TINY)
     assert isinstance(fit.model.private, TaskStack) and isinstance(fit.model.decoder, TaskStack)
     assert fit.model.private.stacked[0].shape[0] == 3
     batch = next(fit.data.eval_batches("test", "cpu"))
@@ -145,7 +150,8 @@ def test_network_factories_run_as_one_batched_stack() -> None:
         fit.model.gate_logit.copy_(torch.tensor([1.0, -1.0, 1.0]))
         torch.testing.assert_close(fit.export_pruned()(batch.x), _outputs(fit.model, fit.guide, batch),
                                    rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ValueError, match="config key 'encoder' names network 'tiny_encoder', which is not registered "
+                                         r"\(registered: linear, tiny\)"):
         pyromtl.fit("smtl", mixed_simo(), steps=1, device="cpu", encoder="tiny_encoder", **TINY)
 
 
@@ -220,14 +226,14 @@ def test_compare_of_fitted_runs_against_stl(tmp_path: Path, capsys) -> None:
 def test_bilevel_gates_learn_on_a_val_part_that_model_selection_never_sees() -> None:
     data = mixed_simo()
     m = methods.get("smtl")
-    cfg = config.resolve(m, {**TINY, "steps": 10, "device": "cpu", "gates": "bilevel", "gate_lr": 0.05})
-    prepared = m.prepare(data, cfg)
+    cfg = config.resolve(m, {**TINY, "steps": 10, "device": "cpu", "gates": "bilevel", "gate_lr": 0.05}, data=data)
+    prepared = m.prepare(MethodContext(m, cfg, data=data))
     gates, val = prepared.splits["gates"][0], prepared.splits["val"][0]
     assert set(gates.tolist()).isdisjoint(val.tolist())
     assert sorted(gates.tolist() + val.tolist()) == sorted(data.splits["val"][0].tolist())
     assert len(val) == round(len(data.splits["val"][0]) * cfg["selection_fraction"])
-    assert m.prepare(data, config.resolve(m, {**TINY, "device": "cpu"})) is data  # joint: untouched
-    result = train(m, prepared, cfg)
+    assert m.prepare(MethodContext(m, config.resolve(m, {**TINY, "device": "cpu"}), data=data)) is data  # joint: untouched
+    result = train(RunSpec.build(m, cfg, prepared))
     objective = result.objective
     logit = objective.model.gate_logit
     assert id(logit) not in {id(p) for p in objective.trainable_parameters()}
@@ -239,12 +245,12 @@ def test_bilevel_gates_resume_exactly_from_a_checkpoint(tmp_path: Path) -> None:
     """A run stopped at step 25 and resumed to 30 ends where one run of 30 steps ends: every
     parameter, the gates and their own optimiser's moments."""
     m = methods.get("lsmtl")
+    data = mixed_simo()
     cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu", "gates": "bilevel",
-                             "gate_lr": 0.05})
-    data = m.prepare(mixed_simo(), cfg)
-    train(m, data, cfg, run=RunDir(tmp_path / "once"))
-    train(m, data, {**cfg, "steps": 25}, run=RunDir(tmp_path / "resumed"))
-    train(m, data, cfg, run=RunDir(tmp_path / "resumed"))
+                             "gate_lr": 0.05}, data=data)
+    train(RunSpec.build(m, cfg, data, tmp_path / "once"))
+    train(RunSpec.build(m, {**cfg, "steps": 25}, data, tmp_path / "resumed"))
+    train(RunSpec.build(m, cfg, data, tmp_path / "resumed"))
     once, resumed = (RunDir(tmp_path / d).read_checkpoint() for d in ("once", "resumed"))
     assert once["step"] == resumed["step"] == 30
     a, b = once["objective"], resumed["objective"]
@@ -271,13 +277,13 @@ def test_bayesian_gate_elbo_carries_its_monte_carlo_kl(name: str) -> None:
     the guide's draw, with the prior scoring the relaxed value behind a hard draw (finite)."""
     data = mixed_simo()
     m = methods.get(name)
-    cfg = config.resolve(m, {**TINY, "device": "cpu"}, priors={"gate": {"kind": "relaxed_bernoulli"}})
+    cfg = config.resolve(m, {**TINY, "device": "cpu"}, priors={"gate": {"kind": "relaxed_bernoulli"}}, data=data)
     assert cfg["priors"]["gate"] == {"kind": "relaxed_bernoulli", "probs": 0.5}
     model, guide = _build(name, data, priors={"gate": "relaxed_bernoulli"})
     with torch.no_grad():
         model.gate_logit.copy_(torch.tensor([1.5, -0.5, 0.2]))  # q ≠ p, so the KL term is not zero
     batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
-    loss_fn = local_params(lambda: m.elbo(m, cfg)(model, guide))()
+    loss_fn = local_params(lambda: m.elbo(MethodContext(m, cfg))(model, guide))()
     torch.manual_seed(5)
     loss = local_params(loss_fn)(batch)
     torch.manual_seed(5)

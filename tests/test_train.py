@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, blobs_mimo
+from tests.conftest import TINY, blobs_mimo, built
 
 import pyromtl
 from pyromtl import io as pio
-from pyromtl.train import TrainingError, resolve_device, total_steps
+from pyromtl.runspec import RunSpec, resolve_device, total_steps
+from pyromtl.train import TrainingError
+from pyromtl.method import MethodContext
 
 
 def _params(fit) -> dict[str, torch.Tensor]:
@@ -41,17 +43,17 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(blobs, tmp_path):
     from pyromtl.train import train
 
     m = methods.get("vbmtl")
-    cfg = config.resolve(m, opts)
+    cfg = config.resolve(m, opts, data=blobs)
 
     def stop_at_45(step: int, loss: float) -> None:
         if step == 45:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train(m, blobs, cfg, run=RunDir(tmp_path), callback=stop_at_45)
+        train(RunSpec.build(m, cfg, blobs, tmp_path), callback=stop_at_45)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 40  # the last periodic checkpoint before the interruption
-    resumed = train(m, blobs, cfg, run=RunDir(tmp_path))
+    resumed = train(RunSpec.build(m, cfg, blobs, tmp_path))
     pf = _params(full)
     pr = {k: v.detach() for k, v in resumed.objective.state_dict().items()}
     assert pf.keys() == pr.keys()
@@ -71,17 +73,17 @@ def test_nan_loss_stops_with_a_clear_message(blobs, monkeypatch):
 
 def test_vectorized_particles_reduce_the_variance_of_the_loss(blobs):
     from pyromtl import config, methods
-    from pyromtl.base import TrainState
+    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
 
     m = methods.get("vbmtl")
 
     @local_params
     def losses(n: int) -> np.ndarray:
-        cfg = config.resolve(m, dict(num_particles=n, **TINY))
+        cfg = config.resolve(m, dict(num_particles=n, **TINY), data=blobs)
         torch.manual_seed(0)
-        model, guide = m.build(blobs, cfg, TrainState(total_steps=100), torch.device("cpu"))
-        loss_fn = m.elbo(m, cfg)(model, guide)
+        model, guide = built(m, cfg, blobs, TrainState(total_steps=100))
+        loss_fn = m.elbo(MethodContext(m, cfg))(model, guide)
         batch = blobs.train_batch(16, torch.Generator().manual_seed(0), "cpu")
         with torch.no_grad():
             return np.array([float(loss_fn(batch)) for _ in range(40)])
@@ -123,8 +125,7 @@ def test_model_selection_restores_the_best_validation_state(blobs):
     assert fit.train_info["best_step"] == scored[best]["step"]
     from pyromtl.train import validation_score
 
-    again = validation_score(fit.method, fit.model, fit.guide, fit.data, fit.config, fit.device,
-                             fit.config["seed"] + fit.train_info["best_step"])
+    again = validation_score(fit.spec, fit.model, fit.guide, fit.config["seed"] + fit.train_info["best_step"])
     assert again == pytest.approx(scores[best])
 
 
@@ -170,7 +171,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_each_step_runs_the_encoder_once_whatever_the_number_of_tasks():
     """Vectorised over tasks: a step's work is one batched call, not a loop over tasks."""
     from pyromtl import config, methods
-    from pyromtl.base import TrainState
+    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
     from pyromtl.nn import GaussianEncoder
 
@@ -185,9 +186,9 @@ def test_each_step_runs_the_encoder_once_whatever_the_number_of_tasks():
     def count(num_tasks: int, method: str) -> int:
         data = blobs_mimo(num_tasks=num_tasks)
         m = methods.get(method)
-        cfg = config.resolve(m, dict(TINY))
-        model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
-        loss_fn = m.elbo(m, cfg)(model, guide)
+        cfg = config.resolve(m, dict(TINY), data=data)
+        model, guide = built(m, cfg, data, TrainState(total_steps=100))
+        loss_fn = m.elbo(MethodContext(m, cfg))(model, guide)
         batch = data.train_batch(8, None, "cpu")
         calls.clear()
         GaussianEncoder.forward = counting

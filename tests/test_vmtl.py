@@ -13,19 +13,21 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import TINY, blobs_mimo, regression_mimo
+from tests.conftest import TINY, blobs_mimo, built, regression_mimo
 from pyro import poutine
 from pyro.infer import ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
 import pyromtl
 from pyromtl import config, datasets, methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.data import MultiTaskData
 from pyromtl.evaluation import predict_split
 from pyromtl.models.vmtl import ClassAttention
 from pyromtl.predict import draw
+from pyromtl.runspec import RunSpec
 from pyromtl.train import train
+from pyromtl.method import MethodContext
 
 #: VMTL's L x M Monte-Carlo draws cut to 2 x 2, and the KL at full weight from step 0 (the
 #: default anneals it from 0, which would mask every KL term at the start).
@@ -45,9 +47,9 @@ def build(method: str = "vmtl", data: MultiTaskData | None = None, priors: dict 
     """``(model, guide, cfg)`` of ``method`` on ``data`` (default: 3 blob tasks), built as the trainer does."""
     data = data if data is not None else blobs_mimo()
     m = methods.get(method)
-    cfg = config.resolve(m, {**SMALL, **options}, priors)
+    cfg = config.resolve(m, {**SMALL, **options}, priors, data=data)
     torch.manual_seed(0)  # the same initial parameters on every build
-    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
+    model, guide = built(m, cfg, data, TrainState(total_steps=100))
     return model, guide, cfg
 
 
@@ -74,7 +76,7 @@ def elbo(which: str, cfg: dict) -> ELBO:
     if which == "pyro":
         return TraceMeanField_ELBO(max_plate_nesting=4)
     m = methods.get(cfg["method"])
-    return m.elbo(m, cfg)
+    return m.elbo(MethodContext(m, cfg))
 
 
 def diag_kl(q_loc, q_scale, p_loc, p_scale, event_dims: int) -> torch.Tensor:
@@ -174,11 +176,10 @@ def test_mean_field_elbo_uses_the_analytic_bound_unless_kl_is_monte_carlo(which)
 def test_monte_carlo_kl_trains():
     data = blobs_mimo()
     m = methods.get("vmtl")
-    cfg = config.resolve(m, {**SMALL, "steps": 40, "lr": 0.01, "batch_size": 8, "eval_every": 1000},
-                         {"z": {"kl": "monte_carlo"}, "w": {"kl": "monte_carlo"}})
-    cfg["device"] = "cpu"
+    cfg = config.resolve(m, {**SMALL, "steps": 40, "lr": 0.01, "batch_size": 8, "eval_every": 1000, "device": "cpu"},
+                         {"z": {"kl": "monte_carlo"}, "w": {"kl": "monte_carlo"}}, data=data)
     losses: list[float] = []
-    train(m, data, cfg, callback=lambda step, loss: losses.append(loss))
+    train(RunSpec.build(m, cfg, data), callback=lambda step, loss: losses.append(loss))
     assert len(losses) == 40 and np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
 

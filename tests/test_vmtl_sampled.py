@@ -12,9 +12,9 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
-from conftest import blobs_mimo
+from tests.conftest import blobs_mimo
 from pyro import poutine
-from test_vmtl import SMALL, build, diag_kl, elbo, train_batch, without_y
+from tests.test_vmtl import SMALL, build, diag_kl, elbo, train_batch, without_y
 
 import pyromtl
 from pyromtl.distributions import TaskMixture

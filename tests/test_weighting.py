@@ -8,16 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, blobs_mimo, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from torchjd import aggregation
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.base import TrainState
+from pyromtl.schedules import TrainState
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.params import local_params
 from pyromtl.rundir import RunDir
+from pyromtl.runspec import RunSpec
 from pyromtl.train import train
+from pyromtl.method import MethodContext
 
 WEIGHTINGS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "upgrad"]
 
@@ -39,10 +41,10 @@ def _setup(method: str, data=None, **options):
     """A freshly built objective (seed 0) and a fixed training batch of 16 rows."""
     data = data or mixed_simo()
     m = methods.get(method)
-    cfg = config.resolve(m, {**TINY, **options})
+    cfg = config.resolve(m, {**TINY, **options}, data=data)
     torch.manual_seed(0)
-    model, guide = m.build(data, cfg, TrainState(total_steps=100), torch.device("cpu"))
-    objective = m.objective(m, cfg, model, guide)
+    model, guide = built(m, cfg, data, TrainState(total_steps=100))
+    objective = m.objective(MethodContext(m, cfg, model=model, guide=guide))
     batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
     objective(batch)  # creates lazy parameters, as the trainer does
     return objective, batch
@@ -69,9 +71,9 @@ def _grads(objective) -> dict[str, torch.Tensor]:
 def test_every_method_trains_on_mixed_simo_data(method):
     data = mixed_simo()
     m = methods.get(method)
-    cfg = config.resolve(m, {**TINY, "steps": 30, "batch_size": 16, "seed": 0})
+    cfg = config.resolve(m, {**TINY, "steps": 30, "batch_size": 16, "seed": 0}, data=data)
     losses: list[float] = []
-    result = train(m, data, cfg, callback=lambda step, loss: losses.append(loss))
+    result = train(RunSpec.build(m, cfg, data), callback=lambda step, loss: losses.append(loss))
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     fit = pyromtl.fit(method, data, steps=5, **TINY)
@@ -188,17 +190,17 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(method, tmp_path):
     # 4 steps an epoch, checkpoints mid-epoch: DWA's running sum and its history must both survive
     data = mixed_simo()
     m = methods.get(method)
-    cfg = config.resolve(m, {**TINY, "steps": 30, "batch_size": 16, "checkpoint_every": 6, "seed": 2})
-    full = _state(train(m, data, cfg).objective)
+    cfg = config.resolve(m, {**TINY, "steps": 30, "batch_size": 16, "checkpoint_every": 6, "seed": 2}, data=data)
+    full = _state(train(RunSpec.build(m, cfg, data)).objective)
 
     def stop_at_21(step: int, loss: float) -> None:
         if step == 21:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train(m, data, cfg, run=RunDir(tmp_path), callback=stop_at_21)
+        train(RunSpec.build(m, cfg, data, tmp_path), callback=stop_at_21)
     assert RunDir(tmp_path).read_checkpoint()["step"] == 18
-    resumed = _state(train(m, data, cfg, run=RunDir(tmp_path)).objective)
+    resumed = _state(train(RunSpec.build(m, cfg, data, tmp_path)).objective)
     assert resumed.keys() == full.keys()
     torch.testing.assert_close(resumed, full, rtol=0, atol=0)
     if method == "dwa":

@@ -8,7 +8,6 @@ Equation numbers refer to the paper.
 * :func:`noise_distance`: the task dissimilarity of eq. 11.
 * :func:`cluster_tasks`, :func:`clustering_margin`, :func:`clustering_success`: hierarchical task
   clustering and the success criterion of the paper's ablation (Section V-B, Table V).
-* :func:`plot_distance_heatmap`, :func:`plot_dendrogram`: figures of the above.
 * :func:`gaussian_optimal_precisions`: the optimal noise precisions of the Gaussian analysis
   (Section IV, eq. 10), and :func:`two_task_gaussian`, a jointly Gaussian two-task problem on
   which the analysis can be checked.
@@ -20,7 +19,7 @@ leading task dimension and runs on the device of its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,17 +27,12 @@ from numpy.typing import ArrayLike
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
 __all__ = [
     "channel_kl",
     "noise_distance",
     "cluster_tasks",
     "clustering_margin",
     "clustering_success",
-    "plot_distance_heatmap",
-    "plot_dendrogram",
     "gaussian_optimal_precisions",
     "TwoTaskGaussian",
     "two_task_gaussian",
@@ -159,7 +153,7 @@ def cluster_tasks(distance: ArrayLike | torch.Tensor, method: str = "average") -
 
     Returns:
         The ``[T − 1, 4]`` linkage matrix of ``scipy.cluster.hierarchy``, usable with its
-        ``fcluster`` and ``dendrogram`` and with :func:`plot_dendrogram`.
+        ``fcluster`` and ``dendrogram`` and with :func:`pyromtl.plots.plot_dendrogram`.
 
     Raises:
         ValueError: for an invalid matrix or an unknown method.
@@ -220,81 +214,6 @@ def clustering_success(distance: ArrayLike | torch.Tensor, groups: ArrayLike | t
     Same arguments as :func:`clustering_margin`, which gives the margin as a number.
     """
     return clustering_margin(distance, groups) > 0.0
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _task_names(task_names: Sequence[str] | None, num_tasks: int) -> list[str]:
-    if task_names is None:
-        return [f"task {t}" for t in range(num_tasks)]
-    names = [str(n) for n in task_names]
-    if len(names) != num_tasks:
-        raise ValueError(f"task_names: expected {num_tasks} names, got {len(names)}")
-    return names
-
-
-def plot_distance_heatmap(
-    distance: ArrayLike | torch.Tensor,
-    task_names: Sequence[str] | None = None,
-    title: str = "noise distance (eq. 11)",
-) -> Figure:
-    """Heatmap of a task dissimilarity with the task names on both axes and every value written in.
-
-    The colour scale spans the matrix's own range (eq. 11 distances grow with D and with how far
-    the noise has been pushed, so a fixed scale would saturate).
-
-    Returns:
-        A ``matplotlib.figure.Figure`` (not registered with pyplot; save it with ``savefig``).
-    """
-    from matplotlib.figure import Figure
-
-    d = _distance_matrix(distance)
-    num_tasks = d.shape[0]
-    names = _task_names(task_names, num_tasks)
-    low, high = float(d.min()), float(d.max())
-    high = high if high > low else low + 1.0  # a constant matrix still needs a valid scale
-    fig = Figure(figsize=(2.5 + 0.6 * num_tasks, 1.5 + 0.6 * num_tasks), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(d, cmap="viridis", vmin=low, vmax=high)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="distance")
-    ax.set_xticks(range(num_tasks), names, rotation=45, ha="right")
-    ax.set_yticks(range(num_tasks), names)
-    ax.set_xlabel("task")
-    ax.set_ylabel("task")
-    for (i, j), value in np.ndenumerate(d):
-        # light text on the dark low end of viridis, dark text on the bright high end
-        bright = (value - low) / (high - low) > 0.6
-        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8,
-                color="black" if bright else "white")
-    ax.set_title(title)
-    return fig
-
-
-def plot_dendrogram(
-    linkage: np.ndarray,
-    task_names: Sequence[str] | None = None,
-    title: str = "task clustering",
-) -> Figure:
-    """Dendrogram of a linkage from :func:`cluster_tasks`, one labelled leaf per task.
-
-    Returns:
-        A ``matplotlib.figure.Figure``; its x tick labels are the task names in leaf order.
-    """
-    from matplotlib.figure import Figure
-
-    linkage = np.asarray(linkage, dtype=np.float64)
-    if linkage.ndim != 2 or linkage.shape[1] != 4 or not hierarchy.is_valid_linkage(linkage):
-        raise ValueError(f"linkage: not a valid scipy linkage matrix (shape {linkage.shape})")
-    num_tasks = linkage.shape[0] + 1
-    names = _task_names(task_names, num_tasks)
-    fig = Figure(figsize=(2.0 + 0.5 * num_tasks, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    hierarchy.dendrogram(linkage, labels=names, ax=ax, leaf_rotation=45)
-    ax.set_xlabel("task")
-    ax.set_ylabel("merge distance")
-    ax.set_title(title)
-    return fig
 
 
 # --------------------------------------------------------------------------- Gaussian theory (Section IV)

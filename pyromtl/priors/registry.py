@@ -1,0 +1,124 @@
+"""The prior kinds: an explicit table of the built-in ones, and what user code adds with :func:`register`.
+
+Every built-in kind is listed in :data:`BUILTIN_KINDS`, so a fresh process knows all of them
+whatever it imported first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from torch.distributions import Distribution
+
+from pyromtl.priors import gates, gaussian, last_layer, mixture
+from pyromtl.priors.spec import Builder, Check, PriorContext, PriorKind, PriorSpec
+
+#: The built-in prior kinds.
+BUILTIN_KINDS: tuple[PriorKind, ...] = (
+    gaussian.NORMAL,
+    gaussian.LEARNED_NORMAL,
+    gaussian.DETERMINISTIC,
+    mixture.TASK_MIXTURE,
+    last_layer.ISOTROPIC,
+    last_layer.FULL_DATA,
+    last_layer.PREVIOUS_BATCH,
+    gates.RELAXED_BERNOULLI,
+)
+
+_REGISTRY: dict[str, PriorKind] = {kind.name: kind for kind in BUILTIN_KINDS}
+
+
+def register(
+    kind: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    checks: Mapping[str, Check] | None = None,
+    uses_components: bool = True,
+    replace: bool = False,
+) -> Callable[[Builder], Builder]:
+    """Decorator that registers ``fn(spec, ctx) -> Distribution`` as the builder of prior ``kind``.
+
+    :param defaults: the accepted parameter names and their default values (none: the kind
+        takes no parameters). Values given by a user are checked against the type of the
+        default (bool, number, string) unless ``checks`` has an entry for that name.
+    :param checks: per-parameter functions ``value -> normalised value`` that raise
+        ``ValueError`` with a short reason for an invalid value.
+    :param uses_components: whether the builder reads ``ctx.components``. Declare ``False`` when
+        it does not: a model may then skip computing them (VMTL's z components cost an attention
+        pass and an encoder pass over every sample's other tasks).
+    :param replace: allow re-registering an existing kind.
+
+    Example::
+
+        @register("laplace", defaults={"scale": 1.0})
+        def laplace(spec, ctx):
+            d = dist.Laplace(torch.zeros((), device=ctx.device), spec.params["scale"])
+            return d.expand(ctx.batch_shape + ctx.event_shape).to_event(len(ctx.event_shape))
+    """
+    if kind in _REGISTRY and not replace:
+        raise ValueError(f"prior kind {kind!r} is already registered; pass replace=True to override it")
+
+    def decorator(fn: Builder) -> Builder:
+        _REGISTRY[kind] = PriorKind(kind, fn, dict(defaults or {}), dict(checks or {}), uses_components)
+        return fn
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of the registered prior kinds, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe(kind: str) -> dict[str, Any]:
+    """The parameters of prior ``kind`` with their default values."""
+    return dict(lookup(kind).defaults)
+
+
+def uses_components(kind: str) -> bool:
+    """Whether prior ``kind`` reads mixture components (see :func:`register`)."""
+    return lookup(kind).uses_components
+
+
+def lookup(kind: Any) -> PriorKind:
+    """The registered :class:`PriorKind` named ``kind``; ``ValueError`` listing the kinds if there is none."""
+    if not isinstance(kind, str) or kind not in _REGISTRY:
+        raise ValueError(f"unknown prior kind {kind!r}; available kinds: {available()}")
+    return _REGISTRY[kind]
+
+
+def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
+    """Validate a prior spec and fill in its defaults.
+
+    ``obj`` is a :class:`PriorSpec`, a kind name (``"normal"``) or a table with a ``kind`` key and
+    the kind's parameters (a dict, e.g. from ``tomllib``). Raises ``ValueError`` naming an unknown
+    kind or parameter (with the valid ones) or an invalid value.
+    """
+    if isinstance(obj, PriorSpec):
+        kind, given = obj.kind, dict(obj.params)
+    elif isinstance(obj, str):
+        kind, given = obj, {}
+    elif isinstance(obj, Mapping):
+        if "kind" not in obj:
+            raise ValueError(f"prior table {dict(obj)!r} has no 'kind'; available kinds: {available()}")
+        given = {k: v for k, v in obj.items() if k != "kind"}
+        kind = obj["kind"]
+    else:
+        raise ValueError(f"a prior spec is a kind name, a table with a 'kind' key or a PriorSpec, got {obj!r}")
+    return lookup(kind).parse(given)
+
+
+def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> Distribution:
+    """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``."""
+    return build_parsed(parse_spec(spec), ctx)
+
+
+def build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+    """:func:`build` of a spec :func:`parse_spec` returned (a :class:`PriorSite` parses once)."""
+    prior = lookup(spec.kind).builder(spec, ctx)
+    if prior.batch_shape != ctx.batch_shape or prior.event_shape != ctx.event_shape:
+        raise ValueError(
+            f"prior kind {spec.kind!r} for site {ctx.site!r} built batch_shape {tuple(prior.batch_shape)} and event_shape "
+            f"{tuple(prior.event_shape)}, but the site needs {tuple(ctx.batch_shape)} and {tuple(ctx.event_shape)}"
+        )
+    return prior
