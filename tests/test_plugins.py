@@ -260,3 +260,17 @@ def test_a_fit_saved_to_disk_imports_no_jax(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} >= {"training.png", "relatedness_alpha.png"}
+
+
+def test_pyro_warnings_about_a_model_fail_the_tests() -> None:
+    """pyproject's filterwarnings turns what Pyro says about a model into an error (no wholesale ignore)."""
+
+    def model() -> None:
+        pyro.sample("a", pyro.distributions.Normal(0.0, 1.0))
+        pyro.sample("unguided", pyro.distributions.Normal(0.0, 1.0))
+
+    def guide() -> None:
+        pyro.sample("a", pyro.distributions.Normal(0.0, 1.0))
+
+    with pytest.raises(UserWarning, match="Found vars in model but not guide"), pyro.validation_enabled(True):
+        pyro.infer.Trace_ELBO().loss(model, guide)

@@ -84,7 +84,8 @@ def cached_arrays(
 def _read(path: Path, key: str) -> dict[str, np.ndarray] | None:
     """The entry's arrays, or ``None`` if the file is corrupt, truncated or holds another key."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # our own handle: np.load leaves the file it opened open when the archive is damaged
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
