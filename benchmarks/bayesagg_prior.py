@@ -71,15 +71,23 @@ def measure(n: int, dim: int, outputs: int, tasks: int, chunk: int) -> dict[str,
     def stream():
         stats = GaussianStats()
         for start in range(0, n, chunk):
-            stats.update(h[start:start + chunk], y[start:start + chunk])
+            stats.update(h[start : start + chunk], y[start : start + chunk])
         return stats.posterior(0.0, 1.0)
 
     stream_s, stream_mb, (mean, _) = _timed(stream)
     shot_s, shot_mb, (shot_mean, _) = _timed(lambda: regression_posterior(h, y, 0.0, 1.0))
     laplace_s, laplace_mb, _ = _timed(lambda: laplace_posterior(h, labels, w, b, 0.0, 1.0, chunk=4096))
-    return {"d": dim, "stream_s": stream_s, "one_shot_s": shot_s, "laplace_s": laplace_s, "peak_mb": _peak_mb(),
-            "stream_extra_mb": stream_mb, "one_shot_extra_mb": shot_mb, "laplace_extra_mb": laplace_mb,
-            "max_mean_gap": (mean - shot_mean).abs().max().item()}
+    return {
+        "d": dim,
+        "stream_s": stream_s,
+        "one_shot_s": shot_s,
+        "laplace_s": laplace_s,
+        "peak_mb": _peak_mb(),
+        "stream_extra_mb": stream_mb,
+        "one_shot_extra_mb": shot_mb,
+        "laplace_extra_mb": laplace_mb,
+        "max_mean_gap": (mean - shot_mean).abs().max().item(),
+    }
 
 
 def main() -> None:
@@ -98,12 +106,26 @@ def main() -> None:
     print("| d   | stream s | one-shot s | laplace s | peak MB | extra MB (stream / one-shot / laplace) | mean gap |")
     print("|-----|----------|------------|-----------|---------|----------------------------------------|----------|")
     for dim in map(int, args.dims.split(",")):
-        child = [sys.executable, __file__, "--one", str(dim), "--n", str(args.n), "--outputs", str(args.outputs),
-                 "--tasks", str(args.tasks), "--chunk", str(args.chunk)]
+        child = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(dim),
+            "--n",
+            str(args.n),
+            "--outputs",
+            str(args.outputs),
+            "--tasks",
+            str(args.tasks),
+            "--chunk",
+            str(args.chunk),
+        ]
         r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
         extra = f"{r['stream_extra_mb']:.1f} / {r['one_shot_extra_mb']:.1f} / {r['laplace_extra_mb']:.1f}"
-        print(f"| {dim:<3} | {r['stream_s']:8.3f} | {r['one_shot_s']:10.3f} | {r['laplace_s']:9.3f} | "
-              f"{r['peak_mb']:7.0f} | {extra:<38} | {r['max_mean_gap']:8.1e} |")
+        print(
+            f"| {dim:<3} | {r['stream_s']:8.3f} | {r['one_shot_s']:10.3f} | {r['laplace_s']:9.3f} | "
+            f"{r['peak_mb']:7.0f} | {extra:<38} | {r['max_mean_gap']:8.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,13 +42,13 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_step import _iqr  # noqa: E402
+from vmtl_step import _iqr
 
-from pyromtl import config, methods  # noqa: E402
-from pyromtl.runspec import RunSpec  # noqa: E402
-from pyromtl.data.core import MultiTaskData  # noqa: E402
-from pyromtl.infer.bayesagg import add_bias  # noqa: E402
-from pyromtl.objective import TrainContext  # noqa: E402
+from pyromtl import config, methods
+from pyromtl.data.core import MultiTaskData
+from pyromtl.infer.bayesagg import add_bias
+from pyromtl.objective import TrainContext
+from pyromtl.runspec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,27 @@ def synthetic(shape: Shape, n: int, seed: int = 0) -> MultiTaskData:
     x = rng.normal(size=(n, *shape.input_shape)).astype(np.float32)
     y = {}
     for t, kind in enumerate(shape.task_types):
-        y[f"t{t}"] = (rng.normal(size=n) if kind == "regression" else rng.integers(0, 10 if kind == "classification" else 2, n))
+        y[f"t{t}"] = (
+            rng.normal(size=n) if kind == "regression" else rng.integers(0, 10 if kind == "classification" else 2, n)
+        )
     return MultiTaskData.from_arrays(x, y, list(shape.task_types), name=shape.name)
 
 
 def setup(shape: Shape, options: dict[str, Any]):
     data = synthetic(shape, n=max(4 * shape.batch, 512))
     method = methods.get("bayesagg")
-    cfg = config.resolve(method, {"device": "cpu", "latent_dim": shape.latent_dim, "hidden": list(shape.hidden),
-                                  "pretrain_steps": 0, **dict(shape.options), **options}, data=data)
+    cfg = config.resolve(
+        method,
+        {
+            "device": "cpu",
+            "latent_dim": shape.latent_dim,
+            "hidden": list(shape.hidden),
+            "pretrain_steps": 0,
+            **dict(shape.options),
+            **options,
+        },
+        data=data,
+    )
     ctx = RunSpec.build(method, cfg, data).context()
     model, guide = method.build(ctx)
     objective = method.objective(ctx.replace(model=model, guide=guide))
@@ -116,20 +128,28 @@ def step_ratio(shape: Shape, options: dict[str, Any], steps: int, warmup: int, r
     ratios = [ba / ls for ls, ba in zip(times["ls"], times["bayesagg"])]
     # the median leaves out the rare rounds with a periodic cost (e.g. summing waiting statistics);
     # the ratio of the summed times keeps them
-    return {"ls_ms": 1e3 * statistics.median(times["ls"]), "bayesagg_ms": 1e3 * statistics.median(times["bayesagg"]),
-            "ratio": statistics.median(ratios), "ratio_iqr": _iqr(ratios),
-            "ratio_of_totals": sum(times["bayesagg"]) / sum(times["ls"])}
+    return {
+        "ls_ms": 1e3 * statistics.median(times["ls"]),
+        "bayesagg_ms": 1e3 * statistics.median(times["bayesagg"]),
+        "ratio": statistics.median(ratios),
+        "ratio_iqr": _iqr(ratios),
+        "ratio_of_totals": sum(times["bayesagg"]) / sum(times["ls"]),
+    }
 
 
 def epoch_prior(shape: Shape, n: int) -> float:
     """Seconds of ``end_epoch`` on ``n`` collected features (random, d as the shape's)."""
-    data, cfg, model, objective, _, _ = setup(shape, {})
+    data, cfg, _model, objective, _, _ = setup(shape, {})
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(n, shape.latent_dim, generator=gen).relu()
-    y = torch.stack([torch.randn(n, generator=gen) if kind == "regression" else torch.randint(0, 2, (n,), generator=gen).float()
-                     for kind in shape.task_types])
+    y = torch.stack(
+        [
+            torch.randn(n, generator=gen) if kind == "regression" else torch.randint(0, 2, (n,), generator=gen).float()
+            for kind in shape.task_types
+        ]
+    )
     for start in range(0, n, 512):  # what the steps of an epoch collect
-        objective._collect(add_bias(h[start:start + 512]), y[:, start:start + 512])
+        objective._collect(add_bias(h[start : start + 512]), y[:, start : start + 512])
     begin = time.perf_counter()
     objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), gen))
     return time.perf_counter() - begin
@@ -137,14 +157,26 @@ def epoch_prior(shape: Shape, n: int) -> float:
 
 SHAPES = {
     # the CNN earlier versions of this script wrote by hand: conv blocks 32/64/64, then Linear to d and ReLU
-    "cifar-mtl": Shape("cifar-mtl", (3, 32, 32), ("binary",) * 20, 128, 160, hidden=(),
-                       options=(("backbone", "cnn"), ("conv_channels", [32, 64, 64]), ("activation", "relu"))),
+    "cifar-mtl": Shape(
+        "cifar-mtl",
+        (3, 32, 32),
+        ("binary",) * 20,
+        128,
+        160,
+        hidden=(),
+        options=(("backbone", "cnn"), ("conv_channels", [32, 64, 64]), ("activation", "relu")),
+    ),
     "regression": Shape("regression", (128,), ("regression",) * 11, 120, 64, hidden=(256, 256)),
     "regression-wide": Shape("regression-wide", (512,), ("regression",) * 11, 120, 64, hidden=(1024, 1024)),
     "digits-mixed": Shape("digits-mixed", (64,), ("regression", "binary", "classification"), 64, 64),
 }
-ROWS = [("cifar-mtl", {}), ("cifar-mtl", {"moments": "monte_carlo", "num_samples": 1024}),
-        ("regression", {}), ("regression-wide", {}), ("digits-mixed", {})]
+ROWS = [
+    ("cifar-mtl", {}),
+    ("cifar-mtl", {"moments": "monte_carlo", "num_samples": 1024}),
+    ("regression", {}),
+    ("regression-wide", {}),
+    ("digits-mixed", {}),
+]
 
 
 def variant(options: dict[str, Any]) -> str:
@@ -162,24 +194,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epoch-n", type=int, default=45_000)
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                        help="time only these shapes (the per-epoch prior runs with cifar-mtl and regression)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(SHAPES),
+        default=list(SHAPES),
+        help="time only these shapes (the per-epoch prior runs with cifar-mtl and regression)",
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pyro.settings.set(module_local_params=True)
     rows = [(name, options) for name, options in ROWS if name in args.shapes]
-    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "steps": args.steps,
-                               "rounds": args.rounds, "step": [], "epoch_prior": []}
-    print("| shape | variant | LS ms | BayesAgg ms | ratio | IQR over rounds | ratio of totals |\n"
-          "|---|---|---|---|---|---|---|")
+    results: dict[str, Any] = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "step": [],
+        "epoch_prior": [],
+    }
+    print(
+        "| shape | variant | LS ms | BayesAgg ms | ratio | IQR over rounds | ratio of totals |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, options in rows:
         r = step_ratio(SHAPES[name], options, args.steps, args.warmup, args.rounds)
         label = variant(options)
         results["step"].append({"shape": name, "variant": label, **r})
-        print(f"| {name} | {label} | {r['ls_ms']:.1f} | {r['bayesagg_ms']:.1f} | {r['ratio']:.2f} | "
-              f"{r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | {r['ratio_of_totals']:.2f} |", flush=True)
+        print(
+            f"| {name} | {label} | {r['ls_ms']:.1f} | {r['bayesagg_ms']:.1f} | {r['ratio']:.2f} | "
+            f"{r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | {r['ratio_of_totals']:.2f} |",
+            flush=True,
+        )
     print("\n| shape | N | end_epoch s |\n|---|---|---|")
     for name in ("cifar-mtl", "regression"):
         if name not in args.shapes:

@@ -27,12 +27,12 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_step import _iqr, environment, objective_step, time_steps  # noqa: E402
+from vmtl_step import _iqr, environment, objective_step, time_steps
 
-from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.runspec import RunSpec  # noqa: E402
-from pyromtl.config import resolve  # noqa: E402
-from pyromtl.train import build_training  # noqa: E402
+from pyromtl import datasets, methods
+from pyromtl.config import resolve
+from pyromtl.runspec import RunSpec
+from pyromtl.train import build_training
 
 #: The two sides: their name and the prior of ``w`` (None: HIB's default marginal).
 SIDES = {"hib": None, "no_noise": "deterministic"}
@@ -41,8 +41,12 @@ SIDES = {"hib": None, "no_noise": "deterministic"}
 def build_step(data, prior, device):
     """One trainer step of ``hib`` with ``prior`` for ``w``, built as ``pyromtl.train`` builds it."""
     method = methods.get("hib")
-    cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True},
-                  {"w": prior} if prior is not None else None, data=data)
+    cfg = resolve(
+        method,
+        {"batch_size": 64, "device": str(device), "quiet": True},
+        {"w": prior} if prior is not None else None,
+        data=data,
+    )
     torch.manual_seed(0)
     return objective_step(*build_training(RunSpec.build(method, cfg, data))), cfg
 
@@ -84,13 +88,19 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     print(json.dumps(env))
-    out = {"environment": env, "command": " ".join(["python", "benchmarks/hib_step.py", *(argv or sys.argv[1:])]),
-           "results": []}
+    out = {
+        "environment": env,
+        "command": " ".join(["python", "benchmarks/hib_step.py", *(argv or sys.argv[1:])]),
+        "results": [],
+    }
     for t in args.tasks.split(","):
         r = bench(int(t), args, device)
         out["results"].append(r)
-        print(f"T={r['tasks']:<3} B={r['batch']}  hib {r['hib_ms']:7.3f} ms  no noise {r['no_noise_ms']:7.3f} ms  "
-              f"ratio {r['ratio']:.2f}x (IQR over rounds {r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f})", flush=True)
+        print(
+            f"T={r['tasks']:<3} B={r['batch']}  hib {r['hib_ms']:7.3f} ms  no noise {r['no_noise_ms']:7.3f} ms  "
+            f"ratio {r['ratio']:.2f}x (IQR over rounds {r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f})",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -66,8 +66,9 @@ def _others_index(T: int, device) -> torch.Tensor:
 def gumbel_softmax_weights(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """``[T, T]`` mixing weights with a zero diagonal: a relaxed one-hot draw over the other tasks."""
     T = logits.shape[0]
-    rows = torch.distributions.RelaxedOneHotCategorical(torch.full((), tau, device=logits.device, dtype=logits.dtype),
-                                                        logits=logits).rsample()
+    rows = torch.distributions.RelaxedOneHotCategorical(
+        torch.full((), tau, device=logits.device, dtype=logits.dtype), logits=logits
+    ).rsample()
     rows = rows / rows.sum(-1, keepdim=True)
     return torch.zeros(T, T, device=logits.device, dtype=logits.dtype).scatter(1, _others_index(T, logits.device), rows)
 
@@ -87,9 +88,20 @@ def kl_normal_bound(q_loc, q_scale, p_loc, p_scale, weights, event_dims: int) ->
 class PlainVMTL(nn.Module):
     """All of VMTL's trainable state and its loss, for MIMO classification tasks."""
 
-    def __init__(self, num_tasks: int, num_classes: int, input_dim: int, hidden: list[int], latent_dim: int,
-                 attended: torch.Tensor, class_mask: torch.Tensor, mc_z: int = 10, mc_w: int = 10,
-                 z_components: int = 8, min_scale: float = 0.5):
+    def __init__(
+        self,
+        num_tasks: int,
+        num_classes: int,
+        input_dim: int,
+        hidden: list[int],
+        latent_dim: int,
+        attended: torch.Tensor,
+        class_mask: torch.Tensor,
+        mc_z: int = 10,
+        mc_w: int = 10,
+        z_components: int = 8,
+        min_scale: float = 0.5,
+    ):
         super().__init__()
         T, K, d = num_tasks, num_classes, latent_dim
         dims = [input_dim, *hidden, 2 * d]
@@ -131,8 +143,9 @@ class PlainVMTL(nn.Module):
 
         # classifier prior: the other tasks' q(w_i), gradients stopped (eq. 6-7)
         alpha = gumbel_softmax_weights(self.logits_w, tau)
-        kl_bound_w = kl_normal_bound(w_loc, w_scale, w_loc.detach().squeeze(1), w_scale.detach().squeeze(1),
-                               alpha[:, None, :], 2).sum()
+        kl_bound_w = kl_normal_bound(
+            w_loc, w_scale, w_loc.detach().squeeze(1), w_scale.detach().squeeze(1), alpha[:, None, :], 2
+        ).sum()
 
         # representation prior: q_phi(z | f(x_tn, D_i)) for k other tasks i per sample (eq. 9-10)
         k = min(self.z_components, T - 1)

@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from smtl_dense import task_loss  # noqa: E402
+from smtl_dense import task_loss
 
-from pyromtl.models.smtl import TaskStack, mix_encoders, select_tasks, straight_through_gate  # noqa: E402
+from pyromtl.models.smtl import TaskStack, mix_encoders, select_tasks, straight_through_gate
 
 TASKS = {"segmentation": 7, "depth": 1}
 IMAGE = (3, 128, 256)
@@ -48,8 +48,14 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> list[nn.Mo
 
 def encoder() -> nn.Sequential:
     """The ResNet stand-in: ``[B, 3, H, W] -> [B, 128, H/8, W/8]``."""
-    return nn.Sequential(*_conv(3, 32, 2), *_conv(32, 32), *_conv(32, 64, 2), *_conv(64, 64),
-                         *_conv(64, 128, 2), *_conv(128, 128, dilation=2))
+    return nn.Sequential(
+        *_conv(3, 32, 2),
+        *_conv(32, 32),
+        *_conv(32, 64, 2),
+        *_conv(64, 64),
+        *_conv(64, 128, 2),
+        *_conv(128, 128, dilation=2),
+    )
 
 
 class ASPPHead(nn.Module):
@@ -57,8 +63,10 @@ class ASPPHead(nn.Module):
 
     def __init__(self, out_channels: int, in_channels: int = 128, width: int = 96, rates=(2, 4, 6)):
         super().__init__()
-        self.branches = nn.ModuleList([nn.Conv2d(in_channels, width, 1)] +
-                                      [nn.Conv2d(in_channels, width, 3, padding=r, dilation=r) for r in rates])
+        self.branches = nn.ModuleList(
+            [nn.Conv2d(in_channels, width, 1)]
+            + [nn.Conv2d(in_channels, width, 3, padding=r, dilation=r) for r in rates]
+        )
         self.fuse = nn.Conv2d(width * (1 + len(rates)), width, 1)
         self.out = nn.Conv2d(width, out_channels, 1)
 
@@ -95,8 +103,9 @@ class DenseVariant(nn.Module):
         self.public = encoder() if name != "stl" else None
         self.private = None
         if name != "dmtl":  # loop: the same private encoders as separate modules run in turn (for comparison)
-            self.private = LoopStack([encoder() for _ in TASKS]) if loop else TaskStack([encoder() for _ in TASKS],
-                                                                                           sample_dims=3)
+            self.private = (
+                LoopStack([encoder() for _ in TASKS]) if loop else TaskStack([encoder() for _ in TASKS], sample_dims=3)
+            )
         self.heads = heads()
         self.public_heads = heads() if self.combine_outputs else None
         self.gate_logit = nn.Parameter(torch.zeros(T)) if name not in ("dmtl", "stl") else None
@@ -118,8 +127,10 @@ class DenseVariant(nn.Module):
             return [h(z[i]) for i, h in enumerate(self.heads)]
         zs, zp = self.public(x), self.private(x)
         # outputs have 7 or 1 channels: mixed task by task, with the same eq.-1 mix
-        return [mix_encoders(gate[i:i + 1], hs(zs)[None], h(zp[i])[None])[0]
-                for i, (hs, h) in enumerate(zip(self.public_heads, self.heads))]
+        return [
+            mix_encoders(gate[i : i + 1], hs(zs)[None], h(zp[i])[None])[0]
+            for i, (hs, h) in enumerate(zip(self.public_heads, self.heads))
+        ]
 
 
 class PrunedDense(nn.Module):
@@ -139,8 +150,10 @@ class PrunedDense(nn.Module):
         self.order = [(pub + priv).index(t) for t in range(len(chosen))]
 
     def encoders(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return (self.public(x) if self.public is not None else None,
-                self.private(x) if self.private is not None else None)
+        return (
+            self.public(x) if self.public is not None else None,
+            self.private(x) if self.private is not None else None,
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         zs, zp = self.encoders(x)
@@ -167,6 +180,7 @@ def train_step(model: DenseVariant, optim: torch.optim.Optimizer):
         optim.zero_grad()
         loss.backward()
         optim.step()
+
     return step
 
 
@@ -183,12 +197,21 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int, dilation: int):
         super().__init__()
         cout = 4 * width
-        self.body = nn.Sequential(nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, stride, dilation, dilation, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, dilation, dilation, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x):
         return F.relu(self.body(x) + self.skip(x))
@@ -197,8 +220,12 @@ class Bottleneck(nn.Module):
 def resnet50_dilated() -> nn.Sequential:
     """torchvision's ResNet-50 with ``replace_stride_with_dilation=[False, True, True]`` (output
     stride 8), without its classifier: LibMTL's ``resnet_dilated('resnet50')``."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                               nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for width, blocks, stride, dilation in ((64, 3, 1, 1), (128, 4, 2, 1), (256, 6, 1, 2), (512, 3, 1, 4)):
         for b in range(blocks):
@@ -214,9 +241,14 @@ class DeepLabHead(nn.Module):
 
     def __init__(self, out_channels: int, cin: int = 2048, width: int = 256):
         super().__init__()
+
         def cbr(k, d=1, c=cin):
-            return nn.Sequential(nn.Conv2d(c, width, k, padding=d if k == 3 else 0, dilation=d, bias=False),
-                                 nn.BatchNorm2d(width), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(c, width, k, padding=d if k == 3 else 0, dilation=d, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            )
+
         self.branches = nn.ModuleList([cbr(1)] + [cbr(3, r) for r in (12, 24, 36)])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, width, 1, bias=False), nn.ReLU())
         self.project = cbr(1, c=5 * width)
@@ -246,10 +278,23 @@ def flop_model(parts: dict[str, float]) -> dict[str, dict[str, float]]:
     1 public + 1 private for inference): dmtl E + D, stl and SMTL 2E + D and 3E + D, ``-c``
     3E + 2D; inference dmtl E + D, gated 3E + D (``-c``: 3E + 2D), pruned 2E + D, chosen 2E."""
     E, D, Et, Dt = parts["encoder"], parts["decoders"], parts["encoder train"], parts["decoders train"]
-    train = {"dmtl": Et + Dt, "stl": 2 * Et + Dt, "smtl": 3 * Et + Dt, "lsmtl": 3 * Et + Dt,
-             "smtl-c": 3 * Et + 2 * Dt, "lsmtl-c": 3 * Et + 2 * Dt}
-    infer = {"dmtl": E + D, "lsmtl gated": 3 * E + D, "lsmtl pruned": 2 * E + D, "lsmtl chosen": 2 * E,
-             "lsmtl-c gated": 3 * E + 2 * D, "lsmtl-c pruned": 2 * E + D, "lsmtl-c chosen": 2 * E}
+    train = {
+        "dmtl": Et + Dt,
+        "stl": 2 * Et + Dt,
+        "smtl": 3 * Et + Dt,
+        "lsmtl": 3 * Et + Dt,
+        "smtl-c": 3 * Et + 2 * Dt,
+        "lsmtl-c": 3 * Et + 2 * Dt,
+    }
+    infer = {
+        "dmtl": E + D,
+        "lsmtl gated": 3 * E + D,
+        "lsmtl pruned": 2 * E + D,
+        "lsmtl chosen": 2 * E,
+        "lsmtl-c gated": 3 * E + 2 * D,
+        "lsmtl-c pruned": 2 * E + D,
+        "lsmtl-c chosen": 2 * E,
+    }
     return {"train": train, "infer": infer}
 
 
@@ -257,11 +302,15 @@ def paper_flops(batch: int) -> dict:
     """The FLOP model of Deeplab-ResNet-50 (:func:`resnet50_dilated` + :class:`DeepLabHead`) and of
     the stand-in at the CityScapes shape, with ratios against dmtl."""
     out = {}
-    for name, make_encoder, make_head in (("deeplab-resnet50", resnet50_dilated, DeepLabHead),
-                                          ("stand-in", encoder, ASPPHead)):
+    for name, make_encoder, make_head in (
+        ("deeplab-resnet50", resnet50_dilated, DeepLabHead),
+        ("stand-in", encoder, ASPPHead),
+    ):
         parts = part_flops(make_encoder, make_head, batch)
         rows = flop_model(parts)
-        out[name] = {"parts_gflop": {k: v / 1e9 for k, v in parts.items()},
-                     "encoder_share_of_dmtl_forward": parts["encoder"] / (parts["encoder"] + parts["decoders"]),
-                     **{f"{k}_ratio_vs_dmtl": {r: v / rows[k]["dmtl"] for r, v in rows[k].items()} for k in rows}}
+        out[name] = {
+            "parts_gflop": {k: v / 1e9 for k, v in parts.items()},
+            "encoder_share_of_dmtl_forward": parts["encoder"] / (parts["encoder"] + parts["decoders"]),
+            **{f"{k}_ratio_vs_dmtl": {r: v / rows[k]["dmtl"] for r, v in rows[k].items()} for k in rows},
+        }
     return out

@@ -49,15 +49,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_step import objective_step  # noqa: E402
+import smtl_dense_parts as dense
+from vmtl_step import objective_step
 
-from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.runspec import RunSpec  # noqa: E402
-from pyromtl.config import resolve  # noqa: E402
-from pyromtl.train import build_training  # noqa: E402
-from pyromtl.data.core import MultiTaskData  # noqa: E402
-from pyromtl.models.smtl import prune  # noqa: E402
-import smtl_dense_parts as dense  # noqa: E402
+from pyromtl import datasets, methods
+from pyromtl.config import resolve
+from pyromtl.data.core import MultiTaskData
+from pyromtl.models.smtl import prune
+from pyromtl.runspec import RunSpec
+from pyromtl.train import build_training
 
 VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
 
@@ -156,12 +156,34 @@ def bench_shape(shape: str, args, device: torch.device) -> dict:
                 for key, fn in infer.items():
                     timed(fn, x, args.warmup, device)
                     infer_ms[key] += timed(fn, x, args.steps, device)
-    return summary(shape, T, opts["batch_size"], device, "bmtl", train_ms, infer_ms, train_gf, infer_gf, params,
-                   args.steps * args.rounds)
+    return summary(
+        shape,
+        T,
+        opts["batch_size"],
+        device,
+        "bmtl",
+        train_ms,
+        infer_ms,
+        train_gf,
+        infer_gf,
+        params,
+        args.steps * args.rounds,
+    )
 
 
-def summary(shape: str, T: int, batch: int, device: torch.device, base: str, train_ms: dict, infer_ms: dict,
-            train_gf: dict, infer_gf: dict, params: dict, timed_steps: int) -> dict:
+def summary(
+    shape: str,
+    T: int,
+    batch: int,
+    device: torch.device,
+    base: str,
+    train_ms: dict,
+    infer_ms: dict,
+    train_gf: dict,
+    infer_gf: dict,
+    params: dict,
+    timed_steps: int,
+) -> dict:
     """Medians, ratios against ``base`` (time and FLOPs) and the row ``stl + base`` (the compute floor of SMTL)."""
     med = {k: statistics.median(v) for k, v in train_ms.items()}
     floor = f"stl + {base}"
@@ -169,12 +191,20 @@ def summary(shape: str, T: int, batch: int, device: torch.device, base: str, tra
     train_gf = {**train_gf, floor: train_gf["stl"] + train_gf[base]}
     imed = {k: statistics.median(v) for k, v in infer_ms.items()}
     return {
-        "shape": shape, "tasks": T, "batch": batch, "device": device.type,
-        "train_ms": med, "train_ratio_vs_dmtl": {k: v / med[base] for k, v in med.items()},
-        "train_gflop": train_gf, "train_flop_ratio_vs_dmtl": {k: v / train_gf[base] for k, v in train_gf.items()},
-        "infer_ms": imed, "infer_ratio_vs_dmtl": {k: v / imed["dmtl"] for k, v in imed.items()},
-        "infer_gflop": infer_gf, "infer_flop_ratio_vs_dmtl": {k: v / infer_gf["dmtl"] for k, v in infer_gf.items()},
-        "params": params, "timed_steps": timed_steps,
+        "shape": shape,
+        "tasks": T,
+        "batch": batch,
+        "device": device.type,
+        "train_ms": med,
+        "train_ratio_vs_dmtl": {k: v / med[base] for k, v in med.items()},
+        "train_gflop": train_gf,
+        "train_flop_ratio_vs_dmtl": {k: v / train_gf[base] for k, v in train_gf.items()},
+        "infer_ms": imed,
+        "infer_ratio_vs_dmtl": {k: v / imed["dmtl"] for k, v in imed.items()},
+        "infer_gflop": infer_gf,
+        "infer_flop_ratio_vs_dmtl": {k: v / infer_gf["dmtl"] for k, v in infer_gf.items()},
+        "params": params,
+        "timed_steps": timed_steps,
     }
 
 
@@ -183,8 +213,13 @@ def bench_dense(shape: str, args, device: torch.device) -> dict:
     batch_size = args.dense_batch
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    batches = [tuple(t.to(device) if torch.is_tensor(t) else [u.to(device) for u in t]
-                     for t in dense.random_batch(batch_size, gen)) for _ in range(2)]
+    batches = [
+        tuple(
+            t.to(device) if torch.is_tensor(t) else [u.to(device) for u in t]
+            for t in dense.random_batch(batch_size, gen)
+        )
+        for _ in range(2)
+    ]
     x = dense.random_batch(batch_size, gen)[0].to(device)
     T = len(dense.TASKS)
     gate_logit = torch.tensor([1.0 if t % 2 == 0 else -1.0 for t in range(T)], device=device)  # even tasks public
@@ -229,26 +264,42 @@ def bench_dense(shape: str, args, device: torch.device) -> dict:
             for key, fn in infer.items():
                 timed(fn, x, 1, device)
                 infer_ms[key] += timed(fn, x, steps, device)
-    res = summary(shape, T, batch_size, device, "dmtl", train_ms, infer_ms, train_gf, infer_gf, params,
-                  steps * args.rounds)
+    res = summary(
+        shape, T, batch_size, device, "dmtl", train_ms, infer_ms, train_gf, infer_gf, params, steps * args.rounds
+    )
     res["flop_model"] = dense.paper_flops(batch_size)
     return res
 
 
 def table(res: dict) -> str:
-    lines = [f"### {res['shape']} (T={res['tasks']}, batch {res['batch']}, {res['device']}, "
-             f"{res['timed_steps']} timed steps per row)", "",
-             "| train step | ms | × dmtl | GFLOP | FLOPs × dmtl |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v:.3f} | {res['train_ratio_vs_dmtl'][k]:.2f} | {res['train_gflop'][k]:.4g} | "
-              f"{res['train_flop_ratio_vs_dmtl'][k]:.2f} |" for k, v in res["train_ms"].items()]
+    lines = [
+        f"### {res['shape']} (T={res['tasks']}, batch {res['batch']}, {res['device']}, "
+        f"{res['timed_steps']} timed steps per row)",
+        "",
+        "| train step | ms | × dmtl | GFLOP | FLOPs × dmtl |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {v:.3f} | {res['train_ratio_vs_dmtl'][k]:.2f} | {res['train_gflop'][k]:.4g} | "
+        f"{res['train_flop_ratio_vs_dmtl'][k]:.2f} |"
+        for k, v in res["train_ms"].items()
+    ]
     lines += ["", "| inference | ms | × dmtl | GFLOP | FLOPs × dmtl | parameters |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v:.3f} | {res['infer_ratio_vs_dmtl'][k]:.2f} | {res['infer_gflop'][k]:.4g} | "
-              f"{res['infer_flop_ratio_vs_dmtl'][k]:.2f} | {res['params'].get(k, '')} |"
-              for k, v in res["infer_ms"].items()]
+    lines += [
+        f"| {k} | {v:.3f} | {res['infer_ratio_vs_dmtl'][k]:.2f} | {res['infer_gflop'][k]:.4g} | "
+        f"{res['infer_flop_ratio_vs_dmtl'][k]:.2f} | {res['params'].get(k, '')} |"
+        for k, v in res["infer_ms"].items()
+    ]
     for arch, m in res.get("flop_model", {}).items():
-        lines += ["", f"FLOP model of {arch} (encoder {m['encoder_share_of_dmtl_forward']:.0%} of dmtl's forward): "
-                  + ", ".join(f"{k} {v:.2f}×" for k, v in {**m["train_ratio_vs_dmtl"], **m["infer_ratio_vs_dmtl"]}.items()
-                              if k != "dmtl")]
+        lines += [
+            "",
+            f"FLOP model of {arch} (encoder {m['encoder_share_of_dmtl_forward']:.0%} of dmtl's forward): "
+            + ", ".join(
+                f"{k} {v:.2f}×"
+                for k, v in {**m["train_ratio_vs_dmtl"], **m["infer_ratio_vs_dmtl"]}.items()
+                if k != "dmtl"
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -266,14 +317,24 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     results = [bench_shape(s, args, device) for s in args.shapes.split(",")]
     for res in results:
         print(table(res) + "\n")
     if args.json:
-        doc = {"torch": torch.__version__, "pyro": pyro.__version__, "machine": platform.machine(),
-               "threads": torch.get_num_threads(), "results": results}
+        doc = {
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "results": results,
+        }
         Path(args.json).write_text(json.dumps(doc, indent=1))
 
 

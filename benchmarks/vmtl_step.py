@@ -41,15 +41,17 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_vmtl import PlainVMTL, precompute_attention  # noqa: E402
+from plain_vmtl import PlainVMTL, precompute_attention
+from pyro.infer import TraceMeanField_ELBO
 
-from pyromtl import datasets, methods  # noqa: E402
-from pyromtl.runspec import RunSpec  # noqa: E402
-from pyromtl.schedules import TrainState  # noqa: E402
-from pyromtl.config import resolve  # noqa: E402
-from pyromtl.data.core import MultiTaskData  # noqa: E402
-from pyro.infer import TraceMeanField_ELBO  # noqa: E402
-from pyromtl.schedules import as_schedule  # noqa: E402
+from pyromtl import datasets, methods
+from pyromtl.config import resolve
+from pyromtl.data.core import MultiTaskData
+from pyromtl.runspec import RunSpec
+from pyromtl.schedules import (
+    TrainState,
+    as_schedule,
+)
 
 #: The step timed, and the run's length: the KL weight is 1 and the temperature at its floor.
 STEP = 100_000
@@ -62,14 +64,17 @@ def office_home_data(num_tasks=4, num_classes=65, dim=4096, per_class=4, seed=0)
     n_train, n_rest = per_class * num_classes, num_classes  # plus one val and one test row per class
     xs, ys, train, val, test = [], [], [], [], []
     for _ in range(num_tasks):
-        y = np.concatenate([np.repeat(np.arange(num_classes), per_class), np.arange(num_classes), np.arange(num_classes)])
+        y = np.concatenate(
+            [np.repeat(np.arange(num_classes), per_class), np.arange(num_classes), np.arange(num_classes)]
+        )
         xs.append(rng.normal(size=(len(y), dim)).astype(np.float32))
         ys.append(y)
         train.append(np.arange(n_train))
         val.append(np.arange(n_train, n_train + n_rest))
         test.append(np.arange(n_train + n_rest, n_train + 2 * n_rest))
-    return MultiTaskData.from_arrays(xs, ys, "classification", splits={"train": train, "val": val, "test": test},
-                                     name="office-home-shape")
+    return MultiTaskData.from_arrays(
+        xs, ys, "classification", splits={"train": train, "val": val, "test": test}, name="office-home-shape"
+    )
 
 
 def make_shape(name: str, hidden: list[int] | None):
@@ -108,7 +113,9 @@ def build_ours(data, cfg, device, optim_kind, elbo=None):
         loss_fn = method.elbo(ctx)(model, guide)
     else:
         n = cfg["num_particles"]
-        loss_fn = elbo(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)(model, guide)
+        loss_fn = elbo(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=method.max_plate_nesting)(
+            model, guide
+        )
     state.step = STEP
     loss_fn(data.train_batch(cfg["batch_size"], torch.Generator().manual_seed(1), device))  # creates lazy params
     optim = make_optimizer(list(loss_fn.parameters()), optim_kind, cfg["lr"])
@@ -121,9 +128,19 @@ def build_plain(data, cfg, device, optim_kind):
     x = pad.x.reshape(T, pad.x.shape[1], -1)
     attended = precompute_attention(x, pad.y.long(), pad.n)
     info = data.info
-    plain = PlainVMTL(T, info.out_dim, info.input_dim, cfg["hidden"], cfg["latent_dim"], attended, info.class_mask,
-                      mc_z=cfg["mc_z"], mc_w=cfg["mc_w"], z_components=cfg["z_components"],
-                      min_scale=cfg["z_component_min_scale"]).to(device)
+    plain = PlainVMTL(
+        T,
+        info.out_dim,
+        info.input_dim,
+        cfg["hidden"],
+        cfg["latent_dim"],
+        attended,
+        info.class_mask,
+        mc_z=cfg["mc_z"],
+        mc_w=cfg["mc_w"],
+        z_components=cfg["z_components"],
+        min_scale=cfg["z_component_min_scale"],
+    ).to(device)
     optim = make_optimizer(list(plain.parameters()), optim_kind, cfg["lr"])
     return plain, optim
 
@@ -190,17 +207,31 @@ def bench_shape(name: str, args, device) -> dict:
         if args.profile:
             results["profile"] = profile(steps, batches, device, args.profile, name)
     info = data.info
-    results.update({
-        "shape": name, "tasks": data.num_tasks, "classes": info.out_dim, "input_dim": info.input_dim,
-        "latent_dim": cfg["latent_dim"], "hidden": cfg["hidden"], "batch_per_task": batches[0].size,
-        "mc_z": L, "mc_w": M, "z_components": min(cfg["z_components"], data.num_tasks - 1), "optimizer": args.optim, "elbo": type(loss_fn.elbo).__name__, "steps": len(times["plain"]),
-    })
+    results.update(
+        {
+            "shape": name,
+            "tasks": data.num_tasks,
+            "classes": info.out_dim,
+            "input_dim": info.input_dim,
+            "latent_dim": cfg["latent_dim"],
+            "hidden": cfg["hidden"],
+            "batch_per_task": batches[0].size,
+            "mc_z": L,
+            "mc_w": M,
+            "z_components": min(cfg["z_components"], data.num_tasks - 1),
+            "optimizer": args.optim,
+            "elbo": type(loss_fn.elbo).__name__,
+            "steps": len(times["plain"]),
+        }
+    )
     plain_ms = statistics.median(times["plain"])
     for key, ts in times.items():
         results[f"{key}_ms"] = statistics.median(ts)
         results[f"{key}_ms_iqr"] = _iqr(ts)
         if key != "plain":
-            results["ratio" if key == "ours" else f"ratio_{key.removeprefix('ours_')}"] = statistics.median(ts) / plain_ms
+            results["ratio" if key == "ours" else f"ratio_{key.removeprefix('ours_')}"] = (
+                statistics.median(ts) / plain_ms
+            )
     return results
 
 
@@ -231,7 +262,8 @@ def _iqr(values: list[float]) -> list[float]:
 
 
 def profile(steps: dict, batches, device, out_dir: str, name: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = Path(out_dir)
@@ -265,14 +297,21 @@ def check(device, num_tasks: int = 4) -> dict:
     cfg = resolve(method, {"batch_size": 64, "device": str(device), "quiet": True}, data=data)
     torch.manual_seed(0)
     with pyro.settings.context(module_local_params=True):
-        loss_fn, _, (model, guide) = build_ours(data, cfg, device, "adam")
+        loss_fn, _, (model, _guide) = build_ours(data, cfg, device, "adam")
         plain, _ = build_plain(data, cfg, device, "adam")
         linear = [m for m in model.encoder.net if isinstance(m, torch.nn.Linear)]
-        pairs = [(mine, theirs) for a, b in zip([m for m in plain.encoder if isinstance(m, torch.nn.Linear)], linear)
-                 for mine, theirs in ((a.weight, b.weight), (a.bias, b.bias))]
-        pairs += [(plain.w_loc, model.w_post.loc), (plain.w_raw_scale, model.w_post.raw_scale),
-                  (plain.bias, model.bias_unconstrained), (plain.logits_w, model.w_prior.params["logits"]),
-                  (plain.logits_z, model.z_prior.params["logits"])]
+        pairs = [
+            (mine, theirs)
+            for a, b in zip([m for m in plain.encoder if isinstance(m, torch.nn.Linear)], linear)
+            for mine, theirs in ((a.weight, b.weight), (a.bias, b.bias))
+        ]
+        pairs += [
+            (plain.w_loc, model.w_post.loc),
+            (plain.w_raw_scale, model.w_post.raw_scale),
+            (plain.bias, model.bias_unconstrained),
+            (plain.logits_w, model.w_prior.params["logits"]),
+            (plain.logits_z, model.z_prior.params["logits"]),
+        ]
         with torch.no_grad():
             for mine, theirs in pairs:
                 mine.copy_(theirs)
@@ -288,18 +327,28 @@ def check(device, num_tasks: int = 4) -> dict:
         ours.backward()
         ref.backward()
     gap = abs(float(ours.detach()) - float(ref.detach())) / abs(float(ref.detach()))
-    grad_gap = max(float((mine.grad - theirs.grad).abs().max() / theirs.grad.abs().max().clamp(min=1e-12))
-                   for mine, theirs in pairs)
-    print(f"check T={num_tasks}: pyromtl loss {float(ours.detach()):.6f}, plain loss {float(ref.detach()):.6f}, relative gap {gap:.2e}; "
-          f"largest relative gradient gap {grad_gap:.2e}")
+    grad_gap = max(
+        float((mine.grad - theirs.grad).abs().max() / theirs.grad.abs().max().clamp(min=1e-12))
+        for mine, theirs in pairs
+    )
+    print(
+        f"check T={num_tasks}: pyromtl loss {float(ours.detach()):.6f}, plain loss {float(ref.detach()):.6f}, "
+        f"relative gap {gap:.2e}; "
+        f"largest relative gradient gap {grad_gap:.2e}"
+    )
     assert gap < 1e-4 and grad_gap < 1e-3, "the two implementations disagree"
     return {"loss_relative_gap": gap, "grad_relative_gap": grad_gap}
 
 
 # ------------------------------------------------------------------------------------ CLI
 def environment(device) -> dict:
-    env = {"torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
-           "device": str(device), "threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -325,14 +374,25 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 100 CUDA, 10 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 CUDA, 3 CPU)")
-    p.add_argument("--rounds", type=int, default=None, help="alternate ours/plain this many times (default 5 CUDA, 1 CPU)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="alternate ours/plain this many times (default 5 CUDA, 1 CPU)"
+    )
     p.add_argument("--shapes", default="clusters-4,clusters-8,clusters-16,clusters-32,office-home")
     p.add_argument("--mc", default="10x10", help="L x M Monte-Carlo draws of z and w (default 10x10)")
-    p.add_argument("--z-components", type=int, default=None, metavar="K",
-                   help="z prior components per sample (default: the method's, 8); K >= T-1 is the exact bound")
+    p.add_argument(
+        "--z-components",
+        type=int,
+        default=None,
+        metavar="K",
+        help="z prior components per sample (default: the method's, 8); K >= T-1 is the exact bound",
+    )
     p.add_argument("--hidden", default=None, help="encoder hidden sizes, e.g. 512 or 1024,512 (default: per shape)")
-    p.add_argument("--optim", choices=("adam", "clipped"), default="adam",
-                   help="torch.optim.Adam(foreach=True), or Pyro's ClippedAdam as pyromtl.train uses (both sides)")
+    p.add_argument(
+        "--optim",
+        choices=("adam", "clipped"),
+        default="adam",
+        help="torch.optim.Adam(foreach=True), or Pyro's ClippedAdam as pyromtl.train uses (both sides)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--check", action="store_true", help="first check that both losses agree on one batch")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write torch.profiler tables to DIR")
@@ -360,9 +420,12 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         r = bench_shape(name.strip(), args, device)
         out["results"].append(r)
-        line = (f"{r['shape']:>12}  T={r['tasks']:<3} B={r['batch_per_task']:<4} K={r['classes']:<3} D={r['input_dim']:<5} "
-                f"d={r['latent_dim']:<4} LxM={r['mc_z']}x{r['mc_w']} k={r['z_components']:<2}  plain {r['plain_ms']:8.2f} ms  "
-                f"ours ({r['elbo']}) {r['ours_ms']:8.2f} ms = {r['ratio']:.2f}x")
+        line = (
+            f"{r['shape']:>12}  T={r['tasks']:<3} B={r['batch_per_task']:<4} K={r['classes']:<3} D={r['input_dim']:<5} "
+            f"d={r['latent_dim']:<4} LxM={r['mc_z']}x{r['mc_w']} k={r['z_components']:<2}  "
+            f"plain {r['plain_ms']:8.2f} ms  "
+            f"ours ({r['elbo']}) {r['ours_ms']:8.2f} ms = {r['ratio']:.2f}x"
+        )
         line += f"  ours (TraceMeanField_ELBO) {r['ours_stock_ms']:8.2f} ms = {r['ratio_stock']:.2f}x"
         print(line, flush=True)
     if args.json:

@@ -79,8 +79,14 @@ def main() -> None:
     names = args.methods.split(",")
     if "ls" not in names:
         names.insert(0, "ls")
-    results = {"device": device.type, "platform": platform.platform(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "shapes": {}}
+    results = {
+        "device": device.type,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "shapes": {},
+    }
     for dataset in args.data.split(","):
         data = datasets.load(dataset)
         steppers = {name: _stepper(name, data, args.batch_size, device) for name in names}

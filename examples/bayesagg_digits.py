@@ -29,10 +29,25 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_tables import mean_ci  # noqa: E402
+from vmtl_tables import mean_ci
 
-METHODS = ["stl", "bmtl", "ls", "uw", "dwa", "rlw", "si", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl",
-           "aligned-mtl", "upgrad", "bayesagg"]
+METHODS = [
+    "stl",
+    "bmtl",
+    "ls",
+    "uw",
+    "dwa",
+    "rlw",
+    "si",
+    "mgda",
+    "pcgrad",
+    "cagrad",
+    "imtl-g",
+    "nash-mtl",
+    "aligned-mtl",
+    "upgrad",
+    "bayesagg",
+]
 ARROW = {"nmse": "↓", "accuracy": "↑"}
 
 
@@ -45,10 +60,23 @@ def _run(job: dict) -> dict:
     point = job.get("point") or {}
     options = {k: v for k, v in point.items() if k != "scale"}
     priors = {"w": {"kind": "full_data", "scale": point["scale"]}} if "scale" in point else None
-    fit = pyromtl.fit(job["method"], job["data"], seed=job["seed"], steps=job["steps"], device="cpu", quiet=True,
-                      priors=priors, **options)
-    return {**job, "tasks": fit.evaluate()["tasks"], "val": fit.evaluate("val")["tasks"],
-            "best_step": fit.train_info["best_step"], "seconds": fit.train_info["seconds"]}
+    fit = pyromtl.fit(
+        job["method"],
+        job["data"],
+        seed=job["seed"],
+        steps=job["steps"],
+        device="cpu",
+        quiet=True,
+        priors=priors,
+        **options,
+    )
+    return {
+        **job,
+        "tasks": fit.evaluate()["tasks"],
+        "val": fit.evaluate("val")["tasks"],
+        "best_step": fit.train_info["best_step"],
+        "seconds": fit.train_info["seconds"],
+    }
 
 
 #: The search space of --tune: s per task type (eq. 7; the paper's ranges and beyond) and γ.
@@ -57,11 +85,16 @@ GRID_S_REGRESSION = [0.5, 0.9]
 GRID_SCALE = [0.3, 1.0, 3.0]
 
 
-def grid(has_regression: bool, s_classification: list[float], s_regression: list[float],
-         scale: list[float]) -> list[dict]:
+def grid(
+    has_regression: bool, s_classification: list[float], s_regression: list[float], scale: list[float]
+) -> list[dict]:
     s_reg = s_regression if has_regression else [None]
-    return [{"s_classification": c, **({"s_regression": r} if r is not None else {}), "scale": g}
-            for c in s_classification for r in s_reg for g in scale]
+    return [
+        {"s_classification": c, **({"s_regression": r} if r is not None else {}), "scale": g}
+        for c in s_classification
+        for r in s_reg
+        for g in scale
+    ]
 
 
 def _pool_runs(jobs: list[dict], workers: int) -> list[dict]:
@@ -77,9 +110,11 @@ def tune(data: str, steps: int, tune_seeds: int, seeds: int, workers: int, out: 
     has_regression = "regression" in datasets.load(data).task_types
     base = {"data": data, "steps": steps}
     points = grid(has_regression, **axes)
-    runs = _pool_runs([{**base, "method": "stl", "seed": s} for s in range(seeds)]
-                      + [{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(tune_seeds) for p in points],
-                      workers)
+    runs = _pool_runs(
+        [{**base, "method": "stl", "seed": s} for s in range(seeds)]
+        + [{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(tune_seeds) for p in points],
+        workers,
+    )
     stl = {r["seed"]: r for r in runs if r["method"] == "stl"}
 
     def score(point: dict | None, split: str, below: int = seeds) -> list[float]:
@@ -88,23 +123,48 @@ def tune(data: str, steps: int, tune_seeds: int, seeds: int, workers: int, out: 
 
     ranked = sorted(points, key=lambda p: np.mean(score(p, "val", tune_seeds)))
     best = ranked[0]
-    runs += _pool_runs([{**base, "method": "bayesagg", "seed": s, "point": p} for s in range(seeds)
-                        for p in (best, None) if not (p is best and s < tune_seeds)], workers)
+    runs += _pool_runs(
+        [
+            {**base, "method": "bayesagg", "seed": s, "point": p}
+            for s in range(seeds)
+            for p in (best, None)
+            if not (p is best and s < tune_seeds)
+        ],
+        workers,
+    )
     (out / f"bayesagg_tuning_{data.replace('-', '_')}.json").write_text(json.dumps(runs, indent=1))
 
     def label(point: dict | None) -> str:
         return "defaults" if point is None else ", ".join(f"{k} = {v:g}" for k, v in point.items())
 
-    lines = [f"BayesAgg's grid on {data}, ranked by validation Δm% vs STL (seeds 0–{tune_seeds - 1}, {steps} steps):", "",
-             "| s and γ | validation Δm% ↓ | test Δm% ↓ |", "|---|---|---|"]
-    lines += [f"| {label(p)} | {mean_ci(score(p, 'val', tune_seeds), digits=2)} | "
-              f"{mean_ci(score(p, 'tasks', tune_seeds), digits=2)} |" for p in ranked]
-    lines += ["", f"The best point and the defaults on seeds 0–{seeds - 1}:", "",
-              "| s and γ | validation Δm% ↓ | test Δm% ↓ | kept steps |", "|---|---|---|---|"]
+    lines = [
+        f"BayesAgg's grid on {data}, ranked by validation Δm% vs STL (seeds 0–{tune_seeds - 1}, {steps} steps):",
+        "",
+        "| s and γ | validation Δm% ↓ | test Δm% ↓ |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {label(p)} | {mean_ci(score(p, 'val', tune_seeds), digits=2)} | "
+        f"{mean_ci(score(p, 'tasks', tune_seeds), digits=2)} |"
+        for p in ranked
+    ]
+    lines += [
+        "",
+        f"The best point and the defaults on seeds 0–{seeds - 1}:",
+        "",
+        "| s and γ | validation Δm% ↓ | test Δm% ↓ | kept steps |",
+        "|---|---|---|---|",
+    ]
     for p in (best, None):
-        kept = ", ".join(str(r["best_step"]) for r in sorted((r for r in runs if r["method"] == "bayesagg"
-                                                               and r.get("point") == p), key=lambda r: r["seed"]))
-        lines.append(f"| {label(p)} | {mean_ci(score(p, 'val'), digits=2)} | {mean_ci(score(p, 'tasks'), digits=2)} | {kept} |")
+        kept = ", ".join(
+            str(r["best_step"])
+            for r in sorted(
+                (r for r in runs if r["method"] == "bayesagg" and r.get("point") == p), key=lambda r: r["seed"]
+            )
+        )
+        lines.append(
+            f"| {label(p)} | {mean_ci(score(p, 'val'), digits=2)} | {mean_ci(score(p, 'tasks'), digits=2)} | {kept} |"
+        )
     return "\n".join(lines) + "\n\nMean ± 95% Student-t interval over seeds."
 
 
@@ -122,8 +182,10 @@ def table(runs: list[dict], steps: int) -> str:
     classified = [task for task, metric in columns.items() if metric == "accuracy"]
     many = len(columns) > 4  # ten binary tasks: their mean accuracy, not one column each
     head = ["mean accuracy ↑"] if many else [f"{task} {metric} {ARROW[metric]}" for task, metric in columns.items()]
-    lines = [f"| method | seeds | {' | '.join(head)} | ECE ↓ | Brier ↓ | Δm% vs STL ↓ | kept steps (of {steps}) |",
-             "|---" * (len(head) + 6) + "|"]
+    lines = [
+        f"| method | seeds | {' | '.join(head)} | ECE ↓ | Brier ↓ | Δm% vs STL ↓ | kept steps (of {steps}) |",
+        "|---" * (len(head) + 6) + "|",
+    ]
     for method in [m for m in METHODS if any(r["method"] == m for r in runs)]:
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
         if many:
@@ -135,8 +197,10 @@ def table(runs: list[dict], steps: int) -> str:
         dm = mean_ci([delta_m(r["tasks"], stl[r["seed"]]) for r in mine if r["seed"] in stl], digits=2)
         kept = ", ".join(str(r["best_step"]) for r in mine)
         lines.append(f"| {method} | {len(mine)} | {' | '.join(cells)} | {dm} | {kept} |")
-    return "\n".join(lines) + ("\n\nMean ± 95% Student-t interval over the seeds (0, 1, …) of each row; ECE and Brier "
-                               "averaged over the classification tasks.")
+    return "\n".join(lines) + (
+        "\n\nMean ± 95% Student-t interval over the seeds (0, 1, …) of each row; ECE and Brier "
+        "averaged over the classification tasks."
+    )
 
 
 def main() -> None:
@@ -162,7 +226,11 @@ def main() -> None:
         print(text)
         return
     path = out / f"bayesagg_{args.data.replace('-', '_')}.json"
-    jobs = [{"method": m, "seed": s, "steps": args.steps, "data": args.data} for s in range(args.seeds) for m in args.methods]
+    jobs = [
+        {"method": m, "seed": s, "steps": args.steps, "data": args.data}
+        for s in range(args.seeds)
+        for m in args.methods
+    ]
     redo = {_key(j) for j in jobs}
     runs = [r for r in json.loads(path.read_text()) if _key(r) not in redo] if path.exists() else []
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -56,8 +57,14 @@ class BayesHeadsOptions(Options):
 class BayesHeadsModel(MultiTaskModel):
     """``p(w_t) p(y | f(x), w_t)``: the heads are the only latent site."""
 
-    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, encoder: torch.nn.Module,
-                 device: torch.device):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: Mapping[str, Any],
+        state: TrainState,
+        encoder: torch.nn.Module,
+        device: torch.device,
+    ):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"])
         self.encoder = encoder
@@ -109,12 +116,17 @@ def head_draws(ctx: MethodContext, n: int) -> torch.Tensor:
 
 
 if "bayes-heads" not in available():  # importing this file twice (script, then --import) registers once
-    register(Method(
-        name="bayes-heads", summary="Bayesian linear heads on a shared deterministic encoder (example)",
-        paper="examples/custom_method.py", build=build, options=BayesHeadsOptions,
-        priors={"w": {"kind": "normal", "scale": 1.0}},
-        export=(ExportSite("w", ("task", "class", "latent_dim"), head_draws),),
-    ))
+    register(
+        Method(
+            name="bayes-heads",
+            summary="Bayesian linear heads on a shared deterministic encoder (example)",
+            paper="examples/custom_method.py",
+            build=build,
+            options=BayesHeadsOptions,
+            priors={"w": {"kind": "normal", "scale": 1.0}},
+            export=(ExportSite("w", ("task", "class", "latent_dim"), head_draws),),
+        )
+    )
 
 
 def main() -> None:

@@ -54,9 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # Small networks and lr 0.01 keep the default run within seconds on a CPU.
-    fit = pyromtl.fit("vbmtl", "digits-domains", fraction=0.05, priors={"w": {"kind": "laplace", "scale": args.scale}},
-                      seed=args.seed, device=args.device, steps=args.steps, lr=0.01, latent_dim=16, hidden=[64],
-                      eval_every=50, quiet=True)
+    fit = pyromtl.fit(
+        "vbmtl",
+        "digits-domains",
+        fraction=0.05,
+        priors={"w": {"kind": "laplace", "scale": args.scale}},
+        seed=args.seed,
+        device=args.device,
+        steps=args.steps,
+        lr=0.01,
+        latent_dim=16,
+        hidden=[64],
+        eval_every=50,
+        quiet=True,
+    )
     scores = fit.evaluate("test")
     print(f"vbmtl on digits-domains (5% of train), w ~ Laplace(0, learned scale), {args.steps} steps:")
     print(metrics_table(scores["tasks"], scores["average"]))
@@ -64,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     # The site stores the scale unconstrained; the prior sees it through transform_to(positive).
     with torch.no_grad():
         learned = transform_to(constraints.positive)(fit.model.w_prior.params["scale"])
-    print(f"learned prior scale of w: mean {learned.mean():.3f}, min {learned.min():.3f}, max {learned.max():.3f} "
-          f"(initial {args.scale})")
+    print(
+        f"learned prior scale of w: mean {learned.mean():.3f}, min {learned.min():.3f}, max {learned.max():.3f} "
+        f"(initial {args.scale})"
+    )
 
 
 if __name__ == "__main__":

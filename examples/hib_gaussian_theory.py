@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def train(problem: TwoTaskGaussian, beta: float, steps: int, batch: int, lr: float,
-          seed: int) -> tuple[torch.Tensor, list[float]]:
+def train(
+    problem: TwoTaskGaussian, beta: float, steps: int, batch: int, lr: float, seed: int
+) -> tuple[torch.Tensor, list[float]]:
     """Minimise eq. 2's variational bound by Adam; returns the learned ``log σ² [2, D]`` and the losses."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -86,8 +87,9 @@ def theory_minimum(problem: TwoTaskGaussian, beta: float) -> float:
     return total + 0.5 * float(((beta - 1.0) * torch.log1p(snr) + torch.log1p(lam * snr)).sum())
 
 
-def run(beta: float = 0.3, steps: int = 3000, batch: int = 1024, lr: float = 0.05, seed: int = 0,
-        open_nats: float = 0.1) -> dict:
+def run(
+    beta: float = 0.3, steps: int = 3000, batch: int = 1024, lr: float = 0.05, seed: int = 0, open_nats: float = 0.1
+) -> dict:
     """Train, compare with eq. 10, and return the summary that ``main`` writes as JSON."""
     problem = two_task_gaussian(seed=seed)
     start = time.perf_counter()
@@ -99,11 +101,16 @@ def run(beta: float = 0.3, steps: int = 3000, batch: int = 1024, lr: float = 0.0
     learned_open = learned_nats > open_nats
     theory_log_var = torch.where(theory_open, -torch.log(theory_precision), torch.full_like(learned, math.inf))
     error = (learned - theory_log_var)[theory_open].abs()
-    tail = losses[-max(1, steps // 10):]
+    tail = losses[-max(1, steps // 10) :]
     # eigenvalues as eq. 10 sees them in the observed coordinates, per task
     lambdas = [gaussian_optimal_precisions(*problem.task_covariances(t), beta)[2].tolist() for t in (0, 1)]
     return {
-        "beta": beta, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "open_nats": open_nats,
+        "beta": beta,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "open_nats": open_nats,
         "seconds": round(seconds, 2),
         "latent_var": problem.latent_var.tolist(),
         "support": problem.support.tolist(),
@@ -137,19 +144,36 @@ def plot(summary: dict) -> Figure:
                 ax.axvspan(k - 0.4, k + 0.4, color="0.9", zorder=0)
         ks = np.arange(dim)
         finite = [k for k in range(dim) if theory[k] is not None]
-        ax.scatter(finite, [theory[k] for k in finite], marker="D", s=70, facecolors="none",
-                   edgecolors="black", label="eq. 10 (open)", zorder=3)
+        ax.scatter(
+            finite,
+            [theory[k] for k in finite],
+            marker="D",
+            s=70,
+            facecolors="none",
+            edgecolors="black",
+            label="eq. 10 (open)",
+            zorder=3,
+        )
         ax.scatter(ks, learned[task], color="tab:red", label="learned", zorder=4)
-        ax.plot(ks, np.log(summary["latent_var"]), "_", color="tab:blue", markersize=18,
-                label="log Var $X'_k$ (signal)", zorder=2)
+        ax.plot(
+            ks,
+            np.log(summary["latent_var"]),
+            "_",
+            color="tab:blue",
+            markersize=18,
+            label="log Var $X'_k$ (signal)",
+            zorder=2,
+        )
         ax.set_xticks(ks, [f"{k}\nλ={_lambda(summary, task, k)}" for k in ks], fontsize=8)
         ax.set_xlabel("latent coordinate (grey: closed by eq. 10, σ² = ∞)")
         ax.set_title(f"task {task}")
     axes[0].set_ylabel("log noise variance log σ²")
     axes[0].legend(fontsize=8, loc="lower right")
     match = "matches" if summary["pattern_matches"] else "does NOT match"
-    fig.suptitle(f"HIB Gaussian theory, β = {summary['beta']}: learned open/closed pattern {match} eq. 10 "
-                 f"({summary['steps']} Adam steps)")
+    fig.suptitle(
+        f"HIB Gaussian theory, β = {summary['beta']}: learned open/closed pattern {match} eq. 10 "
+        f"({summary['steps']} Adam steps)"
+    )
     return fig
 
 
@@ -165,17 +189,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beta", type=float, default=0.3)
-    parser.add_argument("--open-nats", type=float, default=0.1,
-                        help="a coordinate is open when its channel passes at least this many nats")
+    parser.add_argument(
+        "--open-nats",
+        type=float,
+        default=0.1,
+        help="a coordinate is open when its channel passes at least this many nats",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     summary = run(beta=args.beta, steps=args.steps, seed=args.seed, open_nats=args.open_nats)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(summary).savefig(args.out / "hib_gaussian_theory.png", dpi=120)
     (args.out / "hib_gaussian_theory.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"pattern matches eq. 10: {summary['pattern_matches']}; open log σ² error max "
-          f"{summary['open_abs_error_log_var']['max']:.3f}; loss {summary['train_loss_last_tenth']:.3f} vs minimum "
-          f"{summary['theory_minimum']:.3f} nats ({summary['seconds']} s)")
+    print(
+        f"pattern matches eq. 10: {summary['pattern_matches']}; open log σ² error max "
+        f"{summary['open_abs_error_log_var']['max']:.3f}; loss {summary['train_loss_last_tenth']:.3f} vs minimum "
+        f"{summary['theory_minimum']:.3f} nats ({summary['seconds']} s)"
+    )
     return summary
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_tables import mean_ci  # noqa: E402
+from vmtl_tables import mean_ci
 
 BETAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
 #: β of the learned-against-fixed noise comparison (the paper's clustering setting).
@@ -61,14 +61,28 @@ def _run(job: dict) -> dict:
     data = job.get("data", "digits-grouped")
     # the grouped tables keep the last step; the sweeps select on val, as the paper's benchmarks
     eval_every = job["steps"] if data == "digits-grouped" else 0
-    fit = pyromtl.fit(method, data, seed=job["seed"], device="cpu", steps=job["steps"], quiet=True,
-                      priors=priors, **({"eval_every": eval_every} if eval_every else {}), **options)
+    fit = pyromtl.fit(
+        method,
+        data,
+        seed=job["seed"],
+        device="cpu",
+        steps=job["steps"],
+        quiet=True,
+        priors=priors,
+        **({"eval_every": eval_every} if eval_every else {}),
+        **options,
+    )
     doc = fit.metrics()
     clustering = (doc.get("extra") or {}).get("clustering", {})
-    return {**job, "accuracy": doc["average"]["accuracy"], "kept_step": doc["train"]["best_step"],
-            "tasks": {name: m["accuracy"] for name, m in doc["tasks"].items()},
-            "success": clustering.get("success"), "margin": clustering.get("margin"),
-            "seconds": doc["train"]["seconds"]}
+    return {
+        **job,
+        "accuracy": doc["average"]["accuracy"],
+        "kept_step": doc["train"]["best_step"],
+        "tasks": {name: m["accuracy"] for name, m in doc["tasks"].items()},
+        "success": clustering.get("success"),
+        "margin": clustering.get("margin"),
+        "seconds": doc["train"]["seconds"],
+    }
 
 
 def sweep_jobs(data: str, seeds: int, steps: int) -> list[dict]:
@@ -79,56 +93,86 @@ def sweep_jobs(data: str, seeds: int, steps: int) -> list[dict]:
 
 def render_sweep(results: list[dict]) -> str:
     data, tasks = results[0]["data"], list(results[0]["tasks"])
-    lines = [f"### HIB and MTVIB over β on {data}: test accuracy per task (Tables III–IV)", "",
-             "| model | β | " + " | ".join(tasks) + " | mean | kept steps |", "|---|---|" + "---|" * (len(tasks) + 2)]
+    lines = [
+        f"### HIB and MTVIB over β on {data}: test accuracy per task (Tables III–IV)",
+        "",
+        "| model | β | " + " | ".join(tasks) + " | mean | kept steps |",
+        "|---|---|" + "---|" * (len(tasks) + 2),
+    ]
     for variant, beta in dict.fromkeys((r["variant"], r["beta"]) for r in results):
         rows = [r for r in results if (r["variant"], r["beta"]) == (variant, beta)]
         model = {"no_noise": "no noise (W = Z)", "learned": "HIB", "mtvib": "MTVIB"}[variant]
         cells = [mean_ci([r["tasks"][t] for r in rows]) for t in tasks] + [mean_ci([r["accuracy"] for r in rows])]
         kept = ", ".join(str(r["kept_step"]) for r in sorted(rows, key=lambda r: r["seed"]))
-        lines.append(f"| {model} | {'—' if variant == 'no_noise' else f'{beta:g}'} | " + " | ".join(cells) + f" | {kept} |")
-    lines += ["", f"Seeds {sorted({r['seed'] for r in results})}, {results[0]['steps']} steps each, the state kept "
-              "by validation accuracy; mean ± 95% Student-t interval over seeds."]
+        lines.append(
+            f"| {model} | {'—' if variant == 'no_noise' else f'{beta:g}'} | " + " | ".join(cells) + f" | {kept} |"
+        )
+    lines += [
+        "",
+        f"Seeds {sorted({r['seed'] for r in results})}, {results[0]['steps']} steps each, the state kept "
+        "by validation accuracy; mean ± 95% Student-t interval over seeds.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def clustering_jobs(seeds: int, steps: int) -> list[dict]:
     """Table V's comparison: learned against fixed noise at the clustering β, one run per seed."""
-    return [{"variant": v, "beta": CLUSTER_BETA, "seed": s, "steps": steps} for s in range(seeds)
-            for v in ("learned", "fixed")]
+    return [
+        {"variant": v, "beta": CLUSTER_BETA, "seed": s, "steps": steps}
+        for s in range(seeds)
+        for v in ("learned", "fixed")
+    ]
 
 
 def render_clustering(results: list[dict]) -> str:
-    lines = ["### HIB task clustering on digits-grouped: learned against fixed noise (Table V)", "",
-             "| noise | clustering success | rate (95% CI) | margin (mean) | accuracy (mean ± 95% CI) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "### HIB task clustering on digits-grouped: learned against fixed noise (Table V)",
+        "",
+        "| noise | clustering success | rate (95% CI) | margin (mean) | accuracy (mean ± 95% CI) |",
+        "|---|---|---|---|---|",
+    ]
     for variant in ("learned", "fixed"):
         rows = [r for r in results if r["variant"] == variant]
         k, n = sum(r["success"] for r in rows), len(rows)
         ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-        lines.append(f"| {_label(variant, CLUSTER_BETA)} | {k}/{n} | {k / n:.2f} ({ci.low:.2f}–{ci.high:.2f}) | "
-                     f"{np.mean([r['margin'] for r in rows]):.2f} | {mean_ci([r['accuracy'] for r in rows])} |")
-    lines += ["", f"Seeds 0–{max(r['seed'] for r in results)}, {results[0]['steps']} steps each, kept at the last step."]
+        lines.append(
+            f"| {_label(variant, CLUSTER_BETA)} | {k}/{n} | {k / n:.2f} ({ci.low:.2f}–{ci.high:.2f}) | "
+            f"{np.mean([r['margin'] for r in rows]):.2f} | {mean_ci([r['accuracy'] for r in rows])} |"
+        )
+    lines += [
+        "",
+        f"Seeds 0–{max(r['seed'] for r in results)}, {results[0]['steps']} steps each, kept at the last step.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def jobs_for(seeds: int, steps: int) -> list[dict]:
-    rows = [("no_noise", CLUSTER_BETA)] + [("learned", b) for b in BETAS] + [("fixed", CLUSTER_BETA),
-                                                                             ("mtvib", CLUSTER_BETA)]
+    rows = (
+        [("no_noise", CLUSTER_BETA)]
+        + [("learned", b) for b in BETAS]
+        + [("fixed", CLUSTER_BETA), ("mtvib", CLUSTER_BETA)]
+    )
     return [{"variant": v, "beta": b, "seed": s, "steps": steps} for s in range(seeds) for v, b in rows]
 
 
 def _label(variant: str, beta: float) -> str:
-    return {"no_noise": "no noise (W = Z)", "learned": f"learned σ, β = {beta:g}",
-            "fixed": f"fixed σ² = e, then learned on a frozen encoder, β = {beta:g}",
-            "mtvib": f"MTVIB, β = {beta:g}"}[variant]
+    return {
+        "no_noise": "no noise (W = Z)",
+        "learned": f"learned σ, β = {beta:g}",
+        "fixed": f"fixed σ² = e, then learned on a frozen encoder, β = {beta:g}",
+        "mtvib": f"MTVIB, β = {beta:g}",
+    }[variant]
 
 
 def render(results: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in results})
     steps = sorted({r["kept_step"] for r in results})
-    lines = ["### HIB on digits-grouped: test accuracy and task clustering", "",
-             "| variant | accuracy (mean ± 95% CI) | clustering success | margin (mean) |", "|---|---|---|---|"]
+    lines = [
+        "### HIB on digits-grouped: test accuracy and task clustering",
+        "",
+        "| variant | accuracy (mean ± 95% CI) | clustering success | margin (mean) |",
+        "|---|---|---|---|",
+    ]
     keys = list(dict.fromkeys((r["variant"], r["beta"]) for r in results))
     for variant, beta in keys:
         rows = [r for r in results if (r["variant"], r["beta"]) == (variant, beta)]
@@ -139,8 +183,11 @@ def render(results: list[dict]) -> str:
             success = f"{sum(r['success'] for r in rows)}/{len(rows)}"
             margin = f"{np.mean([r['margin'] for r in rows]):.2f}"
         lines.append(f"| {_label(variant, beta)} | {acc} | {success} | {margin} |")
-    lines += ["", f"Seeds {seeds}; kept step {steps} (the last); clustering success is §V-B's criterion "
-              "(largest within-group eq. 11 distance below the smallest across-group one)."]
+    lines += [
+        "",
+        f"Seeds {seeds}; kept step {steps} (the last); clustering success is §V-B's criterion "
+        "(largest within-group eq. 11 distance below the smallest across-group one).",
+    ]
     return "\n".join(lines) + "\n"
 
 

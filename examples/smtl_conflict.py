@@ -34,7 +34,7 @@ from pyromtl import metrics
 from pyromtl.tables import render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vmtl_tables import mean_ci  # noqa: E402
+from vmtl_tables import mean_ci
 
 METHODS = ("stl", "bmtl", "cross-stitch", "smtl", "lsmtl", "smtl-c", "lsmtl-c")
 ARROW = {"accuracy": "↑", "nmse": "↓"}
@@ -51,8 +51,14 @@ def run(data: str, methods: tuple[str, ...], seeds: int, steps: int) -> dict[str
             fit = pyromtl.fit(name, data, seed=seed, steps=steps, device="cpu", quiet=True)
             tasks = fit.evaluate()["tasks"]
             gates = fit.relatedness().get("gates")
-            runs[name].append({"seed": seed, "tasks": tasks, "best_step": fit.train_info["best_step"],
-                               "alpha": None if gates is None else np.diag(gates).round(4).tolist()})
+            runs[name].append(
+                {
+                    "seed": seed,
+                    "tasks": tasks,
+                    "best_step": fit.train_info["best_step"],
+                    "alpha": None if gates is None else np.diag(gates).round(4).tolist(),
+                }
+            )
             shown = " ".join(f"{t}={v:.4f}" for t, v in headline(tasks).items())
             print(f"seed {seed} {name:8s} {shown}", flush=True)
     return runs
@@ -71,7 +77,7 @@ def relative(run: Tasks, base: Tasks) -> dict[str, float]:
     """Δ_t in percent of the baseline, signed so that positive is better (as in Δ_I)."""
     out = {}
     for t, m in primary(run).items():
-        (key, value), = m.items()
+        ((key, value),) = m.items()
         sign = 1.0 if metrics.HIGHER_IS_BETTER[key] else -1.0
         out[t] = 100.0 * sign * (value - base[t][key]) / base[t][key]
     return out
@@ -84,17 +90,25 @@ def tables(runs: dict[str, list[dict]], data: str, steps: int) -> str:
     keys = {t: next(iter(m)) for t, m in primary(stl[0]["tasks"]).items()}
     tasks, seeds = list(keys), len(stl)
     ci = "mean ± 95% Student-t interval over seeds"
-    out = [f"{data}, {seeds} seeds, {steps} steps each (the val-selected step kept), every method at its "
-           f"defaults; {ci}.", ""]
-    rows = [[f"{t} {keys[t]} {ARROW[keys[t]]}", *[mean_ci([headline(r["tasks"])[t] for r in runs[n]], 4)
-                                                  for n in names]] for t in tasks]
+    out = [
+        f"{data}, {seeds} seeds, {steps} steps each (the val-selected step kept), every method at its defaults; {ci}.",
+        "",
+    ]
+    rows = [
+        [f"{t} {keys[t]} {ARROW[keys[t]]}", *[mean_ci([headline(r["tasks"])[t] for r in runs[n]], 4) for n in names]]
+        for t in tasks
+    ]
     out += [render(["test", *names], rows), ""]
 
     deltas = {n: [relative(r["tasks"], b["tasks"]) for r, b in zip(runs[n], stl)] for n in names if n != "stl"}
     rows = [[n, *[mean_ci([d[t] for d in deltas[n]], 2) for t in tasks]] for n in deltas]
-    out += [f"Δ_t against the stl run of the same seed, percent of stl's value, positive is better ({ci}; an "
-            "interval that excludes 0 is a significant difference).", "",
-            render(["method", *[f"Δ {t} %" for t in tasks]], rows), ""]
+    out += [
+        f"Δ_t against the stl run of the same seed, percent of stl's value, positive is better ({ci}; an "
+        "interval that excludes 0 is a significant difference).",
+        "",
+        render(["method", *[f"Δ {t} %" for t in tasks]], rows),
+        "",
+    ]
 
     rows = []
     for n in deltas:
@@ -102,14 +116,20 @@ def tables(runs: dict[str, list[dict]], data: str, steps: int) -> str:
         di = [metrics.delta_i(primary(r["tasks"]), primary(b["tasks"])) for r, b in pairs]
         eta = [metrics.eta_hat(primary(r["tasks"]), primary(b["tasks"])) for r, b in pairs]
         worse = [sum(d[t] < 0 for d in deltas[n]) for t in tasks]
-        alpha = ("–" if runs[n][0]["alpha"] is None else
-                 " ".join(f"{x:.2f}" for x in np.mean([r["alpha"] for r in runs[n]], axis=0)))
+        alpha = (
+            "–"
+            if runs[n][0]["alpha"] is None
+            else " ".join(f"{x:.2f}" for x in np.mean([r["alpha"] for r in runs[n]], axis=0))
+        )
         kept = ", ".join(str(r["best_step"]) for r in runs[n])
         rows.append([n, mean_ci(di, 2), mean_ci(eta, 1), " ".join(f"{w}/{seeds}" for w in worse), alpha, kept])
-    out += [f"Δ_I and η̂ against the stl run of the same seed ({ci}). Seeds worse than stl per task and α_t "
-            f"(weight of the public encoder, averaged over seeds) in the task order {', '.join(tasks)}. stl kept "
-            f"steps {', '.join(str(r['best_step']) for r in stl)}.", "",
-            render(["method", "Δ_I % ↑", "η̂ ↑", "seeds worse than stl", "α_t", "kept steps"], rows)]
+    out += [
+        f"Δ_I and η̂ against the stl run of the same seed ({ci}). Seeds worse than stl per task and α_t "
+        f"(weight of the public encoder, averaged over seeds) in the task order {', '.join(tasks)}. stl kept "
+        f"steps {', '.join(str(r['best_step']) for r in stl)}.",
+        "",
+        render(["method", "Δ_I % ↑", "η̂ ↑", "seeds worse than stl", "α_t", "kept steps"], rows),
+    ]
     return "\n".join(out)
 
 

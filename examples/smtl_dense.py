@@ -50,8 +50,9 @@ class DenseSMTL(nn.Module):
     gives each task's map: segmentation logits ``[B, K, H, W]``, depth ``[B, 1, H, W]``, unit
     normals ``[B, 3, H, W]``."""
 
-    def __init__(self, tasks: Sequence[str], num_classes: int, width: int = 16, lite: bool = False,
-                 temperature: float = 0.1):
+    def __init__(
+        self, tasks: Sequence[str], num_classes: int, width: int = 16, lite: bool = False, temperature: float = 0.1
+    ):
         super().__init__()
         self.tasks, self.lite = list(tasks), lite
         self.public = conv_encoder(width)
@@ -120,9 +121,21 @@ def evaluate(model: DenseSMTL, data: DenseTaskData, split: str, batch_size: int 
     return {t: metrics.dense_task_metrics(t, preds[t], targets[t], data.num_classes) for t in model.tasks}
 
 
-def run(root: str | Path, data_name: str, *, tasks: Sequence[str] | None = None, num_classes: int = 7,
-        steps: int = 50, batch_size: int = 8, lr: float = 3e-3, width: int = 16, lite: bool = False,
-        temperature: float = 0.1, limit: int | None = None, seed: int = 0) -> dict[str, Any]:
+def run(
+    root: str | Path,
+    data_name: str,
+    *,
+    tasks: Sequence[str] | None = None,
+    num_classes: int = 7,
+    steps: int = 50,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    width: int = 16,
+    lite: bool = False,
+    temperature: float = 0.1,
+    limit: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Load ``data_name`` from ``root``, train, evaluate: ``{"tasks", "losses", "metrics" (split → task →
     metric → value), "alpha" [T]}``."""
     torch.manual_seed(seed)
@@ -143,8 +156,12 @@ def report(out: dict[str, Any]) -> str:
     """The output of :func:`run` as text: first and last loss, a metrics table and the gates."""
     losses = out["losses"]
     lines = [f"loss: {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}" if losses else "no steps", ""]
-    rows = [[split, task, key, fmt(value)] for split, by_task in out["metrics"].items()
-            for task, values in by_task.items() for key, value in values.items()]
+    rows = [
+        [split, task, key, fmt(value)]
+        for split, by_task in out["metrics"].items()
+        for task, values in by_task.items()
+        for key, value in values.items()
+    ]
     lines += [render(["split", "task", "metric", "value"], rows), ""]
     alpha = out["alpha"].tolist()
     lines += [f"α_{task} = {a:.3f} (weight of the public encoder)" for task, a in zip(out["tasks"], alpha)]
@@ -154,8 +171,11 @@ def report(out: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", help="the dataset's folder (with train/ and val/)")
-    p.add_argument("--make-fixtures", metavar="DIR",
-                   help="write a tiny fake dataset of --data into DIR and train on it (no real data needed)")
+    p.add_argument(
+        "--make-fixtures",
+        metavar="DIR",
+        help="write a tiny fake dataset of --data into DIR and train on it (no real data needed)",
+    )
     p.add_argument("--data", default="nyuv2", choices=sorted(DENSE_DATASETS))
     p.add_argument("--tasks", help="comma-separated, e.g. segmentation,depth (default: all of the dataset's)")
     p.add_argument("--num-classes", type=int, default=7, choices=(7, 19), help="CityScapes' label set")
@@ -173,9 +193,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)  # tiny convolutions: more threads only add overhead
     root = write_fake(args.make_fixtures, args.data, seed=args.seed) if args.make_fixtures else args.root
     tasks = args.tasks.split(",") if args.tasks else None
-    out = run(root, args.data, tasks=tasks, num_classes=args.num_classes, steps=args.steps,
-              batch_size=args.batch_size, lr=args.lr, width=args.width, lite=args.lite,
-              temperature=args.temperature, limit=args.limit, seed=args.seed)
+    out = run(
+        root,
+        args.data,
+        tasks=tasks,
+        num_classes=args.num_classes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        lite=args.lite,
+        temperature=args.temperature,
+        limit=args.limit,
+        seed=args.seed,
+    )
     print(report(out))
 
 

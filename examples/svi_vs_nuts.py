@@ -43,8 +43,12 @@ S = np.array([[0.5, 0.5], [0.5, 0.5], [0.7, 0.7]])  # component sds
 OTHERS = np.array([[i for i in range(T) if i != t] for t in range(T)])
 TASKS = [f"task{t}" for t in range(T)]
 COORDS = {"task": TASKS, "coef": [f"x{d}" for d in range(D)], "obs": list(range(N))}
-DIMS = {"w_normal": ["task", "coef"], "w_mixture": ["task", "coef"], "y_normal": ["task", "obs"],
-        "y_mixture": ["task", "obs"]}
+DIMS = {
+    "w_normal": ["task", "coef"],
+    "w_mixture": ["task", "coef"],
+    "y_normal": ["task", "obs"],
+    "y_mixture": ["task", "obs"],
+}
 
 
 def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +80,11 @@ def exact_posteriors(x: np.ndarray, y: np.ndarray) -> dict[str, tuple[np.ndarray
     mix_sd = np.sqrt(np.einsum("tc,tcd->td", resp, 1 / precision + means**2) - mix_mean**2)
     g_precision = (1 / (T - 1) / s**2).sum(1)
     g_mean = (m / (T - 1) / s**2).sum(1) / g_precision
-    return {"normal": gaussian(0.0, 1.0), "mixture": (mix_mean, mix_sd),
-            "mixture, upper-bound target": gaussian(g_mean, g_precision**-0.5)}
+    return {
+        "normal": gaussian(0.0, 1.0),
+        "mixture": (mix_mean, mix_sd),
+        "mixture, upper-bound target": gaussian(g_mean, g_precision**-0.5),
+    }
 
 
 # ------------------------------------------------------------------------------ pyromtl SVI
@@ -149,8 +156,9 @@ def svi_tree(fits: dict[str, tuple], x: np.ndarray, y: np.ndarray, draws: int, s
         posterior[f"w_{name}"] = w[None]
         log_lik[f"y_{name}"] = loglik_fn(w)[None]
         observed[f"y_{name}"] = y
-    return az.from_dict({"posterior": posterior, "log_likelihood": log_lik, "observed_data": observed},
-                        dims=DIMS, coords=COORDS)
+    return az.from_dict(
+        {"posterior": posterior, "log_likelihood": log_lik, "observed_data": observed}, dims=DIMS, coords=COORDS
+    )
 
 
 # ------------------------------------------------------------------------------ NumPyro NUTS
@@ -173,8 +181,14 @@ def run_nuts(x: np.ndarray, y: np.ndarray, draws: int, seed: int):
             numpyro.sample("y_normal", nd.Normal(jnp.einsum("tnd,td->tn", x, w_normal), SIGMA), obs=y)
             numpyro.sample("y_mixture", nd.Normal(jnp.einsum("tnd,td->tn", x, w_mixture), SIGMA), obs=y)
 
-    mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=draws // 2, num_chains=2, chain_method="vectorized",
-                progress_bar=False)
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=1000,
+        num_samples=draws // 2,
+        num_chains=2,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
     mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(x), jnp.asarray(y))
     return mcmc
 
@@ -201,8 +215,13 @@ def plot(trees: dict, exact: dict, path: Path) -> None:
                         continue
                     w = trees[name].posterior[var].values[..., t, d].ravel()
                     mu, sd = w.mean(), w.std()
-                    ax.plot(grid, np.exp(-0.5 * ((grid - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)),
-                            color=color, ls=ls, label=name)
+                    ax.plot(
+                        grid,
+                        np.exp(-0.5 * ((grid - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)),
+                        color=color,
+                        ls=ls,
+                        label=name,
+                    )
                 ax.axvline(exact[key][0][t, d], color="k", lw=1, label="exact posterior mean")
                 ax.set_title(f"{var}[{TASKS[t]}, x{d}]", fontsize=9)
                 ax.set_yticks([])
@@ -243,8 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     lines = [f"SVI: 3 fits x {args.steps} steps in {svi_seconds:.1f} s; NUTS: 2 chains x {args.draws // 2} draws", ""]
-    headings = {"NUTS": "NUTS (NumPyro)", "SVI": "SVI (normal prior; task_mixture with the default kl=upper_bound)",
-                "SVI (kl=monte_carlo)": "SVI (task_mixture with kl=monte_carlo)"}
+    headings = {
+        "NUTS": "NUTS (NumPyro)",
+        "SVI": "SVI (normal prior; task_mixture with the default kl=upper_bound)",
+        "SVI (kl=monte_carlo)": "SVI (task_mixture with kl=monte_carlo)",
+    }
     for name, tree in trees.items():
         # ESS and R-hat mean something for the Markov chains only; SVI draws are independent.
         summary = az.summary(tree, kind="all" if name == "NUTS" else "stats", round_to=3)
@@ -255,15 +277,20 @@ def main(argv: list[str] | None = None) -> None:
         for d in range(D):
             cells = "".join(f"{f'{mean[t, d]:.3f} / {sd[t, d]:.3f}':>30}" for mean, sd in exact.values())
             lines.append(f"w[{TASKS[t]}, x{d}]".ljust(14) + cells)
-    lines += ["", "== PSIS-LOO of y_mixture (SVI draws give an approximate LOO; 8 points per task, so some"
-              " observations are influential: k-hat > 0.7 means that point's estimate is unreliable)"]
+    lines += [
+        "",
+        "== PSIS-LOO of y_mixture (SVI draws give an approximate LOO; 8 points per task, so some"
+        " observations are influential: k-hat > 0.7 means that point's estimate is unreliable)",
+    ]
     for name, tree in trees.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the k-hat warning; reported below instead
             loo = az.loo(tree, var_name="y_mixture", pointwise=True)
         k = np.asarray(loo.pareto_k)
-        lines.append(f"{name:>22}: elpd_loo = {loo.elpd:.2f} ± {loo.se:.2f}, max k-hat {k.max():.2f}, "
-                     f"{int((k > 0.7).sum())} of {k.size} above 0.7")
+        lines.append(
+            f"{name:>22}: elpd_loo = {loo.elpd:.2f} ± {loo.se:.2f}, max k-hat {k.max():.2f}, "
+            f"{int((k > 0.7).sum())} of {k.size} above 0.7"
+        )
     report = "\n".join(lines)
     print(report)
     (args.out / "summary.txt").write_text(report + "\n")

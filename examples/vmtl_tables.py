@@ -48,8 +48,12 @@ ROTATION_VARIANTS = {"vmtl, z ×": {"priors": {"z": "deterministic"}}, "vmtl, w 
 SWEEP_WEIGHTS = [1e-7, 1e-4, 1e-2, 0.1, 1.0]
 SWEEP_METHODS = ["vstl", "vbmtl", "vmtl-ac", "vmtl"]
 SWEEP_FRACTIONS = [0.05, 0.2]
-TABLE1 = {"z ×, w ×": "table1_z_det_w_det", "z ✓, w ×": "table1_z_prob_w_det",
-          "z ×, w ✓": "table1_z_det_w_prob", "z ✓, w ✓": "table1_z_prob_w_prob"}
+TABLE1 = {
+    "z ×, w ×": "table1_z_det_w_det",
+    "z ✓, w ×": "table1_z_prob_w_det",
+    "z ×, w ✓": "table1_z_det_w_prob",
+    "z ✓, w ✓": "table1_z_prob_w_prob",
+}
 TABLE2 = {"mean": "table2_mean", "learned": "table2_learned", "gumbel_softmax": "table2_gumbel"}
 #: Each deviation from the paper (README), against the defaults, at 5%: (label, method, options).
 DEVIATIONS = [
@@ -83,12 +87,19 @@ def _run(job: dict) -> dict:
         options = {**load_toml(CONFIGS / f"{job['config']}.toml"), **options}
     for key in ("method", "data", "fraction", "seed"):
         options.pop(key, None)
-    fit = pyromtl.fit(job["method"], job["data"], fraction=job["fraction"], seed=job["seed"], device="cpu",
-                      quiet=True, **options)
+    fit = pyromtl.fit(
+        job["method"], job["data"], fraction=job["fraction"], seed=job["seed"], device="cpu", quiet=True, **options
+    )
     scores = fit.evaluate("test")
     info = fit.train_info
-    return {**job, "average": scores["average"], "tasks": scores["tasks"], "seconds": info["seconds"],
-            "val_score": info["best_val_score"], "selected": info["selected"]}
+    return {
+        **job,
+        "average": scores["average"],
+        "tasks": scores["tasks"],
+        "seconds": info["seconds"],
+        "val_score": info["best_val_score"],
+        "selected": info["selected"],
+    }
 
 
 def jobs_for(name: str, seeds: int) -> list[dict]:
@@ -96,26 +107,70 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
     out: list[dict] = []
     for seed in range(seeds):
         if name == "sweep":
-            out += [{**base, "method": m, "fraction": f, "seed": seed, "label": w,
-                     "options": {"kl_weights": {"z": w, "w": w}}}
-                    for m in SWEEP_METHODS for f in SWEEP_FRACTIONS for w in SWEEP_WEIGHTS]
+            out += [
+                {
+                    **base,
+                    "method": m,
+                    "fraction": f,
+                    "seed": seed,
+                    "label": w,
+                    "options": {"kl_weights": {"z": w, "w": w}},
+                }
+                for m in SWEEP_METHODS
+                for f in SWEEP_FRACTIONS
+                for w in SWEEP_WEIGHTS
+            ]
         elif name == "domains":
             out += [{**base, "method": m, "fraction": f, "seed": seed, "label": m} for m in METHODS for f in FRACTIONS]
         elif name == "floor":
-            out += [{**base, "method": "vmtl", "fraction": f, "seed": seed, "label": s,
-                     "options": {"z_component_min_scale": s}} for f in SWEEP_FRACTIONS for s in FLOORS]
+            out += [
+                {
+                    **base,
+                    "method": "vmtl",
+                    "fraction": f,
+                    "seed": seed,
+                    "label": s,
+                    "options": {"z_component_min_scale": s},
+                }
+                for f in SWEEP_FRACTIONS
+                for s in FLOORS
+            ]
         elif name == "deviations":
-            out += [{**base, "method": m, "fraction": 0.05, "seed": seed, "label": label, "options": options}
-                    for label, m, options in DEVIATIONS]
+            out += [
+                {**base, "method": m, "fraction": 0.05, "seed": seed, "label": label, "options": options}
+                for label, m, options in DEVIATIONS
+            ]
         elif name == "rotation":
-            out += [{**base, "data": "digits-rotation", "method": m, "fraction": ROTATION_FRACTION, "seed": seed,
-                     "label": m} for m in METHODS]
-            out += [{**base, "data": "digits-rotation", "method": "vmtl", "fraction": ROTATION_FRACTION, "seed": seed,
-                     "label": label, "options": options} for label, options in ROTATION_VARIANTS.items()]
+            out += [
+                {
+                    **base,
+                    "data": "digits-rotation",
+                    "method": m,
+                    "fraction": ROTATION_FRACTION,
+                    "seed": seed,
+                    "label": m,
+                }
+                for m in METHODS
+            ]
+            out += [
+                {
+                    **base,
+                    "data": "digits-rotation",
+                    "method": "vmtl",
+                    "fraction": ROTATION_FRACTION,
+                    "seed": seed,
+                    "label": label,
+                    "options": options,
+                }
+                for label, options in ROTATION_VARIANTS.items()
+            ]
         else:
             rows = TABLE1 if name == "table1" else TABLE2
-            out += [{**base, "method": "vmtl", "fraction": f, "seed": seed, "label": label, "config": config}
-                    for label, config in rows.items() for f in FRACTIONS]
+            out += [
+                {**base, "method": "vmtl", "fraction": f, "seed": seed, "label": label, "config": config}
+                for label, config in rows.items()
+                for f in FRACTIONS
+            ]
     return out
 
 
@@ -151,51 +206,111 @@ def render(results: list[dict]) -> str:
                     rs = [r for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
                     if not rs:
                         continue
-                    rows.append([m, f, f"{w:g}", mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
-                                 mean_ci([r["average"]["nll"] for r in rs]), mean_ci([r["average"]["ece"] for r in rs]),
-                                 f"{np.mean([r['selected']['step'] for r in rs]):.0f}"])
-        lines += ["### KL weight sweep on digits-domains (kl_weights.z = kl_weights.w = λ; mean ± 95% CI)", "",
-                  table(["method", "fraction", "λ", "val accuracy", "test accuracy", "test NLL", "test ECE",
-                         "selected step"], rows), ""]
+                    rows.append(
+                        [
+                            m,
+                            f,
+                            f"{w:g}",
+                            mean_ci([r["val_score"] for r in rs]),
+                            mean_ci([acc(r) for r in rs]),
+                            mean_ci([r["average"]["nll"] for r in rs]),
+                            mean_ci([r["average"]["ece"] for r in rs]),
+                            f"{np.mean([r['selected']['step'] for r in rs]):.0f}",
+                        ]
+                    )
+        lines += [
+            "### KL weight sweep on digits-domains (kl_weights.z = kl_weights.w = λ; mean ± 95% CI)",
+            "",
+            table(
+                ["method", "fraction", "λ", "val accuracy", "test accuracy", "test NLL", "test ECE", "selected step"],
+                rows,
+            ),
+            "",
+        ]
     if floor := by_table["floor"]:
         rows = []
         for f in SWEEP_FRACTIONS:
             for s in FLOORS:
                 rs = [r for r in floor if r["fraction"] == f and r["label"] == s]
                 if rs:
-                    rows.append([f, f"{s:g}", mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
-                                 mean_ci([r["average"]["ece"] for r in rs])])
-        lines += ["### VMTL's floor on the z prior's component scales (z_component_min_scale), digits-domains", "",
-                  table(["fraction", "floor", "val accuracy", "test accuracy", "test ECE"], rows), ""]
+                    rows.append(
+                        [
+                            f,
+                            f"{s:g}",
+                            mean_ci([r["val_score"] for r in rs]),
+                            mean_ci([acc(r) for r in rs]),
+                            mean_ci([r["average"]["ece"] for r in rs]),
+                        ]
+                    )
+        lines += [
+            "### VMTL's floor on the z prior's component scales (z_component_min_scale), digits-domains",
+            "",
+            table(["fraction", "floor", "val accuracy", "test accuracy", "test ECE"], rows),
+            "",
+        ]
     if dev := by_table["deviations"]:
         rows = []
         for label, _, _ in DEVIATIONS:
             rs = [r for r in dev if r["label"] == label]
             if not rs:
                 continue
-            rows.append([label, mean_ci([r["val_score"] for r in rs]), mean_ci([acc(r) for r in rs]),
-                         mean_ci([r["average"]["ece"] for r in rs]), f"{np.mean([r['selected']['step'] for r in rs]):.0f}"])
-        lines += ["### Deviations, digits-domains at 5% (mean ± 95% CI)", "",
-                  table(["run", "val accuracy", "test accuracy", "test ECE", "selected step"], rows), ""]
+            rows.append(
+                [
+                    label,
+                    mean_ci([r["val_score"] for r in rs]),
+                    mean_ci([acc(r) for r in rs]),
+                    mean_ci([r["average"]["ece"] for r in rs]),
+                    f"{np.mean([r['selected']['step'] for r in rs]):.0f}",
+                ]
+            )
+        lines += [
+            "### Deviations, digits-domains at 5% (mean ± 95% CI)",
+            "",
+            table(["run", "val accuracy", "test accuracy", "test ECE", "selected step"], rows),
+            "",
+        ]
     if dom := by_table["domains"]:
         rows = [[m, *_cells(dom, acc, FRACTIONS, in_fraction(m))] for m in METHODS]
-        lines += ["### digits-domains: test accuracy (mean ± 95% CI over seeds)", "",
-                  table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
+        lines += [
+            "### digits-domains: test accuracy (mean ± 95% CI over seeds)",
+            "",
+            table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows),
+            "",
+        ]
     if rot := by_table["rotation"]:
-        rows = [[m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in [*METHODS, *ROTATION_VARIANTS]]
-        lines += [f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)", "",
-                  table(["method", "NMSE"], rows), ""]
-    for name, rows_of, title in (("table1", TABLE1, "VMTL Table 1: z and/or w probabilistic"),
-                                 ("table2", TABLE2, "VMTL Table 2: the mixture weights")):
+        rows = [
+            [m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in [*METHODS, *ROTATION_VARIANTS]
+        ]
+        lines += [
+            f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)",
+            "",
+            table(["method", "NMSE"], rows),
+            "",
+        ]
+    for name, rows_of, title in (
+        ("table1", TABLE1, "VMTL Table 1: z and/or w probabilistic"),
+        ("table2", TABLE2, "VMTL Table 2: the mixture weights"),
+    ):
         if done := by_table[name]:
             rows = [[label, *_cells(done, acc, FRACTIONS, in_fraction(label))] for label in rows_of]
-            lines += [f"### {title}, digits-domains test accuracy", "",
-                      table(["prior", *(f"fraction {f}" for f in FRACTIONS)], rows), ""]
-    settings = sorted({json.dumps({k: v for k, v in r["selected"].items() if k != "step"}, sort_keys=True)
-                       for r in results if r["table"] != "sweep"})
+            lines += [
+                f"### {title}, digits-domains test accuracy",
+                "",
+                table(["prior", *(f"fraction {f}" for f in FRACTIONS)], rows),
+                "",
+            ]
+    settings = sorted(
+        {
+            json.dumps({k: v for k, v in r["selected"].items() if k != "step"}, sort_keys=True)
+            for r in results
+            if r["table"] != "sweep"
+        }
+    )
     seeds = sorted({r["seed"] for r in results})
-    lines.append(f"Seeds: {seeds}; each cell averages the tasks' test metric, then the seeds. "
-                 f"Schedules at the selected steps: {'; '.join(settings) or 'n/a'}.")
+    lines.append(
+        f"Seeds: {seeds}; each cell averages the tasks' test metric, then the seeds. "
+        f"Schedules at the selected steps: {'; '.join(settings) or 'n/a'}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -211,13 +326,19 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     for m in SWEEP_METHODS:
         for f in SWEEP_FRACTIONS:
             for ax, key in zip(axes, ("accuracy", "ece")):
-                vals = [[r["average"][key] for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
-                        for w in SWEEP_WEIGHTS]
+                vals = [
+                    [r["average"][key] for r in sweep if r["method"] == m and r["fraction"] == f and r["label"] == w]
+                    for w in SWEEP_WEIGHTS
+                ]
                 if not all(vals):
                     continue
                 mean = np.array([np.mean(v) for v in vals])
-                half = np.array([stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
-                                 if len(v) > 1 else 0.0 for v in vals])
+                half = np.array(
+                    [
+                        stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+                        for v in vals
+                    ]
+                )
                 ax.errorbar(SWEEP_WEIGHTS, mean, yerr=half, marker="o", capsize=3, label=f"{m}, {f:.0%} of train")
     for ax, name in zip(axes, ("test accuracy", "test ECE (lower is better)")):
         ax.set_xscale("log")

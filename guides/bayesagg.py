@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from pyromtl.base import MultiTaskModule, Plates
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, TaskInfo
 from pyromtl.distributions import GaussianPrecision
 from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
+from pyromtl.schedules import TrainState
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,14 @@ def group_priors(prior: GaussianPrecision, groups: tuple[HeadGroup, ...], dim: i
     return [group_prior(prior, group, dim) for group in groups]
 
 
-def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, priors: list[tuple[Tensor, Tensor]],
-                    groups: tuple[HeadGroup, ...], with_precision: bool = False) -> list[GroupPosterior]:
+def batch_posterior(
+    features: Tensor,
+    y: Tensor,
+    heads: Tensor,
+    priors: list[tuple[Tensor, Tensor]],
+    groups: tuple[HeadGroup, ...],
+    with_precision: bool = False,
+) -> list[GroupPosterior]:
     """Posterior of every group's heads given labels ``y [T, B]`` (eq. 2, eq. 8–10).
 
     ``features`` ``[B, d+1]`` are ``add_bias(h)``, built once per step by the caller; ``heads``
@@ -129,18 +135,20 @@ def batch_posterior(features: Tensor, y: Tensor, heads: Tensor, priors: list[tup
             parts = regression_posterior_from_stats(*stats, mean_p, precision_p, with_precision=with_precision)
         else:
             stats = None
-            theta = heads[group.rows, :group.classes]
+            theta = heads[group.rows, : group.classes]
             if group.kind == "binary":
                 theta = theta.squeeze(1)
             kind = "binary" if group.kind == "binary" else "multiclass"
-            parts = laplace_posterior(h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind,
-                                      with_precision=with_precision)
+            parts = laplace_posterior(
+                h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind, with_precision=with_precision
+            )
         out.append(GroupPosterior(*parts, stats=stats))
     return out
 
 
-def assemble(mean: Tensor, precision: Tensor, groups: tuple[HeadGroup, ...], posteriors: list[GroupPosterior],
-             dim: int) -> tuple[Tensor, Tensor]:
+def assemble(
+    mean: Tensor, precision: Tensor, groups: tuple[HeadGroup, ...], posteriors: list[GroupPosterior], dim: int
+) -> tuple[Tensor, Tensor]:
     """Write the groups' posteriors over a prior ``mean [T, P]``, ``precision [P, P]`` or ``[T, P, P]``.
 
     Returns ``(mean [T, P], precision [T, P, P])``: rows no group uses keep the prior.
@@ -182,7 +190,7 @@ class BayesAggGuide(MultiTaskModule):
         regression = model.store.regression_mean
         if regression is not None:
             group = model.regression_group
-            theta[group.rows, :group.size(model.latent_dim)] = regression
+            theta[group.rows, : group.size(model.latent_dim)] = regression
         return theta
 
     def posterior(self, batch: Batch) -> GaussianPrecision:
@@ -191,8 +199,14 @@ class BayesAggGuide(MultiTaskModule):
         prior = model.prior()
         with torch.no_grad():
             features = add_bias(model.features(batch.x))
-            posts = batch_posterior(features, batch.y, model.heads, group_priors(prior, model.groups, model.latent_dim),
-                                    model.groups, with_precision=True)
+            posts = batch_posterior(
+                features,
+                batch.y,
+                model.heads,
+                group_priors(prior, model.groups, model.latent_dim),
+                model.groups,
+                with_precision=True,
+            )
             mean, precision = assemble(prior.mean.squeeze(-2), prior.precision, model.groups, posts, model.latent_dim)
         return GaussianPrecision(mean.unsqueeze(-2), precision.unsqueeze(-3))
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from pyromtl.base import MultiTaskModule
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.schedules import TrainState
 
 
 class EmptyGuide(MultiTaskModule):

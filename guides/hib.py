@@ -18,8 +18,9 @@ Variants (options and prior choices, see ``models/hib.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -27,10 +28,10 @@ import torch
 from pyro import poutine
 
 from pyromtl.base import MultiTaskModule, Plates, is_point
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import DiagNormal
 from pyromtl.nn import MLP, GaussianEncoder
+from pyromtl.schedules import TrainState
 
 #: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_noise_var``.
 NOISE_MODES = ("learned", "fixed")
@@ -41,8 +42,10 @@ PREDICT_MODES = ("sample", "mean")
 def task_betas(data: MultiTaskData, beta: float, task_beta: dict[str, float]) -> torch.Tensor:
     """β_j of eq. 2 as a ``[T, 1]`` tensor: ``beta`` for every task, ``task_beta`` overriding by name."""
     if unknown := sorted(set(task_beta) - set(data.task_names)):
-        raise ValueError(f"config key 'task_beta' names unknown task(s) {unknown}; the tasks of "
-                         f"{data.name!r} are {list(data.task_names)}")
+        raise ValueError(
+            f"config key 'task_beta' names unknown task(s) {unknown}; the tasks of "
+            f"{data.name!r} are {list(data.task_names)}"
+        )
     return torch.tensor([[task_beta.get(name, beta)] for name in data.task_names], dtype=torch.get_default_dtype())
 
 
@@ -78,8 +81,7 @@ class ChannelScale(MultiTaskModule):
 class HIBGuide(ChannelScale):
     """``q(W_j | x) = N(f_θ(x), diag σ_j²)`` for every task j at once (eq. 1)."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: MLP,
-                 device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: MLP, device: torch.device):
         super().__init__(data, cfg, state, device)
         for key, allowed in (("noise", NOISE_MODES), ("predict_w", PREDICT_MODES)):
             if cfg[key] not in allowed:
@@ -92,8 +94,9 @@ class HIBGuide(ChannelScale):
         self.release_at = cfg["release_noise_at"]
         self.predict_mean = cfg["predict_w"] == "mean"
         T, D = data.num_tasks, cfg["latent_dim"]
-        self.register_buffer("fixed_log_var", torch.full((T, D), math.log(cfg["fixed_noise_var"]), device=device),
-                             persistent=False)
+        self.register_buffer(
+            "fixed_log_var", torch.full((T, D), math.log(cfg["fixed_noise_var"]), device=device), persistent=False
+        )
         # The authors start log σ² at 0.01·N(0, 1) (σ² ≈ 1); a released fixed channel starts where it was held.
         init = self.fixed_log_var.clone() if self.fixed else cfg["init_log_var_std"] * torch.randn(T, D, device=device)
         self.log_var = torch.nn.Parameter(init)
@@ -132,8 +135,14 @@ class MTVIBGuide(MultiTaskModule):
     (no per-task channels), its KL to ``N(0, I)`` weighted by ``beta``.
     """
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 device: torch.device):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        encoder: GaussianEncoder,
+        device: torch.device,
+    ):
         super().__init__(data.info.to(device), state, cfg["kl_weight"], {"z": cfg["beta"]})
         self.encoder = encoder
 

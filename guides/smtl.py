@@ -15,15 +15,16 @@ import pyro
 import torch
 
 from pyromtl.base import MultiTaskModule, Plates, is_point
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.schedules import TrainState
 
 
 class GateGuide(MultiTaskModule):
     """``q(g) = prod_t RelaxedBernoulli[StraightThrough](τ, logits=logit_t)`` for a Bayesian gate; else empty."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, model: torch.nn.Module,
-                 device: torch.device):
+    def __init__(
+        self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, model: torch.nn.Module, device: torch.device
+    ):
         super().__init__(data.info.to(device), state, cfg["kl_weight"])
         self.bayesian = not is_point(cfg["priors"]["gate"])
         # the gate module is shared, as the baselines share their encoder: its logits are q's parameters

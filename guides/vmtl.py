@@ -8,7 +8,8 @@ diagonal Gaussian per class and task (eq. 8), under VMTL's Monte-Carlo plates
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,15 @@ class MonteCarloDraws:
 class VMTLGuide(MonteCarloDraws, LatentMTLGuide):
     """The baseline guide under VMTL's Monte-Carlo plates."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 w_post: nn.Module, device: torch.device):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        encoder: GaussianEncoder,
+        w_post: nn.Module,
+        device: torch.device,
+    ):
         super().__init__(data, cfg, state, encoder, w_post, device)
         self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
 
@@ -60,12 +68,22 @@ class AmortizedClassifier(nn.Module):
     (measured on ``digits-domains``: chance without a floor, 0.59 test accuracy with 0.2).
     """
 
-    def __init__(self, data: MultiTaskData, encoder: GaussianEncoder, hidden: Sequence[int], act: str,
-                 device: torch.device, init_scale: float = 0.1, min_scale: float = 0.2):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        encoder: GaussianEncoder,
+        hidden: Sequence[int],
+        act: str,
+        device: torch.device,
+        init_scale: float = 0.1,
+        min_scale: float = 0.2,
+    ):
         super().__init__()
         info = data.info
         pad = data.padded("train", device)
-        labels = torch.where(info.type_code.to(device)[:, None] == 0, pad.y.long(), torch.zeros_like(pad.y, dtype=torch.long))
+        labels = torch.where(
+            info.type_code.to(device)[:, None] == 0, pad.y.long(), torch.zeros_like(pad.y, dtype=torch.long)
+        )
         valid = (torch.arange(pad.y.shape[1], device=device) < pad.n[:, None]).float()
         onehot = F.one_hot(labels, info.out_dim).float() * valid[..., None]  # [T, N, K]
         self.register_buffer("weights", onehot / onehot.sum(1, keepdim=True).clamp(min=1.0))

@@ -24,13 +24,26 @@ _POINT = {"z": "deterministic", "w": "deterministic"}
 _NORMAL = {"z": "normal", "w": "normal"}
 
 METHODS: tuple[Method, ...] = tuple(
-    Method(name=name, summary=summary, paper=VMTL_PAPER + " (baselines)", build=build_latent, options=LatentOptions,
-           overrides={**kl, "per_task_encoder": per_task}, priors=dict(priors), export=(CLASSIFIER_EXPORT,))
+    Method(
+        name=name,
+        summary=summary,
+        paper=VMTL_PAPER + " (baselines)",
+        build=build_latent,
+        options=LatentOptions,
+        overrides={**kl, "per_task_encoder": per_task},
+        priors=dict(priors),
+        export=(CLASSIFIER_EXPORT,),
+    )
     for name, per_task, priors, kl, summary in (
         ("stl", True, _POINT, {}, "single-task learning: one encoder and head per task, maximum likelihood"),
         ("bmtl", False, _POINT, {}, "shared encoder with task heads, maximum likelihood"),
         ("vstl", True, _NORMAL, tempered(1e-4), "variational STL: probabilistic z and w under N(0, I) priors"),
-        ("vbmtl", False, _NORMAL, tempered(1e-7),
-         "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors"),
+        (
+            "vbmtl",
+            False,
+            _NORMAL,
+            tempered(1e-7),
+            "variational BMTL: shared amortised q(z|x), q(w_t) under N(0, I) priors",
+        ),
     )
 )

@@ -27,8 +27,9 @@ learned heads ``θ̂`` for classification tasks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyro
@@ -36,7 +37,6 @@ import torch
 from torch import Tensor, nn
 
 from pyromtl.base import MultiTaskModel, Plates
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import GaussianPrecision
 from pyromtl.guides.bayesagg import (
@@ -63,6 +63,7 @@ from pyromtl.nn import CNN, DEFAULT_CONV_CHANNELS, MLP, activation, check_backbo
 from pyromtl.objective import Objective, TrainContext, is_finite
 from pyromtl.options import Options
 from pyromtl.priors import PriorSite
+from pyromtl.schedules import TrainState
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
@@ -91,8 +92,11 @@ class PriorStore(nn.Module):
         return {"full_data": self.full_data, "previous_batch": self.previous_batch}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"full_data": self.full_data, "previous_batch": self.previous_batch,
-                "regression_mean": self.regression_mean}
+        return {
+            "full_data": self.full_data,
+            "previous_batch": self.previous_batch,
+            "regression_mean": self.regression_mean,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.full_data, self.previous_batch = state["full_data"], state["previous_batch"]
@@ -116,8 +120,11 @@ class BayesAggModel(MultiTaskModel):
         super().__init__(info, state)
         self.latent_dim = d = cfg["latent_dim"]
         self.cnn = cfg["backbone"] == "cnn"
-        trunk = (CNN(info.input_shape, cfg["conv_channels"], cfg["hidden"], d, cfg["activation"]) if self.cnn
-                 else MLP(info.input_dim, cfg["hidden"], d, cfg["activation"]))
+        trunk = (
+            CNN(info.input_shape, cfg["conv_channels"], cfg["hidden"], d, cfg["activation"])
+            if self.cnn
+            else MLP(info.input_dim, cfg["hidden"], d, cfg["activation"])
+        )
         self.extractor = nn.Sequential(trunk, activation(cfg["activation"])).to(device)
         bound = 1.0 / math.sqrt(d)
         heads = torch.empty(info.num_tasks, info.out_dim, d + 1, device=device).uniform_(-bound, bound)
@@ -139,8 +146,9 @@ class BayesAggModel(MultiTaskModel):
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
         T = self.info.num_tasks
-        return self.w_prior.build(batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, state=self.state,
-                                  extras=self.store.extras())
+        return self.w_prior.build(
+            batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, state=self.state, extras=self.store.extras()
+        )
 
     def task_losses(self, features: Tensor, batch: Batch) -> Tensor:
         """The LS loss: the tasks' summed mean negative log-likelihoods at ``θ̂``, of ``features = add_bias(h)``."""
@@ -185,8 +193,9 @@ class BayesAggObjective(Objective):
         # the tasks in the order the head groups stack their moments (fixed by the data), and their s
         order = torch.cat([g.tasks for g in model.groups]).to(model.heads.device)
         self.register_buffer("order", order, persistent=False)
-        self.register_buffer("s", torch.where(regression, cfg["s_regression"], cfg["s_classification"])[order],
-                             persistent=False)
+        self.register_buffer(
+            "s", torch.where(regression, cfg["s_regression"], cfg["s_classification"])[order], persistent=False
+        )
         # one s for every task (e.g. all regression) is a float: no tensor op to apply it
         self.shared_s = float(self.s[0]) if bool((self.s == self.s[0]).all()) else None
         self.stats = GaussianStats()
@@ -217,8 +226,9 @@ class BayesAggObjective(Objective):
         if self._collect_classification():
             self.seen.append((features[:, :-1], y.T))
 
-    def moments(self, features: Tensor, y: Tensor,
-                posteriors: list[GroupPosterior]) -> tuple[Tensor, Tensor, Tensor | float]:
+    def moments(
+        self, features: Tensor, y: Tensor, posteriors: list[GroupPosterior]
+    ) -> tuple[Tensor, Tensor, Tensor | float]:
         """Mean and diagonal variance of each task's per-sample gradient w.r.t. ``h`` (eq. 4, eq. 11).
 
         ``features`` are ``add_bias(h)``. Returns ``mu``, ``var`` ``[B, T, d]`` and ``s`` (``[T]``,
@@ -234,8 +244,15 @@ class BayesAggObjective(Objective):
                 mu, var = regression_moments(features, post.mean, post.cov, labels, coords=dim)
             else:
                 mu, var = classification_moments(
-                    h, post.mean, post.cov, labels, "binary" if group.kind == "binary" else "multiclass",
-                    self.cfg["moments"], num_samples=self.cfg["num_samples"], nodes=self.cfg["nodes"])
+                    h,
+                    post.mean,
+                    post.cov,
+                    labels,
+                    "binary" if group.kind == "binary" else "multiclass",
+                    self.cfg["moments"],
+                    num_samples=self.cfg["num_samples"],
+                    nodes=self.cfg["nodes"],
+                )
             mus.append(mu)
             variances.append(var)
         s = self.s if self.shared_s is None else self.shared_s
@@ -255,8 +272,13 @@ class BayesAggObjective(Objective):
         store, heads = model.store, model.heads
         source = (store.full_data, store.previous_batch, heads.device, heads.dtype)
         cached = self._prior_cache
-        if (cached is None or self.prior_kind not in STORED_KINDS or cached[0][0] is not source[0]
-                or cached[0][1] is not source[1] or cached[0][2:] != source[2:]):
+        if (
+            cached is None
+            or self.prior_kind not in STORED_KINDS
+            or cached[0][0] is not source[0]
+            or cached[0][1] is not source[1]
+            or cached[0][2:] != source[2:]
+        ):
             prior = model.prior()
             cached = self._prior_cache = source, prior, group_priors(prior, model.groups, model.latent_dim)
         return cached[1], cached[2]
@@ -271,8 +293,9 @@ class BayesAggObjective(Objective):
         posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep)
         self._collect(features, y, posteriors)
         if keep:
-            model.store.previous_batch = assemble(prior.mean.squeeze(-2), prior.precision, model.groups,
-                                                  posteriors, model.latent_dim)
+            model.store.previous_batch = assemble(
+                prior.mean.squeeze(-2), prior.precision, model.groups, posteriors, model.latent_dim
+            )
         mu, var, s = self.moments(features, y, posteriors)
         # aggregate()'s sum, with the weights kept as they are (diagnostics() normalises them if
         # asked), and mu overwritten, which moments() made for this step alone
@@ -338,7 +361,7 @@ class BayesAggObjective(Objective):
             if group.kind == "regression":
                 posteriors.append(reg_post)
                 continue
-            theta = heads[group.rows, :group.classes]
+            theta = heads[group.rows, : group.classes]
             theta = theta.squeeze(1) if group.kind == "binary" else theta
             kind = "binary" if group.kind == "binary" else "multiclass"
             mean, prec = laplace_as_prior(h, group.labels(y.T), theta[..., :dim], theta[..., dim], 0.0, precision, kind)
@@ -372,7 +395,8 @@ class BayesAggOptions(Options):
     #: eq. 7's power of the precisions, per task type (the paper: 0.75–0.95 regression, 5e-4–5e-2 classification)
     s_regression: float = 0.9
     s_classification: float = 0.01
-    #: classification gradient moments: "quadrature" (binary Gauss–Hermite, multiclass logit draws) or "monte_carlo" (eq. 11)
+    #: classification gradient moments: "quadrature" (binary Gauss–Hermite, multiclass logit draws) or
+    #: "monte_carlo" (eq. 11)
     moments: str = "quadrature"
     #: J: draws of the heads (monte_carlo) or of the multiclass logits (quadrature)
     num_samples: int = 64
@@ -439,11 +463,19 @@ def _plot_aggregation_weights(weights: Mapping[str, list[float]]) -> Any:
     return fig
 
 
-METHODS: tuple[Method, ...] = (Method(
-    name="bayesagg", summary="shared extractor, Bayesian linear heads; precision-weighted aggregation of the "
-                             "heads' gradient moments (BayesAgg-MTL)",
-    paper=PAPER, build=build_bayesagg, options=BayesAggOptions,
-    priors={"w": {"kind": "full_data", "scale": 1.0}}, settings=("simo",), objective=bayesagg_objective,
-    export=(ExportSite("w", ("task", "class", "feature"), _prediction_heads, _head_coords),),
-    extra=bayesagg_extra, plots=bayesagg_plots,
-),)
+METHODS: tuple[Method, ...] = (
+    Method(
+        name="bayesagg",
+        summary="shared extractor, Bayesian linear heads; precision-weighted aggregation of the "
+        "heads' gradient moments (BayesAgg-MTL)",
+        paper=PAPER,
+        build=build_bayesagg,
+        options=BayesAggOptions,
+        priors={"w": {"kind": "full_data", "scale": 1.0}},
+        settings=("simo",),
+        objective=bayesagg_objective,
+        export=(ExportSite("w", ("task", "class", "feature"), _prediction_heads, _head_coords),),
+        extra=bayesagg_extra,
+        plots=bayesagg_plots,
+    ),
+)

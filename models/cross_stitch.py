@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from pyromtl.base import MultiTaskModel, Plates
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.cross_stitch import EmptyGuide
 from pyromtl.method import Method, MethodContext
-from pyromtl.options import NetworkOptions
 from pyromtl.nn import TaskLinear, activation
+from pyromtl.options import NetworkOptions
+from pyromtl.schedules import TrainState
 
 #: The diagonal of a cross-stitch unit at the start (the paper's α_S); the rest of each row shares 1 − this.
 SELF_WEIGHT = 0.9
@@ -88,11 +88,17 @@ def stitch_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     return {"stitch": ctx.model.stitches[-1].detach().cpu().numpy()}
 
 
-METHODS: tuple[Method, ...] = (Method(
-    name="cross-stitch",
-    summary="cross-stitch networks: one network per task, learned T x T units mix their activations after every layer",
-    paper="Misra et al., Cross-stitch Networks for Multi-task Learning, CVPR 2016 (SMTL's baseline)",
-    build=build_cross_stitch, options=CrossStitchOptions, settings=("simo",), min_tasks=2,
-    relatedness=stitch_relatedness,
-    relatedness_titles={"stitch": "cross-stitch unit of the last layer: row t reads task s with weight A_ts"},
-),)
+METHODS: tuple[Method, ...] = (
+    Method(
+        name="cross-stitch",
+        summary="cross-stitch networks: one network per task, learned T x T units mix their activations "
+        "after every layer",
+        paper="Misra et al., Cross-stitch Networks for Multi-task Learning, CVPR 2016 (SMTL's baseline)",
+        build=build_cross_stitch,
+        options=CrossStitchOptions,
+        settings=("simo",),
+        min_tasks=2,
+        relatedness=stitch_relatedness,
+        relatedness_titles={"stitch": "cross-stitch unit of the last layer: row t reads task s with weight A_ts"},
+    ),
+)

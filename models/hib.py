@@ -26,8 +26,9 @@ The paper's ablations are configuration (``examples/configs/hib_*.toml``): no no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
@@ -35,7 +36,6 @@ import torch
 from pyro import poutine
 
 from pyromtl.base import MultiTaskModel, Plates
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.hib import ChannelScale, HIBGuide, MTVIBGuide
 from pyromtl.infer.hib import cluster_tasks, clustering_margin, noise_distance
@@ -44,12 +44,15 @@ from pyromtl.nn import MLP, GaussianEncoder, TaskLinear
 from pyromtl.options import Options
 from pyromtl.plots import plot_dendrogram
 from pyromtl.priors import PriorSite
+from pyromtl.schedules import TrainState
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PAPER = ("Machado de Freitas, Berg, Geiger, Mücke, Compressed Hierarchical Representations for Multi-Task "
-         "Learning and Task Clustering, IJCNN 2022")
+PAPER = (
+    "Machado de Freitas, Berg, Geiger, Mücke, Compressed Hierarchical Representations for Multi-Task "
+    "Learning and Task Clustering, IJCNN 2022"
+)
 #: Linkage of the task clustering (average linkage suits a non-Euclidean dissimilarity).
 LINKAGE = "average"
 
@@ -67,7 +70,9 @@ class HIBModel(ChannelScale, MultiTaskModel):
         plates = Plates(batch)
         T, B = batch.num_tasks, batch.size
         with plates.locals(), self.beta_scope():
-            prior = self.w_prior.build(batch_shape=(T, B), event_shape=(self.latent_dim,), num_tasks=T, state=self.state)
+            prior = self.w_prior.build(
+                batch_shape=(T, B), event_shape=(self.latent_dim,), num_tasks=T, state=self.state
+            )
             w = pyro.sample("w", prior)
         outputs = self.heads(w)  # [..., T, B, D] x [T, D, K]: every task's head in one matmul
         with plates.observations():
@@ -94,8 +99,12 @@ class MTVIBModel(MultiTaskModel):
         plates = Plates(batch)
         rows = 1 if batch.simo else batch.num_tasks
         with plates.locals(shared=batch.simo), self.kl_scope("z"):
-            prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, state=self.state)
+            prior = self.z_prior.build(
+                batch_shape=(rows, batch.size),
+                event_shape=(self.latent_dim,),
+                num_tasks=batch.num_tasks,
+                state=self.state,
+            )
             z = pyro.sample("z", prior)
         outputs = self.heads(z)
         s = self.log_task_var  # [T, 1]
@@ -146,8 +155,9 @@ class MTVIBOptions(Options):
 def build_mtvib(ctx: MethodContext) -> tuple[MTVIBModel, MTVIBGuide]:
     """MTVIB's model and guide; the guide owns the Gaussian encoder."""
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
-    encoder = GaussianEncoder(data.num_tasks, data.info.input_dim, cfg["hidden"], cfg["latent_dim"],
-                              cfg["activation"]).to(device)
+    encoder = GaussianEncoder(
+        data.num_tasks, data.info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]
+    ).to(device)
     return MTVIBModel(data, cfg, state, device), MTVIBGuide(data, cfg, state, encoder, device)
 
 
@@ -176,14 +186,17 @@ def hib_extra(ctx: MethodContext) -> dict[str, Any]:
     return {"clustering": {"success": margin > 0.0, "margin": margin, "linkage": LINKAGE}}
 
 
-def hib_plots(ctx: MethodContext) -> dict[str, Callable[[], "Figure"]]:
+def hib_plots(ctx: MethodContext) -> dict[str, Callable[[], Figure]]:
     """The dendrogram of the eq. 11 task clustering, drawn when written."""
     distance = (ctx.doc.get("relatedness") or {}).get("distance")
     if distance is None:
         return {}
     names = list(ctx.doc["tasks"])
-    return {"dendrogram_distance.png": lambda: plot_dendrogram(cluster_tasks(distance, LINKAGE), names,
-                                                               f"task clustering ({LINKAGE} linkage, eq. 11)")}
+    return {
+        "dendrogram_distance.png": lambda: plot_dendrogram(
+            cluster_tasks(distance, LINKAGE), names, f"task clustering ({LINKAGE} linkage, eq. 11)"
+        )
+    }
 
 
 def _log_var_draws(ctx: MethodContext, n: int) -> torch.Tensor | None:
@@ -203,14 +216,20 @@ def _latent_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str, Any
 MARGINAL = {"kind": "learned_normal", "loc": 0.0, "scale": 1.0, "learn_loc": False, "per_task": True}
 
 HIB = Method(
-    name="hib", summary="HIB: a deterministic shared Z, per-task Gaussian noise channels W_j = Z + N_j "
-                        "under a β_j-weighted KL, task clustering from the noise variances",
-    paper=PAPER, build=build_hib, options=HIBOptions, priors={"w": dict(MARGINAL)},
+    name="hib",
+    summary="HIB: a deterministic shared Z, per-task Gaussian noise channels W_j = Z + N_j "
+    "under a β_j-weighted KL, task clustering from the noise variances",
+    paper=PAPER,
+    build=build_hib,
+    options=HIBOptions,
+    priors={"w": dict(MARGINAL)},
     relatedness=hib_relatedness,
     relatedness_titles={"distance": "eq. 11: L1 distance between the tasks' log noise variances"},
     export=(ExportSite("channel_log_var", ("task", "latent_dim"), _log_var_draws, _latent_coords),),
-    extra=hib_extra, plots=hib_plots,
+    extra=hib_extra,
+    plots=hib_plots,
 )
+
 
 def _task_log_var_draws(ctx: MethodContext, n: int) -> torch.Tensor:
     """The uncertainty weights' log variances ``s_j`` (point estimates), repeated over draws."""
@@ -219,9 +238,13 @@ def _task_log_var_draws(ctx: MethodContext, n: int) -> torch.Tensor:
 
 
 MTVIB = Method(
-    name="mtvib", summary="MTVIB (HIB's baseline): one stochastic Z under N(0, I) with a β-weighted KL, "
-                          "linear heads and uncertainty-weighted task losses",
-    paper=PAPER + " (baseline, §V-A)", build=build_mtvib, options=MTVIBOptions, priors={"z": "normal"},
+    name="mtvib",
+    summary="MTVIB (HIB's baseline): one stochastic Z under N(0, I) with a β-weighted KL, "
+    "linear heads and uncertainty-weighted task losses",
+    paper=PAPER + " (baseline, §V-A)",
+    build=build_mtvib,
+    options=MTVIBOptions,
+    priors={"z": "normal"},
     export=(ExportSite("task_log_var", ("task",), _task_log_var_draws),),
 )
 

@@ -25,8 +25,9 @@ ELBO is the log-likelihood of eq. 2, summed over tasks where eq. 2 averages them
 factor ``m``; the authors' code sums too). Beyond the paper, the prior
 ``priors.gate.kind = "relaxed_bernoulli"`` (``probs = 0.5`` by default, at the gate's ``τ``)
 makes the gate a latent site with the posterior ``q(g_t) = RelaxedBernoulli[StraightThrough](τ,
-logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average over gate draws. ``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own
-optimiser in :class:`GateObjective`; the rest of val stays for model selection.
+logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average over gate draws.
+``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own optimiser in
+:class:`GateObjective`; the rest of val stays for model selection.
 
 Encoders and decoders are MLPs (``hidden``, ``decoder_hidden``) unless ``encoder``/``decoder``
 name a network registered with :func:`pyromtl.networks.register` (``factory(in_dim, out_dim) ->
@@ -38,8 +39,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyro
@@ -47,17 +49,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyromtl import networks
 from pyromtl.base import MultiTaskModel, Plates, is_point
-from pyromtl.schedules import TrainState
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.smtl import GateGuide
-from pyromtl import networks
 from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import MLP, TaskMLP
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.options import Options, ScheduleValue
 from pyromtl.priors import PriorSite
-from pyromtl.schedules import as_schedule
+from pyromtl.schedules import TrainState, as_schedule
 
 #: The part of val that trains the bi-level gates (eq. 6); model selection uses the rest.
 GATE_SPLIT = "gates"
@@ -141,8 +142,16 @@ def mix_encoders(gate: torch.Tensor, public: torch.Tensor, private: torch.Tensor
 class SMTLModel(MultiTaskModel):
     """``p(y | x) = prod_t p(y_t | out_t(x))`` with ``out_t`` of eq. 1 (or §3.4 for ``combine="outputs"``)."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device, *,
-                 lite: bool, combine: str):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        device: torch.device,
+        *,
+        lite: bool,
+        combine: str,
+    ):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"])
         T, K, d, act = info.num_tasks, info.out_dim, cfg["latent_dim"], cfg["activation"]
@@ -151,14 +160,16 @@ class SMTLModel(MultiTaskModel):
         self.gate_prior = None if is_point(cfg["priors"]["gate"]) else PriorSite("gate", cfg["priors"]["gate"], device)
         if not 0.0 < cfg["gate_init"] < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {cfg['gate_init']}")
-        self.gate_logit = nn.Parameter(torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])),
-                                                  device=device))
+        self.gate_logit = nn.Parameter(
+            torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])), device=device)
+        )
         self.public = shared_net(cfg["encoder"], info.input_dim, cfg["hidden"], d, act).to(device)
         self.private = task_net(cfg["encoder"], T, info.input_dim, cfg["hidden"], d, act).to(device)
         self.decoder = task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device)
         # SMTL_c: a public decoder h_{S,t} per task on f_S (§3.4)
-        self.public_decoder = (task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device)
-                               if combine == "outputs" else None)
+        self.public_decoder = (
+            task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device) if combine == "outputs" else None
+        )
 
     def alpha(self) -> torch.Tensor:
         """``α_t`` ``[T]``: the weight of the public side (eq. 1)."""
@@ -202,8 +213,13 @@ class SMTLModel(MultiTaskModel):
                 pyro.deterministic("gate", gate[:, None])
         else:
             with plates.globals(), self.kl_scope("gate"):
-                prior = self.gate_prior.build(batch_shape=(T, 1), event_shape=(), num_tasks=T, state=self.state,
-                                              extras={"temperature": self.tau()})
+                prior = self.gate_prior.build(
+                    batch_shape=(T, 1),
+                    event_shape=(),
+                    num_tasks=T,
+                    state=self.state,
+                    extras={"temperature": self.tau()},
+                )
                 gate = pyro.sample("gate", prior).squeeze(-1)  # [..., T]
         out = self.outputs(batch.x, gate)
         with plates.observations():
@@ -243,8 +259,10 @@ class PrunedSMTL(nn.Module):
 def prune(model: SMTLModel) -> PrunedSMTL:
     """The pruned network of a lite model at its test-time gates ``1[α_t ≥ 0.5]``."""
     if not model.lite:
-        raise ValueError("soft SMTL gates mix both encoders of every task, so nothing can be pruned; "
-                         "fit a lite variant (lsmtl, lsmtl-c)")
+        raise ValueError(
+            "soft SMTL gates mix both encoders of every task, so nothing can be pruned; "
+            "fit a lite variant (lsmtl, lsmtl-c)"
+        )
     with torch.no_grad():
         return PrunedSMTL(model, model.gate()).eval()
 
@@ -301,8 +319,10 @@ def carve_gate_split(ctx: MethodContext) -> MultiTaskData:
     order = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg["seed"]))]
     keep = round(len(val) * cfg["selection_fraction"])
     if keep < 1 or keep >= len(val):
-        raise ValueError(f"bi-level gates need val rows both for the gates and for model selection; {data.name!r} "
-                         f"has {len(val)} val rows and selection_fraction = {cfg['selection_fraction']}")
+        raise ValueError(
+            f"bi-level gates need val rows both for the gates and for model selection; {data.name!r} "
+            f"has {len(val)} val rows and selection_fraction = {cfg['selection_fraction']}"
+        )
     selection, gates = order[:keep].sort().values, order[keep:].sort().values
     T = data.num_tasks
     return replace(data, splits={**data.splits, "val": [selection] * T, GATE_SPLIT: [gates] * T}, _cache={})
@@ -366,10 +386,21 @@ GATE_EXPORT = ExportSite("gate", ("task",), _gate_draws)
 PAPER = "Guo, Ye, Zhang, Safe Multi-Task Learning, arXiv:2111.10601"
 
 METHODS: tuple[Method, ...] = tuple(
-    Method(name=name, summary=summary, paper=PAPER, build=_builder(lite, combine), options=SMTLOptions,
-           priors={"gate": "deterministic"}, settings=("simo",), objective=gate_objective,
-           relatedness=gate_relatedness, relatedness_titles={"gates": "gate α_t (weight of the public side)"},
-           export=(GATE_EXPORT,), prepare_data=carve_gate_split, export_pruned=export_pruned)
+    Method(
+        name=name,
+        summary=summary,
+        paper=PAPER,
+        build=_builder(lite, combine),
+        options=SMTLOptions,
+        priors={"gate": "deterministic"},
+        settings=("simo",),
+        objective=gate_objective,
+        relatedness=gate_relatedness,
+        relatedness_titles={"gates": "gate α_t (weight of the public side)"},
+        export=(GATE_EXPORT,),
+        prepare_data=carve_gate_split,
+        export_pruned=export_pruned,
+    )
     for name, lite, combine, summary in (
         ("smtl", False, "encoders", "safe MTL: learned α_t mixes a public and a private encoder per task (eq. 1)"),
         ("lsmtl", True, "encoders", "lite SMTL: straight-through binary gates pick one encoder per task (eq. 3-4)"),

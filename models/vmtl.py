@@ -24,8 +24,9 @@ are ``Fit.relatedness()``'s ``alpha`` and ``beta``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,8 +109,16 @@ class ClassAttention:
 class VMTLModel(MonteCarloDraws, LatentMTLModel):
     """VMTL's generative model: eq. 5 with the mixture priors of eq. 6 and 9."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 w_post: torch.nn.Module, device: torch.device, attention: ClassAttention):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        encoder: GaussianEncoder,
+        w_post: torch.nn.Module,
+        device: torch.device,
+        attention: ClassAttention,
+    ):
         super().__init__(data, cfg, state, encoder, w_post, device)
         self.mc_z, self.mc_w = cfg["mc_z"], cfg["mc_w"]
         self.attention = attention
@@ -189,12 +198,16 @@ def _check_z_components(cfg: dict[str, Any], num_tasks: int) -> int:
     """``z_components`` as an int, or a ``ValueError`` naming what is wrong with it."""
     k = cfg["z_components"]
     if k < 1:
-        raise ValueError(f"config key 'z_components' must be at least 1 (other tasks' components per sample in the "
-                         f"z prior's KL estimate), got {k}")
+        raise ValueError(
+            f"config key 'z_components' must be at least 1 (other tasks' components per sample in the "
+            f"z prior's KL estimate), got {k}"
+        )
     z_prior = cfg["priors"]["z"]
     if k < num_tasks - 1 and z_prior.get("kind") == "task_mixture" and z_prior.get("kl") == "monte_carlo":
-        raise ValueError(f"priors.z.kl = 'monte_carlo' needs every other task's component, but z_components = {k} < "
-                         f"T - 1 = {num_tasks - 1}; set z_components >= {num_tasks - 1} or use kl = 'upper_bound'")
+        raise ValueError(
+            f"priors.z.kl = 'monte_carlo' needs every other task's component, but z_components = {k} < "
+            f"T - 1 = {num_tasks - 1}; set z_components >= {num_tasks - 1} or use kl = 'upper_bound'"
+        )
     return k
 
 
@@ -219,8 +232,10 @@ class VMTLOptions(LatentOptions):
         if cfg["backbone"] != "mlp":
             # ClassAttention (the z prior's cross-attention) compares samples in flattened input
             # space, not in a CNN's features: VMTL stays on the MLP it was written for
-            raise ValueError(f"config key 'backbone': method {cfg['method']!r} supports only 'mlp', got "
-                             f"{cfg['backbone']!r} (its cross-attention prior works on flattened inputs)")
+            raise ValueError(
+                f"config key 'backbone': method {cfg['method']!r} supports only 'mlp', got "
+                f"{cfg['backbone']!r} (its cross-attention prior works on flattened inputs)"
+            )
         super().validate(cfg)
 
 
@@ -229,10 +244,13 @@ def build_vmtl(ctx: MethodContext) -> tuple[VMTLModel, VMTLGuide]:
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     info = data.info
     _check_z_components(cfg, info.num_tasks)  # before the attention's one-off precomputation
-    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
+    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(
+        device
+    )
     if cfg["amortized_classifier"]:
-        w_post = AmortizedClassifier(data, encoder, cfg["hidden"], cfg["activation"], device,
-                                     min_scale=cfg["ac_min_scale"]).to(device)
+        w_post = AmortizedClassifier(
+            data, encoder, cfg["hidden"], cfg["activation"], device, min_scale=cfg["ac_min_scale"]
+        ).to(device)
     else:
         w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
     attention = ClassAttention(data, device, cfg["attention_max_mb"])
@@ -256,8 +274,13 @@ def expected_weights(site: PriorSite, num_tasks: int | None = None) -> torch.Ten
     if mode != "uniform" and "logits" not in site.params:
         raise ValueError(f"site {site.site!r} has no learned weights yet; build the prior once first")
     logits = None if mode == "uniform" else site.params["logits"].detach()
-    return mixture_weights("uniform" if mode == "uniform" else "learned", T, logits,
-                           device=site._anchor.device, dtype=torch.get_default_dtype())
+    return mixture_weights(
+        "uniform" if mode == "uniform" else "learned",
+        T,
+        logits,
+        device=site._anchor.device,
+        dtype=torch.get_default_dtype(),
+    )
 
 
 def _mixture_sites(model) -> dict[str, PriorSite]:
@@ -281,25 +304,51 @@ def _weight_draws(which: str):
             return None
         logits = site.params["logits"].detach() if "logits" in site.params else None
         tau = model.state.value(as_schedule(site.spec.params["temperature"]))
-        return mixture_weights(site.spec.params["weights"], site.num_tasks, logits, tau, (n,),
-                               device=site._anchor.device, dtype=torch.get_default_dtype())
+        return mixture_weights(
+            site.spec.params["weights"],
+            site.num_tasks,
+            logits,
+            tau,
+            (n,),
+            device=site._anchor.device,
+            dtype=torch.get_default_dtype(),
+        )
 
     return draw
 
 
-_MIXTURE = {"kind": "task_mixture", "weights": "gumbel_softmax",
-            "temperature": {"start": 5.0, "end": 0.5, "decay_fraction": 0.25}, "kl": "upper_bound"}
+_MIXTURE = {
+    "kind": "task_mixture",
+    "weights": "gumbel_softmax",
+    "temperature": {"start": 5.0, "end": 0.5, "decay_fraction": 0.25},
+    "kl": "upper_bound",
+}
 METHODS: tuple[Method, ...] = tuple(
     Method(
-        name=name, summary=summary, paper=VMTL_PAPER, build=build_vmtl, options=VMTLOptions,
-        overrides={**tempered(1e-2), "amortized_classifier": amortized,
-                   "eval_samples": 2},  # each draw already averages L x M = 100 inner pairs
-        priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)}, settings=("mimo",), min_tasks=2, max_plate_nesting=4,
+        name=name,
+        summary=summary,
+        paper=VMTL_PAPER,
+        build=build_vmtl,
+        options=VMTLOptions,
+        overrides={
+            **tempered(1e-2),
+            "amortized_classifier": amortized,
+            "eval_samples": 2,
+        },  # each draw already averages L x M = 100 inner pairs
+        priors={"z": dict(_MIXTURE), "w": dict(_MIXTURE)},
+        settings=("mimo",),
+        min_tasks=2,
+        max_plate_nesting=4,
         relatedness=vmtl_relatedness,
-        relatedness_titles={"alpha": "α: classifier-prior mixing weights", "beta": "β: representation-prior mixing weights"},
-        export=(CLASSIFIER_EXPORT,
-                ExportSite("w_weights", ("task", "other_task"), _weight_draws("alpha")),
-                ExportSite("z_weights", ("task", "other_task"), _weight_draws("beta"))),
+        relatedness_titles={
+            "alpha": "α: classifier-prior mixing weights",
+            "beta": "β: representation-prior mixing weights",
+        },
+        export=(
+            CLASSIFIER_EXPORT,
+            ExportSite("w_weights", ("task", "other_task"), _weight_draws("alpha")),
+            ExportSite("z_weights", ("task", "other_task"), _weight_draws("beta")),
+        ),
     )
     for name, amortized, summary in (
         ("vmtl", False, "VMTL: Gumbel-Softmax mixture priors over the other tasks' posteriors for z and w"),

@@ -29,8 +29,9 @@ The torchjd code lives in :mod:`pyromtl.infer.weighting`, imported when a baseli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pyromtl.base import is_point
 from pyromtl.latent import CLASSIFIER_EXPORT, LatentOptions, build_latent
@@ -85,14 +86,18 @@ def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
     def build(ctx: MethodContext) -> tuple[Any, Any]:
         cfg = ctx.config
         if cfg["per_task_encoder"]:
-            raise ValueError(f"method {spec.name!r} weights the gradients of one shared encoder; "
-                             "per_task_encoder must be false")
+            raise ValueError(
+                f"method {spec.name!r} weights the gradients of one shared encoder; per_task_encoder must be false"
+            )
         if not all(is_point(p) for p in cfg["priors"].values()):
-            raise ValueError(f"method {spec.name!r} trains point estimates like bmtl: "
-                             "the priors of z and w must be 'deterministic'")
+            raise ValueError(
+                f"method {spec.name!r} trains point estimates like bmtl: the priors of z and w must be 'deterministic'"
+            )
         if cfg["learn_noise"] and spec.positive_losses:
-            raise ValueError(f"method {spec.name!r} needs positive task losses, which a learned regression noise "
-                             "does not guarantee; keep learn_noise = false")
+            raise ValueError(
+                f"method {spec.name!r} needs positive task losses, which a learned regression noise "
+                "does not guarantee; keep learn_noise = false"
+            )
         model, guide = build_latent(ctx)
         if not cfg["learn_noise"]:
             model.noise_unconstrained.requires_grad_(False)  # stays at its initial value, 1
@@ -110,34 +115,79 @@ def _objective(ctx: MethodContext) -> Objective:
 
 _NAVON = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"
 WEIGHTINGS: tuple[Weighting, ...] = (
-    Weighting("ls", "linear scalarisation: the sum of the task losses (torchjd Sum)",
-              "Caruana, Multitask Learning, Machine Learning 1997"),
-    Weighting("si", "scale-invariant: the sum of the log task losses (written here as a torchjd Scalarizer)",
-              _NAVON + " (SI baseline)", positive_losses=True),
-    Weighting("rlw", "random loss weighting: softmax of Gaussian weights drawn every step (torchjd Random)",
-              "Lin et al., Reasonable Effectiveness of Random Weighting, TMLR 2022"),
-    Weighting("dwa", "dynamic weight average: weights from the tasks' loss-descent rates over the last two epochs (torchjd DWA)",
-              "Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019", DWAOptions),
-    Weighting("uw", "uncertainty weighting: learned per-task log-variances (torchjd UW)",
-              "Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses, CVPR 2018", positive_losses=True),
-    Weighting("mgda", "min-norm point of the convex hull of the task gradients (torchjd MGDA)",
-              "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"),
-    Weighting("pcgrad", "projects each task gradient off the others it conflicts with (torchjd PCGrad)",
-              "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"),
-    Weighting("cagrad", "conflict-averse: best worst-case improvement near the mean gradient (torchjd CAGrad)",
-              "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021", CAGradOptions),
-    Weighting("imtl-g", "impartial: equal projections of the update on every task gradient (torchjd IMTLG)",
-              "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"),
+    Weighting(
+        "ls",
+        "linear scalarisation: the sum of the task losses (torchjd Sum)",
+        "Caruana, Multitask Learning, Machine Learning 1997",
+    ),
+    Weighting(
+        "si",
+        "scale-invariant: the sum of the log task losses (written here as a torchjd Scalarizer)",
+        _NAVON + " (SI baseline)",
+        positive_losses=True,
+    ),
+    Weighting(
+        "rlw",
+        "random loss weighting: softmax of Gaussian weights drawn every step (torchjd Random)",
+        "Lin et al., Reasonable Effectiveness of Random Weighting, TMLR 2022",
+    ),
+    Weighting(
+        "dwa",
+        "dynamic weight average: weights from the tasks' loss-descent rates over the last two epochs (torchjd DWA)",
+        "Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019",
+        DWAOptions,
+    ),
+    Weighting(
+        "uw",
+        "uncertainty weighting: learned per-task log-variances (torchjd UW)",
+        "Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses, CVPR 2018",
+        positive_losses=True,
+    ),
+    Weighting(
+        "mgda",
+        "min-norm point of the convex hull of the task gradients (torchjd MGDA)",
+        "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018",
+    ),
+    Weighting(
+        "pcgrad",
+        "projects each task gradient off the others it conflicts with (torchjd PCGrad)",
+        "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020",
+    ),
+    Weighting(
+        "cagrad",
+        "conflict-averse: best worst-case improvement near the mean gradient (torchjd CAGrad)",
+        "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021",
+        CAGradOptions,
+    ),
+    Weighting(
+        "imtl-g",
+        "impartial: equal projections of the update on every task gradient (torchjd IMTLG)",
+        "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021",
+    ),
     Weighting("nash-mtl", "Nash bargaining solution over the task gradients (torchjd NashMTL)", _NAVON, NashMTLOptions),
-    Weighting("aligned-mtl", "aligns the task gradients' principal components (torchjd AlignedMTL)",
-              "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023"),
-    Weighting("upgrad", "projects each task gradient onto the dual cone of all of them, then averages (torchjd UPGrad)",
-              "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"),
+    Weighting(
+        "aligned-mtl",
+        "aligns the task gradients' principal components (torchjd AlignedMTL)",
+        "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023",
+    ),
+    Weighting(
+        "upgrad",
+        "projects each task gradient onto the dual cone of all of them, then averages (torchjd UPGrad)",
+        "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024",
+    ),
 )
 
 METHODS: tuple[Method, ...] = tuple(
-    Method(name=spec.name, summary=spec.summary, paper=spec.paper, build=_checked_build(spec), options=spec.options,
-           overrides={"per_task_encoder": False}, priors={"z": "deterministic", "w": "deterministic"},
-           objective=_objective, export=(CLASSIFIER_EXPORT,))
+    Method(
+        name=spec.name,
+        summary=spec.summary,
+        paper=spec.paper,
+        build=_checked_build(spec),
+        options=spec.options,
+        overrides={"per_task_encoder": False},
+        priors={"z": "deterministic", "w": "deterministic"},
+        objective=_objective,
+        export=(CLASSIFIER_EXPORT,),
+    )
     for spec in WEIGHTINGS
 )

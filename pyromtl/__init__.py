@@ -13,7 +13,7 @@ import importlib
 from pyromtl.data.core import MultiTaskData
 from pyromtl.fit import Fit, fit, load
 
-__all__ = ["Fit", "MultiTaskData", "fit", "load", "__version__"]
+__all__ = ["Fit", "MultiTaskData", "__version__", "fit", "load"]
 __version__ = "0.1.0"
 
 #: Submodules reachable as attributes (``pyromtl.datasets.load(...)``), imported on first use.

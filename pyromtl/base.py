@@ -18,8 +18,8 @@ masked where a task's row is padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Mapping
 
 import pyro
 import torch
@@ -93,7 +93,10 @@ class Plates:
         # first, so the plates and float weights inside multiply a Python float, and the tensor
         # multiplies in once per site (not once per plate: tiny device ops add up every step).
         b = self.batch
-        with poutine.scale(scale=b.scale[:1] if shared else b.scale), poutine.mask(mask=b.mask[:1] if shared else b.mask):
+        with (
+            poutine.scale(scale=b.scale[:1] if shared else b.scale),
+            poutine.mask(mask=b.mask[:1] if shared else b.mask),
+        ):
             yield
 
     @contextmanager
@@ -117,8 +120,13 @@ class MultiTaskModule(LocalParamsModule):
     the guide site.
     """
 
-    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
-                 kl_weights: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        info: TaskInfo,
+        state: TrainState,
+        kl_weight: Schedule | float | dict = 1.0,
+        kl_weights: Mapping[str, float] | None = None,
+    ):
         super().__init__()
         self.info = info
         self.state = state
@@ -137,10 +145,17 @@ class MultiTaskModule(LocalParamsModule):
 class MultiTaskModel(MultiTaskModule):
     """A model: adds the regression noise scales and the shared likelihood site ``y``."""
 
-    def __init__(self, info: TaskInfo, state: TrainState, kl_weight: Schedule | float | dict = 1.0,
-                 kl_weights: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        info: TaskInfo,
+        state: TrainState,
+        kl_weight: Schedule | float | dict = 1.0,
+        kl_weights: Mapping[str, float] | None = None,
+    ):
         super().__init__(info, state, kl_weight, kl_weights)
-        self.noise = PyroParam(torch.ones(info.num_tasks, device=info.type_code.device), constraint=constraints.positive)
+        self.noise = PyroParam(
+            torch.ones(info.num_tasks, device=info.type_code.device), constraint=constraints.positive
+        )
 
     def observe(self, outputs: torch.Tensor, batch: Batch) -> None:
         """Record ``outputs`` and score ``y``; call inside :meth:`Plates.observations`."""

@@ -13,8 +13,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pyromtl import __version__
 from pyromtl.rundir import RunDir
@@ -101,7 +102,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     doc = fit.metrics()
     train = doc["train"]
-    print(f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:")
+    print(
+        f"{doc['method']} on {doc['dataset']} (seed {doc['seed']}, {doc['device']}), {doc.get('split', 'test')} split:"
+    )
     print(metrics_table(doc["tasks"], doc["average"]))
     if fit.train_info.get("complete"):
         print(f"{out} already holds this run, complete at {train['steps']} steps; nothing was trained or written")
@@ -109,8 +112,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"trained {train['steps']} steps in {train['seconds']:.1f} s; wall time {wall:.1f} s")
     if train.get("best_step", -1) > 0:
         at = ", ".join(f"{k} {_short(v)}" for k, v in (train.get("selected") or {}).items() if k != "step")
-        print(f"kept step {train['best_step']} (best validation score {train['best_val_score']:.4f})"
-              + (f" at {at}" if at else ""))
+        print(
+            f"kept step {train['best_step']} (best validation score {train['best_val_score']:.4f})"
+            + (f" at {at}" if at else "")
+        )
     print(f"run dir: {out}")
     return 0
 
@@ -138,7 +143,7 @@ def run_labels(dirs: Sequence[Path]) -> list[str]:
     """Column names: the directory names, or the paths as given where two names clash."""
     names = [d.name or str(d) for d in dirs]
     labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
-    return [lab if labels.count(lab) == 1 else f"{lab}#{labels[:i + 1].count(lab)}" for i, lab in enumerate(labels)]
+    return [lab if labels.count(lab) == 1 else f"{lab}#{labels[: i + 1].count(lab)}" for i, lab in enumerate(labels)]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -166,8 +171,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         values = {d: doc.get(key) for d, doc in zip(labels, docs)}
         if len(set(values.values())) > 1:
             found = ", ".join(f"{d}: {v}" for d, v in values.items())
-            print(f"pyromtl: warning: the runs differ in {key} ({found}); they are not a like-for-like comparison",
-                  file=sys.stderr)
+            print(
+                f"pyromtl: warning: the runs differ in {key} ({found}); they are not a like-for-like comparison",
+                file=sys.stderr,
+            )
     print(f"dataset: {datasets.pop()}")
     print(metrics.compare_table(runs, baseline))
     if baseline is not None:
@@ -220,9 +227,14 @@ def import_plugins(specs: Sequence[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import a module or .py file first (it registers your own methods, priors or "
-                             "datasets); repeatable")
+    common.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module or .py file first (it registers your own methods, priors or datasets); repeatable",
+    )
     p = argparse.ArgumentParser(prog="pyromtl", description="Probabilistic multi-task learning with Pyro.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,16 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("section", nargs="?", choices=list(LIST_SECTIONS))
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("fit", parents=[common], help="train a method and write a run directory",
-                        description="Train METHOD. Precedence: method defaults < --config < --set (in order) "
-                                    "< explicit flags.")
+    sp = sub.add_parser(
+        "fit",
+        parents=[common],
+        help="train a method and write a run directory",
+        description="Train METHOD. Precedence: method defaults < --config < --set (in order) < explicit flags.",
+    )
     sp.add_argument("method", metavar="METHOD")
     sp.add_argument("--data", metavar="NAME", help="dataset name (see `pyromtl list datasets`)")
     sp.add_argument("--root", metavar="PATH", help="folder holding a benchmark's files")
     sp.add_argument("--fraction", type=float, metavar="F", help="few-shot fraction of each task's training split")
     sp.add_argument("--config", metavar="FILE.toml", help="TOML file of options and [priors.<site>] tables")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one option (TOML value; dotted keys reach into tables); repeatable")
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one option (TOML value; dotted keys reach into tables); repeatable",
+    )
     sp.add_argument("--device", metavar="auto|cpu|cuda")
     sp.add_argument("--seed", type=int, metavar="N")
     sp.add_argument("--epochs", type=int, metavar="N", help="train for N epochs (overrides a configured `steps`)")
@@ -254,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["test", "val", "train"], default="test")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("compare", parents=[common], help="compare runs task by task, with Δm, Δ_I and η̂ against a baseline")
+    sp = sub.add_parser(
+        "compare", parents=[common], help="compare runs task by task, with Δm, Δ_I and η̂ against a baseline"
+    )
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     sp.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against (e.g. an STL run)")
     sp.set_defaults(func=cmd_compare)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pyromtl import datasets
 from pyromtl.data.core import MultiTaskData
@@ -26,8 +27,12 @@ TRAIN_DEFAULTS: dict[str, Any] = TrainOptions.defaults()
 SELECT_MODES = ("after_warmup", "all", "last")
 
 
-def resolve(method: Method, options: Mapping[str, Any] | None = None, priors: Mapping[str, Any] | None = None,
-            data: MultiTaskData | str | None = None) -> dict[str, Any]:
+def resolve(
+    method: Method,
+    options: Mapping[str, Any] | None = None,
+    priors: Mapping[str, Any] | None = None,
+    data: MultiTaskData | str | None = None,
+) -> dict[str, Any]:
     """The final config of a run: defaults, the method's defaults and ``options``, every key and
     value validated, and what depends on the data resolved (DESIGN: two configs are the same run
     when they agree after this).
@@ -85,7 +90,8 @@ def resolve(method: Method, options: Mapping[str, Any] | None = None, priors: Ma
             raise ValueError(f"prior of site {site!r}: {err}") from None
     if prior_opts:
         raise ValueError(
-            f"unknown prior site(s) {sorted(prior_opts)} for method {method.name!r}; its latent sites are {sorted(method.priors)}"
+            f"unknown prior site(s) {sorted(prior_opts)} for method {method.name!r}; its latent sites are "
+            f"{sorted(method.priors)}"
         )
     cfg["priors"] = resolved_priors
     method.options.validate(cfg)
@@ -106,8 +112,10 @@ def schedules(method: Method, cfg: Mapping[str, Any]) -> dict[str, Schedule]:
 def _kl_weights(method: Method, default: Mapping[str, float], given: Mapping[str, float]) -> dict[str, float]:
     """A partial ``kl_weights`` table tunes the defaults; every key must be a latent site."""
     if unknown := sorted(set(given) - set(method.priors)):
-        raise ValueError(f"config key 'kl_weights' names unknown site(s) {unknown} of method {method.name!r}; "
-                         f"its latent sites are {sorted(method.priors)}")
+        raise ValueError(
+            f"config key 'kl_weights' names unknown site(s) {unknown} of method {method.name!r}; "
+            f"its latent sites are {sorted(method.priors)}"
+        )
     return {**default, **given}
 
 
@@ -142,7 +150,7 @@ def parse_value(text: str) -> Any:
         return doc["v"]
     # Not one TOML value (a bare word, or text that smuggles in more keys after a newline).
     if doc is not None or not text or any(c in text for c in "[]{}=\"'#") or not text.isprintable():
-        raise ValueError(f"cannot read value {text!r}: use TOML syntax, e.g. 3, 0.5, true, \"text\", [1, 2]")
+        raise ValueError(f'cannot read value {text!r}: use TOML syntax, e.g. 3, 0.5, true, "text", [1, 2]')
     return text
 
 
@@ -172,9 +180,14 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
         except UnicodeEncodeError:
             raise ValueError(f"cannot write {v!r} to TOML: it is not valid Unicode") from None
         # TOML basic strings must escape quote, backslash and control characters other than tab.
-        return '"' + "".join(
-            "\\" + c if c in '"\\' else c if c == "\t" or (c >= " " and c != "\x7f") else f"\\u{ord(c):04x}" for c in v
-        ) + '"'
+        return (
+            '"'
+            + "".join(
+                "\\" + c if c in '"\\' else c if c == "\t" or (c >= " " and c != "\x7f") else f"\\u{ord(c):04x}"
+                for c in v
+            )
+            + '"'
+        )
 
     def key(k: str) -> str:
         return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else string(k)

@@ -19,17 +19,18 @@ A builder is a function ``builder(*, seed=0, root=None, **options) -> MultiTaskD
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from numbers import Integral, Real
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from pyromtl.data.core import MultiTaskData
 from pyromtl.data.embedded import BUILDERS, TEST_FRACTION, VAL_FRACTION
 from pyromtl.data.loaders import BENCHMARKS
 from pyromtl.data.simo_benchmarks import SIMO_BENCHMARKS
 
-__all__ = ["available", "default_fraction", "describe", "load", "register", "summary", "VAL_FRACTION", "TEST_FRACTION"]
+__all__ = ["TEST_FRACTION", "VAL_FRACTION", "available", "default_fraction", "describe", "load", "register", "summary"]
 
 Builder = TypeVar("Builder", bound=Callable[..., MultiTaskData])
 

@@ -22,7 +22,7 @@ priors and posteriors of its linear heads.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pyro.distributions import TorchDistribution
@@ -69,7 +69,7 @@ class _UnexpandedParams(TorchDistribution):
     def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.real, len(self.event_shape))
 
-    def _share(self, new: "_UnexpandedParams") -> None:
+    def _share(self, new: _UnexpandedParams) -> None:
         raise NotImplementedError
 
     def expand(self, batch_shape, _instance=None):
@@ -77,8 +77,9 @@ class _UnexpandedParams(TorchDistribution):
         new = self._get_checked_instance(cls, _instance)
         batch_shape = torch.Size(batch_shape)
         if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
-            raise RuntimeError(f"cannot expand {cls.__name__} of batch_shape {tuple(self.batch_shape)} to "
-                               f"{tuple(batch_shape)}")
+            raise RuntimeError(
+                f"cannot expand {cls.__name__} of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
+            )
         self._share(new)
         TorchDistribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -139,18 +140,24 @@ class TaskMixture(_UnexpandedParams):
         if kl not in KL_MODES:
             raise ValueError(f"kl must be one of {list(KL_MODES)}, got {kl!r}")
         if sampled and kl != "upper_bound":
-            raise ValueError("a sampled TaskMixture (a random subset of the components, importance-weighted) estimates "
-                             "the KL upper bound only; kl='monte_carlo' needs every component")
+            raise ValueError(
+                "a sampled TaskMixture (a random subset of the components, importance-weighted) estimates "
+                "the KL upper bound only; kl='monte_carlo' needs every component"
+            )
         for name, t in (("loc", loc), ("scale", scale)):
             if t.dim() < event_dim + 1:
-                raise ValueError(f"{name} of shape {tuple(t.shape)} needs a component dim left of its {event_dim} event dim(s)")
+                raise ValueError(
+                    f"{name} of shape {tuple(t.shape)} needs a component dim left of its {event_dim} event dim(s)"
+                )
         if weights.dim() < 1:
             raise ValueError("weights need a component dim (the last one)")
         comp = -(event_dim + 1)
         # Pyro's broadcast_shape: torch.broadcast_shapes costs ~50 us a call, and this runs every step.
-        event_shape = torch.Size(broadcast_shape(loc.shape[loc.dim() - event_dim:], scale.shape[scale.dim() - event_dim:]))
+        event_shape = torch.Size(
+            broadcast_shape(loc.shape[loc.dim() - event_dim :], scale.shape[scale.dim() - event_dim :])
+        )
         batch_shape = torch.Size(broadcast_shape(weights.shape[:-1], loc.shape[:comp], scale.shape[:comp]))
-        num_components = broadcast_shape(weights.shape[-1:], loc.shape[comp:comp + 1], scale.shape[comp:comp + 1])
+        num_components = broadcast_shape(weights.shape[-1:], loc.shape[comp : comp + 1], scale.shape[comp : comp + 1])
         # Kept as given: plates expand the batch shape (e.g. over Monte-Carlo draws), and the KL
         # and log_prob broadcast these small tensors instead of materialising the expansion.
         self._weights, self._loc, self._scale = weights, loc, scale
@@ -184,7 +191,7 @@ class TaskMixture(_UnexpandedParams):
     def num_components(self) -> int:
         return self._num_components
 
-    def _share(self, new: "TaskMixture") -> None:
+    def _share(self, new: TaskMixture) -> None:
         new._weights, new._loc, new._scale = self._weights, self._loc, self._scale
         new._num_components = self._num_components
         new.kl = self.kl
@@ -198,8 +205,11 @@ class TaskMixture(_UnexpandedParams):
         total = weights.sum(-1, keepdim=True)
         # No mass on the subset (all weights 0, e.g. underflowed Gumbel-Softmax weights): uniform
         # over it, so log_prob and sampling stay defined (the KL estimate is 0 then, as it should).
-        return torch.where(total > 0, weights / total.clamp_min(torch.finfo(total.dtype).tiny),
-                           torch.full_like(weights, 1.0 / weights.shape[-1]))
+        return torch.where(
+            total > 0,
+            weights / total.clamp_min(torch.finfo(total.dtype).tiny),
+            torch.full_like(weights, 1.0 / weights.shape[-1]),
+        )
 
     def _log_weights(self) -> torch.Tensor:
         # log(0) has an infinite derivative and 0 * inf = NaN in backward: only take the log of
@@ -239,7 +249,9 @@ class TaskMixture(_UnexpandedParams):
             probs = self._mixing_weights().expand(self.batch_shape + (self.num_components,))
             index = torch.distributions.Categorical(probs=probs, validate_args=False).sample(sample_shape)
         full = sample_shape + self.batch_shape + torch.Size([self.num_components]) + self.event_shape
-        index = index.reshape(index.shape + (1,) * (E + 1)).expand(sample_shape + self.batch_shape + (1,) + self.event_shape)
+        index = index.reshape(index.shape + (1,) * (E + 1)).expand(
+            sample_shape + self.batch_shape + (1,) + self.event_shape
+        )
         loc = self.loc.expand(full).gather(comp, index).squeeze(comp)
         scale = self.scale.expand(full).gather(comp, index).squeeze(comp)
         return loc + scale * torch.randn_like(loc)
@@ -273,7 +285,9 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[tuple(slice(None) if stride or size == 1 else slice(0, 1) for stride, size in zip(t.stride(), t.shape))]
 
 
-def _kl_diag_normal_mixture_bound(q_loc: torch.Tensor, q_scale: torch.Tensor, q_event_dim: int, p: TaskMixture) -> torch.Tensor:
+def _kl_diag_normal_mixture_bound(
+    q_loc: torch.Tensor, q_scale: torch.Tensor, q_event_dim: int, p: TaskMixture
+) -> torch.Tensor:
     r"""``Σ_c w_c KL(N(q_loc, q_scale) ‖ N(loc_c, scale_c))``, summed over the event dims.
 
     This is the upper bound of ``KL(q ‖ Σ_c w_c p_c)`` that VMTL uses (eq. 11, by convexity of
@@ -318,7 +332,7 @@ def _event_sum(t: torch.Tensor, event_shape: torch.Size) -> torch.Tensor:
     E = len(event_shape)
     if not E:
         return t
-    if t.shape[max(t.dim() - E, 0):] != event_shape:
+    if t.shape[max(t.dim() - E, 0) :] != event_shape:
         t = t.reshape((1,) * max(E - t.dim(), 0) + t.shape)
         t = t.expand(*t.shape[: t.dim() - E], *event_shape)
     if E == 1:
@@ -348,19 +362,30 @@ class DiagNormal(_UnexpandedParams):
     :class:`TaskMixture` (VMTL's bound, eq. 11), and Pyro's ``Delta`` to it (``-log_prob``).
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real,
+        "scale": constraints.positive,
+    }
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_dim: int = 1,
-                 shape: tuple[int, ...] | torch.Size | None = None, validate_args: bool | None = None,
-                 zero_loc: bool = False):
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        event_dim: int = 1,
+        shape: tuple[int, ...] | torch.Size | None = None,
+        validate_args: bool | None = None,
+        zero_loc: bool = False,
+    ):
         try:
             params = broadcast_shape(loc.shape, scale.shape, *(() if shape is None else (shape,)))
         except ValueError:
             params = None
         if params is None or (shape is not None and params != tuple(shape)):
-            raise ValueError(f"loc {tuple(loc.shape)} and scale {tuple(scale.shape)} do not broadcast"
-                             + ("" if shape is None else f" to {tuple(shape)}"))
+            raise ValueError(
+                f"loc {tuple(loc.shape)} and scale {tuple(scale.shape)} do not broadcast"
+                + ("" if shape is None else f" to {tuple(shape)}")
+            )
         shape = params
         if not 0 <= event_dim <= len(shape):
             raise ValueError(f"event_dim must be in [0, {len(shape)}] for shape {tuple(shape)}, got {event_dim}")
@@ -368,7 +393,7 @@ class DiagNormal(_UnexpandedParams):
         split = len(shape) - event_dim
         super().__init__(torch.Size(shape[:split]), torch.Size(shape[split:]), validate_args=validate_args)
 
-    def _share(self, new: "DiagNormal") -> None:
+    def _share(self, new: DiagNormal) -> None:
         new.loc, new.scale, new.zero_loc = self.loc, self.scale, self.zero_loc
 
     @property
@@ -391,7 +416,9 @@ class DiagNormal(_UnexpandedParams):
         if self._validate_args:
             self._validate_sample(value)
         norm = _event_sum(((value - self.loc) / self.scale).square(), self.event_shape)
-        log_norm = _event_sum(self.scale.log(), self.event_shape) + 0.5 * math.log(2 * math.pi) * self.event_shape.numel()
+        log_norm = (
+            _event_sum(self.scale.log(), self.event_shape) + 0.5 * math.log(2 * math.pi) * self.event_shape.numel()
+        )
         E = len(self.event_shape)
         return (-0.5 * norm - log_norm).expand(broadcast_shape(value.shape[: value.dim() - E], self.batch_shape))
 
@@ -400,8 +427,13 @@ class DiagNormal(_UnexpandedParams):
         return (_event_sum(self.scale.log(), self.event_shape) + const).expand(self.batch_shape)
 
 
-def _kl_terms(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
-              zero_loc: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+def _kl_terms(
+    q_loc: torch.Tensor,
+    q_scale: torch.Tensor,
+    p_loc: torch.Tensor,
+    p_scale: torch.Tensor,
+    zero_loc: tuple[bool, bool] = (False, False),
+) -> torch.Tensor:
     """``2 KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²)) + 1`` per element, at the parameters' broadcast shape.
 
     That is ``r - log r + δ²/p_scale²`` with ``r = q_scale²/p_scale²`` and ``δ = q_loc - p_loc``;
@@ -416,9 +448,15 @@ def _kl_terms(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p
     return torch.addcmul(ratio - ratio.log(), diff.square(), inv_var)
 
 
-def _kl_diag_normals(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor,
-                     event_shape: torch.Size, batch_shape: torch.Size, zero_loc: tuple[bool, bool] = (False, False)
-                     ) -> torch.Tensor:
+def _kl_diag_normals(
+    q_loc: torch.Tensor,
+    q_scale: torch.Tensor,
+    p_loc: torch.Tensor,
+    p_scale: torch.Tensor,
+    event_shape: torch.Size,
+    batch_shape: torch.Size,
+    zero_loc: tuple[bool, bool] = (False, False),
+) -> torch.Tensor:
     """``Σ_event KL(N(q_loc, q_scale²) ‖ N(p_loc, p_scale²))`` from :func:`_kl_terms`, broadcast to ``batch_shape``."""
     kl = _event_sum(_kl_terms(q_loc, q_scale, p_loc, p_scale, zero_loc), event_shape)
     return kl.sub_(event_shape.numel()).mul_(0.5).expand(batch_shape)
@@ -452,10 +490,17 @@ def _kl_gaussians(q, p) -> torch.Tensor:
     if q_params is None or p_params is None:
         raise NotImplementedError(f"no closed-form KL from {q} to {p}")
     if q.event_shape != p.event_shape:
-        raise ValueError(f"KL({type(q).__name__} ‖ {type(p).__name__}): event shapes {tuple(q.event_shape)} and "
-                         f"{tuple(p.event_shape)} differ")
-    return _kl_diag_normals(*q_params, *p_params, q.event_shape, broadcast_shape(q.batch_shape, p.batch_shape),
-                            (getattr(q, "zero_loc", False), getattr(p, "zero_loc", False)))
+        raise ValueError(
+            f"KL({type(q).__name__} ‖ {type(p).__name__}): event shapes {tuple(q.event_shape)} and "
+            f"{tuple(p.event_shape)} differ"
+        )
+    return _kl_diag_normals(
+        *q_params,
+        *p_params,
+        q.event_shape,
+        broadcast_shape(q.batch_shape, p.batch_shape),
+        (getattr(q, "zero_loc", False), getattr(p, "zero_loc", False)),
+    )
 
 
 register_kl(DiagNormal, DiagNormal)(_kl_gaussians)
@@ -478,7 +523,7 @@ class GaussianPrecision(TorchDistribution):
     by the whole batch, e.g. an isotropic prior) or ``[*batch_shape, P, P]``.
     """
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     support = constraints.real_vector
     has_rsample = True
 
@@ -487,13 +532,16 @@ class GaussianPrecision(TorchDistribution):
         batch_shape = torch.Size(broadcast_shape(loc.shape[:-1], precision.shape[:-2]))
         super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
 
-    def expand(self, batch_shape, _instance=None) -> "GaussianPrecision":
+    def expand(self, batch_shape, _instance=None) -> GaussianPrecision:
         new = self._get_checked_instance(GaussianPrecision, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         # a shared precision stays one matrix
-        new.precision = self.precision if self.precision.dim() == 2 else self.precision.expand(
-            batch_shape + self.precision.shape[-2:])
+        new.precision = (
+            self.precision
+            if self.precision.dim() == 2
+            else self.precision.expand(batch_shape + self.precision.shape[-2:])
+        )
         super(GaussianPrecision, new).__init__(batch_shape, self.event_shape, validate_args=False)
         return new
 
@@ -506,8 +554,9 @@ class GaussianPrecision(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         # precision = L Lᵀ, so L⁻ᵀ ε has covariance precision⁻¹
-        eps = torch.randn(torch.Size(sample_shape) + self.batch_shape + self.event_shape,
-                          dtype=self.loc.dtype, device=self.loc.device)
+        eps = torch.randn(
+            torch.Size(sample_shape) + self.batch_shape + self.event_shape, dtype=self.loc.dtype, device=self.loc.device
+        )
         factor = self._factor().mT.expand(eps.shape + eps.shape[-1:])
         return self.loc + torch.linalg.solve_triangular(factor, eps.unsqueeze(-1), upper=True).squeeze(-1)
 

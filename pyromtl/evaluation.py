@@ -36,8 +36,18 @@ class SplitPrediction:
 
 
 @torch.no_grad()
-def predict_split(model, guide, data: MultiTaskData, split: str, *, num_samples: int, max_plate_nesting: int,
-                  device: torch.device, keep: tuple[str, ...] = (), replicate: bool = False) -> SplitPrediction:
+def predict_split(
+    model,
+    guide,
+    data: MultiTaskData,
+    split: str,
+    *,
+    num_samples: int,
+    max_plate_nesting: int,
+    device: torch.device,
+    keep: tuple[str, ...] = (),
+    replicate: bool = False,
+) -> SplitPrediction:
     """Posterior predictive of ``split`` from ``num_samples`` draws per batch (and the sites in ``keep``).
 
     ``replicate`` also draws ``y_rep`` from each draw's likelihood. Those draws take a fork of
@@ -72,10 +82,13 @@ def predict_split(model, guide, data: MultiTaskData, split: str, *, num_samples:
             mean, std = data.target_stats[t]
             pred_t.append(prob[t, m, 0] * std + mean)
             y_t.append(y[t, m] * std + mean)
-    keep_sites = {k: torch.cat(v, -1).cpu().numpy() if v[0].dim() else v[0].cpu().numpy() for k, v in sites.items() if v}
+    keep_sites = {
+        k: torch.cat(v, -1).cpu().numpy() if v[0].dim() else v[0].cpu().numpy() for k, v in sites.items() if v
+    }
     y_rep = torch.cat(reps, -1).cpu().numpy() if replicate else None
-    return SplitPrediction(pred=pred_t, y=y_t, loglik=torch.cat(lls, -1).cpu().numpy(), mask=mask, sites=keep_sites,
-                           y_rep=y_rep)
+    return SplitPrediction(
+        pred=pred_t, y=y_t, loglik=torch.cat(lls, -1).cpu().numpy(), mask=mask, sites=keep_sites, y_rep=y_rep
+    )
 
 
 def score_prediction(data: MultiTaskData, sp: SplitPrediction) -> dict:

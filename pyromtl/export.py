@@ -134,6 +134,8 @@ def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
         tree["posterior"] = xr.Dataset(coords={"chain": [0], "draw": np.arange(D)})
     rel = fit.relatedness()
     if rel:
-        tree["relatedness"] = xr.Dataset({k: (("task", "other_task"), np.asarray(v)) for k, v in rel.items()},
-                                         coords={"task": names, "other_task": names})
+        tree["relatedness"] = xr.Dataset(
+            {k: (("task", "other_task"), np.asarray(v)) for k, v in rel.items()},
+            coords={"task": names, "other_task": names},
+        )
     return tree

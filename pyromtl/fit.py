@@ -12,9 +12,10 @@ so two fits in one process never share a parameter.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,9 @@ class Fit:
         return self.spec.context(self.state).replace(model=self.model, guide=self.guide, history=self.history)
 
     @local_params
-    def predict(self, split: str = "test", num_samples: int | None = None, keep: tuple[str, ...] = ()) -> SplitPrediction:
+    def predict(
+        self, split: str = "test", num_samples: int | None = None, keep: tuple[str, ...] = ()
+    ) -> SplitPrediction:
         """Monte-Carlo posterior predictive of a split (VMTL eq. 12), on the original target scale,
         with a replicated target per draw (``y_rep``), from ``num_samples`` model passes.
 
@@ -94,9 +97,17 @@ class Fit:
             return self._predictions[split]
         n = num_samples or self._passes(split)
         torch.manual_seed(self.config["seed"])
-        sp = predict_split(self.model, self.guide, self.data, split, num_samples=n,
-                           max_plate_nesting=self.method.max_plate_nesting, device=self.device, keep=keep,
-                           replicate=True)
+        sp = predict_split(
+            self.model,
+            self.guide,
+            self.data,
+            split,
+            num_samples=n,
+            max_plate_nesting=self.method.max_plate_nesting,
+            device=self.device,
+            keep=keep,
+            replicate=True,
+        )
         if cached:
             self._predictions[split] = sp
         return sp
@@ -158,8 +169,13 @@ class Fit:
 
     def checkpoint(self) -> dict[str, Any]:
         """A checkpoint of this fit's kept state (loadable with ``weights_only=True``)."""
-        return {"step": self.train_info["steps"], "objective": self.objective.state_dict(), "best": {"state": None},
-                "config": dict(self.config), "history": self.history}
+        return {
+            "step": self.train_info["steps"],
+            "objective": self.objective.state_dict(),
+            "best": {"state": None},
+            "config": dict(self.config),
+            "history": self.history,
+        }
 
     def save(self, out: str | Path) -> Path:
         """Write the run directory; every file is replaced atomically.
@@ -182,8 +198,16 @@ class Fit:
         return run.path
 
 
-def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[str, Any] | None = None, seed: int = 0,
-        device: str = "auto", out: str | Path | None = None, **options) -> Fit:
+def fit(
+    method: str,
+    data: MultiTaskData | str | None = None,
+    *,
+    priors: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    **options,
+) -> Fit:
     """Train ``method`` on ``data`` (a :class:`MultiTaskData` or a dataset name) and return a :class:`Fit`.
 
     ``options`` are config keys (``steps``, ``epochs``, ``lr``, ``fraction``, ``latent_dim``, ...);
@@ -196,8 +220,9 @@ def fit(method: str, data: MultiTaskData | str | None = None, *, priors: dict[st
 
 
 @local_params
-def fit_resolved(method: Method, cfg: Mapping[str, Any], data: MultiTaskData | None = None,
-                 out: str | Path | None = None) -> Fit:
+def fit_resolved(
+    method: Method, cfg: Mapping[str, Any], data: MultiTaskData | None = None, out: str | Path | None = None
+) -> Fit:
     """:func:`fit` from a config that :func:`pyromtl.config.resolve` returned (the CLI's path).
 
     Builds the run's :class:`~pyromtl.runspec.RunSpec` (every check runs there, before anything is
@@ -213,10 +238,22 @@ def fit_resolved(method: Method, cfg: Mapping[str, Any], data: MultiTaskData | N
     if spec.run is not None:
         spec.run.create()
     result: TrainResult = train(spec)
-    info = {"steps": result.steps, "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
-            "best_step": result.best_step, "best_val_score": result.best_score, "selected": result.selected}
-    f = Fit(spec=spec, objective=result.objective, state=result.state, train_info=info, history=result.history,
-            trained_in=spec.run.path if spec.run is not None else None)
+    info = {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 3),
+        "final_loss": result.final_loss,
+        "best_step": result.best_step,
+        "best_val_score": result.best_score,
+        "selected": result.selected,
+    }
+    f = Fit(
+        spec=spec,
+        objective=result.objective,
+        state=result.state,
+        train_info=info,
+        history=result.history,
+        trained_in=spec.run.path if spec.run is not None else None,
+    )
     if spec.run is not None:
         f.save(spec.run.path)
     return f
@@ -233,13 +270,22 @@ def _restore(spec: RunSpec) -> Fit:
     try:
         objective.load_state_dict(best.get("state") or saved["objective"])
     except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{run.checkpoint_path} does not fit data {spec.data.name!r} "
-                         f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on") from None
+        raise ValueError(
+            f"{run.checkpoint_path} does not fit data {spec.data.name!r} "
+            f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on"
+        ) from None
     doc = run.read_metrics() if run.metrics_path.exists() else None
     info = dict(doc["train"]) if doc is not None else {"steps": saved["step"]}
     state.step = info.get("steps", 0)
-    return Fit(spec=spec, objective=objective, state=state, train_info=info,
-               history=list(saved.get("history", [])), trained_in=run.path, _doc=doc)
+    return Fit(
+        spec=spec,
+        objective=objective,
+        state=state,
+        train_info=info,
+        history=list(saved.get("history", [])),
+        trained_in=run.path,
+        _doc=doc,
+    )
 
 
 @local_params
@@ -260,9 +306,11 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
 
         name = raw.get("data", "")
         if name not in datasets.available():
-            raise ValueError(f"{run.path} was fitted on data {name!r}, which is not a registered dataset: reopen it "
-                             "with pyromtl.load(RUN, data=...) from Python, or register a builder of that name "
-                             "(pyromtl.datasets.register) in a module and pass --import MODULE")
+            raise ValueError(
+                f"{run.path} was fitted on data {name!r}, which is not a registered dataset: reopen it "
+                "with pyromtl.load(RUN, data=...) from Python, or register a builder of that name "
+                "(pyromtl.datasets.register) in a module and pass --import MODULE"
+            )
     if device is not None:
         raw["device"] = device
     return _restore(RunSpec.build(m, config_mod.resolve(m, raw, data=data), data, run.path))

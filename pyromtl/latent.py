@@ -20,8 +20,9 @@ and VMTL (``models/vmtl.py``) extends it with mixture priors and Monte-Carlo pla
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyro
@@ -79,8 +80,15 @@ def gaussian_or_point(loc: torch.Tensor, scale: torch.Tensor, event_dim: int, po
 class LatentMTLGuide(MultiTaskModule):
     """Mean-field guide ``q(w) q(z | x)`` matching :class:`LatentMTLModel`."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 w_post: torch.nn.Module, device: torch.device):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        encoder: GaussianEncoder,
+        w_post: torch.nn.Module,
+        device: torch.device,
+    ):
         super().__init__(data.info.to(device), state, cfg["kl_weight"], cfg["kl_weights"])
         self.encoder = encoder
         self.w_post = w_post
@@ -104,8 +112,15 @@ class LatentMTLGuide(MultiTaskModule):
 class LatentMTLModel(MultiTaskModel):
     """``p(y, z, w | x) = p(w) p(z | x) p(y | z, w)`` with priors from the registry."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: GaussianEncoder,
-                 w_post: torch.nn.Module, device: torch.device):
+    def __init__(
+        self,
+        data: MultiTaskData,
+        cfg: dict[str, Any],
+        state: TrainState,
+        encoder: GaussianEncoder,
+        w_post: torch.nn.Module,
+        device: torch.device,
+    ):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"], cfg["kl_weights"])
         self.encoder = encoder
@@ -136,8 +151,14 @@ class LatentMTLModel(MultiTaskModel):
         # components first: parameter reads inside scale handlers each cost a device op
         components = self.w_components()
         with plates.globals(), self.kl_scope("w"):
-            prior = self.w_prior.build(batch_shape=(T, 1), event_shape=(K, d), num_tasks=T, state=self.state,
-                                       components=components, task_axis=-2)
+            prior = self.w_prior.build(
+                batch_shape=(T, 1),
+                event_shape=(K, d),
+                num_tasks=T,
+                state=self.state,
+                components=components,
+                task_axis=-2,
+            )
             return pyro.sample("w", prior)
 
     def sample_z(self, batch: Batch, plates: Plates) -> torch.Tensor:
@@ -145,9 +166,15 @@ class LatentMTLModel(MultiTaskModel):
         rows = 1 if self.shared_z else batch.num_tasks
         components, extras = self.z_prior_inputs(batch)
         with plates.locals(shared=self.shared_z), self.kl_scope("z"):
-            prior = self.z_prior.build(batch_shape=(rows, batch.size), event_shape=(self.latent_dim,),
-                                       num_tasks=batch.num_tasks, state=self.state, components=components,
-                                       task_axis=-2, extras=extras)
+            prior = self.z_prior.build(
+                batch_shape=(rows, batch.size),
+                event_shape=(self.latent_dim,),
+                num_tasks=batch.num_tasks,
+                state=self.state,
+                components=components,
+                task_axis=-2,
+                extras=extras,
+            )
             return pyro.sample("z", prior)
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -186,9 +213,16 @@ def build_latent(ctx: MethodContext) -> tuple[LatentMTLModel, LatentMTLGuide]:
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     info = data.info
     # the input shape, not its size: the cnn backbone needs [C, H, W] (and refuses other shapes)
-    encoder = GaussianEncoder(info.num_tasks, info.input_shape, cfg["hidden"], cfg["latent_dim"], cfg["activation"],
-                              per_task=cfg["per_task_encoder"], backbone=cfg["backbone"],
-                              conv_channels=cfg["conv_channels"]).to(device)
+    encoder = GaussianEncoder(
+        info.num_tasks,
+        info.input_shape,
+        cfg["hidden"],
+        cfg["latent_dim"],
+        cfg["activation"],
+        per_task=cfg["per_task_encoder"],
+        backbone=cfg["backbone"],
+        conv_channels=cfg["conv_channels"],
+    ).to(device)
     w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
     model = LatentMTLModel(data, cfg, state, encoder, w_post, device)
     guide = LatentMTLGuide(data, cfg, state, encoder, w_post, device)
@@ -208,8 +242,10 @@ def _classifier_coords(data: MultiTaskData, shape: tuple[int, ...]) -> dict[str,
     """Class names where the dataset has one per head output, else ``0..K-1``; latent dims by index."""
     K, d = shape[-2:]
     names = data.class_names
-    return {"class": list(names) if names is not None and len(names) == K else list(range(K)),
-            "latent_dim": np.arange(d)}
+    return {
+        "class": list(names) if names is not None and len(names) == K else list(range(K)),
+        "latent_dim": np.arange(d),
+    }
 
 
 #: The classifier ``w``, exported by every method of this family and by VMTL.

@@ -8,6 +8,8 @@ for regression tasks (on standardised targets).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
@@ -32,7 +34,7 @@ class MultiTaskOutput(TorchDistribution):
     types present are evaluated, so single-type datasets pay for one likelihood.
     """
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     support = constraints.real
     has_rsample = False
 
@@ -56,7 +58,9 @@ class MultiTaskOutput(TorchDistribution):
         if len(self._types) == 1:
             return {"classification": cls, "binary": binary, "regression": reg}[next(iter(self._types))]()
         code = self.info.type_code[:, None]
-        parts = {k: f() for k, f in (("classification", cls), ("binary", binary), ("regression", reg)) if k in self._types}
+        parts = {
+            k: f() for k, f in (("classification", cls), ("binary", binary), ("regression", reg)) if k in self._types
+        }
         out = parts.get("regression", parts.get("binary", parts.get("classification")))
         if "binary" in parts:
             out = torch.where(code == _BIN, parts["binary"], out)
@@ -78,7 +82,9 @@ class MultiTaskOutput(TorchDistribution):
 
         def reg():
             scale = self.noise[:, None]
-            return -0.5 * ((value - out[..., 0]) / scale) ** 2 - scale.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi))
+            return (
+                -0.5 * ((value - out[..., 0]) / scale) ** 2 - scale.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi))
+            )
 
         return self._select(cls, binary, reg)
 

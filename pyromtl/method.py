@@ -17,8 +17,9 @@ the ``metrics.json`` document. A callback reads what its phase provides (see eac
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,12 +47,21 @@ class MethodContext:
     ``RuntimeError`` naming it.
     """
 
-    __slots__ = ("method", "config", "device", "state", "history", "_data", "_model", "_guide", "_doc")
+    __slots__ = ("_data", "_doc", "_guide", "_model", "config", "device", "history", "method", "state")
 
-    def __init__(self, method: Method, config: Mapping[str, Any], *, device: torch.device | None = None,
-                 state: TrainState | None = None, data: MultiTaskData | None = None, model: Any = None,
-                 guide: Any = None, history: Sequence[Mapping[str, float]] = (),
-                 doc: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        method: Method,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device | None = None,
+        state: TrainState | None = None,
+        data: MultiTaskData | None = None,
+        model: Any = None,
+        guide: Any = None,
+        history: Sequence[Mapping[str, float]] = (),
+        doc: Mapping[str, Any] | None = None,
+    ):
         self.method = method
         self.config = config
         self.device = device if device is not None else torch.device("cpu")
@@ -64,8 +74,10 @@ class MethodContext:
 
     def _need(self, value: Any, name: str) -> Any:
         if value is None:
-            raise RuntimeError(f"method {self.method.name!r} read ctx.{name}, which this phase of the run does not "
-                               "provide (see pyromtl.method.MethodContext)")
+            raise RuntimeError(
+                f"method {self.method.name!r} read ctx.{name}, which this phase of the run does not "
+                "provide (see pyromtl.method.MethodContext)"
+            )
         return value
 
     @property
@@ -86,8 +98,15 @@ class MethodContext:
 
     def replace(self, **changes: Any) -> MethodContext:
         """A copy with ``changes`` to the keyword fields (``data=``, ``model=``, ``guide=``, ...)."""
-        fields = {"device": self.device, "state": self.state, "data": self._data, "model": self._model,
-                  "guide": self._guide, "history": self.history, "doc": self._doc}
+        fields = {
+            "device": self.device,
+            "state": self.state,
+            "data": self._data,
+            "model": self._model,
+            "guide": self._guide,
+            "history": self.history,
+            "doc": self._doc,
+        }
         if unknown := sorted(set(changes) - set(fields)):
             raise TypeError(f"MethodContext has no field(s) {unknown}")
         return MethodContext(self.method, self.config, **{**fields, **changes})
@@ -192,11 +211,14 @@ class Method:
     def check_data(self, data: MultiTaskData) -> None:
         """Refuse data the method cannot learn (its setting, too few tasks), naming the problem."""
         if data.setting not in self.settings:
-            raise ValueError(f"method {self.name!r} needs {' or '.join(s.upper() for s in self.settings)} data; "
-                             f"{data.name!r} is {data.setting.upper()}")
+            raise ValueError(
+                f"method {self.name!r} needs {' or '.join(s.upper() for s in self.settings)} data; "
+                f"{data.name!r} is {data.setting.upper()}"
+            )
         if data.num_tasks < self.min_tasks:
-            raise ValueError(f"method {self.name!r} needs at least {self.min_tasks} tasks; {data.name!r} has "
-                             f"{data.num_tasks}")
+            raise ValueError(
+                f"method {self.name!r} needs at least {self.min_tasks} tasks; {data.name!r} has {data.num_tasks}"
+            )
 
 
 def _copy(value: Any) -> Any:

@@ -8,9 +8,9 @@ whatever was imported first. User code registers its own methods with :func:`reg
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
-from typing import Mapping
 
 from pyromtl.method import ExportSite, Method, MethodContext
 

@@ -19,7 +19,7 @@ with one line that says which option named it. An empty name means the method's 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -61,5 +61,7 @@ def get(name: str) -> NetworkFactory:
 
 def _unknown(what: str, name: str) -> str:
     known = ", ".join(available()) or "none"
-    return (f"{what}, which is not registered (registered: {known}); register it with pyromtl.networks.register "
-            "in your own module and pass that module with --import")
+    return (
+        f"{what}, which is not registered (registered: {known}); register it with pyromtl.networks.register "
+        "in your own module and pass that module with --import"
+    )

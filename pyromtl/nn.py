@@ -12,7 +12,7 @@ the ``backbone`` and ``conv_channels`` options (:func:`check_backbone`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,21 +77,26 @@ def check_backbone(backbone: str, conv_channels: Sequence[int]) -> None:
     if backbone not in BACKBONES:
         raise ValueError(f"config key 'backbone' must be one of {list(BACKBONES)}, got {backbone!r}")
     if backbone == "cnn" and not conv_channels:
-        raise ValueError("config key 'conv_channels' must list at least one block's channels when backbone = 'cnn', "
-                         "got []")
+        raise ValueError(
+            "config key 'conv_channels' must list at least one block's channels when backbone = 'cnn', got []"
+        )
 
 
 def image_shape(input_shape: Sequence[int], num_blocks: int) -> tuple[int, int, int]:
     """``(C, H, W)`` of image inputs that ``num_blocks`` conv + 2×2 max-pool blocks can take, else ``ValueError``."""
     shape = tuple(int(n) for n in input_shape)
     if len(shape) != 3:
-        raise ValueError(f"backbone = 'cnn' needs image inputs shaped [C, H, W]; this data's input shape is {shape} "
-                         f"({len(shape)}-D); use backbone = 'mlp'")
+        raise ValueError(
+            f"backbone = 'cnn' needs image inputs shaped [C, H, W]; this data's input shape is {shape} "
+            f"({len(shape)}-D); use backbone = 'mlp'"
+        )
     channels, height, width = shape
     if min(height, width) < 2**num_blocks:
-        raise ValueError(f"backbone = 'cnn' halves the image once per block ({num_blocks} blocks, one per entry of "
-                         f"conv_channels), so H and W must be at least {2**num_blocks}; the input shape is {shape}; "
-                         "give conv_channels fewer entries")
+        raise ValueError(
+            f"backbone = 'cnn' halves the image once per block ({num_blocks} blocks, one per entry of "
+            f"conv_channels), so H and W must be at least {2**num_blocks}; the input shape is {shape}; "
+            "give conv_channels fewer entries"
+        )
     return channels, height, width
 
 
@@ -120,8 +125,9 @@ class CNN(nn.Module):
     ``[..., C, H, W] -> [..., out_dim]``; any leading dims (SIMO ``[B]``, MIMO ``[T, B]``).
     """
 
-    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int], out_dim: int,
-                 act: str = "elu"):
+    def __init__(
+        self, input_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int], out_dim: int, act: str = "elu"
+    ):
         super().__init__()
         shape = image_shape(input_shape, len(channels))
         self.trunk = _conv_blocks(shape[0], channels, act)
@@ -143,8 +149,15 @@ class TaskCNN(nn.Module):
     every conv's output channels and ``[t]`` of the head's :class:`TaskLinear` weights.
     """
 
-    def __init__(self, num_tasks: int, input_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int],
-                 out_dim: int, act: str = "elu"):
+    def __init__(
+        self,
+        num_tasks: int,
+        input_shape: Sequence[int],
+        channels: Sequence[int],
+        hidden: Sequence[int],
+        out_dim: int,
+        act: str = "elu",
+    ):
         super().__init__()
         shape = image_shape(input_shape, len(channels))
         self.num_tasks = num_tasks
@@ -159,8 +172,9 @@ class TaskCNN(nn.Module):
             x = x.reshape(-1, *chw).repeat(1, T, 1, 1)  # [N, T·C, H, W]
         else:
             if x.dim() < 5 or x.shape[-5] != T:
-                raise ValueError(f"per-task CNN of {T} tasks expects MIMO inputs [..., {T}, B, C, H, W], "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(
+                    f"per-task CNN of {T} tasks expects MIMO inputs [..., {T}, B, C, H, W], got {tuple(x.shape)}"
+                )
             x = x.movedim(-5, -4)  # [..., B, T, C, H, W]
             lead = x.shape[:-4]
             x = x.reshape(-1, T * chw[0], *chw[1:])
@@ -200,8 +214,11 @@ class GaussianEncoder(PyroModule):
         shape = tuple(in_dim) if isinstance(in_dim, Sequence) else (int(in_dim),)
         if self.cnn:
             channels = list(conv_channels)
-            self.net = (TaskCNN(num_tasks, shape, channels, list(hidden), 2 * latent_dim, act) if per_task
-                        else CNN(shape, channels, list(hidden), 2 * latent_dim, act))
+            self.net = (
+                TaskCNN(num_tasks, shape, channels, list(hidden), 2 * latent_dim, act)
+                if per_task
+                else CNN(shape, channels, list(hidden), 2 * latent_dim, act)
+            )
         else:
             net = TaskMLP if per_task else MLP
             args = (num_tasks,) if per_task else ()

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 #: A number or a schedule table (``pyromtl.schedules``): a value annealed over training steps.
-ScheduleValue = typing.Union[float, dict]
+ScheduleValue = float | dict
 
 #: Integer options must fit an int64: torch (seeds, sizes) overflows beyond it.
 _INT_MAX = 2**63 - 1
@@ -32,8 +33,10 @@ class Options:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """``{key: default}`` of every field, with fresh copies of mutable defaults."""
-        return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                for f in dataclasses.fields(cls)}
+        return {
+            f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(cls)
+        }
 
     @classmethod
     def hints(cls) -> dict[str, Any]:
@@ -147,4 +150,3 @@ def check(key: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"config key {key!r} must be a table of numbers, got {value!r}")
         return {str(k): _number(f"{key}.{k}", v) for k, v in value.items()}
     raise TypeError(f"option {key!r} has an unsupported type {hint!r}")  # a method declaration bug
-

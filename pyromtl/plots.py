@@ -9,8 +9,9 @@ and import it.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,14 +46,24 @@ def plot_training(history: Sequence[Mapping[str, float]], kept_step: int | None 
     axes[0].set_ylabel("training loss")
     axes[0].set_title("training")
     if scored:
-        axes[1].plot(np.array([h["step"] for h in scored]), np.array([h["val_score"] for h in scored]), marker=".",
-                     color="tab:orange")
+        axes[1].plot(
+            np.array([h["step"] for h in scored]),
+            np.array([h["val_score"] for h in scored]),
+            marker=".",
+            color="tab:orange",
+        )
         axes[1].set_ylabel("validation score\n(higher is better)")
     if kept_step is not None and kept_step > 0:
         for ax in axes:
             ax.axvline(kept_step, color="grey", linestyle="--", linewidth=1)
-        axes[-1].annotate(f"kept: step {kept_step}", (kept_step, 0.02), xycoords=("data", "axes fraction"),
-                          fontsize=8, color="grey", ha="left")
+        axes[-1].annotate(
+            f"kept: step {kept_step}",
+            (kept_step, 0.02),
+            xycoords=("data", "axes fraction"),
+            fontsize=8,
+            color="grey",
+            ha="left",
+        )
     axes[-1].set_xlabel("step")
     return fig
 
@@ -123,8 +134,14 @@ def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str =
     return fig
 
 
-def plot_run(run: RunDir, *, doc: Mapping[str, Any], history: Sequence[Mapping[str, float]],
-             context: MethodContext | None = None, only_missing: bool = False) -> list[Path]:
+def plot_run(
+    run: RunDir,
+    *,
+    doc: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]],
+    context: MethodContext | None = None,
+    only_missing: bool = False,
+) -> list[Path]:
     """Write ``training.png``, ``task_metrics.png``, one ``relatedness_<name>.png`` per matrix and
     the figures the method declares (``Method.plots``, which may replace any of those).
 
@@ -140,9 +157,13 @@ def plot_run(run: RunDir, *, doc: Mapping[str, Any], history: Sequence[Mapping[s
     if history:
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():
-        jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=titles.get(key, key): plot_relatedness(m, names, t)
+        title = titles.get(key, key)
+        jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=title: plot_relatedness(m, names, t)
     if context is not None and context.method.plots is not None:
         figures = context.method.plots(context.replace(doc=doc))
         jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in figures.items()})
-    return [run.write_png(name, _png(make())) for name, make in jobs.items()
-            if not (only_missing and (run.plots_dir / name).exists())]
+    return [
+        run.write_png(name, _png(make()))
+        for name, make in jobs.items()
+        if not (only_missing and (run.plots_dir / name).exists())
+    ]

@@ -32,17 +32,16 @@ class Draws:
 
 def _flat(value: torch.Tensor, tail: int) -> torch.Tensor:
     """Fold every leading (draw or Monte-Carlo) dimension into one: ``[..., *tail] -> [D, *tail]``."""
-    return value.reshape(-1, *value.shape[value.dim() - tail:]) if value.dim() > tail else value.unsqueeze(0)
+    return value.reshape(-1, *value.shape[value.dim() - tail :]) if value.dim() > tail else value.unsqueeze(0)
 
 
 @torch.no_grad()
-def draw(model, guide, batch: Batch, num_samples: int, max_plate_nesting: int,
-         keep: tuple[str, ...] = ()) -> Draws:
+def draw(model, guide, batch: Batch, num_samples: int, max_plate_nesting: int, keep: tuple[str, ...] = ()) -> Draws:
     """Trace ``num_samples`` posterior draws of the guide and replay the model on ``batch``."""
     with pyro.plate("_draws", num_samples, dim=-(max_plate_nesting + 1)):
         guide_tr = poutine.trace(guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
-    T, B = batch.y.shape
+    _T, _B = batch.y.shape
     outputs = model_tr.nodes["outputs"]["value"]
     loglik = model_tr.nodes["y"]["fn"].log_prob(batch.y)
     shape = torch.broadcast_shapes(outputs.shape[:-1], loglik.shape)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -99,21 +100,24 @@ def _elpd_md(path: Path) -> str:
     return "\n".join([*lines, line])
 
 
-def _report_md(run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plots: Sequence[Path],
-               titles: Mapping[str, str]) -> str:
+def _report_md(
+    run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plots: Sequence[Path], titles: Mapping[str, str]
+) -> str:
     """The markdown of :func:`report`."""
     names = list(doc["tasks"])
     train = doc.get("train", {})
     split = doc.get("split", "test")
     parts = [
         f"# {doc.get('method', '?')} on {doc.get('dataset', '?')}",
-        "\n".join([
-            f"- method: `{doc.get('method')}`, dataset: `{doc.get('dataset')}`, seed {doc.get('seed')}, "
-            f"device {doc.get('device')}, fraction {doc.get('fraction') or 'full'}",
-            f"- trained {train.get('steps', '?')} steps in {_cell(train.get('seconds', math.nan))} s, "
-            f"final loss {_cell(train.get('final_loss', math.nan))}, best validation score "
-            f"{_cell(train.get('best_val_score', math.nan))} at step {train.get('best_step', '?')}",
-        ]),
+        "\n".join(
+            [
+                f"- method: `{doc.get('method')}`, dataset: `{doc.get('dataset')}`, seed {doc.get('seed')}, "
+                f"device {doc.get('device')}, fraction {doc.get('fraction') or 'full'}",
+                f"- trained {train.get('steps', '?')} steps in {_cell(train.get('seconds', math.nan))} s, "
+                f"final loss {_cell(train.get('final_loss', math.nan))}, best validation score "
+                f"{_cell(train.get('best_val_score', math.nan))} at step {train.get('best_step', '?')}",
+            ]
+        ),
     ]
     if cfg:
         parts += ["## Configuration", _config_md(cfg)]

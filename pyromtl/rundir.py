@@ -54,7 +54,7 @@ class RunDir:
     def report_path(self) -> Path:
         return self.path / "report.md"
 
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         """Make the folder; a path that exists and is not a folder is a ``ValueError``."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"run directory {self.path} exists and is not a folder")
@@ -103,8 +103,10 @@ class RunDir:
             saved = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             if "GLOBAL" in str(err):  # a class or function reference: loading it could run code
-                raise ValueError(f"{path} holds objects other than tensors and plain containers; "
-                                 "refusing to load it, since that could run code from the file") from None
+                raise ValueError(
+                    f"{path} holds objects other than tensors and plain containers; "
+                    "refusing to load it, since that could run code from the file"
+                ) from None
             raise ValueError(f"{path} cannot be read: it is not a checkpoint") from None
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as err:
             raise ValueError(f"{path} cannot be read: {' '.join(str(err).split())[:200]}") from None

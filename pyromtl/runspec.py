@@ -13,10 +13,11 @@ checkpoint the attempt left.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -76,8 +77,9 @@ class RunSpec:
     checkpoint: Mapping[str, Any] | None = None
 
     @classmethod
-    def build(cls, method: Method, config: Mapping[str, Any], data: MultiTaskData | None = None,
-              out: str | Path | None = None) -> RunSpec:
+    def build(
+        cls, method: Method, config: Mapping[str, Any], data: MultiTaskData | None = None, out: str | Path | None = None
+    ) -> RunSpec:
         """Resolve a run of ``method`` under the resolved ``config``.
 
         ``data`` is a custom :class:`MultiTaskData` (else ``config["data"]`` names a dataset).
@@ -86,8 +88,10 @@ class RunSpec:
         """
         cfg = MappingProxyType(dict(config))
         if data is not None and data.name != cfg["data"]:
-            raise ValueError(f"the config was resolved for data {cfg['data']!r} but data {data.name!r} was given; "
-                             "resolve it with pyromtl.config.resolve(..., data=data)")
+            raise ValueError(
+                f"the config was resolved for data {cfg['data']!r} but data {data.name!r} was given; "
+                "resolve it with pyromtl.config.resolve(..., data=data)"
+            )
         device = resolve_device(cfg["device"])
         dataset = _load_data(cfg, data)
         method.check_data(dataset)
@@ -96,14 +100,26 @@ class RunSpec:
         n_steps = total_steps(cfg, dataset)
         run = RunDir(out) if out is not None else None
         checkpoint = _resumable_checkpoint(run, cfg, n_steps) if run is not None else None
-        return cls(method=method, config=cfg, data=dataset, device=device, total_steps=n_steps,
-                   steps_per_epoch=steps_per_epoch(cfg, dataset), run=run, checkpoint=checkpoint)
+        return cls(
+            method=method,
+            config=cfg,
+            data=dataset,
+            device=device,
+            total_steps=n_steps,
+            steps_per_epoch=steps_per_epoch(cfg, dataset),
+            run=run,
+            checkpoint=checkpoint,
+        )
 
     @property
     def complete(self) -> bool:
         """Whether the run directory already holds this run, trained to its end and saved."""
-        return (self.run is not None and self.checkpoint is not None and self.checkpoint["step"] == self.total_steps
-                and self.run.metrics_path.is_file())
+        return (
+            self.run is not None
+            and self.checkpoint is not None
+            and self.checkpoint["step"] == self.total_steps
+            and self.run.metrics_path.is_file()
+        )
 
     def context(self, state: TrainState | None = None) -> MethodContext:
         """The method's context for this run (``state``: the model's training state; fresh if none)."""
@@ -126,8 +142,10 @@ def _check_splits(data: MultiTaskData) -> None:
     for split in ("train", "test"):
         empty = [name for name, n in zip(data.task_names, data.split_sizes(split)) if n == 0]
         if empty:
-            raise ValueError(f"task(s) {', '.join(map(repr, empty))} of {data.name!r} have no {split} rows; "
-                             "give each task more samples or explicit splits")
+            raise ValueError(
+                f"task(s) {', '.join(map(repr, empty))} of {data.name!r} have no {split} rows; "
+                "give each task more samples or explicit splits"
+            )
 
 
 def _resumable_checkpoint(run: RunDir, cfg: Mapping[str, Any], n_steps: int) -> dict[str, Any] | None:
@@ -143,9 +161,12 @@ def _resumable_checkpoint(run: RunDir, cfg: Mapping[str, Any], n_steps: int) -> 
     changed = sorted(k for k in set(old) | set(cfg) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
-        raise ValueError(f"{run.path} holds a run with a different config ({diffs}); pass another run directory "
-                         "or remove it")
+        raise ValueError(
+            f"{run.path} holds a run with a different config ({diffs}); pass another run directory or remove it"
+        )
     if saved["step"] > n_steps:
-        raise ValueError(f"{run.checkpoint_path} holds {saved['step']} steps, more than the {n_steps} asked; "
-                         "ask for at least as many, or pass another run directory")
+        raise ValueError(
+            f"{run.checkpoint_path} holds {saved['step']} steps, more than the {n_steps} asked; "
+            "ask for at least as many, or pass another run directory"
+        )
     return saved

@@ -26,9 +26,10 @@ trainer selects models only from there on (the method's full objective).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 __all__ = ["Schedule", "as_schedule", "find_schedules", "is_schedule_table"]
 
@@ -57,19 +58,19 @@ class Schedule:
     fraction: float = 0.0
 
     @classmethod
-    def constant(cls, value: float) -> "Schedule":
+    def constant(cls, value: float) -> Schedule:
         return cls("constant", float(value), float(value))
 
     @classmethod
-    def exponential(cls, start: float, end: float, rate: float) -> "Schedule":
+    def exponential(cls, start: float, end: float, rate: float) -> Schedule:
         return cls("exponential", float(start), float(end), rate=float(rate))
 
     @classmethod
-    def linear(cls, start: float, end: float, steps: int) -> "Schedule":
+    def linear(cls, start: float, end: float, steps: int) -> Schedule:
         return cls("linear", float(start), float(end), steps=int(steps))
 
     @classmethod
-    def relative(cls, kind: Literal["exponential", "linear"], start: float, end: float, fraction: float) -> "Schedule":
+    def relative(cls, kind: Literal["exponential", "linear"], start: float, end: float, fraction: float) -> Schedule:
         """A schedule that anneals over ``fraction`` of the run, whatever its length."""
         return cls(kind, float(start), float(end), fraction=float(fraction))
 
@@ -77,7 +78,7 @@ class Schedule:
     def is_relative(self) -> bool:
         return self.fraction > 0
 
-    def over(self, total_steps: int | None) -> "Schedule":
+    def over(self, total_steps: int | None) -> Schedule:
         """This schedule in absolute steps for a run of ``total_steps`` (itself if not relative)."""
         if not self.is_relative:
             return self
@@ -200,8 +201,10 @@ def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
             if not 0 < end <= start:
                 raise ValueError(f"schedule with 'decay_fraction' needs 0 < end <= start, got start={start}, end={end}")
             return Schedule.relative("exponential", start, end, fraction)
-        hint = ("{start, end, rate} (exponential decay), {start, end, steps} (linear warm-up), or the same "
-                "relative to the run: {start, end, decay_fraction}, {start, end, fraction}")
+        hint = (
+            "{start, end, rate} (exponential decay), {start, end, steps} (linear warm-up), or the same "
+            "relative to the run: {start, end, decay_fraction}, {start, end, fraction}"
+        )
         unknown = sorted(keys - _ALL_KEYS)
         if unknown:
             raise ValueError(f"unknown schedule key(s) {unknown}; a schedule table has keys {hint}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def width(text: str) -> int:

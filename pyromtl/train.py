@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyro
 import torch
@@ -112,8 +113,15 @@ def validation_score(spec: RunSpec, model, guide, seed: int) -> float:
     device = spec.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        sp = predict_split(model, guide, spec.data, "val", num_samples=spec.config["eval_samples"],
-                           max_plate_nesting=spec.method.max_plate_nesting, device=device)
+        sp = predict_split(
+            model,
+            guide,
+            spec.data,
+            "val",
+            num_samples=spec.config["eval_samples"],
+            max_plate_nesting=spec.method.max_plate_nesting,
+            device=device,
+        )
     tasks = score_prediction(spec.data, sp)["tasks"]
     return metrics.selection_score(tasks, spec.data.task_types)
 
@@ -134,8 +142,10 @@ def build_objective(spec: RunSpec, state: TrainState) -> Objective:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
         first = float(objective(data.train_batch(cfg["batch_size"], generator, device)).detach())
     if not math.isfinite(first):
-        raise TrainingError(f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
-                            "inputs' scale (standardise them) and the priors; training did not start")
+        raise TrainingError(
+            f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
+            "inputs' scale (standardise them) and the priors; training did not start"
+        )
     return objective
 
 
@@ -144,8 +154,13 @@ def build_training(spec: RunSpec, state: TrainState | None = None) -> tuple[Obje
     (benchmarks time them). ``state`` defaults to a fresh one of the run's length."""
     cfg = spec.config
     objective = build_objective(spec, state if state is not None else TrainState(total_steps=spec.total_steps))
-    optim = ClippedAdam(objective.trainable_parameters(), lr=cfg["lr"], clip_norm=cfg["clip_norm"],
-                        lrd=cfg["lr_decay"], weight_decay=cfg["weight_decay"])
+    optim = ClippedAdam(
+        objective.trainable_parameters(),
+        lr=cfg["lr"],
+        clip_norm=cfg["clip_norm"],
+        lrd=cfg["lr_decay"],
+        weight_decay=cfg["weight_decay"],
+    )
     return objective, optim
 
 
@@ -177,22 +192,40 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
             objective.load_state_dict(saved["objective"])
             optim.load_state_dict(saved["optim"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(f"{run.checkpoint_path} does not fit this method and data: "
-                             f"{' '.join(str(err).split())[:300]}") from None
+            raise ValueError(
+                f"{run.checkpoint_path} does not fit this method and data: {' '.join(str(err).split())[:300]}"
+            ) from None
         _set_rng_state(saved["rng"], gen)
         start, seconds, best = saved["step"], saved["seconds"], saved["best"]
         history = list(saved["history"])  # appended to: the spec's checkpoint stays as it was read
         loss_val = saved.get("loss", math.nan)
 
     def checkpoint(step: int, rng: dict[str, Any]) -> None:
-        run.write_checkpoint({"step": step, "objective": objective.state_dict(), "optim": optim.state_dict(),
-                              "rng": rng, "history": history, "seconds": seconds, "best": best, "loss": loss_val,
-                              "config": dict(cfg)})
+        run.write_checkpoint(
+            {
+                "step": step,
+                "objective": objective.state_dict(),
+                "optim": optim.state_dict(),
+                "rng": rng,
+                "history": history,
+                "seconds": seconds,
+                "best": best,
+                "loss": loss_val,
+                "config": dict(cfg),
+            }
+        )
 
     ctx = TrainContext(data=data, cfg=cfg, device=device, generator=gen, step=start, epoch=start // per_epoch)
     log_every = max(1, cfg["eval_every"] // 10)  # training-loss points between validation scores
-    bar = tqdm(range(start, n_steps), initial=start, total=n_steps, disable=bool(cfg["quiet"]),
-               desc=f"{cfg['method']} on {data.name}", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start, n_steps),
+        initial=start,
+        total=n_steps,
+        disable=bool(cfg["quiet"]),
+        desc=f"{cfg['method']} on {data.name}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     step, updating, snapshot = start, False, None
     try:
@@ -209,7 +242,11 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
                     raise TrainingError(
                         f"loss became {loss} at step {step} of {cfg['method']} on {data.name}; training stopped. "
                         f"Try a smaller lr (now {cfg['lr']}), kl_weight or clip_norm"
-                        + (f"; the last checkpoint is {run.checkpoint_path}" if run is not None and run.has_checkpoint() else "")
+                        + (
+                            f"; the last checkpoint is {run.checkpoint_path}"
+                            if run is not None and run.has_checkpoint()
+                            else ""
+                        )
                     )
                 updating, loss_val = True, loss
                 optim.step()
@@ -245,5 +282,14 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
         objective.load_state_dict(best["state"])
     state.step = n_steps
     selected = schedule_values(method, cfg, best["step"] if best["state"] is not None else n_steps, n_steps)
-    return TrainResult(objective=objective, state=state, steps=n_steps, seconds=seconds, final_loss=loss_val,
-                       best_step=best["step"], best_score=best["score"], history=history, selected=selected)
+    return TrainResult(
+        objective=objective,
+        state=state,
+        steps=n_steps,
+        seconds=seconds,
+        final_loss=loss_val,
+        best_step=best["step"],
+        best_score=best["score"],
+        history=history,
+        selected=selected,
+    )

@@ -106,7 +106,7 @@ def test_relatedness_rows_are_mixing_weights(vmtl) -> None:
 
 
 def test_mixed_simo_tasks(mixed) -> None:
-    fit, tree = mixed
+    _fit, tree = mixed
     post = tree["posterior"]
     assert list(post["regression_task"].values) == ["reg"]
     assert (post["noise"].values > 0).all()
@@ -143,8 +143,9 @@ def test_a_method_without_export_sites_still_has_sample_dims() -> None:
     """Cross-stitch on classification tasks exports no posterior variable; the group keeps chain and draw."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 4))
-    data = MultiTaskData.from_arrays(x, {"a": (x[:, 0] > 0).astype(int), "b": (x[:, 1] > 0).astype(int)},
-                                     ["binary", "binary"], name="two-binary")
+    data = MultiTaskData.from_arrays(
+        x, {"a": (x[:, 0] > 0).astype(int), "b": (x[:, 1] > 0).astype(int)}, ["binary", "binary"], name="two-binary"
+    )
     fit = pyromtl.fit("cross-stitch", data, steps=2, **TINY)
     post = fit.to_arviz(num_samples=DRAWS)["posterior"]
     assert not post.data_vars

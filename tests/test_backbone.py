@@ -26,8 +26,8 @@ def _sliced(net: TaskCNN, t: int, hidden: list[int], out_dim: int, act: str) -> 
     with torch.no_grad():
         for conv, one in zip(grouped, plain, strict=True):
             c = one.out_channels
-            one.weight.copy_(conv.weight[t * c:(t + 1) * c])
-            one.bias.copy_(conv.bias[t * c:(t + 1) * c])
+            one.weight.copy_(conv.weight[t * c : (t + 1) * c])
+            one.bias.copy_(conv.bias[t * c : (t + 1) * c])
         task_linears = [m for m in net.head if isinstance(m, TaskLinear)]
         linears = [m for m in single.head if isinstance(m, nn.Linear)]
         for lin, one in zip(task_linears, linears, strict=True):
@@ -116,8 +116,11 @@ def test_vmtl_refuses_the_cnn(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["stl", "bmtl", "bayesagg"])
 def test_the_cnn_needs_image_inputs(method: str) -> None:
-    with pytest.raises(ValueError, match=r"backbone = 'cnn' needs image inputs shaped \[C, H, W\]; "
-                                         r"this data's input shape is \(64,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"backbone = 'cnn' needs image inputs shaped \[C, H, W\]; "
+        r"this data's input shape is \(64,\)",
+    ):
         pyromtl.fit(method, _flat_data(), backbone="cnn", steps=1, device="cpu", quiet=True)
 
 
@@ -133,20 +136,32 @@ def quadrants(mimo: bool = False, n: int = 240, seed: int = 0) -> MultiTaskData:
         x = rng.normal(0.0, 0.5, (n, 1, 8, 8)).astype(np.float32)
         for i, k in enumerate(q):
             r, c = divmod(int(k), 2)
-            x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.5
+            x[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.5
         return x, q
 
     if mimo:
         (x0, q0), (x1, q1) = images(), images()
-        return MultiTaskData.from_arrays([x0, x1], [q0, q1 % 2], ["classification", "binary"], ["quadrant", "right"],
-                                         seed=seed)
+        return MultiTaskData.from_arrays(
+            [x0, x1], [q0, q1 % 2], ["classification", "binary"], ["quadrant", "right"], seed=seed
+        )
     x, q = images()
     return MultiTaskData.from_arrays(x, {"quadrant": q, "bottom": q // 2}, ["classification", "binary"], seed=seed)
 
 
 #: Small enough for ~0.5 s a run on one busy core; the task needs no more.
-FAST = dict(backbone="cnn", conv_channels=[8, 8], hidden=[16], latent_dim=8, steps=60, batch_size=32,
-            eval_every=30, eval_samples=4, lr=1e-2, device="cpu", quiet=True)
+FAST = dict(
+    backbone="cnn",
+    conv_channels=[8, 8],
+    hidden=[16],
+    latent_dim=8,
+    steps=60,
+    batch_size=32,
+    eval_every=30,
+    eval_samples=4,
+    lr=1e-2,
+    device="cpu",
+    quiet=True,
+)
 
 
 def _assert_learned(fit) -> None:
@@ -155,8 +170,9 @@ def _assert_learned(fit) -> None:
     assert min(acc.values()) > 0.8, acc  # chance 0.5 for the binary task
 
 
-@pytest.mark.parametrize("method, mimo, net", [("bmtl", False, CNN), ("stl", False, TaskCNN), ("stl", True, TaskCNN),
-                                              ("pcgrad", False, CNN)])  # pcgrad: torchjd's Jacobian over conv weights
+@pytest.mark.parametrize(
+    "method, mimo, net", [("bmtl", False, CNN), ("stl", False, TaskCNN), ("stl", True, TaskCNN), ("pcgrad", False, CNN)]
+)  # pcgrad: torchjd's Jacobian over conv weights
 def test_the_cnn_backbone_learns(method: str, mimo: bool, net: type) -> None:
     torch.manual_seed(0)
     fit = pyromtl.fit(method, quadrants(mimo), seed=0, **FAST)

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.schedules import TrainState
-from pyromtl.distributions import GaussianPrecision
 from pyromtl.cli import main
+from pyromtl.distributions import GaussianPrecision
 from pyromtl.infer.bayesagg import (
     add_bias,
     aggregate,
@@ -26,10 +25,11 @@ from pyromtl.infer.bayesagg import (
     regression_moments,
     regression_posterior,
 )
+from pyromtl.method import MethodContext
 from pyromtl.objective import TrainContext
 from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
 from pyromtl.train import train
-from pyromtl.method import MethodContext
 from tests.conftest import TINY, built, interrupted_then_resumed, mixed_simo
 
 GAMMA = 0.7
@@ -46,8 +46,12 @@ def _local_params():
 def _build(kind: str = "isotropic", **options: Any):
     data = mixed_simo()
     method = methods.get("bayesagg")
-    cfg = config.resolve(method, {**TINY, "device": "cpu", "pretrain_steps": 0, **options},
-                         priors={"w": {"kind": kind, "scale": GAMMA}}, data=data)
+    cfg = config.resolve(
+        method,
+        {**TINY, "device": "cpu", "pretrain_steps": 0, **options},
+        priors={"w": {"kind": kind, "scale": GAMMA}},
+        data=data,
+    )
     torch.manual_seed(0)
     model, guide = built(method, cfg, data, TrainState(total_steps=100))
     return data, cfg, model, guide, method.objective(MethodContext(method, cfg, model=model, guide=guide))
@@ -95,7 +99,7 @@ def _expected_g(model, h: torch.Tensor, y: torch.Tensor, s_reg: float, s_cls: fl
 
 # ----------------------------------------------------------------------------- the objective's gradients
 def test_extractor_gets_the_aggregated_gradient_and_heads_their_ordinary_one() -> None:
-    data, cfg, model, guide, objective = _build()
+    data, cfg, model, _guide, objective = _build()
     batch = _batch(data)
     torch.manual_seed(1)
     objective.backward(batch)
@@ -113,14 +117,16 @@ def test_extractor_gets_the_aggregated_gradient_and_heads_their_ordinary_one() -
     heads = model.heads.detach().clone().requires_grad_()
     x, y = add_bias(h.detach()), batch.y
     logits = x @ heads[CLS, :3].T
-    loss = (F.cross_entropy(logits, y[CLS].long())
-            + F.binary_cross_entropy_with_logits(x @ heads[BIN, 0], y[BIN])
-            + 0.5 * (x @ heads[REG, 0] - y[REG]).square().mean())
+    loss = (
+        F.cross_entropy(logits, y[CLS].long())
+        + F.binary_cross_entropy_with_logits(x @ heads[BIN, 0], y[BIN])
+        + 0.5 * (x @ heads[REG, 0] - y[REG]).square().mean()
+    )
     torch.testing.assert_close(got_heads, torch.autograd.grad(loss, heads)[0])
 
 
 def test_pretraining_is_linear_scalarisation() -> None:
-    data, cfg, model, guide, objective = _build(pretrain_steps=5)
+    data, _cfg, model, _guide, objective = _build(pretrain_steps=5)
     batch = _batch(data)
     objective.backward(batch)
     got = [p.grad.clone() for p in model.extractor.parameters()]
@@ -132,7 +138,7 @@ def test_pretraining_is_linear_scalarisation() -> None:
 
 # ----------------------------------------------------------------------------- the guide
 def test_guide_posterior_is_the_conjugate_solve_and_one_newton_step() -> None:
-    data, cfg, model, guide, objective = _build()
+    data, _cfg, model, guide, _objective = _build()
     batch = _batch(data, size=24)
     post = guide.posterior(batch)
     mean, precision = post.loc.squeeze(1).double(), post.precision.squeeze(1).double()
@@ -143,8 +149,9 @@ def test_guide_posterior_is_the_conjugate_solve_and_one_newton_step() -> None:
     x = add_bias(h.double())
     want_precision = torch.eye(size, dtype=torch.float64) / GAMMA**2 + x.T @ x
     torch.testing.assert_close(precision[REG, :size, :size], want_precision, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(mean[REG, :size], torch.linalg.solve(want_precision, x.T @ batch.y[REG].double()),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        mean[REG, :size], torch.linalg.solve(want_precision, x.T @ batch.y[REG].double()), rtol=1e-4, atol=1e-4
+    )
     # classification: one Newton step from θ̂, with the exact Hessian
     heads = model.heads.detach()
     for task, kind, rows in ((BIN, "binary", 1), (CLS, "multiclass", 3)):
@@ -169,7 +176,7 @@ def test_prediction_uses_the_full_data_mean_for_regression_and_the_heads_otherwi
 
 # ----------------------------------------------------------------------------- the per-epoch prior
 def test_end_epoch_rebuilds_the_full_data_prior_from_the_epochs_features() -> None:
-    data, cfg, model, guide, objective = _build("full_data")
+    data, cfg, model, _guide, objective = _build("full_data")
     batches = [_batch(data, seed=seed) for seed in range(4)]
     for batch in batches:
         objective.backward(batch)  # no optimiser step: the features stay as they were seen
@@ -179,14 +186,16 @@ def test_end_epoch_rebuilds_the_full_data_prior_from_the_epochs_features() -> No
     y = torch.cat([b.y for b in batches], 1)
     mean, precision = model.store.full_data
     size = h.shape[1] + 1
-    want_mean, _, want_precision = regression_posterior(add_bias(h), y[REG][:, None], 0.0, 1 / GAMMA**2,
-                                                        with_precision=True)
+    want_mean, _, want_precision = regression_posterior(
+        add_bias(h), y[REG][:, None], 0.0, 1 / GAMMA**2, with_precision=True
+    )
     torch.testing.assert_close(mean[REG, :size], want_mean[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(precision[REG, :size, :size], want_precision[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(model.store.regression_mean, want_mean, rtol=1e-5, atol=1e-5)
     heads = model.heads.detach()
-    want_mean, want_precision = laplace_as_prior(h, y[CLS][:, None].long(), heads[None, CLS, :, :-1],
-                                                 heads[None, CLS, :, -1], 0.0, 1 / GAMMA**2, "multiclass")
+    want_mean, want_precision = laplace_as_prior(
+        h, y[CLS][:, None].long(), heads[None, CLS, :, :-1], heads[None, CLS, :, -1], 0.0, 1 / GAMMA**2, "multiclass"
+    )
     torch.testing.assert_close(mean[CLS], want_mean.flatten(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(precision[CLS], want_precision[0], rtol=1e-5, atol=1e-4)
     # the next batch's prior is this posterior, and the epoch's statistics start again
@@ -197,7 +206,7 @@ def test_end_epoch_rebuilds_the_full_data_prior_from_the_epochs_features() -> No
 
 @pytest.mark.parametrize("kind", ["isotropic", "previous_batch", "full_data"])
 def test_prior_kinds_switch_from_the_config(kind: str) -> None:
-    data, cfg, model, guide, objective = _build(kind)
+    data, _cfg, model, guide, objective = _build(kind)
     batch = _batch(data)
     objective.backward(batch)
     if kind == "previous_batch":  # the last batch's posterior, under the isotropic prior it had
@@ -239,6 +248,7 @@ def test_a_built_prior_is_kept_until_the_store_changes() -> None:
 @pytest.fixture
 def annealed_kind():
     """A prior kind that reads the step, registered for one test."""
+
     @pyromtl.priors.register("test_annealed", defaults={"scale": 1.0}, uses_components=False)
     def annealed(spec, ctx):
         eye = torch.eye(ctx.event_shape[-1], dtype=ctx.dtype, device=ctx.device)
@@ -276,8 +286,12 @@ def _assert_same(a: Any, b: Any, key: str) -> None:
 def test_checkpoint_and_resume_are_exact(tmp_path: Path, kind: str) -> None:
     data = mixed_simo()
     method = methods.get("bayesagg")
-    cfg = config.resolve(method, {**TINY, "steps": 30, "batch_size": 16, "pretrain_steps": 6, "checkpoint_every": 10,
-                                  "device": "cpu"}, priors={"w": {"kind": kind}}, data=data)
+    cfg = config.resolve(
+        method,
+        {**TINY, "steps": 30, "batch_size": 16, "pretrain_steps": 6, "checkpoint_every": 10, "device": "cpu"},
+        priors={"w": {"kind": kind}},
+        data=data,
+    )
     full = train(RunSpec.build(method, cfg, data))
     resumed = interrupted_then_resumed(method, data, cfg, tmp_path, at=25)
     want, got = full.objective.state_dict(), resumed.objective.state_dict()
@@ -289,8 +303,15 @@ def test_checkpoint_and_resume_are_exact(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.slow
 def test_bayesagg_learns_a_mixed_simo_set() -> None:
-    fit = pyromtl.fit("bayesagg", mixed_simo(n=300), steps=300, batch_size=32, pretrain_steps=50, device="cpu",
-                      **{**TINY, "eval_every": 50})
+    fit = pyromtl.fit(
+        "bayesagg",
+        mixed_simo(n=300),
+        steps=300,
+        batch_size=32,
+        pretrain_steps=50,
+        device="cpu",
+        **{**TINY, "eval_every": 50},
+    )
     tasks = fit.evaluate()["tasks"]
     assert tasks["cls"]["accuracy"] > 0.6  # 3 classes
     assert tasks["bin"]["accuracy"] > 0.75
@@ -301,8 +322,16 @@ def test_bayesagg_learns_a_mixed_simo_set() -> None:
 def test_aggregation_weights_are_logged_after_pretraining_and_plotted(tmp_path: Path) -> None:
     """The paper's Fig. 3: each task's share of the shared gradient (eq. 7) over training."""
     data = mixed_simo(n=120)
-    fit = pyromtl.fit("bayesagg", data, steps=40, batch_size=32, pretrain_steps=20, eval_every=20, device="cpu",
-                      **{k: v for k, v in TINY.items() if k != "eval_every"})
+    fit = pyromtl.fit(
+        "bayesagg",
+        data,
+        steps=40,
+        batch_size=32,
+        pretrain_steps=20,
+        eval_every=20,
+        device="cpu",
+        **{k: v for k, v in TINY.items() if k != "eval_every"},
+    )
     logged = [h for h in fit.history if "aggregation_weight_0" in h]
     assert logged and min(h["step"] for h in logged) > 20  # none in the LS pre-training
     for h in logged:  # a distribution over the tasks
@@ -315,9 +344,27 @@ def test_aggregation_weights_are_logged_after_pretraining_and_plotted(tmp_path: 
 
 def test_cli_fits_bayesagg_with_another_prior(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    code = main(["fit", "bayesagg", "--data", "digits-binary", "--set", "steps=4", "--set", "pretrain_steps=2",
-                 "--set", "priors.w.kind=isotropic", "--set", "eval_every=2", "--device", "cpu", "--out", str(out),
-                 "--quiet"])
+    code = main(
+        [
+            "fit",
+            "bayesagg",
+            "--data",
+            "digits-binary",
+            "--set",
+            "steps=4",
+            "--set",
+            "pretrain_steps=2",
+            "--set",
+            "priors.w.kind=isotropic",
+            "--set",
+            "eval_every=2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code in (0, None), capsys.readouterr().err
     assert 'kind = "isotropic"' in (out / "config.toml").read_text()
     assert (out / "metrics.json").exists()
@@ -367,7 +414,10 @@ def test_gaussian_precision_matches_multivariate_normal() -> None:
     root = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
     precision = root @ root.mT + torch.eye(3, dtype=torch.float64)
     loc = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-    mine, ref = GaussianPrecision(loc, precision), torch.distributions.MultivariateNormal(loc, precision_matrix=precision)
+    mine, ref = (
+        GaussianPrecision(loc, precision),
+        torch.distributions.MultivariateNormal(loc, precision_matrix=precision),
+    )
     value = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(mine.log_prob(value), ref.log_prob(value))
     torch.manual_seed(0)
@@ -383,8 +433,12 @@ def test_head_groups_index_consecutive_tasks_by_a_slice_and_others_by_index() ->
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(12, 3, generator=gen).numpy()
-    y = {f"t{i}": (torch.randn(12, generator=gen) if kind == "regression" else torch.randint(0, 2, (12,), generator=gen)).numpy()
-         for i, kind in enumerate(["regression", "binary", "binary", "regression"])}
+    y = {
+        f"t{i}": (
+            torch.randn(12, generator=gen) if kind == "regression" else torch.randint(0, 2, (12,), generator=gen)
+        ).numpy()
+        for i, kind in enumerate(["regression", "binary", "binary", "regression"])
+    }
     info = MultiTaskData.from_arrays(x, y, ["regression", "binary", "binary", "regression"]).info
     groups = {g.kind: g for g in head_groups(info)}
     assert groups["binary"].rows == slice(1, 3)  # a view

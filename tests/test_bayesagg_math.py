@@ -125,7 +125,7 @@ def test_regression_posterior_with_missing_labels():
     mean, cov = regression_posterior(h, y, 0.1, prior_precision, 0.8, mask=mask)
     for t in range(k):
         rows = mask[:, t]
-        ref_mean, ref_cov = regression_posterior(h[rows], y[rows, t:t + 1], 0.1, prior_precision, 0.8)
+        ref_mean, ref_cov = regression_posterior(h[rows], y[rows, t : t + 1], 0.1, prior_precision, 0.8)
         torch.testing.assert_close(mean[t], ref_mean[0])
         torch.testing.assert_close(cov[t], ref_cov[0])
 
@@ -313,8 +313,11 @@ def test_regression_moments_match_monte_carlo():
 
 def test_regression_moments_without_uncertainty_are_the_plain_gradient():
     g = _gen(6)
-    h, mean, y = (torch.randn(4, 3, generator=g, dtype=DT), torch.randn(2, 3, generator=g, dtype=DT),
-                  torch.randn(4, 2, generator=g, dtype=DT))
+    h, mean, y = (
+        torch.randn(4, 3, generator=g, dtype=DT),
+        torch.randn(2, 3, generator=g, dtype=DT),
+        torch.randn(4, 2, generator=g, dtype=DT),
+    )
     mu, var = regression_moments(h, mean, torch.zeros(2, 3, 3, dtype=DT), y)
     torch.testing.assert_close(mu, regression_gradient(h, mean, y))
     assert var.abs().max() == 0
@@ -379,6 +382,7 @@ def test_laplace_mean_is_one_newton_step(kind):
     assert torch.equal(prior_precision, prior_before)  # B̃ accumulates onto a copy of the prior
     theta = _theta(w, b)
     for task in range(K_):
+
         def objective(t, task=task):
             return _neg_log_joint(t, task, kind, h, y, prior_mean, prior_precision)
 
@@ -401,10 +405,11 @@ def test_laplace_mean_stays_at_a_stationary_point(kind):
     optimum = []
     for task in range(K_):
         theta = _theta(w, b)[task].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=0,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [theta], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe"
+        )
 
-        def closure(task=task, theta=theta):
+        def closure(task=task, theta=theta, opt=opt):
             opt.zero_grad()
             loss = _neg_log_joint(theta, task, kind, h, y, prior_mean, prior_precision)
             loss.backward()
@@ -459,8 +464,9 @@ def test_classification_moments_match_monte_carlo(kind):
     num = 60_000
     draws = classification_gradient(h, _draws(_gen(11), mean, cov, num), y, kind)
     for moments in ("monte_carlo", "quadrature"):
-        mu, var = classification_moments(h, mean, cov, y, kind, moments=moments, num_samples=num, nodes=32,
-                                         chunk=8192, generator=_gen(12))
+        mu, var = classification_moments(
+            h, mean, cov, y, kind, moments=moments, num_samples=num, nodes=32, chunk=8192, generator=_gen(12)
+        )
         assert mu.shape == var.shape == h.shape[:1] + y.shape[1:] + h.shape[1:]
         _assert_moments_match_draws(mu, var, draws, f"{kind} {moments}", se_factor=math.sqrt(2))
 
@@ -483,8 +489,14 @@ def test_multiclass_quadrature_beats_plain_monte_carlo_at_equal_draws():
     h, mean, cov, y = _posterior_for_moments("multiclass", 14)
     spread = {}
     for moments in ("monte_carlo", "quadrature"):
-        runs = torch.stack([classification_moments(h, mean, cov, y, "multiclass", moments=moments, num_samples=64,
-                                                   generator=_gen(seed))[1] for seed in range(20)])
+        runs = torch.stack(
+            [
+                classification_moments(
+                    h, mean, cov, y, "multiclass", moments=moments, num_samples=64, generator=_gen(seed)
+                )[1]
+                for seed in range(20)
+            ]
+        )
         spread[moments] = (runs.std(0) / runs.mean(0)).median()
     assert spread["quadrature"] < 0.5 * spread["monte_carlo"], spread
 
@@ -506,8 +518,9 @@ def test_classification_moments_with_singular_covariances():
     mu, var = classification_moments(h, mean, rank_one, y, "binary")
     draws = classification_gradient(h, _draws_rank_one(_gen(29), mean, v, 40_000), y, "binary")
     _assert_moments_match_draws(mu, var, draws, "rank-1 binary")
-    mc = classification_moments(h, mean, rank_one, y, "binary", moments="monte_carlo", num_samples=40_000,
-                                chunk=8192, generator=_gen(30))
+    mc = classification_moments(
+        h, mean, rank_one, y, "binary", moments="monte_carlo", num_samples=40_000, chunk=8192, generator=_gen(30)
+    )
     _assert_moments_match_draws(*mc, draws, "rank-1 binary monte_carlo", se_factor=math.sqrt(2))
 
     h, mean, cov, y = _posterior_for_moments("multiclass", 31)

@@ -34,10 +34,18 @@ def assert_one_line_error(code: int, err: list[str], *fragments: str, expected_c
 def fake_run(run_dir: Path, method: str, tasks: dict[str, float], dataset: str = "digits-domains") -> Path:
     """A run directory with only a ``metrics.json`` (all that ``compare`` reads)."""
     run_dir.mkdir(parents=True)
-    doc = {"method": method, "dataset": dataset, "fraction": None, "seed": 0, "device": "cpu", "split": "test",
-           "tasks": {t: {"accuracy": a, "auc": 0.9} for t, a in tasks.items()},
-           "average": {"accuracy": sum(tasks.values()) / len(tasks)},
-           "train": {"steps": 1, "seconds": 0.1, "final_loss": 1.0}, "relatedness": {}}
+    doc = {
+        "method": method,
+        "dataset": dataset,
+        "fraction": None,
+        "seed": 0,
+        "device": "cpu",
+        "split": "test",
+        "tasks": {t: {"accuracy": a, "auc": 0.9} for t, a in tasks.items()},
+        "average": {"accuracy": sum(tasks.values()) / len(tasks)},
+        "train": {"steps": 1, "seconds": 0.1, "final_loss": 1.0},
+        "relatedness": {},
+    }
     (run_dir / "metrics.json").write_text(json.dumps(doc))
     return run_dir
 
@@ -63,11 +71,28 @@ def test_list_one_section(capsys: pytest.CaptureFixture) -> None:
 # ---------------------------------------------------------------------------- fit options
 def test_fit_option_precedence(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('method = "vbmtl"\nlr = 0.1\nsteps = 5\nseed = 3\ndata = "digits-binary"\n'
-                    '[priors.w]\nkind = "normal"\nscale = 2.0\n')
+    path.write_text(
+        'method = "vbmtl"\nlr = 0.1\nsteps = 5\nseed = 3\ndata = "digits-binary"\n'
+        '[priors.w]\nkind = "normal"\nscale = 2.0\n'
+    )
     args = cli.build_parser().parse_args(
-        ["fit", "vbmtl", "--config", str(path), "--set", "lr=0.2", "--set", "steps=7", "--set", "priors.w.scale=3.0",
-         "--steps", "9", "--data", "digits-domains"])
+        [
+            "fit",
+            "vbmtl",
+            "--config",
+            str(path),
+            "--set",
+            "lr=0.2",
+            "--set",
+            "steps=7",
+            "--set",
+            "priors.w.scale=3.0",
+            "--steps",
+            "9",
+            "--data",
+            "digits-domains",
+        ]
+    )
     opts = cli.fit_options(args)
     assert opts["lr"] == 0.2  # --set beats the file
     assert opts["steps"] == 9 and opts["data"] == "digits-domains"  # flags beat --set and the file
@@ -105,8 +130,13 @@ def test_fit_epochs_flag_overrides_configured_steps() -> None:
         (["fit", "vbmtl", "--config", "missing.toml"], ["config file not found", "missing.toml"]),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(argv: list[str], fragments: list[str], capsys: pytest.CaptureFixture,
-                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_mistakes_exit_2_with_one_line(
+    argv: list[str],
+    fragments: list[str],
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main(argv, capsys)
     assert_one_line_error(code, err, *fragments)
@@ -123,7 +153,7 @@ def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     code, _, err = run_main(["fit", "vbmtl", "--config", str(other)], capsys)
     assert_one_line_error(code, err, "'stl'", "'vbmtl'")
     unknown = tmp_path / "unknown.toml"
-    unknown.write_text("[priors.v]\nkind = \"normal\"\n")
+    unknown.write_text('[priors.v]\nkind = "normal"\n')
     code, _, err = run_main(["fit", "vbmtl", "--config", str(unknown)], capsys)
     assert_one_line_error(code, err, "unknown prior site")
 
@@ -220,11 +250,33 @@ def pyromtl_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_end_to_end(tmp_path: Path) -> None:
     assert SCRIPT.exists(), "the pyromtl console script is not installed (pip install -e .)"
-    common = ["--data", "digits-domains", "--steps", "40", "--set", "latent_dim=8", "--set", "hidden=[16]",
-              "--set", "eval_every=20", "--device", "cpu", "--quiet"]
+    common = [
+        "--data",
+        "digits-domains",
+        "--steps",
+        "40",
+        "--set",
+        "latent_dim=8",
+        "--set",
+        "hidden=[16]",
+        "--set",
+        "eval_every=20",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     run, base = tmp_path / "vbmtl-run", tmp_path / "stl-run"
-    fits = [subprocess.Popen([str(SCRIPT), "fit", m, *common, "--out", str(d)], cwd=tmp_path, env=ENV, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m, d in (("vbmtl", run), ("stl", base))]
+    fits = [
+        subprocess.Popen(
+            [str(SCRIPT), "fit", m, *common, "--out", str(d)],
+            cwd=tmp_path,
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for m, d in (("vbmtl", run), ("stl", base))
+    ]
     for proc in fits:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err

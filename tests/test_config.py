@@ -139,8 +139,13 @@ kind = "normal"
 """
     cfg = resolve(VBMTL, load_toml(write(tmp_path, text)))
     assert cfg["fraction"] == 0.05
-    assert cfg["priors"]["w"] == {"kind": "learned_normal", "loc": 0.0, "scale": 0.5, "learn_loc": True,
-                                  "per_task": False}
+    assert cfg["priors"]["w"] == {
+        "kind": "learned_normal",
+        "loc": 0.0,
+        "scale": 0.5,
+        "learn_loc": True,
+        "per_task": False,
+    }
     assert cfg["priors"]["z"]["kind"] == "normal"
 
 
@@ -153,7 +158,7 @@ def test_load_toml_errors_name_the_file(tmp_path: Path) -> None:
         load_toml(write(tmp_path, "v = " + "[" * 2000 + "]" * 2000))
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b'data = "\xff"')
-    with pytest.raises(ValueError, match="latin1.toml"):
+    with pytest.raises(ValueError, match=r"latin1.toml"):
         load_toml(bad)
 
 
@@ -185,12 +190,26 @@ def test_parse_value_rejects(text: str) -> None:
 
 def test_apply_set_dotted_keys_and_types() -> None:
     cfg: dict = {"priors": {"w": {"kind": "normal"}}}
-    for assignment in ("lr=0.01", "steps = 40", "hidden=[16]", "quiet=true", "data=digits-binary",
-                       "priors.w.scale=2", "priors.z.kind=learned_normal", "kl_weight.start=0.5"):
+    for assignment in (
+        "lr=0.01",
+        "steps = 40",
+        "hidden=[16]",
+        "quiet=true",
+        "data=digits-binary",
+        "priors.w.scale=2",
+        "priors.z.kind=learned_normal",
+        "kl_weight.start=0.5",
+    ):
         apply_set(cfg, assignment)
-    assert cfg == {"priors": {"w": {"kind": "normal", "scale": 2}, "z": {"kind": "learned_normal"}},
-                   "lr": 0.01, "steps": 40, "hidden": [16], "quiet": True, "data": "digits-binary",
-                   "kl_weight": {"start": 0.5}}
+    assert cfg == {
+        "priors": {"w": {"kind": "normal", "scale": 2}, "z": {"kind": "learned_normal"}},
+        "lr": 0.01,
+        "steps": 40,
+        "hidden": [16],
+        "quiet": True,
+        "data": "digits-binary",
+        "kl_weight": {"start": 0.5},
+    }
 
 
 def test_apply_set_through_resolve_reaches_the_default_prior() -> None:
@@ -199,14 +218,17 @@ def test_apply_set_through_resolve_reaches_the_default_prior() -> None:
     assert resolve(VBMTL, cfg)["priors"]["w"] == {"kind": "normal", "loc": 0.0, "scale": 0.1}
 
 
-@pytest.mark.parametrize("assignment, match", [
-    ("lr", "expects KEY=VALUE"),
-    ("=3", "invalid key"),
-    ("a..b=1", "invalid key"),
-    ("a b=1", "invalid key"),
-    ("lr.x=1", "'lr' is not a table"),
-    ("lr=[", "cannot read value"),
-])
+@pytest.mark.parametrize(
+    "assignment, match",
+    [
+        ("lr", "expects KEY=VALUE"),
+        ("=3", "invalid key"),
+        ("a..b=1", "invalid key"),
+        ("a b=1", "invalid key"),
+        ("lr.x=1", "'lr' is not a table"),
+        ("lr=[", "cannot read value"),
+    ],
+)
 def test_apply_set_rejects(assignment: str, match: str) -> None:
     cfg = {"lr": 0.1}
     with pytest.raises(ValueError, match=match):
@@ -227,17 +249,22 @@ VALUES = st.recursive(
     SCALARS,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]"),
-        st.dictionaries(st.sampled_from(["kind", "start", "end", "rate", "steps", "loc", "scale", "weights", "x"]),
-                        inner, max_size=4).map(lambda d: "{" + ", ".join(f"{k} = {v}" for k, v in d.items()) + "}"),
+        st.dictionaries(
+            st.sampled_from(["kind", "start", "end", "rate", "steps", "loc", "scale", "weights", "x"]),
+            inner,
+            max_size=4,
+        ).map(lambda d: "{" + ", ".join(f"{k} = {v}" for k, v in d.items()) + "}"),
     ),
     max_leaves=8,
 )
 PRIOR_TABLES = st.builds(
     lambda site, body: f"[priors.{site}]\n" + "\n".join(f"{k} = {v}" for k, v in body.items()),
     st.sampled_from(["w", "z", "v", "w.x"]),
-    st.dictionaries(st.sampled_from(["kind", "loc", "scale", "learn_loc", "per_task", "weights", "temperature"]),
-                    st.one_of(VALUES, st.sampled_from(['"normal"', '"learned_normal"', '"task_mixture"',
-                                                       '"deterministic"'])), max_size=4),
+    st.dictionaries(
+        st.sampled_from(["kind", "loc", "scale", "learn_loc", "per_task", "weights", "temperature"]),
+        st.one_of(VALUES, st.sampled_from(['"normal"', '"learned_normal"', '"task_mixture"', '"deterministic"'])),
+        max_size=4,
+    ),
 )
 TOML_DOCS = st.one_of(
     st.text(max_size=60),  # mostly not TOML at all
@@ -249,11 +276,27 @@ TOML_DOCS = st.one_of(
 )
 ASSIGNMENTS = st.one_of(
     st.text(max_size=30),
-    st.builds(lambda k, v: f"{k}={v}",
-              st.one_of(st.sampled_from(KEYS + ["priors.w.scale", "priors.w.kind", "priors.z", "kl_weight.start",
-                                                "priors.w.temperature.start", "", ".", "a..b", " lr "]),
-                        st.text(max_size=10)),
-              st.one_of(VALUES, st.text(max_size=15))),
+    st.builds(
+        lambda k, v: f"{k}={v}",
+        st.one_of(
+            st.sampled_from(
+                KEYS
+                + [
+                    "priors.w.scale",
+                    "priors.w.kind",
+                    "priors.z",
+                    "kl_weight.start",
+                    "priors.w.temperature.start",
+                    "",
+                    ".",
+                    "a..b",
+                    " lr ",
+                ]
+            ),
+            st.text(max_size=10),
+        ),
+        st.one_of(VALUES, st.text(max_size=15)),
+    ),
 )
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

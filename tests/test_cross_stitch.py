@@ -8,9 +8,9 @@ import torch
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.schedules import TrainState
 from pyromtl.models.cross_stitch import SELF_WEIGHT, stitch_init
 from pyromtl.params import local_params
+from pyromtl.schedules import TrainState
 from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 
 

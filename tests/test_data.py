@@ -191,7 +191,8 @@ def test_with_fraction_seeds_and_bounds():
 
 def test_info_describes_heads():
     data = MultiTaskData.from_arrays(
-        np.zeros((12, 3)), {"a": np.arange(12) % 4, "b": np.arange(12) % 2, "c": np.arange(12.0)},
+        np.zeros((12, 3)),
+        {"a": np.arange(12) % 4, "b": np.arange(12) % 2, "c": np.arange(12.0)},
         ["classification", "binary", "regression"],
     )
     info = data.info
@@ -203,8 +204,12 @@ def test_info_describes_heads():
 # ------------------------------------------------------------------------------- validation
 def _mimo(**over):
     """Keyword arguments for a valid two-task MIMO call, with some replaced."""
-    args = dict(x=[np.zeros((6, 3)), np.ones((5, 3))], y=[np.arange(6) % 3, np.arange(5) % 3],
-                task_types="classification", task_names=["alpha", "beta"])
+    args = dict(
+        x=[np.zeros((6, 3)), np.ones((5, 3))],
+        y=[np.arange(6) % 3, np.arange(5) % 3],
+        task_types="classification",
+        task_names=["alpha", "beta"],
+    )
     args.update(over)
     return args
 
@@ -246,8 +251,10 @@ _BAD = {
     "simo y not a dict": (dict(x=np.zeros((6, 3)), y=[np.arange(6) % 2], task_types="binary"), "SIMO.*dict"),
     "simo length": (dict(x=np.zeros((6, 3)), y={"gamma": np.arange(5) % 2}, task_types="binary"), "gamma.*6 samples"),
     "simo no tasks": (dict(x=np.zeros((6, 3)), y={}, task_types="binary"), "no tasks"),
-    "simo names": (dict(x=np.zeros((6, 3)), y={"a": np.arange(6) % 2}, task_types="binary", task_names=["b"]),
-                   "do not match"),
+    "simo names": (
+        dict(x=np.zeros((6, 3)), y={"a": np.arange(6) % 2}, task_types="binary", task_names=["b"]),
+        "do not match",
+    ),
     "bad seed": (_mimo(seed=-1), "seed"),
     "bad fractions": (_mimo(val_fraction=0.5, test_fraction=0.6), "sum below 1"),
     "relatedness shape": (_mimo(relatedness=np.eye(3)), "relatedness"),
@@ -281,19 +288,29 @@ def test_unscaled_inputs_warn_naming_the_task_and_their_magnitude():
         warnings.simplefilter("error")
         MultiTaskData.from_arrays(**_mimo(x=_with(_X, 1, np.full((5, 3), 1e6))))
         with pytest.raises(ValueError, match="label 3 out of range"):
-            MultiTaskData.from_arrays(**_mimo(x=_with(_X, 1, np.full((5, 3), 1e9)), num_classes=3,
-                                              y=_with(_Y, 1, np.array([0, 1, 2, 3, 0]))))
+            MultiTaskData.from_arrays(
+                **_mimo(x=_with(_X, 1, np.full((5, 3), 1e9)), num_classes=3, y=_with(_Y, 1, np.array([0, 1, 2, 3, 0])))
+            )
 
 
 # ------------------------------------------------------------------------------- fuzz
 _junk = st.one_of(
-    st.none(), st.text(max_size=3), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.text(max_size=3),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.lists(st.one_of(st.integers(-2, 3), st.text(max_size=1), st.none()), max_size=3),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
 )
 _values = st.one_of(
-    st.integers(-2, 4).map(float), st.just(0.5), st.just(np.nan), st.just(np.inf), st.just(-np.inf),
-    st.just(1e39), st.just(1e12), st.floats(-1e6, 1e6, allow_nan=False),
+    st.integers(-2, 4).map(float),
+    st.just(0.5),
+    st.just(np.nan),
+    st.just(np.inf),
+    st.just(-np.inf),
+    st.just(1e39),
+    st.just(1e12),
+    st.floats(-1e6, 1e6, allow_nan=False),
 )
 
 
@@ -341,8 +358,23 @@ def _inputs(draw) -> dict:
         y = [_targets(draw, k, m) for k, m in zip(types, sizes)]
     kwargs = dict(x=x, y=y, task_types=types if draw(st.booleans()) else types[0], task_names=names)
     for _ in range(draw(st.integers(0, 3))):
-        what = draw(st.sampled_from(["x", "y", "task_types", "task_names", "num_classes", "splits", "seed",
-                                     "val_fraction", "relatedness", "class_names", "setting"]))
+        what = draw(
+            st.sampled_from(
+                [
+                    "x",
+                    "y",
+                    "task_types",
+                    "task_names",
+                    "num_classes",
+                    "splits",
+                    "seed",
+                    "val_fraction",
+                    "relatedness",
+                    "class_names",
+                    "setting",
+                ]
+            )
+        )
         t = draw(st.integers(0, T - 1))
         if what == "x" and simo:
             kwargs["x"] = draw(_array(n))
@@ -353,17 +385,24 @@ def _inputs(draw) -> dict:
         elif what == "y":
             kwargs["y"] = _with(y, t, draw(_array(len(y[t])))) if draw(st.booleans()) else draw(_junk)
         elif what == "task_types":
-            kwargs["task_types"] = draw(st.one_of(_junk, st.lists(st.one_of(st.sampled_from(_TYPES), _junk),
-                                                                  min_size=T - 1, max_size=T + 1)))
+            kwargs["task_types"] = draw(
+                st.one_of(_junk, st.lists(st.one_of(st.sampled_from(_TYPES), _junk), min_size=T - 1, max_size=T + 1))
+            )
         elif what == "task_names":
             kwargs["task_names"] = draw(st.one_of(_junk, st.lists(st.sampled_from(["t0", "t1", "t2", 1]), max_size=4)))
         elif what == "num_classes":
             kwargs["num_classes"] = draw(st.one_of(_junk, st.integers(-1, 6), st.lists(st.integers(-1, 6), max_size=4)))
         elif what == "splits":
             index = st.lists(st.integers(-1, n), max_size=n)
-            kwargs["splits"] = draw(st.one_of(_junk, st.fixed_dictionaries(
-                {"train": index if simo else st.lists(index, min_size=T, max_size=T)},
-                optional={"test": st.one_of(_junk, index if simo else st.lists(index, min_size=T, max_size=T))})))
+            kwargs["splits"] = draw(
+                st.one_of(
+                    _junk,
+                    st.fixed_dictionaries(
+                        {"train": index if simo else st.lists(index, min_size=T, max_size=T)},
+                        optional={"test": st.one_of(_junk, index if simo else st.lists(index, min_size=T, max_size=T))},
+                    ),
+                )
+            )
         elif what == "seed":
             kwargs["seed"] = draw(st.one_of(_junk, st.integers(-2, 2**40)))
         elif what == "val_fraction":

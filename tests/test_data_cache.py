@@ -112,8 +112,16 @@ def test_a_cached_load_equals_a_fresh_one(cache_dir, monkeypatch):
 
 def test_a_warm_cache_loads_without_importing_scikit_learn(cache_dir):
     embedded._arrays("domains")
-    code = ("import sys, pyromtl.datasets as d; d.load('digits-domains', fraction=0.05); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'pyromtl'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYROMTL_CACHE": str(cache_dir)}, timeout=120)
+    code = (
+        "import sys, pyromtl.datasets as d; d.load('digits-domains', fraction=0.05); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'pyromtl'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYROMTL_CACHE": str(cache_dir)},
+        timeout=120,
+    )
     assert out.stdout.split("\n")[-2] == "['pyromtl']"

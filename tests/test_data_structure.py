@@ -28,8 +28,11 @@ def _data_imports(path: Path) -> tuple[set[str], list[int]]:
         found |= {n.split(".")[2] for n in names}
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            nested += [n.lineno for n in ast.walk(fn) if isinstance(n, ast.ImportFrom)
-                       and (n.module or "").startswith("pyromtl.data")]
+            nested += [
+                n.lineno
+                for n in ast.walk(fn)
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("pyromtl.data")
+            ]
     return found, nested
 
 
@@ -75,7 +78,8 @@ def test_repr_is_short_and_names_tasks_types_and_split_sizes():
 
 def test_repr_of_many_tasks_counts_the_rest():
     x = np.eye(40)
-    data = MultiTaskData.from_arrays(x, {f"t{k}": np.arange(40) % 2 for k in range(40)}, "binary",
-                                     splits={"train": np.arange(40)})
+    data = MultiTaskData.from_arrays(
+        x, {f"t{k}": np.arange(40) % 2 for k in range(40)}, "binary", splits={"train": np.arange(40)}
+    )
     text = repr(data)
     assert "t11: binary" in text and "t12:" not in text and "28 more" in text and len(text) < 400

@@ -12,8 +12,15 @@ from pyromtl import datasets
 from pyromtl.data import MultiTaskData
 
 EMBEDDED = [
-    "digits-domains", "digits-rotation", "digits-binary", "digits-mixed", "digits-grouped", "synthetic-clusters",
-    "digits-regression", "digits-overlay", "digits-conflict",
+    "digits-domains",
+    "digits-rotation",
+    "digits-binary",
+    "digits-mixed",
+    "digits-grouped",
+    "synthetic-clusters",
+    "digits-regression",
+    "digits-overlay",
+    "digits-conflict",
 ]
 
 # name: (setting, task count, task types, class counts, total samples per task)
@@ -74,8 +81,10 @@ def test_embedded_dataset_matches_its_documented_facts(name):
 
 
 def test_loads_are_deterministic_and_seeds_move_only_the_split():
-    a, b, c = datasets.load("digits-domains", seed=0), datasets.load("digits-domains", seed=0), datasets.load(
-        "digits-domains", seed=1
+    a, b, c = (
+        datasets.load("digits-domains", seed=0),
+        datasets.load("digits-domains", seed=0),
+        datasets.load("digits-domains", seed=1),
     )
     assert a is not b  # every call gets its own object ...
     assert all((p == q).all() for p, q in zip(a.x, b.x))  # ... with the same content
@@ -89,7 +98,7 @@ def test_unknown_names_options_and_bad_arguments_raise():
         datasets.load("mnist")
     with pytest.raises(ValueError, match="unknown dataset"):
         datasets.describe("mnist")
-    with pytest.raises(ValueError, match="no option 'num_task'.*num_tasks"):
+    with pytest.raises(ValueError, match=r"no option 'num_task'.*num_tasks"):
         datasets.load("synthetic-clusters", num_task=4)
     with pytest.raises(ValueError, match="no option 'setting'"):
         datasets.load("digits-domains", setting="simo")
@@ -118,7 +127,7 @@ def test_register_adds_a_loader_that_needs_a_root(tmp_path):
     try:
         assert "test-files" in datasets.available()
         assert datasets.describe("test-files") == "MIMO, 2 tasks: a tiny test loader."
-        with pytest.raises(ValueError, match="test-files.*root"):
+        with pytest.raises(ValueError, match=r"test-files.*root"):
             datasets.load("test-files")
         data = datasets.load("test-files", root=tmp_path, seed=3, scale=2.0)
         assert calls == [(tmp_path, 3, 2.0)] and float(data.x[0][0, 0]) == 2.0
@@ -133,7 +142,7 @@ def test_register_adds_a_loader_that_needs_a_root(tmp_path):
 
 def test_benchmark_loaders_are_registered_and_need_a_root():
     names = datasets.available()
-    assert {"office-home", "rotated-mnist"} <= set(names[len(EMBEDDED):])
+    assert {"office-home", "rotated-mnist"} <= set(names[len(EMBEDDED) :])
     with pytest.raises(ValueError, match="'office-home' reads its files from a folder: pass root"):
         datasets.load("office-home")
 
@@ -158,8 +167,12 @@ def test_digits_domains_tasks_are_disjoint_images_under_their_shift():
     assert [len(xt) for xt in x] == [450, 449, 449, 449]
     # match every task image to a bundled image under the task's shift, using each bundled image once
     pool = (load_digits().images / 16.0).astype(np.float32)  # as built, so the shifts match bit for bit
-    shifted = [pool, ndimage.gaussian_filter(pool, sigma=(0, 1, 1)), np.roll(pool, 1, axis=2),
-               ndimage.grey_dilation(pool, size=(1, 2, 2))]
+    shifted = [
+        pool,
+        ndimage.gaussian_filter(pool, sigma=(0, 1, 1)),
+        np.roll(pool, 1, axis=2),
+        ndimage.grey_dilation(pool, size=(1, 2, 2)),
+    ]
     unused = set(range(len(pool)))
     for t in range(4):
         lookup: dict[bytes, list[int]] = {}
@@ -235,8 +248,14 @@ def test_digits_mixed_angle_is_the_rotation_of_the_input_and_independent_of_the_
 
 def test_digits_grouped_targets_and_clusters():
     data = datasets.load("digits-grouped")
-    groups = {"d012": (0, 1, 2), "d1234": (1, 2, 3, 4), "d024": (0, 2, 4),
-              "d567": (5, 6, 7), "d6789": (6, 7, 8, 9), "d579": (5, 7, 9)}
+    groups = {
+        "d012": (0, 1, 2),
+        "d1234": (1, 2, 3, 4),
+        "d024": (0, 2, 4),
+        "d567": (5, 6, 7),
+        "d6789": (6, 7, 8, 9),
+        "d579": (5, 7, 9),
+    }
     assert data.task_names == list(groups)
     digit = datasets.load("digits-mixed").y[2].numpy()  # same images, same order
     for t, digits in enumerate(groups.values()):
@@ -259,8 +278,9 @@ def test_synthetic_clusters_same_cluster_tasks_are_more_similar():
     data = datasets.load("synthetic-clusters")
     (xs, ys), (xt, yt) = data.split_arrays("train"), data.split_arrays("test")
     T, rel = data.num_tasks, data.relatedness
-    acc = np.array([[LogisticRegression(max_iter=500).fit(xs[a], ys[a]).score(xt[b], yt[b]) for b in range(T)]
-                    for a in range(T)])
+    acc = np.array(
+        [[LogisticRegression(max_iter=500).fit(xs[a], ys[a]).score(xt[b], yt[b]) for b in range(T)] for a in range(T)]
+    )
     off = ~np.eye(T, dtype=bool)
     same, other = acc[(rel == 1) & off], acc[rel == 0]
     assert same.mean() > 0.5 and other.mean() < 0.35  # chance is 0.25
@@ -269,8 +289,9 @@ def test_synthetic_clusters_same_cluster_tasks_are_more_similar():
 
 
 def test_synthetic_clusters_options():
-    data = datasets.load("synthetic-clusters", num_tasks=5, num_clusters=5, samples_per_task=40, dim=6,
-                         num_classes=3, task_noise=0.0)
+    data = datasets.load(
+        "synthetic-clusters", num_tasks=5, num_clusters=5, samples_per_task=40, dim=6, num_classes=3, task_noise=0.0
+    )
     assert data.num_tasks == 5 and data.input_shape == (6,) and set(data.num_classes) == {3}
     assert [_total(data, t) for t in range(5)] == [40] * 5
     assert np.array_equal(data.relatedness, np.eye(5))
@@ -303,11 +324,14 @@ def test_fraction_one_or_none_keeps_the_whole_train_split():
     assert a.split_sizes("train") == b.split_sizes("train")
 
 
-@pytest.mark.parametrize(("name", "fraction", "expected"), [
-    ("digits-domains", 0.0, 0.05),  # the config's 0: the dataset's few-shot default
-    ("digits-domains", 1.0, 1.0),   # 1: always the whole train split
-    ("digits-binary", 0.0, 1.0),    # no default: the whole train split
-])
+@pytest.mark.parametrize(
+    ("name", "fraction", "expected"),
+    [
+        ("digits-domains", 0.0, 0.05),  # the config's 0: the dataset's few-shot default
+        ("digits-domains", 1.0, 1.0),  # 1: always the whole train split
+        ("digits-binary", 0.0, 1.0),  # no default: the whole train split
+    ],
+)
 def test_runs_take_the_dataset_default_fraction(name, fraction, expected):
     import pyromtl
     from tests.conftest import TINY

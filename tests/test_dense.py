@@ -75,8 +75,9 @@ def test_cityscapes_reads_label_7_or_label_19(city: Path) -> None:
     for classes in (7, 19):
         data = load_cityscapes(city, num_classes=classes)
         assert data.task_names == ["segmentation", "depth"] and data.num_classes == classes
-        np.testing.assert_array_equal(data.targets["segmentation"][1].numpy(),
-                                      np.load(city / "train" / f"label_{classes}" / "1.npy"))
+        np.testing.assert_array_equal(
+            data.targets["segmentation"][1].numpy(), np.load(city / "train" / f"label_{classes}" / "1.npy")
+        )
         assert data.targets["segmentation"].max() == classes - 1
     assert DENSE_DATASETS["cityscapes"] is load_cityscapes and DENSE_DATASETS["nyuv2"] is load_nyuv2
 
@@ -96,36 +97,74 @@ def _save(path: Path, arr: np.ndarray) -> None:
     np.save(path, arr.astype(np.float32))
 
 
-@pytest.mark.parametrize(("breakage", "error", "message"), [
-    (lambda r: shutil.rmtree(r / "val"), FileNotFoundError, r"val/image: folder not found"),
-    (lambda r: shutil.rmtree(r / "train" / "depth"), FileNotFoundError, r"train/depth: folder not found"),
-    (lambda r: (r / "train" / "depth" / "2.npy").unlink(), ValueError,
-     r"train/depth: its files do not match .*train/image: missing 2\.npy"),
-    (lambda r: shutil.copy(r / "val" / "label" / "0.npy", r / "val" / "label" / "9.npy"), ValueError,
-     r"val/label: its files do not match .*: extra 9\.npy"),
-    (lambda r: _save(r / "train" / "image" / "x.npy", np.zeros((16, 24, 3))), ValueError,
-     r"x\.npy: expected files named <i>\.npy"),
-    (lambda r: _save(r / "val" / "depth" / "1.npy", np.ones((16, 24))), ValueError,
-     r"val/depth/1\.npy: depth must be shaped \[16, 24, 1\], got \[16, 24\]"),
-    (lambda r: _save(r / "val" / "image" / "0.npy", np.ones((16, 20, 3))), ValueError,
-     r"val/image/0\.npy: image must be shaped \[16, 24, 3\], got \[16, 20, 3\]"),
-    (lambda r: _save(r / "train" / "image" / "0.npy", np.ones((16, 24))), ValueError,
-     r"train/image/0\.npy: image must be shaped \[H, W, 3\]"),
-    (lambda r: _save(r / "train" / "normal" / "3.npy", np.full((16, 24, 3), np.nan)), ValueError,
-     r"train/normal/3\.npy: normal contains NaN values"),
-    (lambda r: _save(r / "train" / "image" / "1.npy", np.full((16, 24, 3), np.inf)), ValueError,
-     r"train/image/1\.npy: image contains inf values"),
-    (lambda r: _save(r / "train" / "label" / "5.npy", np.full((16, 24), 13)), ValueError,
-     r"train/label/5\.npy: label 13 out of range: expected -1 \(ignored\) or 0\.\.12"),
-    (lambda r: _save(r / "train" / "label" / "5.npy", np.full((16, 24), -2)), ValueError,
-     r"label -2 out of range"),
-    (lambda r: _save(r / "train" / "label" / "0.npy", np.full((16, 24), 0.5)), ValueError,
-     r"train/label/0\.npy: segmentation labels must be integers"),
-    (lambda r: _save(r / "val" / "depth" / "0.npy", -np.ones((16, 24, 1))), ValueError,
-     r"val/depth/0\.npy: depth must be >= 0"),
-    (lambda r: (r / "train" / "depth" / "4.npy").write_bytes(b"not an array"), ValueError,
-     r"train/depth/4\.npy: cannot read the \.npy file"),
-])
+@pytest.mark.parametrize(
+    ("breakage", "error", "message"),
+    [
+        (lambda r: shutil.rmtree(r / "val"), FileNotFoundError, r"val/image: folder not found"),
+        (lambda r: shutil.rmtree(r / "train" / "depth"), FileNotFoundError, r"train/depth: folder not found"),
+        (
+            lambda r: (r / "train" / "depth" / "2.npy").unlink(),
+            ValueError,
+            r"train/depth: its files do not match .*train/image: missing 2\.npy",
+        ),
+        (
+            lambda r: shutil.copy(r / "val" / "label" / "0.npy", r / "val" / "label" / "9.npy"),
+            ValueError,
+            r"val/label: its files do not match .*: extra 9\.npy",
+        ),
+        (
+            lambda r: _save(r / "train" / "image" / "x.npy", np.zeros((16, 24, 3))),
+            ValueError,
+            r"x\.npy: expected files named <i>\.npy",
+        ),
+        (
+            lambda r: _save(r / "val" / "depth" / "1.npy", np.ones((16, 24))),
+            ValueError,
+            r"val/depth/1\.npy: depth must be shaped \[16, 24, 1\], got \[16, 24\]",
+        ),
+        (
+            lambda r: _save(r / "val" / "image" / "0.npy", np.ones((16, 20, 3))),
+            ValueError,
+            r"val/image/0\.npy: image must be shaped \[16, 24, 3\], got \[16, 20, 3\]",
+        ),
+        (
+            lambda r: _save(r / "train" / "image" / "0.npy", np.ones((16, 24))),
+            ValueError,
+            r"train/image/0\.npy: image must be shaped \[H, W, 3\]",
+        ),
+        (
+            lambda r: _save(r / "train" / "normal" / "3.npy", np.full((16, 24, 3), np.nan)),
+            ValueError,
+            r"train/normal/3\.npy: normal contains NaN values",
+        ),
+        (
+            lambda r: _save(r / "train" / "image" / "1.npy", np.full((16, 24, 3), np.inf)),
+            ValueError,
+            r"train/image/1\.npy: image contains inf values",
+        ),
+        (
+            lambda r: _save(r / "train" / "label" / "5.npy", np.full((16, 24), 13)),
+            ValueError,
+            r"train/label/5\.npy: label 13 out of range: expected -1 \(ignored\) or 0\.\.12",
+        ),
+        (lambda r: _save(r / "train" / "label" / "5.npy", np.full((16, 24), -2)), ValueError, r"label -2 out of range"),
+        (
+            lambda r: _save(r / "train" / "label" / "0.npy", np.full((16, 24), 0.5)),
+            ValueError,
+            r"train/label/0\.npy: segmentation labels must be integers",
+        ),
+        (
+            lambda r: _save(r / "val" / "depth" / "0.npy", -np.ones((16, 24, 1))),
+            ValueError,
+            r"val/depth/0\.npy: depth must be >= 0",
+        ),
+        (
+            lambda r: (r / "train" / "depth" / "4.npy").write_bytes(b"not an array"),
+            ValueError,
+            r"train/depth/4\.npy: cannot read the \.npy file",
+        ),
+    ],
+)
 def test_nyuv2_refuses_bad_files_naming_them(nyu: Path, breakage, error, message) -> None:
     breakage(nyu)
     with pytest.raises(error, match=message):
@@ -197,7 +236,9 @@ def test_miou_and_pixel_accuracy_by_hand() -> None:
     assert M.miou(np.array([3, 0]), np.array([0, 0]), 4) == pytest.approx((1 / 2 + 0) / 2)
     assert M.miou(np.array([3, 0]), np.array([-1, 0]), 4) == 1.0
     assert M.dense_task_metrics("segmentation", SEG_PRED, SEG_TARGET, 3) == {
-        "miou": pytest.approx(13 / 18), "pixel_acc": pytest.approx(0.8)}
+        "miou": pytest.approx(13 / 18),
+        "pixel_acc": pytest.approx(0.8),
+    }
 
 
 def test_depth_errors_and_normal_angle_by_hand() -> None:
@@ -215,8 +256,10 @@ def test_depth_errors_and_normal_angle_by_hand() -> None:
 
 def test_dense_metrics_refuse_bad_input() -> None:
     cases = [
-        (lambda: M.miou(SEG_PRED, SEG_TARGET[:, :1], 3),
-         r"shape mismatch: pred is \[1, 2, 3\] but target is \[1, 1, 3\]"),
+        (
+            lambda: M.miou(SEG_PRED, SEG_TARGET[:, :1], 3),
+            r"shape mismatch: pred is \[1, 2, 3\] but target is \[1, 1, 3\]",
+        ),
         (lambda: M.miou(SEG_PRED, SEG_TARGET, 2), r"target labels must be -1 \(ignored\) or in \[0, 2\)"),
         (lambda: M.miou(SEG_PRED - 1, SEG_TARGET, 3), r"pred labels must be in \[0, 3\)"),
         (lambda: M.miou(SEG_PRED, SEG_TARGET, 1), "num_classes must be an integer >= 2"),
@@ -309,8 +352,9 @@ def test_dense_example_lite_gates_are_hard_at_evaluation(example, city: Path) ->
 
 def test_dense_example_command_line_on_fixtures(example, tmp_path: Path, capsys) -> None:
     # the example's main() in this process: a subprocess would pay torch's import again
-    example.main(["--make-fixtures", str(tmp_path / "cs"), "--data", "cityscapes", "--steps", "3", "--lite",
-                  "--width", "4"])
+    example.main(
+        ["--make-fixtures", str(tmp_path / "cs"), "--data", "cityscapes", "--steps", "3", "--lite", "--width", "4"]
+    )
     out = capsys.readouterr().out
     assert re.search(r"^\| test\s*\|\s*segmentation \|\s*miou \|\s*[0-9.]+ \|", out, flags=re.M), out
     assert re.search(r"^α_depth = [0-9.]+ \(weight of the public encoder\)$", out, flags=re.M)

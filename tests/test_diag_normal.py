@@ -86,8 +86,10 @@ def test_kl_to_an_expanded_prior_and_from_an_event_free_normal():
         kl_divergence(q, DiagNormal(torch.zeros(T, B, D), torch.ones(T, B, D), event_dim=2))
     # no closed form from a non-Gaussian guide: the mean-field ELBO falls back to Monte Carlo
     with pytest.raises(NotImplementedError):
-        kl_divergence(dist.Laplace(torch.zeros(T, B, D), 1.0).to_event(1),
-                      DiagNormal(torch.zeros(()), torch.ones(()), shape=(T, B, D)))
+        kl_divergence(
+            dist.Laplace(torch.zeros(T, B, D), 1.0).to_event(1),
+            DiagNormal(torch.zeros(()), torch.ones(()), shape=(T, B, D)),
+        )
 
 
 def test_kl_to_a_task_mixture_is_the_bound_of_the_full_normal():
@@ -148,11 +150,16 @@ def test_a_known_zero_loc_gives_the_same_kl_in_value_and_gradient(zero_side):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize(("spec", "zero"), [
-    ({"kind": "normal"}, True), ({"kind": "normal", "loc": 1.0}, False),
-    ({"kind": "learned_normal", "learn_loc": False}, True), ({"kind": "learned_normal"}, False),
-    ({"kind": "learned_normal", "learn_loc": False, "loc": 0.5}, False),
-])
+@pytest.mark.parametrize(
+    ("spec", "zero"),
+    [
+        ({"kind": "normal"}, True),
+        ({"kind": "normal", "loc": 1.0}, False),
+        ({"kind": "learned_normal", "learn_loc": False}, True),
+        ({"kind": "learned_normal"}, False),
+        ({"kind": "learned_normal", "learn_loc": False, "loc": 0.5}, False),
+    ],
+)
 def test_gaussian_prior_kinds_promise_a_zero_loc_only_when_it_is_frozen_at_zero(spec, zero):
     prior = PriorSite("w", spec).build(batch_shape=(T, B), event_shape=(D,), num_tasks=T)
     assert prior.zero_loc is zero
@@ -166,8 +173,12 @@ def test_mixture_bound_counts_an_event_dim_that_both_sides_broadcast():
     weights = torch.softmax(torch.randn(T, B, 2, dtype=torch.float64), -1)
     loc, scale = torch.randn(T, B, 2, 1, dtype=torch.float64), torch.rand(T, B, 2, 1, dtype=torch.float64) + 0.2
     q_loc, q_scale = torch.randn(T, B, 1, dtype=torch.float64), torch.rand(T, B, 1, dtype=torch.float64) + 0.3
-    broadcast = kl_divergence(dist.Normal(q_loc.expand(T, B, D), q_scale.expand(T, B, D)).to_event(1),
-                              TaskMixture(weights, loc.expand(T, B, 2, D), scale.expand(T, B, 2, D), event_dim=1))
-    dense = kl_divergence(dist.Normal(q_loc.expand(T, B, D).clone(), q_scale.expand(T, B, D).clone()).to_event(1),
-                          TaskMixture(weights, loc.expand(T, B, 2, D).clone(), scale.expand(T, B, 2, D).clone(), event_dim=1))
+    broadcast = kl_divergence(
+        dist.Normal(q_loc.expand(T, B, D), q_scale.expand(T, B, D)).to_event(1),
+        TaskMixture(weights, loc.expand(T, B, 2, D), scale.expand(T, B, 2, D), event_dim=1),
+    )
+    dense = kl_divergence(
+        dist.Normal(q_loc.expand(T, B, D).clone(), q_scale.expand(T, B, D).clone()).to_event(1),
+        TaskMixture(weights, loc.expand(T, B, 2, D).clone(), scale.expand(T, B, 2, D).clone(), event_dim=1),
+    )
     torch.testing.assert_close(broadcast, dense)

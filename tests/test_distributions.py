@@ -214,8 +214,9 @@ def test_sampled_mixture_estimates_the_bound_and_is_the_renormalised_subset_othe
         TaskMixture(-weights, loc, scale, event_dim=1, sampled=True)
 
     q_loc, q_scale = torch.randn(2, 3), torch.rand(2, 3) + 0.3
-    pairs = torch.stack([kl_divergence(dist.Normal(q_loc, q_scale), dist.Normal(loc[:, c], scale[:, c])).sum(-1)
-                         for c in range(2)], -1)
+    pairs = torch.stack(
+        [kl_divergence(dist.Normal(q_loc, q_scale), dist.Normal(loc[:, c], scale[:, c])).sum(-1) for c in range(2)], -1
+    )
     torch.testing.assert_close(kl_divergence(dist.Normal(q_loc, q_scale).to_event(1), m), (weights * pairs).sum(-1))
 
     value = torch.randn(2, 3)

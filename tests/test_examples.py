@@ -25,8 +25,15 @@ CUSTOM_PRIOR = ROOT / "examples" / "custom_prior.py"
 
 #: One config per paper ablation (VMTL Tables 1 and 2, and the VSTL / VBMTL baselines).
 ABLATIONS = {
-    "table1_z_det_w_det", "table1_z_prob_w_det", "table1_z_det_w_prob", "table1_z_prob_w_prob",
-    "table2_mean", "table2_learned", "table2_gumbel", "vstl", "vbmtl",
+    "table1_z_det_w_det",
+    "table1_z_prob_w_det",
+    "table1_z_det_w_prob",
+    "table1_z_prob_w_prob",
+    "table2_mean",
+    "table2_learned",
+    "table2_gumbel",
+    "vstl",
+    "vbmtl",
 }
 
 #: Small and short: these runs check that a config trains, not how well.
@@ -49,8 +56,11 @@ def test_ablations_differ_only_where_the_paper_says():
 
     # Table 2 changes the mixture weights of both sites, nothing else
     base = {site: {k: v for k, v in table("table2_gumbel", site).items() if k != "temperature"} for site in "zw"}
-    for name, weights in (("table2_mean", "uniform"), ("table2_learned", "learned"),
-                          ("table2_gumbel", "gumbel_softmax")):
+    for name, weights in (
+        ("table2_mean", "uniform"),
+        ("table2_learned", "learned"),
+        ("table2_gumbel", "gumbel_softmax"),
+    ):
         for site in "zw":
             got = {k: v for k, v in table(name, site).items() if k != "temperature"}
             assert got == {**base[site], "weights": weights}
@@ -74,8 +84,16 @@ def test_config_resolves_to_its_priors_and_trains(name):
     method = methods.get(doc["method"])
     # the route of `pyromtl fit METHOD --config FILE --set ...`
     args = cli.build_parser().parse_args(
-        ["fit", doc["method"], "--config", str(path), "--device", "cpu",
-         *(a for s in QUICK + (QUICK_MC if "mc_z" in method.defaults else []) for a in ("--set", s))])
+        [
+            "fit",
+            doc["method"],
+            "--config",
+            str(path),
+            "--device",
+            "cpu",
+            *(a for s in QUICK + (QUICK_MC if "mc_z" in method.defaults else []) for a in ("--set", s)),
+        ]
+    )
     options = cli.fit_options(args)
     resolved = config.resolve(method, options)
     assert set(doc["priors"]) == set(method.priors)  # every latent site is spelled out
@@ -107,8 +125,14 @@ def test_config_resolves_to_its_priors_and_trains(name):
 def test_custom_prior_script_trains_and_prints_metrics():
     # one thread: tiny networks gain nothing from more, and a busy machine loses a lot
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(CUSTOM_PRIOR), "--steps", "5", "--device", "cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(CUSTOM_PRIOR), "--steps", "5", "--device", "cpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     average = re.search(r"^\|\s*average\s*\|\s*([0-9.]+)", done.stdout, flags=re.M)
     assert average and 0.0 <= float(average.group(1)) <= 1.0, done.stdout

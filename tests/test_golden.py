@@ -40,8 +40,7 @@ def _default_case(name: str) -> dict[str, Any]:
 CASES: dict[str, dict[str, Any]] = {
     **{name: _default_case(name) for name in methods.available()},
     "bayesagg-aggregate": {"method": "bayesagg", "data": "digits-mixed", "options": {"pretrain_steps": 5}},
-    "bayesagg-regression": {"method": "bayesagg", "data": "digits-regression",
-                            "options": {"pretrain_steps": 5}},
+    "bayesagg-regression": {"method": "bayesagg", "data": "digits-regression", "options": {"pretrain_steps": 5}},
     "lsmtl-bilevel": {"method": "lsmtl", "data": "digits-mixed", "options": {"gates": "bilevel"}},
     "vbmtl-simo": {"method": "vbmtl", "data": "digits-mixed", "options": {}},
 }
@@ -49,8 +48,9 @@ CASES: dict[str, dict[str, Any]] = {
 
 def run_case(case: dict[str, Any]):
     torch.set_num_threads(1)
-    return pyromtl.fit(case["method"], case["data"], seed=0, device="cpu", steps=20, eval_every=10, quiet=True,
-                       **case["options"])
+    return pyromtl.fit(
+        case["method"], case["data"], seed=0, device="cpu", steps=20, eval_every=10, quiet=True, **case["options"]
+    )
 
 
 def test_every_registered_method_has_a_recorded_case() -> None:
@@ -76,8 +76,11 @@ def record(names: list[str]) -> None:
     golden = dict(GOLDEN)
     for name in names:
         fit = run_case(CASES[name])
-        golden[name] = {"best_step": fit.train_info["best_step"], "final_loss": fit.train_info["final_loss"],
-                        "tasks": fit.evaluate(num_samples=fit.config["eval_samples"])["tasks"]}
+        golden[name] = {
+            "best_step": fit.train_info["best_step"],
+            "final_loss": fit.train_info["final_loss"],
+            "tasks": fit.evaluate(num_samples=fit.config["eval_samples"])["tasks"],
+        }
         print(f"recorded {name}")
     PATH.write_text(json.dumps(dict(sorted(golden.items())), indent=1) + "\n")
 

@@ -16,16 +16,16 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from pyro import poutine
 from torch.distributions import Normal, kl_divergence
 
 import pyromtl
 from pyromtl import cli, config, methods
-from pyromtl.schedules import TrainState
 from pyromtl.data import MultiTaskData
 from pyromtl.infer.hib import channel_kl
 from pyromtl.method import MethodContext
+from pyromtl.schedules import TrainState
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 
 SMALL = {**TINY, "latent_dim": 4}
 
@@ -180,13 +180,16 @@ def test_saved_run_loads_with_its_noise_channels(tmp_path: Path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["relatedness"]["distance"]
 
 
-@pytest.mark.parametrize(("options", "fragment"), [
-    ({"task_beta": {"nope": 1.0}}, "'task_beta' names unknown task(s) ['nope']"),
-    ({"noise": "loud"}, "'noise' must be one of"),
-    ({"predict_w": "median"}, "'predict_w' must be one of"),
-    ({"noise": "fixed", "fixed_noise_var": 0.0}, "'fixed_noise_var' must be > 0"),
-    ({"beta": -1.0}, "'beta' must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"task_beta": {"nope": 1.0}}, "'task_beta' names unknown task(s) ['nope']"),
+        ({"noise": "loud"}, "'noise' must be one of"),
+        ({"predict_w": "median"}, "'predict_w' must be one of"),
+        ({"noise": "fixed", "fixed_noise_var": 0.0}, "'fixed_noise_var' must be > 0"),
+        ({"beta": -1.0}, "'beta' must be >= 0"),
+    ],
+)
 def test_bad_options_fail_before_training(options, fragment):
     with pytest.raises(ValueError) as err:
         pyromtl.fit("hib", mixed_simo(), steps=1, device="cpu", **SMALL, **options)
@@ -208,8 +211,28 @@ def test_noise_variances_recover_the_digit_groups():
 @pytest.mark.slow
 def test_cli_fit_then_report_draws_the_heatmap_and_dendrogram(tmp_path: Path):
     out = tmp_path / "run"
-    assert cli.main(["fit", "hib", "--data", "digits-grouped", "--steps", "20", "--device", "cpu", "--quiet",
-                     "--set", "eval_every=20", "--set", "eval_samples=2", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "fit",
+                "hib",
+                "--data",
+                "digits-grouped",
+                "--steps",
+                "20",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--set",
+                "eval_every=20",
+                "--set",
+                "eval_samples=2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((out / "metrics.json").read_text())
     assert len(doc["relatedness"]["distance"]) == 6
     assert isinstance(doc["extra"]["clustering"]["success"], bool)
@@ -225,12 +248,15 @@ def test_cli_fit_then_report_draws_the_heatmap_and_dendrogram(tmp_path: Path):
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
 
-@pytest.mark.parametrize(("name", "point", "fixed"), [("hib_grouped", False, False), ("hib_nonoise", True, False),
-                                                      ("hib_fixed_noise", False, True)])
+@pytest.mark.parametrize(
+    ("name", "point", "fixed"),
+    [("hib_grouped", False, False), ("hib_nonoise", True, False), ("hib_fixed_noise", False, True)],
+)
 def test_ablation_configs_train_as_their_variant(name: str, point: bool, fixed: bool):
     path = CONFIGS / f"{name}.toml"
-    args = cli.build_parser().parse_args(["fit", "hib", "--config", str(path), "--device", "cpu", "--steps", "2",
-                                          "--set", "eval_samples=2", "--quiet"])
+    args = cli.build_parser().parse_args(
+        ["fit", "hib", "--config", str(path), "--device", "cpu", "--steps", "2", "--set", "eval_samples=2", "--quiet"]
+    )
     options = cli.fit_options(args)
     options.pop("method")
     fit = pyromtl.fit("hib", **options)

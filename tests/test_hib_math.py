@@ -27,12 +27,14 @@ from pyromtl.plots import plot_dendrogram
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hib_gaussian_theory.py"
 
 #: Four tasks in two pairs, {0, 1} and {2, 3}; every within-pair distance is below every across.
-PAIRS = np.array([
-    [0.0, 1.0, 4.0, 5.0],
-    [1.0, 0.0, 3.5, 6.0],
-    [4.0, 3.5, 0.0, 2.0],
-    [5.0, 6.0, 2.0, 0.0],
-])
+PAIRS = np.array(
+    [
+        [0.0, 1.0, 4.0, 5.0],
+        [1.0, 0.0, 3.5, 6.0],
+        [4.0, 3.5, 0.0, 2.0],
+        [5.0, 6.0, 2.0, 0.0],
+    ]
+)
 PAIR_LABELS = np.array([0, 0, 1, 1])
 
 
@@ -80,8 +82,12 @@ def test_printed_eq8_at_its_best_marginal_is_the_kl_bound_with_beta_doubled():
 
 def test_channel_kl_and_noise_distance_stay_on_the_inputs_device():
     meta = torch.device("meta")  # shapes only: fails if anything is created on the CPU
-    kl = channel_kl(torch.zeros(4, 5, device=meta), torch.zeros(3, 5, device=meta),
-                    torch.zeros(5, device=meta), torch.zeros(3, 5, device=meta))
+    kl = channel_kl(
+        torch.zeros(4, 5, device=meta),
+        torch.zeros(3, 5, device=meta),
+        torch.zeros(5, device=meta),
+        torch.zeros(3, 5, device=meta),
+    )
     assert kl.device == meta and kl.shape == (4, 3)
     assert noise_distance(torch.zeros(3, 5, device=meta)).shape == (3, 3)
 
@@ -89,8 +95,9 @@ def test_channel_kl_and_noise_distance_stay_on_the_inputs_device():
 def test_channel_kl_shared_prior_broadcasts_and_is_zero_at_the_prior():
     z, log_var, _, _ = _kl_inputs(2)
     loc, prior_log_var = torch.zeros(5, dtype=torch.float64), torch.full((5,), 0.3, dtype=torch.float64)
-    torch.testing.assert_close(channel_kl(z, log_var, loc, prior_log_var),
-                               channel_kl(z, log_var, loc.expand(3, 5), prior_log_var.expand(3, 5)))
+    torch.testing.assert_close(
+        channel_kl(z, log_var, loc, prior_log_var), channel_kl(z, log_var, loc.expand(3, 5), prior_log_var.expand(3, 5))
+    )
     # the channel equals the marginal when z = ν and σ² = ξ²
     at_prior = channel_kl(torch.zeros(1, 5, dtype=torch.float64), prior_log_var.expand(3, 5), loc, prior_log_var)
     torch.testing.assert_close(at_prior, torch.zeros(1, 3, dtype=torch.float64))
@@ -102,13 +109,16 @@ def test_channel_kl_gradients_reach_every_input():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (z, log_var, loc, prior_log_var))
 
 
-@pytest.mark.parametrize("shapes, message", [
-    (((4,), (3, 5), (5,), (5,)), "z"),
-    (((4, 5), (5,), (5,), (5,)), "log_var"),
-    (((4, 6), (3, 5), (5,), (5,)), "dimensions"),
-    (((4, 5), (3, 5), (2, 5), (5,)), "prior_loc"),
-    (((4, 5), (3, 5), (5,), (3, 4)), "prior_log_var"),
-])
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((4,), (3, 5), (5,), (5,)), "z"),
+        (((4, 5), (5,), (5,), (5,)), "log_var"),
+        (((4, 6), (3, 5), (5,), (5,)), "dimensions"),
+        (((4, 5), (3, 5), (2, 5), (5,)), "prior_loc"),
+        (((4, 5), (3, 5), (5,), (3, 4)), "prior_log_var"),
+    ],
+)
 def test_channel_kl_rejects_shapes_that_do_not_fit(shapes, message):
     with pytest.raises(ValueError, match=message):
         channel_kl(*(torch.zeros(s) for s in shapes))
@@ -131,8 +141,9 @@ def test_noise_distance_rejects_a_vector():
 # --------------------------------------------------------------------------- clustering
 
 
-@pytest.mark.parametrize("groups", [PAIR_LABELS, (PAIR_LABELS[:, None] == PAIR_LABELS).astype(float)],
-                         ids=["labels", "matrix"])
+@pytest.mark.parametrize(
+    "groups", [PAIR_LABELS, (PAIR_LABELS[:, None] == PAIR_LABELS).astype(float)], ids=["labels", "matrix"]
+)
 def test_clustering_success_and_margin_on_separated_pairs(groups):
     assert clustering_success(PAIRS, groups)
     # smallest across (3.5) minus largest within (2.0)
@@ -159,16 +170,19 @@ def test_clustering_success_reads_the_relatedness_of_digits_grouped_style():
     assert not clustering_success(d, np.array([0, 1, 0, 1, 0, 1]))
 
 
-@pytest.mark.parametrize("distance, groups, message", [
-    (PAIRS[:3], PAIR_LABELS, "square"),
-    (PAIRS + np.eye(4), PAIR_LABELS, "diagonal"),
-    (PAIRS + np.triu(np.ones((4, 4)), 1), PAIR_LABELS, "symmetric"),
-    (-PAIRS, PAIR_LABELS, "negative"),
-    (PAIRS, np.array([0, 0, 1]), "groups"),
-    (PAIRS, 2 * np.eye(4), "0 and 1"),
-    (PAIRS, np.array([0, 1, 2, 3]), "same group"),
-    (PAIRS, np.zeros(4), "different groups"),
-])
+@pytest.mark.parametrize(
+    "distance, groups, message",
+    [
+        (PAIRS[:3], PAIR_LABELS, "square"),
+        (PAIRS + np.eye(4), PAIR_LABELS, "diagonal"),
+        (PAIRS + np.triu(np.ones((4, 4)), 1), PAIR_LABELS, "symmetric"),
+        (-PAIRS, PAIR_LABELS, "negative"),
+        (PAIRS, np.array([0, 0, 1]), "groups"),
+        (PAIRS, 2 * np.eye(4), "0 and 1"),
+        (PAIRS, np.array([0, 1, 2, 3]), "same group"),
+        (PAIRS, np.zeros(4), "different groups"),
+    ],
+)
 def test_clustering_rejects_bad_input(distance, groups, message):
     with pytest.raises(ValueError, match=message):
         clustering_margin(distance, groups)
@@ -229,8 +243,15 @@ def _ib_objective(b, cov_x, cov_xy, cov_y, beta):
 
 def _minimise(fn, x0):
     x = x0.clone().requires_grad_()
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1.0,
+        max_iter=2000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -245,8 +266,10 @@ def _minimise(fn, x0):
 def _numeric_precisions(directions, covs, beta):
     """Minimise eq. 9 over the noise precisions ``θ²`` of the channel ``W = diag(θ) A X + E``."""
     # unit noise after scaling W by its precision; θ = 0 is a closed dimension, reached smoothly
-    theta = _minimise(lambda t: _ib_objective(t[:, None] * directions, *covs, beta),
-                      torch.ones(directions.shape[0], dtype=torch.float64))
+    theta = _minimise(
+        lambda t: _ib_objective(t[:, None] * directions, *covs, beta),
+        torch.ones(directions.shape[0], dtype=torch.float64),
+    )
     return theta.square()
 
 
@@ -314,13 +337,13 @@ def test_two_task_problem_has_the_requested_eigenvalues_and_disjoint_open_sets()
         want = torch.cat([problem.lambdas[task], torch.ones(3, dtype=torch.float64)]).sort().values
         torch.testing.assert_close(lambdas, want)
     is_open = problem.latent_precisions(0.5) > 0
-    assert is_open.tolist() == [[True, True, False, False, False, False],
-                                [False, False, False, True, True, False]]
+    assert is_open.tolist() == [[True, True, False, False, False, False], [False, False, False, True, True, False]]
     # the sampler agrees with the covariances it reports
     x, x_latent, y = problem.sample(200_000, torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.cov(x.T), problem.task_covariances(0)[0], atol=0.03, rtol=0.03)
-    torch.testing.assert_close(x_latent.T @ y[:, 1] / len(y), problem.task_covariances(1, latent=True)[1],
-                               atol=0.03, rtol=0.03)
+    torch.testing.assert_close(
+        x_latent.T @ y[:, 1] / len(y), problem.task_covariances(1, latent=True)[1], atol=0.03, rtol=0.03
+    )
 
 
 @pytest.mark.slow  # about 5 s: 600 Adam steps

@@ -53,4 +53,6 @@ def test_sharing_the_classifiers_beats_sharing_only_the_encoder():
     """
     bmtl, stl = mean_accuracy("bmtl"), mean_accuracy("stl")
     shared_heads = mean_accuracy("vmtl", W_ONLY)
-    assert shared_heads > max(bmtl, stl) + 0.03, f"vmtl (w prior only) {shared_heads:.3f}, bmtl {bmtl:.3f}, stl {stl:.3f}"
+    assert shared_heads > max(bmtl, stl) + 0.03, (
+        f"vmtl (w prior only) {shared_heads:.3f}, bmtl {bmtl:.3f}, stl {stl:.3f}"
+    )

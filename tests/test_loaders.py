@@ -216,7 +216,7 @@ def test_npz_domains(tmp_path):
 
 
 def test_npz_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no <domain>.npz"):
+    with pytest.raises(FileNotFoundError, match=r"no <domain>.npz"):
         load_npz_domains(tmp_path)
     np.savez(tmp_path / "d.npz", features=np.zeros((4, 2)), target=np.zeros(4))
     with pytest.raises(ValueError, match=r"d\.npz: missing arrays \['labels'\]"):

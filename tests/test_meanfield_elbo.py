@@ -8,11 +8,11 @@ import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from pyromtl import methods
-from pyromtl.schedules import TrainState
 from pyromtl.config import resolve
 from pyromtl.infer.meanfield import MeanFieldELBO
+from pyromtl.schedules import TrainState
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 
 
 def _loss_and_grads(elbo_cls, model, guide, batch, num_particles, seed):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -257,7 +257,7 @@ def test_primary_metric_and_selection_score():
 def test_selection_score_errors():
     with pytest.raises(ValueError, match="2 task types for 1 tasks"):
         M.selection_score({"a": {"accuracy": 0.5}}, ["binary", "binary"])
-    with pytest.raises(ValueError, match="task 'r' .* no 'nmse'"):
+    with pytest.raises(ValueError, match=r"task 'r' .* no 'nmse'"):
         M.selection_score({"r": {"mse": 0.5}}, ["regression"])
     with pytest.raises(ValueError, match="unknown task type"):
         M.selection_score({"r": {"mse": 0.5}}, ["count"])
@@ -365,7 +365,9 @@ def test_compare_table_layout_and_deltas():
     table = M.compare_table({"stl": stl, "mtl": mtl, "partial": partial}, baseline="stl")
     lines = table.splitlines()
     assert lines[0].split("|")[1:-1] == [" task    ", " metric     ", "    stl ", "    mtl ", " partial "]
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]}
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]
+    }
     assert rows[("a", "accuracy ↑")] == ["0.5000", "0.6000", "0.4000"]
     assert rows[("r", "nmse ↓")] == ["0.5000", "0.2500", "–"]
     assert rows[("average", "accuracy ↑")] == ["0.5000", "0.6000", "0.4000"]

@@ -7,11 +7,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from tests.conftest import TINY, blobs_mimo, built, mixed_simo, regression_mimo
 
 import pyromtl
 from pyromtl import methods
 from pyromtl.likelihoods import MultiTaskOutput
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo, regression_mimo
 
 
 @pytest.mark.parametrize("method", ["stl", "bmtl", "vstl", "vbmtl"])
@@ -57,8 +57,8 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
     from pyro import poutine
 
     from pyromtl import config
-    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
+    from pyromtl.schedules import TrainState
 
     data = blobs_mimo()
     m = methods.get("vmtl")
@@ -85,8 +85,8 @@ def test_monte_carlo_plates_average_every_pair_of_draws():
 def test_mean_field_elbo_uses_the_analytic_normal_kl():
     """With z and w from fixed guide draws, two loss evaluations agree only if every KL is analytic."""
     from pyromtl import config
-    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
+    from pyromtl.schedules import TrainState
 
     data = blobs_mimo()
     m = methods.get("vbmtl")
@@ -121,14 +121,15 @@ def test_only_a_shared_encoder_lets_one_tasks_data_change_another_tasks_predicti
     rng = np.random.default_rng(1)
     xs = [clean.x[t].numpy() for t in range(clean.num_tasks)]
     xs[1] = rng.normal(size=xs[1].shape).astype(np.float32) * 5
-    noisy = type(clean).from_arrays(xs, [clean.y[t].numpy() for t in range(clean.num_tasks)], "classification",
-                                    splits=clean.splits, name="blobs")
+    noisy = type(clean).from_arrays(
+        xs, [clean.y[t].numpy() for t in range(clean.num_tasks)], "classification", splits=clean.splits, name="blobs"
+    )
     task0 = [pyromtl.fit(method, d, steps=15, device="cpu", **TINY).predict("test").pred[0] for d in (clean, noisy)]
     assert np.array_equal(task0[0], task0[1]) == isolated
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown method 'nope'; available: .*vbmtl"):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*vbmtl"):
         methods.get("nope")
     assert {"stl", "bmtl", "vstl", "vbmtl", "vmtl", "vmtl-ac"} <= set(methods.available())
 

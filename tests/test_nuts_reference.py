@@ -128,7 +128,10 @@ class PyromtlModel(pyro.nn.PyroModule):
         self.x = torch.as_tensor(x, dtype=torch.float32)
         self.y = torch.as_tensor(y, dtype=torch.float32)
         # batch_shape + (T,) + event_shape = (T, 1) + (T,) + (1, D): component i on dim -3
-        self.components = (torch.as_tensor(M, dtype=torch.float32)[:, None], torch.as_tensor(S, dtype=torch.float32)[:, None])
+        self.components = (
+            torch.as_tensor(M, dtype=torch.float32)[:, None],
+            torch.as_tensor(S, dtype=torch.float32)[:, None],
+        )
 
     def forward(self):
         prior = self.prior.build(batch_shape=(T, 1), event_shape=(1, D), num_tasks=T, components=self.components)
@@ -196,8 +199,14 @@ def numpyro_model(x, y, x_bin, y_bin):
 @pytest.fixture(scope="module")
 def nuts() -> dict[str, np.ndarray]:
     """NUTS draws, 2 chains x 2000 after 1000 warm-up steps; no divergences allowed."""
-    mcmc = MCMC(NUTS(numpyro_model), num_warmup=1000, num_samples=2000, num_chains=2, chain_method="vectorized",
-                progress_bar=False)
+    mcmc = MCMC(
+        NUTS(numpyro_model),
+        num_warmup=1000,
+        num_samples=2000,
+        num_chains=2,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
     mcmc.run(jax.random.PRNGKey(0), *(jnp.asarray(a) for a in (X, Y, X_BIN, Y_BIN)))
     assert int(mcmc.get_extra_fields()["diverging"].sum()) == 0
     return {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
@@ -280,7 +289,9 @@ def test_mixture_monte_carlo_kl_recovers_nuts(nuts):
     posterior is nearly Gaussian and diagonal, so mean-field SVI matches NUTS (and the bound does not)."""
     nuts_mean, nuts_sd = _summary(nuts["w_mixture"])
     svi_mean, svi_sd = fit_svi({"kind": "task_mixture", "weights": "uniform", "kl": "monte_carlo"})
-    _assert_close(svi_mean, svi_sd, nuts_mean, nuts_sd, SVI_NUTS_MEAN_TOL, SVI_NUTS_SD_RTOL, "SVI (monte_carlo) vs NUTS")
+    _assert_close(
+        svi_mean, svi_sd, nuts_mean, nuts_sd, SVI_NUTS_MEAN_TOL, SVI_NUTS_SD_RTOL, "SVI (monte_carlo) vs NUTS"
+    )
     bound_mean, _ = _gaussian_posterior(*_upper_bound_prior())
     assert np.abs(svi_mean - nuts_mean).max() < 0.2 * np.abs(bound_mean - nuts_mean).max()
 

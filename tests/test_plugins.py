@@ -101,7 +101,9 @@ class FrozenEncoder(Objective):
 
 
 def _with_objective(name: str, factory) -> methods.Method:
-    return dataclasses.replace(methods.get(name), objective=lambda ctx: factory(ctx.method.elbo(ctx)(ctx.model, ctx.guide)))
+    return dataclasses.replace(
+        methods.get(name), objective=lambda ctx: factory(ctx.method.elbo(ctx)(ctx.model, ctx.guide))
+    )
 
 
 def test_objective_can_replace_the_backward_pass_and_runs_its_hooks() -> None:
@@ -111,8 +113,12 @@ def test_objective_can_replace_the_backward_pass_and_runs_its_hooks() -> None:
     per_epoch = -(-max(data.split_sizes("train")) // 16)
     pyro.set_rng_seed(cfg["seed"])  # the trainer's seed: the same initialisation
     with pyro.settings.context(module_local_params=True):
-        before = {k: v.clone() for k, v in built(m, cfg, data, pyromtl.schedules.TrainState(total_steps=100))[0]
-                  .encoder.state_dict().items()}
+        before = {
+            k: v.clone()
+            for k, v in built(m, cfg, data, pyromtl.schedules.TrainState(total_steps=100))[0]
+            .encoder.state_dict()
+            .items()
+        }
     result = train(RunSpec.build(m, cfg, data))
     obj = result.objective
     after = obj.model.encoder.state_dict()
@@ -217,7 +223,10 @@ def test_a_global_param_store_entry_is_never_read() -> None:
 
 # ----------------------------------------------------------------------------- the package and the CLI
 def test_submodules_are_attributes_of_the_package() -> None:
-    code = "import pyromtl; d = pyromtl.datasets.load('synthetic-clusters'); print(d.num_tasks, pyromtl.methods.get('stl').name)"
+    code = (
+        "import pyromtl; d = pyromtl.datasets.load('synthetic-clusters'); "
+        "print(d.num_tasks, pyromtl.methods.get('stl').name)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8", "stl"]
@@ -234,11 +243,16 @@ def test_import_option_names_a_missing_module_in_one_line(capsys) -> None:
 @pytest.mark.slow
 def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> None:
     script = ROOT / "examples" / "custom_method.py"
-    done = subprocess.run([sys.executable, str(script), "--steps", "5", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "5", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "from Python: bayes-heads on digits-domains, test accuracy" in done.stdout
-    compare = done.stdout[done.stdout.index("$ pyromtl compare"):]
+    compare = done.stdout[done.stdout.index("$ pyromtl compare") :]
     header = next(line for line in compare.splitlines() if line.startswith("| task"))
     assert [c.strip() for c in header.split("|")[1:-1]] == ["task", "metric", "bayes-heads", "stl"]
     assert "Δm% ↓" in compare and "η̂ ↑" in compare
@@ -254,8 +268,10 @@ def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_fit_saved_to_disk_imports_no_jax(tmp_path: Path) -> None:
     """ArviZ leaves a lazy `jax` module that matplotlib would probe and import (about a second)."""
-    code = ("import sys, pyromtl; pyromtl.fit('vmtl', 'synthetic-clusters', steps=2, quiet=True, device='cpu', "
-            f"latent_dim=4, hidden=[8], mc_z=1, mc_w=1, out={str(tmp_path)!r}); print('jax._src' in sys.modules)")
+    code = (
+        "import sys, pyromtl; pyromtl.fit('vmtl', 'synthetic-clusters', steps=2, quiet=True, device='cpu', "
+        f"latent_dim=4, hidden=[8], mc_z=1, mc_w=1, out={str(tmp_path)!r}); print('jax._src' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

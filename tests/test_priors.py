@@ -9,10 +9,10 @@ from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
 from pyromtl import priors
-from pyromtl.schedules import TrainState
 from pyromtl.distributions import TaskMixture
 from pyromtl.models.vmtl import expected_weights
 from pyromtl.priors import PriorContext, PriorSite, PriorSpec, available, build, describe, parse_spec, register
+from pyromtl.schedules import TrainState
 
 T, B, K, D = 4, 5, 3, 2
 
@@ -34,7 +34,8 @@ def scratch_kinds():
 
 
 def w_components(requires_grad=False):
-    """Task posteriors of w, [T, 1, K, D] as a model holds them, as components [T, K, D] (broadcast to [T, 1, T, K, D])."""
+    """Task posteriors of w, [T, 1, K, D] as a model holds them, as components [T, K, D]
+    (broadcast to [T, 1, T, K, D])."""
     loc = torch.randn(T, 1, K, D, requires_grad=requires_grad)
     scale = (torch.rand(T, 1, K, D) + 0.2).requires_grad_(requires_grad)
     return loc, scale
@@ -42,8 +43,14 @@ def w_components(requires_grad=False):
 
 def build_w(site: PriorSite, components, step=0):
     loc, scale = components
-    return site.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T, state=TrainState(step=step),
-                      components=(loc.detach().squeeze(1), scale.detach().squeeze(1)), task_axis=-2)
+    return site.build(
+        batch_shape=(T, 1),
+        event_shape=(K, D),
+        num_tasks=T,
+        state=TrainState(step=step),
+        components=(loc.detach().squeeze(1), scale.detach().squeeze(1)),
+        task_axis=-2,
+    )
 
 
 def traced_weights(site: PriorSite, components, step=0):
@@ -67,10 +74,17 @@ def test_spec_forms_parse_equal():
     as_spec = PriorSpec("task_mixture", {"temperature": {"start": 5.0, "end": 0.5, "rate": 1e-3}, "kl": "upper_bound"})
     parsed = [parse_spec(x) for x in (table, as_dict, as_spec)]
     assert parsed[0] == parsed[1] == parsed[2]
-    assert parsed[0].params == {"weights": "gumbel_softmax", "temperature": {"start": 5.0, "end": 0.5, "rate": 1e-3},
-                                "kl": "upper_bound"}
+    assert parsed[0].params == {
+        "weights": "gumbel_softmax",
+        "temperature": {"start": 5.0, "end": 0.5, "rate": 1e-3},
+        "kl": "upper_bound",
+    }
     assert parse_spec(parsed[0].to_dict()) == parsed[0]
-    assert parse_spec("normal") == parse_spec({"kind": "normal", "loc": 0, "scale": 1}) == PriorSpec("normal", {"loc": 0.0, "scale": 1.0})
+    assert (
+        parse_spec("normal")
+        == parse_spec({"kind": "normal", "loc": 0, "scale": 1})
+        == PriorSpec("normal", {"loc": 0.0, "scale": 1.0})
+    )
 
 
 def test_registry_lists_and_describes_builtins():
@@ -252,14 +266,16 @@ def test_z_prior_with_named_components_gathers_their_weights():
         torch.testing.assert_close(prior.weights[t, b, c], beta[t, tasks[t, b, c]] / inclusion)
     # every other task named, in any order, probability 1: the exact mixture, weights on the simplex
     everyone = priors.other_tasks(T).flip(-1)[:, None, :]
-    exact = site.build(**{**kwargs, "components": (torch.randn(T, B, T - 1, D), torch.ones(T, B, T - 1, D))},
-                       extras={"component_tasks": everyone})
+    exact = site.build(
+        **{**kwargs, "components": (torch.randn(T, B, T - 1, D), torch.ones(T, B, T - 1, D))},
+        extras={"component_tasks": everyone},
+    )
     assert not exact.sampled
     torch.testing.assert_close(exact.weights.sum(-1), torch.ones(T, B))
     torch.testing.assert_close(exact.weights[:, 0], beta.gather(-1, everyone[:, 0]))
     # errors: a subset for the exact KL, an impossible inclusion, a component count that does not match
     mc = PriorSite("z", {"kind": "task_mixture", "kl": "monte_carlo"})
-    with pytest.raises(ValueError, match="monte_carlo.*needs every component"):
+    with pytest.raises(ValueError, match=r"monte_carlo.*needs every component"):
         mc.build(**kwargs, extras={"component_tasks": tasks, "component_inclusion": inclusion})
     with pytest.raises(ValueError, match=r"component_inclusion must be in \(0, 1\]"):
         site.build(**kwargs, extras={"component_tasks": tasks, "component_inclusion": 0.0})
@@ -270,11 +286,18 @@ def test_z_prior_with_named_components_gathers_their_weights():
 def test_task_mixture_errors():
     site = PriorSite("w", "task_mixture")
     with pytest.raises(ValueError, match="at least 2 tasks"):
-        site.build(batch_shape=(1, 1), event_shape=(K, D), num_tasks=1, components=(torch.zeros(1, K, D), torch.ones(1, K, D)))
+        site.build(
+            batch_shape=(1, 1), event_shape=(K, D), num_tasks=1, components=(torch.zeros(1, K, D), torch.ones(1, K, D))
+        )
     with pytest.raises(ValueError, match="needs the other tasks' posteriors"):
         site.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T)
     with pytest.raises(ValueError, match=r"components must be shaped"):
-        site.build(batch_shape=(T, 1), event_shape=(K, D), num_tasks=T, components=(torch.zeros(T - 1, K, D), torch.ones(T - 1, K, D)))
+        site.build(
+            batch_shape=(T, 1),
+            event_shape=(K, D),
+            num_tasks=T,
+            components=(torch.zeros(T - 1, K, D), torch.ones(T - 1, K, D)),
+        )
     with pytest.raises(ValueError, match="task_axis"):
         site.build(batch_shape=(1, B), event_shape=(D,), num_tasks=T, components=(torch.zeros(T, D), torch.ones(T, D)))
     with pytest.raises(ValueError, match="build the prior once"):
@@ -327,7 +350,9 @@ def test_elbo_with_prior_site_uses_the_bound():
         losses.append(TraceMeanField_ELBO().differentiable_loss(model, guide))
     q = dist.Normal(q_loc, q_scale).to_event(2)
     alpha = expected_weights(site)
-    expected = sum(alpha[:, i] * kl_divergence(q, dist.Normal(comps[0][i], comps[1][i]).to_event(2)).squeeze(-1) for i in range(T)).sum()
+    expected = sum(
+        alpha[:, i] * kl_divergence(q, dist.Normal(comps[0][i], comps[1][i]).to_event(2)).squeeze(-1) for i in range(T)
+    ).sum()
     for loss in losses:
         torch.testing.assert_close(loss, expected)
 

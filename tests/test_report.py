@@ -91,7 +91,7 @@ def test_report_rejects_a_directory_that_is_no_run(tmp_path: Path) -> None:
         report(tmp_path)
     (tmp_path / "metrics.json").write_text('{"dataset": "d", "tasks": {"t0": {"accuracy": 0.5}}}')
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="checkpoint.pt cannot be read"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read"):
         report(tmp_path)
 
 
@@ -101,8 +101,11 @@ def test_method_figures_are_drawn_only_when_written(tmp_path: Path, monkeypatch:
     import pyromtl.plots as plots
 
     distance = [[0.0, 1.0, 3.0], [1.0, 0.0, 2.5], [3.0, 2.5, 0.0]]
-    doc = {"method": "hib", "tasks": {name: {"accuracy": 0.5} for name in ("a", "b", "c")},
-           "relatedness": {"distance": distance}}
+    doc = {
+        "method": "hib",
+        "tasks": {name: {"accuracy": 0.5} for name in ("a", "b", "c")},
+        "relatedness": {"distance": distance},
+    }
     method = methods.get("hib")
     context = MethodContext(method, config.resolve(method, {}), doc=doc)
     run = RunDir(tmp_path)

@@ -35,8 +35,13 @@ def test_linear_warmup_then_constant():
 def test_schedule_passes_through_and_round_trips():
     s = Schedule.linear(0.0, 1.0, 10)
     assert as_schedule(s) is s
-    for value in (0.3, {"start": 5.0, "end": 0.5, "rate": 1e-3}, {"start": 0.0, "end": 1.0, "steps": 10},
-                  {"start": 0.0, "end": 1.0, "fraction": 0.2}, {"start": 5.0, "end": 0.5, "decay_fraction": 0.3}):
+    for value in (
+        0.3,
+        {"start": 5.0, "end": 0.5, "rate": 1e-3},
+        {"start": 0.0, "end": 1.0, "steps": 10},
+        {"start": 0.0, "end": 1.0, "fraction": 0.2},
+        {"start": 5.0, "end": 0.5, "decay_fraction": 0.3},
+    ):
         assert as_schedule(as_schedule(value).to_config()) == as_schedule(value)
 
 

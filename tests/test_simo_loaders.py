@@ -30,8 +30,11 @@ def sets(data) -> list[set[int]]:
 def assert_partition(data, n: int) -> None:
     train, val, test = sets(data)
     assert not (train & val or train & test or val & test) and len(train | val | test) == n
-    assert all(data.splits[s][t].tolist() == data.splits[s][0].tolist()
-               for s in ("train", "val", "test") for t in range(data.num_tasks))  # SIMO: one split
+    assert all(
+        data.splits[s][t].tolist() == data.splits[s][0].tolist()
+        for s in ("train", "val", "test")
+        for t in range(data.num_tasks)
+    )  # SIMO: one split
 
 
 # ------------------------------------------------------------------------------- CIFAR-100
@@ -42,13 +45,24 @@ def write_cifar(root, protocol: int, per_class=(2, 1)) -> None:
         coarse = [k for k in range(20) for _ in range(n)]
         data = np.zeros((len(coarse), 3072), dtype=np.uint8)
         data[:, 0] = np.asarray(coarse) * 10
-        table = {b"batch_label": name.encode(), b"coarse_labels": coarse, b"fine_labels": [5 * c for c in coarse],
-                 b"filenames": [f"img{i}.png".encode() for i in range(len(coarse))], b"data": data}
+        table = {
+            b"batch_label": name.encode(),
+            b"coarse_labels": coarse,
+            b"fine_labels": [5 * c for c in coarse],
+            b"filenames": [f"img{i}.png".encode() for i in range(len(coarse))],
+            b"data": data,
+        }
         with open(root / name, "wb") as fh:
             pickle.dump(table, fh, protocol=protocol)
     with open(root / "meta", "wb") as fh:
-        pickle.dump({b"coarse_label_names": [c.encode() for c in COARSE],
-                     b"fine_label_names": [f"f{k}".encode() for k in range(100)]}, fh, protocol=protocol)
+        pickle.dump(
+            {
+                b"coarse_label_names": [c.encode() for c in COARSE],
+                b"fine_label_names": [f"f{k}".encode() for k in range(100)],
+            },
+            fh,
+            protocol=protocol,
+        )
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
@@ -61,7 +75,7 @@ def test_cifar_mtl_is_20_one_vs_rest_tasks_over_the_coarse_labels(tmp_path, prot
     y = np.stack([t.numpy() for t in data.y])
     assert np.array_equal(y.argmax(0), coarse) and (y.sum(0) == 1).all()
     assert_partition(data, 60)
-    train, val, test = sets(data)
+    _train, val, test = sets(data)
     assert test == set(range(40, 60)) and len(val) == 4  # the official test file; 10% of train for val
 
 
@@ -134,8 +148,20 @@ def test_utkface_reads_age_gender_race_from_names_and_skips_malformed(tmp_path):
 
 
 # ------------------------------------------------------------------------------- ChestX-ray14
-HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-          "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", ""]
+HEADER = [
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+    "",
+]
 
 
 def write_chestxray(root, findings: list[str], csv_name="Data_Entry_2017.csv") -> list[str]:
@@ -269,7 +295,14 @@ def test_grouped_mnist_tasks_and_official_test_split(tmp_path):
         expected = [digits.index(d) if d in digits else 4 for d in digit]
         assert data.y[t].long().tolist() == expected
     assert sets(data)[2] == set(range(20, 30)) and len(sets(data)[1]) == 2
-    assert datasets.load("grouped-mnist", root=tmp_path).task_names == ["d012", "d1234", "d024", "d567", "d6789", "d579"]
+    assert datasets.load("grouped-mnist", root=tmp_path).task_names == [
+        "d012",
+        "d1234",
+        "d024",
+        "d567",
+        "d6789",
+        "d579",
+    ]
 
 
 def test_multi_mnist_overlays_pairs_within_each_split(tmp_path):
@@ -283,8 +316,11 @@ def test_multi_mnist_overlays_pairs_within_each_split(tmp_path):
     # the top-left 4x4 corner is the first digit's alone (the second starts at 4 or more)
     for i in range(30):
         pattern = digit_image(first[i]) / 255.0
-        assert any(np.allclose(frames[i, :4, :4], np.pad(pattern, ((r, 8 - r), (c, 8 - c)))[:4, :4])
-                   for r in range(5) for c in range(5))
+        assert any(
+            np.allclose(frames[i, :4, :4], np.pad(pattern, ((r, 8 - r), (c, 8 - c)))[:4, :4])
+            for r in range(5)
+            for c in range(5)
+        )
     assert sets(data)[2] == set(range(20, 30)) and len(sets(data)[1]) == 4
 
 

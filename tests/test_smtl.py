@@ -15,14 +15,14 @@ from pyro.nn import PyroModule
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.schedules import TrainState
 from pyromtl.cli import main
+from pyromtl.method import MethodContext
 from pyromtl.params import local_params
 from pyromtl.predict import draw
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
 from pyromtl.train import train
-from pyromtl.method import MethodContext
 from tests.conftest import TINY, built, mixed_simo
 
 VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
@@ -148,10 +148,14 @@ def test_registered_networks_run_as_one_batched_stack(monkeypatch: pytest.Monkey
     batch = next(fit.data.eval_batches("test", "cpu"))
     with torch.no_grad():
         fit.model.gate_logit.copy_(torch.tensor([1.0, -1.0, 1.0]))
-        torch.testing.assert_close(fit.export_pruned()(batch.x), _outputs(fit.model, fit.guide, batch),
-                                   rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="config key 'encoder' names network 'tiny_encoder', which is not registered "
-                                         r"\(registered: linear, tiny\)"):
+        torch.testing.assert_close(
+            fit.export_pruned()(batch.x), _outputs(fit.model, fit.guide, batch), rtol=0, atol=1e-6
+        )
+    with pytest.raises(
+        ValueError,
+        match="config key 'encoder' names network 'tiny_encoder', which is not registered "
+        r"\(registered: linear, tiny\)",
+    ):
         pyromtl.fit("smtl", mixed_simo(), steps=1, device="cpu", encoder="tiny_encoder", **TINY)
 
 
@@ -173,8 +177,13 @@ def _compare_rows(capsys, runs: list[Path], baseline: Path) -> dict[str, list[st
 
 def _run(path: Path, tasks: dict[str, float]) -> Path:
     path.mkdir()
-    doc = {"method": path.name, "dataset": "digits-conflict", "fraction": 1.0, "seed": 0,
-           "tasks": {t: {"accuracy": a} for t, a in tasks.items()}}
+    doc = {
+        "method": path.name,
+        "dataset": "digits-conflict",
+        "fraction": 1.0,
+        "seed": 0,
+        "tasks": {t: {"accuracy": a} for t, a in tasks.items()},
+    }
     (path / "metrics.json").write_text(json.dumps(doc))
     return path
 
@@ -202,8 +211,12 @@ def test_hard_sharing_is_worse_than_stl_on_the_conflicting_angle() -> None:
     """
     # validation checks every distribution built; off, the two fits take a third less time
     with pyro.validation_enabled(False):
-        nmse = {name: pyromtl.fit(name, "digits-mixed", seed=3, steps=1000, device="cpu", quiet=True)
-                .evaluate()["tasks"]["angle"]["nmse"] for name in ("stl", "bmtl")}
+        nmse = {
+            name: pyromtl.fit(name, "digits-mixed", seed=3, steps=1000, device="cpu", quiet=True).evaluate()["tasks"][
+                "angle"
+            ]["nmse"]
+            for name in ("stl", "bmtl")
+        }
     assert nmse["bmtl"] > 1.05 * nmse["stl"], nmse
 
 
@@ -232,7 +245,9 @@ def test_bilevel_gates_learn_on_a_val_part_that_model_selection_never_sees() -> 
     assert set(gates.tolist()).isdisjoint(val.tolist())
     assert sorted(gates.tolist() + val.tolist()) == sorted(data.splits["val"][0].tolist())
     assert len(val) == round(len(data.splits["val"][0]) * cfg["selection_fraction"])
-    assert m.prepare(MethodContext(m, config.resolve(m, {**TINY, "device": "cpu"}), data=data)) is data  # joint: untouched
+    assert (
+        m.prepare(MethodContext(m, config.resolve(m, {**TINY, "device": "cpu"}), data=data)) is data
+    )  # joint: untouched
     result = train(RunSpec.build(m, cfg, prepared))
     objective = result.objective
     logit = objective.model.gate_logit
@@ -246,8 +261,11 @@ def test_bilevel_gates_resume_exactly_from_a_checkpoint(tmp_path: Path) -> None:
     parameter, the gates and their own optimiser's moments."""
     m = methods.get("lsmtl")
     data = mixed_simo()
-    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu", "gates": "bilevel",
-                             "gate_lr": 0.05}, data=data)
+    cfg = config.resolve(
+        m,
+        {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu", "gates": "bilevel", "gate_lr": 0.05},
+        data=data,
+    )
     train(RunSpec.build(m, cfg, data, tmp_path / "once"))
     train(RunSpec.build(m, {**cfg, "steps": 25}, data, tmp_path / "resumed"))
     train(RunSpec.build(m, cfg, data, tmp_path / "resumed"))

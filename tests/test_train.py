@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.conftest import TINY, blobs_mimo, built
 
 import pyromtl
 from pyromtl import io as pio
+from pyromtl.method import MethodContext
 from pyromtl.runspec import RunSpec, resolve_device, total_steps
 from pyromtl.train import TrainingError
-from pyromtl.method import MethodContext
+from tests.conftest import TINY, blobs_mimo, built
 
 
 def _params(fit) -> dict[str, torch.Tensor]:
@@ -39,7 +39,6 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(blobs, tmp_path):
     full = pyromtl.fit("vbmtl", blobs, **opts)
 
     from pyromtl import config, methods
-    from pyromtl.rundir import RunDir
     from pyromtl.train import train
 
     m = methods.get("vbmtl")
@@ -66,15 +65,17 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(blobs, tmp_path):
 def test_nan_loss_stops_with_a_clear_message(blobs, monkeypatch):
     from pyromtl import likelihoods
 
-    monkeypatch.setattr(likelihoods.MultiTaskOutput, "log_prob", lambda self, value: torch.full(self.batch_shape, float("nan")))
+    monkeypatch.setattr(
+        likelihoods.MultiTaskOutput, "log_prob", lambda self, value: torch.full(self.batch_shape, float("nan"))
+    )
     with pytest.raises(TrainingError, match=r"loss is nan before the first step of bmtl"):
         pyromtl.fit("bmtl", blobs, steps=5, **TINY)
 
 
 def test_vectorized_particles_reduce_the_variance_of_the_loss(blobs):
     from pyromtl import config, methods
-    from pyromtl.schedules import TrainState
     from pyromtl.params import local_params
+    from pyromtl.schedules import TrainState
 
     m = methods.get("vbmtl")
 
@@ -139,14 +140,24 @@ def test_model_selection_starts_after_the_warmup_by_default(blobs, monkeypatch, 
     monkeypatch.setattr(train_mod, "validation_score", lambda *args: -float(args[-1]))  # seed + step: falls
     warmup = {"start": 0.0, "end": 1.0, "fraction": 0.5}
     decay = {"start": 5.0, "end": 0.5, "decay_fraction": 0.25}
-    fit = pyromtl.fit("vmtl", blobs, steps=40, kl_weight=warmup, select=select, mc_z=1, mc_w=1,
-                      priors={"w": {"temperature": decay}}, **TINY)
+    fit = pyromtl.fit(
+        "vmtl",
+        blobs,
+        steps=40,
+        kl_weight=warmup,
+        select=select,
+        mc_z=1,
+        mc_w=1,
+        priors={"w": {"temperature": decay}},
+        **TINY,
+    )
     selected = fit.train_info["selected"]
     assert fit.train_info["best_step"] == kept == selected["step"]
     assert selected["kl_weight"] == pytest.approx(min(1.0, kept / 20))
     assert selected["priors.w.temperature"] == pytest.approx(max(0.5, 5.0 * 0.1 ** (kept / 10)))
-    assert selected["kl_weights"] == {site: pytest.approx(w * selected["kl_weight"])
-                                      for site, w in fit.config["kl_weights"].items()}
+    assert selected["kl_weights"] == {
+        site: pytest.approx(w * selected["kl_weight"]) for site, w in fit.config["kl_weights"].items()
+    }
 
 
 def test_bad_select_is_a_config_error(blobs):
@@ -171,9 +182,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_each_step_runs_the_encoder_once_whatever_the_number_of_tasks():
     """Vectorised over tasks: a step's work is one batched call, not a loop over tasks."""
     from pyromtl import config, methods
-    from pyromtl.schedules import TrainState
-    from pyromtl.params import local_params
     from pyromtl.nn import GaussianEncoder
+    from pyromtl.params import local_params
+    from pyromtl.schedules import TrainState
 
     calls = []
     original = GaussianEncoder.forward

@@ -13,21 +13,21 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from tests.conftest import TINY, blobs_mimo, built, regression_mimo
 from pyro import poutine
 from pyro.infer import ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
 import pyromtl
 from pyromtl import config, datasets, methods
-from pyromtl.schedules import TrainState
 from pyromtl.data import MultiTaskData
 from pyromtl.evaluation import predict_split
+from pyromtl.method import MethodContext
 from pyromtl.models.vmtl import ClassAttention
 from pyromtl.predict import draw
 from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
 from pyromtl.train import train
-from pyromtl.method import MethodContext
+from tests.conftest import TINY, blobs_mimo, built, regression_mimo
 
 #: VMTL's L x M Monte-Carlo draws cut to 2 x 2, and the KL at full weight from step 0 (the
 #: default anneals it from 0, which would mask every KL term at the start).
@@ -133,7 +133,9 @@ def test_elbo_kl_terms_are_the_weighted_pairwise_normal_kls_and_bound_the_mixtur
         bound_z = (beta[:, None, :] * pair_z).sum(-1)  # [T, B]
     # Each site's KL carries its configured weight; z terms also the subsampling scale N_t / B_t
     # and the padding mask. The M and L draws each weigh 1/M and 1/L: one copy of each term.
-    expected = cfg["kl_weights"]["w"] * bound_w.sum() + cfg["kl_weights"]["z"] * (bound_z * batch.scale * batch.mask).sum()
+    expected = (
+        cfg["kl_weights"]["w"] * bound_w.sum() + cfg["kl_weights"]["z"] * (bound_z * batch.scale * batch.mask).sum()
+    )
     assert loss == pytest.approx(expected.item(), rel=1e-5)
 
     # the bound is above a Monte-Carlo estimate of the exact KL to the mixture
@@ -145,7 +147,8 @@ def test_elbo_kl_terms_are_the_weighted_pairwise_normal_kls_and_bound_the_mixtur
     for t, b in [(0, 0), (1, 3), (2, 7)]:
         x = Normal(z_loc[t, b], z_scale[t, b]).sample((S,))
         diff = Normal(z_loc[t, b], z_scale[t, b]).log_prob(x).sum(-1) - mixture_log_prob(
-            x, beta[t], c_loc[t, b], c_scale[t, b], 1)
+            x, beta[t], c_loc[t, b], c_scale[t, b], 1
+        )
         assert bound_z[t, b] >= diff.mean() - 5 * diff.std() / math.sqrt(S)
 
 
@@ -176,8 +179,12 @@ def test_mean_field_elbo_uses_the_analytic_bound_unless_kl_is_monte_carlo(which)
 def test_monte_carlo_kl_trains():
     data = blobs_mimo()
     m = methods.get("vmtl")
-    cfg = config.resolve(m, {**SMALL, "steps": 40, "lr": 0.01, "batch_size": 8, "eval_every": 1000, "device": "cpu"},
-                         {"z": {"kl": "monte_carlo"}, "w": {"kl": "monte_carlo"}}, data=data)
+    cfg = config.resolve(
+        m,
+        {**SMALL, "steps": 40, "lr": 0.01, "batch_size": 8, "eval_every": 1000, "device": "cpu"},
+        {"z": {"kl": "monte_carlo"}, "w": {"kl": "monte_carlo"}},
+        data=data,
+    )
     losses: list[float] = []
     train(RunSpec.build(m, cfg, data), callback=lambda step, loss: losses.append(loss))
     assert len(losses) == 40 and np.isfinite(losses).all()
@@ -233,8 +240,15 @@ def test_predictive_averages_the_per_draw_probabilities():
     outputs = draw(fit.model, fit.guide, batch, 3, fit.method.max_plate_nesting).outputs  # [D, T, B, K]
     assert outputs.shape[0] == 3 * SMALL["mc_z"] * SMALL["mc_w"]  # the inner L x M pairs are draws too
     pyro.set_rng_seed(3)
-    got = predict_split(fit.model, fit.guide, data, "test", num_samples=3, max_plate_nesting=fit.method.max_plate_nesting,
-                        device=torch.device("cpu"))
+    got = predict_split(
+        fit.model,
+        fit.guide,
+        data,
+        "test",
+        num_samples=3,
+        max_plate_nesting=fit.method.max_plate_nesting,
+        device=torch.device("cpu"),
+    )
     by_hand = torch.softmax(outputs, -1).mean(0)
     of_mean_logits = torch.softmax(outputs.mean(0), -1)
     for t in range(data.num_tasks):
@@ -365,8 +379,15 @@ def test_alpha_puts_its_mass_on_tasks_of_the_same_cluster(weights):
     """
     data = datasets.load("synthetic-clusters")
     related = data.relatedness.astype(bool) & ~np.eye(data.num_tasks, dtype=bool)
-    fit = pyromtl.fit("vmtl", data, priors={"w": {"weights": weights}}, steps=200,
-                      lr=0.02, device="cpu", **{**SMALL, "mc_z": 1, "mc_w": 1, "eval_every": 1000})
+    fit = pyromtl.fit(
+        "vmtl",
+        data,
+        priors={"w": {"weights": weights}},
+        steps=200,
+        lr=0.02,
+        device="cpu",
+        **{**SMALL, "mc_z": 1, "mc_w": 1, "eval_every": 1000},
+    )
     assert fit.config["priors"]["z"]["kind"] == "task_mixture"
     for name, weights_of in fit.relatedness().items():
         same = (weights_of * related).sum(1)
@@ -387,8 +408,11 @@ def test_vmtl_ac_classifier_is_one_network_of_the_class_mean_features():
     a, b, c, d, e = torch.randn(5, 3).numpy()
     xs = [np.stack([a, b, c, e, e]), np.stack([b, a, d, a, b, e, e])]
     ys = [np.array([0, 0, 1, 0, 1]), np.array([0, 0, 1, 0, 0, 0, 1])]
-    splits = {"train": [np.arange(3), np.arange(5)], "val": [np.array([3]), np.array([5])],
-              "test": [np.array([4]), np.array([6])]}
+    splits = {
+        "train": [np.arange(3), np.arange(5)],
+        "val": [np.array([3]), np.array([5])],
+        "test": [np.array([4]), np.array([6])],
+    }
     data = MultiTaskData.from_arrays(xs, ys, "classification", splits=splits)
     model, guide, _ = build("vmtl-ac", data=data)
     ac = guide.w_post
@@ -413,7 +437,7 @@ def test_vmtl_ac_classifier_is_one_network_of_the_class_mean_features():
     # the scales never fall below their floor: otherwise the mixture KL can explode
     with torch.no_grad():
         raw = fit.guide.w_post.net[-1].bias
-        raw[raw.shape[0] // 2:] = -50.0  # drive the softplus part of every scale to ~0
+        raw[raw.shape[0] // 2 :] = -50.0  # drive the softplus part of every scale to ~0
         assert fit.guide.w_post()[1].min() >= fit.config["ac_min_scale"]
     assert set(fit.relatedness()) == {"alpha", "beta"}
 

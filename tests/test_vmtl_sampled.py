@@ -12,12 +12,12 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
-from tests.conftest import blobs_mimo
 from pyro import poutine
-from tests.test_vmtl import SMALL, build, diag_kl, elbo, train_batch, without_y
 
 import pyromtl
 from pyromtl.distributions import TaskMixture
+from tests.conftest import blobs_mimo
+from tests.test_vmtl import SMALL, build, diag_kl, elbo, train_batch, without_y
 
 #: Noise-free β = softmax(π), so the component subset is the estimate's only randomness; w a point
 #: estimate (flat prior), so the KL terms are z's alone.
@@ -78,7 +78,7 @@ def test_enough_components_give_the_exact_bound(k):
     batch = train_batch(data)
 
     rng = torch.get_rng_state()
-    (loc, scale), extras = model.z_prior_inputs(batch)
+    (loc, _scale), extras = model.z_prior_inputs(batch)
     assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn
     assert loc.shape == (T, batch.size, T - 1, cfg["latent_dim"])  # the own task (weight 0) skipped
     assert extras["component_inclusion"] == 1.0
@@ -99,7 +99,9 @@ def test_enough_components_give_the_exact_bound(k):
         c_loc = c_loc.reshape(*attended.shape[:3], -1)
         c_scale = c_scale.clamp_min(cfg["z_component_min_scale"]).reshape(*attended.shape[:3], -1)
         bound_z = (beta[:, None, :] * diag_kl(z_loc.unsqueeze(2), z_scale.unsqueeze(2), c_loc, c_scale, 1)).sum(-1)
-    expected = cfg["kl_weights"]["w"] * bound_w.sum() + cfg["kl_weights"]["z"] * (bound_z * batch.scale * batch.mask).sum()
+    expected = (
+        cfg["kl_weights"]["w"] * bound_w.sum() + cfg["kl_weights"]["z"] * (bound_z * batch.scale * batch.mask).sum()
+    )
     assert loss == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -119,9 +121,15 @@ def test_a_step_encodes_T_B_k_rows(T):
     assert sorted(rows) == sorted([T * B, T * B * min(k, T - 1)])
     assert sum(rows) == T * B * (1 + min(k, T - 1))
     loss.backward()  # and the step runs through
-    sampled = model.z_prior.build(batch_shape=(T, B), event_shape=(cfg["latent_dim"],), num_tasks=T, state=model.state,
-                                  components=model.z_prior_inputs(batch)[0], task_axis=-2,
-                                  extras=model.z_prior_inputs(batch)[1])
+    sampled = model.z_prior.build(
+        batch_shape=(T, B),
+        event_shape=(cfg["latent_dim"],),
+        num_tasks=T,
+        state=model.state,
+        components=model.z_prior_inputs(batch)[0],
+        task_axis=-2,
+        extras=model.z_prior_inputs(batch)[1],
+    )
     assert isinstance(sampled, TaskMixture) and sampled.sampled == (k < T - 1)
 
 
@@ -135,7 +143,9 @@ def test_outside_training_every_component_is_the_samples_own_posterior():
     assert torch.equal(torch.get_rng_state(), rng) and extras == {}
     own_loc, own_scale = guide.encoder(batch.x, False)
     assert loc.shape == (6, batch.size, 6, cfg["latent_dim"])
-    assert torch.equal(loc, own_loc.unsqueeze(2).expand_as(loc)) and torch.equal(scale, own_scale.unsqueeze(2).expand_as(scale))
+    assert torch.equal(loc, own_loc.unsqueeze(2).expand_as(loc)) and torch.equal(
+        scale, own_scale.unsqueeze(2).expand_as(scale)
+    )
 
 
 @pytest.mark.parametrize("k", [0, -1])

@@ -8,18 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 from torchjd import aggregation
 
 import pyromtl
 from pyromtl import config, methods
-from pyromtl.schedules import TrainState
 from pyromtl.likelihoods import MultiTaskOutput
+from pyromtl.method import MethodContext
 from pyromtl.params import local_params
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
+from pyromtl.schedules import TrainState
 from pyromtl.train import train
-from pyromtl.method import MethodContext
+from tests.conftest import TINY, blobs_mimo, built, mixed_simo
 
 WEIGHTINGS = ["ls", "si", "rlw", "dwa", "uw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "upgrad"]
 
@@ -94,8 +94,9 @@ def test_encoder_gets_torchjds_aggregation_of_the_task_jacobian(method):
     model = objective.model
     shared = list(model.encoder.parameters())
     losses = _task_losses(model, batch)
-    jacobian = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
-                            for loss in losses])
+    jacobian = torch.stack(
+        [torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
+    )
     torch.manual_seed(1)  # PCGrad draws random task orders
     expected = REFERENCE[method]()(jacobian)
 
@@ -164,12 +165,15 @@ def test_uw_learns_one_log_variance_per_task():
 
 
 # ---------------------------------------------------------------------------- options
-@pytest.mark.parametrize(("method", "options", "match"), [
-    ("si", {"learn_noise": True}, "positive task losses"),
-    ("uw", {"learn_noise": True}, "positive task losses"),
-    ("upgrad", {"per_task_encoder": True}, "one shared encoder"),
-    ("pcgrad", {"priors": {"w": "normal"}}, "must be 'deterministic'"),
-])
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("si", {"learn_noise": True}, "positive task losses"),
+        ("uw", {"learn_noise": True}, "positive task losses"),
+        ("upgrad", {"per_task_encoder": True}, "one shared encoder"),
+        ("pcgrad", {"priors": {"w": "normal"}}, "must be 'deterministic'"),
+    ],
+)
 def test_configurations_that_change_the_network_are_refused(method, options, match):
     with pytest.raises(ValueError, match=match):
         pyromtl.fit(method, mixed_simo(), steps=1, **TINY, **options)
@@ -213,8 +217,20 @@ def test_resumed_run_ends_where_an_uninterrupted_one_would(method, tmp_path):
 def test_cli_fits_pcgrad_on_digits_mixed_and_compares_with_stl(tmp_path, capsys):
     from pyromtl import cli
 
-    small = ["--set", "steps=4", "--set", "latent_dim=8", "--set", "hidden=[16]", "--set", "eval_samples=2",
-             "--set", "quiet=true", "--device", "cpu"]
+    small = [
+        "--set",
+        "steps=4",
+        "--set",
+        "latent_dim=8",
+        "--set",
+        "hidden=[16]",
+        "--set",
+        "eval_samples=2",
+        "--set",
+        "quiet=true",
+        "--device",
+        "cpu",
+    ]
     for method in ("pcgrad", "stl"):
         assert cli.main(["fit", method, "--data", "digits-mixed", "--out", str(tmp_path / method), *small]) == 0
     capsys.readouterr()

@@ -2,4 +2,4 @@
 
 from pyromtl.data.core import SPLITS, TASK_TYPES, Batch, MultiTaskData, TaskInfo
 
-__all__ = ["Batch", "MultiTaskData", "TaskInfo", "TASK_TYPES", "SPLITS"]
+__all__ = ["SPLITS", "TASK_TYPES", "Batch", "MultiTaskData", "TaskInfo"]

@@ -19,8 +19,9 @@ import os
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,11 @@ def cache_dir() -> Path | None:
 
 def cache_key(name: str, version: str, options: Mapping[str, Any]) -> str:
     """A canonical JSON text of what determines an entry's content."""
-    return json.dumps({"name": name, "version": version, "options": dict(options), "format": CACHE_FORMAT},
-                      sort_keys=True, default=repr)
+    return json.dumps(
+        {"name": name, "version": version, "options": dict(options), "format": CACHE_FORMAT},
+        sort_keys=True,
+        default=repr,
+    )
 
 
 def cache_path(name: str, version: str, options: Mapping[str, Any]) -> Path | None:
@@ -102,7 +106,10 @@ def _write(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
             np.savez(fh, **arrays, **{_KEY: np.asarray(key)})
         os.replace(tmp, path)
     except OSError as err:
-        warnings.warn(f"pyromtl: cannot write the dataset cache {path} ({err}); set {CACHE_ENV} to a writable "
-                      f"folder, or to 'off'", stacklevel=3)
+        warnings.warn(
+            f"pyromtl: cannot write the dataset cache {path} ({err}); set {CACHE_ENV} to a writable "
+            f"folder, or to 'off'",
+            stacklevel=3,
+        )
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

@@ -14,8 +14,20 @@ from pyromtl.data.loaders import _check_fractions, _require_dir
 
 CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 NO_FINDING = "No Finding"
 SPLIT_LISTS = ("train_val_list.txt", "test_list.txt")
@@ -33,8 +45,10 @@ def _read_entries(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
             found = [f.strip() for f in (row["Finding Labels"] or "").split("|")]
             unknown = [f for f in found if f not in FINDINGS and f != NO_FINDING]
             if unknown or not found:
-                raise ValueError(f"{path}:{lineno}: unknown finding {unknown or found!r}; expected {NO_FINDING!r} "
-                                 f"or '|'-separated names from {list(FINDINGS)}")
+                raise ValueError(
+                    f"{path}:{lineno}: unknown finding {unknown or found!r}; expected {NO_FINDING!r} "
+                    f"or '|'-separated names from {list(FINDINGS)}"
+                )
             images.append(row["Image Index"].strip())
             labels.append([f in found for f in FINDINGS])
             patients.append(row["Patient ID"].strip())
@@ -52,7 +66,7 @@ def _image_index(root: Path) -> dict[str, Path]:
 def _patient_holdout(patients: np.ndarray, rows: np.ndarray, fraction: float, rng) -> np.ndarray:
     """The rows of a random ``fraction`` of the patients in ``rows`` (a patient never spans two splits)."""
     ids = np.unique(patients[rows])
-    held = set(rng.permutation(ids)[: int(round(fraction * len(ids)))].tolist())
+    held = set(rng.permutation(ids)[: round(fraction * len(ids))].tolist())
     return rows[np.isin(patients[rows], list(held))]
 
 
@@ -80,8 +94,10 @@ def load_chestxray14(
     index = _image_index(root)
     missing = [name for name in images if name not in index]
     if missing:
-        raise ValueError(f"{root}: {len(missing)} image(s) listed in {csv_path.name} not found under images/ or "
-                         f"images_*/images/, e.g. {missing[0]!r}")
+        raise ValueError(
+            f"{root}: {len(missing)} image(s) listed in {csv_path.name} not found under images/ or "
+            f"images_*/images/, e.g. {missing[0]!r}"
+        )
     pid = np.asarray(patients)
     rng = np.random.default_rng(seed)
     rows = np.arange(len(images))
@@ -104,7 +120,10 @@ def load_chestxray14(
     splits = {"train": np.setdiff1d(train, val), "val": val, "test": test}
     x, _ = read_images([index[n] for n in images], size, channels=1)
     return MultiTaskData.from_arrays(
-        x, {f: labels[:, k] for k, f in enumerate(FINDINGS)}, "binary", name="chestxray14",
+        x,
+        {f: labels[:, k] for k, f in enumerate(FINDINGS)},
+        "binary",
+        name="chestxray14",
         splits={s: splits[s] for s in SPLITS},
         description=f"ChestX-ray14 from {root}: {len(images)} images at {size}x{size}, 14 findings",
     )

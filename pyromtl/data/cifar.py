@@ -63,8 +63,10 @@ def load_cifar_mtl(root: str | Path, seed: int = 0, *, val_fraction: float = 0.1
     missing = [name for name in CIFAR_FILES if not (root / name).is_file()]
     if missing:
         raise ValueError(f"{root}: CIFAR-100 python files {missing} not found (expected train, test and meta)")
-    names = [str(n.decode() if isinstance(n, bytes) else n)
-             for n in _field(load_pickle(root / "meta"), "coarse_label_names", root / "meta")]
+    names = [
+        str(n.decode() if isinstance(n, bytes) else n)
+        for n in _field(load_pickle(root / "meta"), "coarse_label_names", root / "meta")
+    ]
     if len(names) != NUM_COARSE:
         raise ValueError(f"{root / 'meta'}: expected {NUM_COARSE} coarse label names, got {len(names)}")
     x_train, y_train = _read_split(root / "train")
@@ -76,6 +78,10 @@ def load_cifar_mtl(root: str | Path, seed: int = 0, *, val_fraction: float = 0.1
     x = np.concatenate([x_train, x_test]).astype(np.float32) / 255.0
     y = {name: (coarse == k).astype(np.int64) for k, name in enumerate(names)}
     return MultiTaskData.from_arrays(
-        x, y, "binary", name="cifar-mtl", splits={s: splits[s] for s in SPLITS},
+        x,
+        y,
+        "binary",
+        name="cifar-mtl",
+        splits={s: splits[s] for s in SPLITS},
         description=f"CIFAR-MTL from {root}: 20 one-vs-rest tasks over CIFAR-100's coarse classes",
     )

@@ -13,8 +13,8 @@ with one vectorised index operation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 from pyromtl.data.constants import SPLITS, TASK_TYPES, TYPE_CODE
 from pyromtl.data.validate import as_names, as_real_array, validate_arrays
 
-__all__ = ["Batch", "MultiTaskData", "TaskInfo", "SPLITS", "TASK_TYPES", "TYPE_CODE"]
+__all__ = ["SPLITS", "TASK_TYPES", "TYPE_CODE", "Batch", "MultiTaskData", "TaskInfo"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TaskInfo:
     def input_dim(self) -> int:
         return int(np.prod(self.input_shape))
 
-    def to(self, device: torch.device | str) -> "TaskInfo":
+    def to(self, device: torch.device | str) -> TaskInfo:
         return replace(self, type_code=self.type_code.to(device), class_mask=self.class_mask.to(device))
 
 
@@ -131,7 +131,7 @@ class MultiTaskData:
         relatedness=None,
         class_names: Sequence[str] | None = None,
         description: str = "",
-    ) -> "MultiTaskData":
+    ) -> MultiTaskData:
         """Validate arrays and build a dataset.
 
         ``x`` a list of arrays (one per task) gives MIMO, with ``y`` a list of the same length.
@@ -231,7 +231,7 @@ class MultiTaskData:
         raise ValueError(f"unknown task {task!r}; this dataset has tasks {self.task_names}")
 
     # ------------------------------------------------------------------ splits
-    def with_fraction(self, fraction: float | None, seed: int = 0) -> "MultiTaskData":
+    def with_fraction(self, fraction: float | None, seed: int = 0) -> MultiTaskData:
         """Keep ``fraction`` of each task's training split, stratified by class (few-shot).
 
         Classification tasks keep at least one sample per class present in train. SIMO tasks
@@ -299,8 +299,9 @@ class MultiTaskData:
             self._cache[key] = pad
         return self._cache[key]
 
-    def train_batch(self, batch_size: int, generator: torch.Generator | None, device: torch.device | str,
-                    split: str = "train") -> Batch:
+    def train_batch(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device | str, split: str = "train"
+    ) -> Batch:
         """Draw one training batch of up to ``batch_size`` samples per task, without replacement.
 
         ``split`` names the split it is drawn from (another one for an objective that learns
@@ -355,7 +356,9 @@ class MultiTaskData:
                 r = torch.arange(T, device=device)[:, None]
                 x = pad.x[r, pos]
                 y = pad.y[r, pos]
-            yield Batch(x=x, y=y, mask=mask, scale=torch.ones(T, 1, device=device), index=pos, simo=self.simo, split=split)
+            yield Batch(
+                x=x, y=y, mask=mask, scale=torch.ones(T, 1, device=device), index=pos, simo=self.simo, split=split
+            )
 
     def split_arrays(self, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-task ``(x, y)`` numpy arrays of one split (targets standardised)."""
@@ -401,12 +404,12 @@ _REPR_TASKS = 12
 def _stratified_take(labels: np.ndarray | None, n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Positions of a stratified ``fraction`` of ``n`` items (at least one per class)."""
     if labels is None:
-        k = max(1, int(round(fraction * n)))
+        k = max(1, round(fraction * n))
         return rng.permutation(n)[:k]
     picked = []
     for c in np.unique(labels):
         pos = np.flatnonzero(labels == c)
-        k = max(1, int(round(fraction * len(pos))))
+        k = max(1, round(fraction * len(pos)))
         picked.append(rng.permutation(pos)[:k])
     return np.concatenate(picked)
 
@@ -425,8 +428,10 @@ def _finest(labels: list[np.ndarray]) -> np.ndarray | None:
 
 
 def _random_splits(ys, types, names, simo, val_fraction, test_fraction, seed) -> dict[str, list[torch.Tensor]]:
-    fractions_ok = all(isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(f, bool)
-                       for f in (val_fraction, test_fraction))
+    fractions_ok = all(
+        isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(f, bool)
+        for f in (val_fraction, test_fraction)
+    )
     if not (fractions_ok and 0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             "val_fraction and test_fraction must be in [0, 1) and sum below 1, "
@@ -445,8 +450,8 @@ def _random_splits(ys, types, names, simo, val_fraction, test_fraction, seed) ->
         parts = {s: [] for s in SPLITS}
         for g in groups:
             g = rng.permutation(g)
-            n_test = int(round(test_fraction * len(g)))
-            n_val = int(round(val_fraction * len(g)))
+            n_test = round(test_fraction * len(g))
+            n_val = round(val_fraction * len(g))
             parts["test"].append(g[:n_test])
             parts["val"].append(g[n_test : n_test + n_val])
             parts["train"].append(g[n_test + n_val :])

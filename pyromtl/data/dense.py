@@ -49,10 +49,10 @@ __all__ = [
     "CITYSCAPES_LABEL_DIRS",
     "CITYSCAPES_TASKS",
     "DENSE_DATASETS",
-    "DenseTaskData",
     "NYUV2_CLASSES",
     "NYUV2_TASKS",
     "TARGET_CHANNELS",
+    "DenseTaskData",
     "load_cityscapes",
     "load_nyuv2",
     "write_fake",
@@ -113,8 +113,9 @@ class DenseTaskData:
             raise ValueError(f"unknown split {split!r}; use one of {list(self.splits)}")
         return self._rows(self.splits[split])
 
-    def batch(self, split: str, size: int, generator: torch.Generator | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def batch(
+        self, split: str, size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``min(size, rows)`` random rows of ``split`` without replacement (drawn with ``generator``)."""
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; use one of {list(self.splits)}")
@@ -129,8 +130,10 @@ class DenseTaskData:
         """One line: the name, image size, tasks and split sizes."""
         sizes = " / ".join(str(len(self.splits[s])) for s in SPLITS)
         c, h, w = self.image_shape
-        return (f"{self.name}: {c}×{h}×{w} images, tasks {', '.join(self.task_names)} "
-                f"({self.num_classes} classes), train / val / test {sizes}")
+        return (
+            f"{self.name}: {c}×{h}×{w} images, tasks {', '.join(self.task_names)} "
+            f"({self.num_classes} classes), train / val / test {sizes}"
+        )
 
     def _rows(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.images[index], {task: target[index] for task, target in self.targets.items()}
@@ -157,8 +160,10 @@ def _check_structure(data: DenseTaskData) -> None:
             if target.dtype != torch.int64:
                 raise ValueError(f"{data.name}: {task} targets must be int64 labels, got {target.dtype}")
             if target.numel() and (target.min() < IGNORE_INDEX or target.max() >= data.num_classes):
-                raise ValueError(f"{data.name}: {task} labels must be {IGNORE_INDEX} (ignored) or in "
-                                 f"[0, {data.num_classes}), found {int(target.min())}..{int(target.max())}")
+                raise ValueError(
+                    f"{data.name}: {task} labels must be {IGNORE_INDEX} (ignored) or in "
+                    f"[0, {data.num_classes}), found {int(target.min())}..{int(target.max())}"
+                )
         elif not target.is_floating_point():
             raise ValueError(f"{data.name}: {task} targets must be float, got {target.dtype}")
     if set(data.splits) != set(SPLITS):
@@ -203,8 +208,9 @@ def _matched_indices(split_dir: Path, folders: Sequence[str]) -> list[int]:
         missing, extra = sorted(image.keys() - other.keys()), sorted(other.keys() - image.keys())
         if missing or extra:
             problems = [f"{kind} {_names(found)}" for kind, found in (("missing", missing), ("extra", extra)) if found]
-            raise ValueError(f"{split_dir / folder}: its files do not match {split_dir / 'image'}: "
-                             + "; ".join(problems))
+            raise ValueError(
+                f"{split_dir / folder}: its files do not match {split_dir / 'image'}: " + "; ".join(problems)
+            )
     return sorted(image)
 
 
@@ -229,8 +235,10 @@ def _check_labels(arr: np.ndarray, path: Path, num_classes: int) -> None:
         raise ValueError(f"{path}: segmentation labels must be integers ({IGNORE_INDEX} for ignored pixels)")
     bad = (arr != IGNORE_INDEX) & ((arr < 0) | (arr >= num_classes))
     if bad.any():
-        raise ValueError(f"{path}: label {arr[bad].flat[0]:g} out of range: expected {IGNORE_INDEX} (ignored) "
-                         f"or 0..{num_classes - 1}")
+        raise ValueError(
+            f"{path}: label {arr[bad].flat[0]:g} out of range: expected {IGNORE_INDEX} (ignored) "
+            f"or 0..{num_classes - 1}"
+        )
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -244,8 +252,15 @@ def _image_size(path: Path) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _fill(split_dir: Path, indices: list[int], folders: dict[str, str], num_classes: int,
-          images: np.ndarray, targets: dict[str, np.ndarray], offset: int) -> None:
+def _fill(
+    split_dir: Path,
+    indices: list[int],
+    folders: dict[str, str],
+    num_classes: int,
+    images: np.ndarray,
+    targets: dict[str, np.ndarray],
+    offset: int,
+) -> None:
     """Read one split's files into rows ``offset, offset + 1, ...`` of the preallocated arrays."""
     h, w = images.shape[2:]
     for row, i in enumerate(indices, start=offset):  # data preparation, once per load
@@ -281,14 +296,24 @@ def _carve_val(n_train: int, val_fraction: float, seed: int, title: str) -> tupl
         return np.arange(n_train), np.zeros(0, dtype=np.int64)
     n_val = max(1, round(val_fraction * n_train))
     if n_val >= n_train:
-        raise ValueError(f"{title}: {n_train} train image(s) cannot give {n_val} to val and keep one for "
-                         f"training (val_fraction = {val_fraction})")
+        raise ValueError(
+            f"{title}: {n_train} train image(s) cannot give {n_val} to val and keep one for "
+            f"training (val_fraction = {val_fraction})"
+        )
     order = np.random.default_rng(seed).permutation(n_train)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _load(root: str | Path, name: str, title: str, folders: dict[str, str], num_classes: int,
-          limit: int | None, seed: int, val_fraction: float) -> DenseTaskData:
+def _load(
+    root: str | Path,
+    name: str,
+    title: str,
+    folders: dict[str, str],
+    num_classes: int,
+    limit: int | None,
+    seed: int,
+    val_fraction: float,
+) -> DenseTaskData:
     """Read ``<root>/{train,val}`` with the task folders ``folders`` (task → folder)."""
     root = _require_dir(root, title)
     _check_fractions(val_fraction, 0.0)
@@ -301,26 +326,39 @@ def _load(root: str | Path, name: str, title: str, folders: dict[str, str], num_
     n_train, n = len(given["train"]), len(given["train"]) + len(given["val"])
     h, w = _image_size(root / "train" / "image" / f"{given['train'][0]}.npy")
     images = np.empty((n, 3, h, w), dtype=np.float32)
-    targets = {task: np.empty((n, h, w) if TARGET_CHANNELS[task] is None else (n, TARGET_CHANNELS[task], h, w),
-                              dtype=np.int64 if TARGET_CHANNELS[task] is None else np.float32)
-               for task in folders}
+    targets = {
+        task: np.empty(
+            (n, h, w) if TARGET_CHANNELS[task] is None else (n, TARGET_CHANNELS[task], h, w),
+            dtype=np.int64 if TARGET_CHANNELS[task] is None else np.float32,
+        )
+        for task in folders
+    }
     _fill(root / "train", given["train"], folders, num_classes, images, targets, 0)
     _fill(root / "val", given["val"], folders, num_classes, images, targets, n_train)
     train, val = _carve_val(n_train, val_fraction, seed, title)
     splits = {"train": train, "val": val, "test": np.arange(n_train, n)}
     return DenseTaskData(
-        name=name, images=torch.from_numpy(images),
+        name=name,
+        images=torch.from_numpy(images),
         targets={task: torch.from_numpy(t) for task, t in targets.items()},
         splits={s: torch.from_numpy(np.asarray(v, dtype=np.int64)) for s, v in splits.items()},
         num_classes=num_classes,
-        description=(f"{title} from {root}: {n_train} given train and {n - n_train} given val images at {h}×{w}; "
-                     f"the given val is the test split, {len(val)} of the train images (seed {seed}) are val"),
+        description=(
+            f"{title} from {root}: {n_train} given train and {n - n_train} given val images at {h}×{w}; "
+            f"the given val is the test split, {len(val)} of the train images (seed {seed}) are val"
+        ),
     )
 
 
 # ---------------------------------------------------------------------------- loaders
-def load_nyuv2(root: str | Path, seed: int = 0, *, tasks: Sequence[str] = NYUV2_TASKS, limit: int | None = None,
-               val_fraction: float = 0.1) -> DenseTaskData:
+def load_nyuv2(
+    root: str | Path,
+    seed: int = 0,
+    *,
+    tasks: Sequence[str] = NYUV2_TASKS,
+    limit: int | None = None,
+    val_fraction: float = 0.1,
+) -> DenseTaskData:
     """SIMO dense, 3 tasks: NYUv2's 13-class segmentation, depth and surface normals (MTAN's preprocessed files).
 
     Reads ``<root>/train`` and ``<root>/val``, each with ``image/``, ``label/``, ``depth/``
@@ -342,8 +380,15 @@ def load_nyuv2(root: str | Path, seed: int = 0, *, tasks: Sequence[str] = NYUV2_
     return _load(root, "nyuv2", "NYUv2", folders, NYUV2_CLASSES, limit, seed, val_fraction)
 
 
-def load_cityscapes(root: str | Path, seed: int = 0, *, tasks: Sequence[str] = CITYSCAPES_TASKS,
-                    num_classes: int = 7, limit: int | None = None, val_fraction: float = 0.1) -> DenseTaskData:
+def load_cityscapes(
+    root: str | Path,
+    seed: int = 0,
+    *,
+    tasks: Sequence[str] = CITYSCAPES_TASKS,
+    num_classes: int = 7,
+    limit: int | None = None,
+    val_fraction: float = 0.1,
+) -> DenseTaskData:
     """SIMO dense, 2 tasks: CityScapes' 7- or 19-class segmentation and depth (MTAN's or LibMTL's preprocessed files).
 
     Reads ``<root>/train`` and ``<root>/val``, each with ``image/`` (``[H, W, 3]``),
@@ -359,8 +404,9 @@ def load_cityscapes(root: str | Path, seed: int = 0, *, tasks: Sequence[str] = C
     tasks = _check_tasks(tasks, CITYSCAPES_TASKS, "CityScapes")
     if num_classes not in CITYSCAPES_LABEL_DIRS:
         raise ValueError(f"CityScapes: num_classes must be one of {list(CITYSCAPES_LABEL_DIRS)}, got {num_classes!r}")
-    folders = {task: _cityscapes_labels(root, num_classes) if task == "segmentation" else TASK_FOLDERS[task]
-               for task in tasks}
+    folders = {
+        task: _cityscapes_labels(root, num_classes) if task == "segmentation" else TASK_FOLDERS[task] for task in tasks
+    }
     return _load(root, "cityscapes", "CityScapes", folders, num_classes, limit, seed, val_fraction)
 
 
@@ -379,8 +425,9 @@ DENSE_DATASETS: dict[str, Callable[..., DenseTaskData]] = {"nyuv2": load_nyuv2, 
 
 
 # ---------------------------------------------------------------------------- fakes
-def write_fake(root: str | Path, name: str, *, n_train: int = 6, n_val: int = 3, size: tuple[int, int] = (16, 24),
-               seed: int = 0) -> Path:
+def write_fake(
+    root: str | Path, name: str, *, n_train: int = 6, n_val: int = 3, size: tuple[int, int] = (16, 24), seed: int = 0
+) -> Path:
     """Write a tiny random stand-in for ``name`` (``nyuv2`` or ``cityscapes``) in its layout under ``root``.
 
     For tests and demos without the real data. The targets are pixel-wise functions of the

@@ -74,9 +74,7 @@ def group_targets(
     return y, ncls, (cluster_arr[:, None] == cluster_arr[None, :]).astype(float)
 
 
-def overlay_pairs(
-    images: np.ndarray, partner: np.ndarray, near: np.ndarray, far: np.ndarray, frame: int
-) -> np.ndarray:
+def overlay_pairs(images: np.ndarray, partner: np.ndarray, near: np.ndarray, far: np.ndarray, frame: int) -> np.ndarray:
     """``[N, frame, frame]``: image ``i`` at offset ``near[i]`` and ``images[partner[i]]`` at ``far[i]``.
 
     Offsets are ``(row, col)`` of the top-left corner; where the two overlap the brighter pixel wins.
@@ -85,6 +83,6 @@ def overlay_pairs(
     out = np.zeros((n, frame, frame), dtype=np.float32)
     for i in range(n):  # data preparation, once per build
         (r1, c1), (r2, c2) = near[i], far[i]
-        out[i, r1:r1 + h, c1:c1 + w] = images[i]
-        out[i, r2:r2 + h, c2:c2 + w] = np.maximum(out[i, r2:r2 + h, c2:c2 + w], images[partner[i]])
+        out[i, r1 : r1 + h, c1 : c1 + w] = images[i]
+        out[i, r2 : r2 + h, c2 : c2 + w] = np.maximum(out[i, r2 : r2 + h, c2 : c2 + w], images[partner[i]])
     return out

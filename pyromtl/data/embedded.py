@@ -12,8 +12,8 @@ scikit-learn and the image work. The builders are registered with :mod:`pyromtl.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from importlib.metadata import version as installed_version
-from typing import Callable
 
 import numpy as np
 
@@ -22,8 +22,19 @@ from pyromtl.data.core import MultiTaskData
 from pyromtl.data.digit_tasks import GROUPS, check_int, digit_groups, group_targets
 
 __all__ = [
-    "ARRAY_VERSIONS", "BUILDERS", "GROUPS", "TEST_FRACTION", "VAL_FRACTION", "digits_binary", "digits_conflict",
-    "digits_domains", "digits_grouped", "digits_mixed", "digits_overlay", "digits_regression", "digits_rotation",
+    "ARRAY_VERSIONS",
+    "BUILDERS",
+    "GROUPS",
+    "TEST_FRACTION",
+    "VAL_FRACTION",
+    "digits_binary",
+    "digits_conflict",
+    "digits_domains",
+    "digits_grouped",
+    "digits_mixed",
+    "digits_overlay",
+    "digits_regression",
+    "digits_rotation",
     "synthetic_clusters",
 ]
 
@@ -89,8 +100,15 @@ def digits_domains(*, seed: int = 0) -> MultiTaskData:
     a = _arrays("domains")
     xs, ys = [a[f"x{t}"] for t in range(4)], [a[f"y{t}"] for t in range(4)]
     return MultiTaskData.from_arrays(
-        xs, ys, "classification", ["original", "blurred", "shifted", "thick"], num_classes=10, name="digits-domains",
-        class_names=_DIGIT_NAMES, description=_doc(digits_domains), **_split(seed),
+        xs,
+        ys,
+        "classification",
+        ["original", "blurred", "shifted", "thick"],
+        num_classes=10,
+        name="digits-domains",
+        class_names=_DIGIT_NAMES,
+        description=_doc(digits_domains),
+        **_split(seed),
     )
 
 
@@ -106,8 +124,13 @@ def digits_rotation(*, seed: int = 0) -> MultiTaskData:
     a = _arrays("rotation")
     tasks = [np.flatnonzero(a["digit"] == d) for d in range(10)]
     return MultiTaskData.from_arrays(
-        [a["x"][i] for i in tasks], [a["angle"][i] for i in tasks], "regression", [f"digit{d}" for d in range(10)],
-        name="digits-rotation", description=_doc(digits_rotation), **_split(seed),
+        [a["x"][i] for i in tasks],
+        [a["angle"][i] for i in tasks],
+        "regression",
+        [f"digit{d}" for d in range(10)],
+        name="digits-rotation",
+        description=_doc(digits_rotation),
+        **_split(seed),
     )
 
 
@@ -120,7 +143,12 @@ def digits_binary(*, seed: int = 0) -> MultiTaskData:
     a = _arrays("plain")
     y = {f"is{d}": (a["digit"] == d).astype(np.int64) for d in range(10)}
     return MultiTaskData.from_arrays(
-        a["x"], y, "binary", name="digits-binary", description=_doc(digits_binary), **_split(seed),
+        a["x"],
+        y,
+        "binary",
+        name="digits-binary",
+        description=_doc(digits_binary),
+        **_split(seed),
     )
 
 
@@ -137,8 +165,13 @@ def digits_mixed(*, seed: int = 0) -> MultiTaskData:
     labels = a["digit"]
     y = {"angle": a["angle"], "even": (labels % 2 == 0).astype(np.int64), "digit": labels}
     return MultiTaskData.from_arrays(
-        a["x"], y, ["regression", "binary", "classification"], name="digits-mixed",
-        class_names=_DIGIT_NAMES, description=_doc(digits_mixed), **_split(seed),
+        a["x"],
+        y,
+        ["regression", "binary", "classification"],
+        name="digits-mixed",
+        class_names=_DIGIT_NAMES,
+        description=_doc(digits_mixed),
+        **_split(seed),
     )
 
 
@@ -166,8 +199,14 @@ def digits_grouped(
     a = _arrays("plain")
     y, ncls, rel = group_targets(a["digit"], digit_groups(group_size, num_clusters, tasks_per_cluster))
     return MultiTaskData.from_arrays(
-        a["x"], y, "classification", num_classes=ncls, name="digits-grouped", relatedness=rel,
-        description=_doc(digits_grouped), **_split(seed),
+        a["x"],
+        y,
+        "classification",
+        num_classes=ncls,
+        name="digits-grouped",
+        relatedness=rel,
+        description=_doc(digits_grouped),
+        **_split(seed),
     )
 
 
@@ -226,8 +265,13 @@ def synthetic_clusters(
 
     names = [f"task{t}" for t in range(num_tasks)]
     rel = (cluster[:, None] == cluster[None, :]).astype(float)
-    common = dict(num_classes=num_classes, name="synthetic-clusters", relatedness=rel,
-                  description=_doc(synthetic_clusters), **_split(seed))
+    common = dict(
+        num_classes=num_classes,
+        name="synthetic-clusters",
+        relatedness=rel,
+        description=_doc(synthetic_clusters),
+        **_split(seed),
+    )
     if setting == "simo":
         x = rng.normal(size=(samples_per_task, dim)).astype(np.float32)
         y = {name: draw_labels(x, w) for name, w in zip(names, weights)}
@@ -251,8 +295,12 @@ def digits_regression(*, seed: int = 0) -> MultiTaskData:
     a = _arrays("regression")
     names = ["angle", "scale", "ink", "row", "col"]
     return MultiTaskData.from_arrays(
-        a["x"], {k: a[k] for k in names}, "regression", name="digits-regression",
-        description=_doc(digits_regression), **_split(seed),
+        a["x"],
+        {k: a[k] for k in names},
+        "regression",
+        name="digits-regression",
+        description=_doc(digits_regression),
+        **_split(seed),
     )
 
 
@@ -266,8 +314,14 @@ def digits_overlay(*, seed: int = 0) -> MultiTaskData:
     """
     a = _arrays("overlay")
     return MultiTaskData.from_arrays(
-        a["x"], {"first": a["first"], "second": a["second"]}, "classification", num_classes=10,
-        name="digits-overlay", class_names=_DIGIT_NAMES, description=_doc(digits_overlay), **_split(seed),
+        a["x"],
+        {"first": a["first"], "second": a["second"]},
+        "classification",
+        num_classes=10,
+        name="digits-overlay",
+        class_names=_DIGIT_NAMES,
+        description=_doc(digits_overlay),
+        **_split(seed),
     )
 
 
@@ -285,11 +339,20 @@ def digits_conflict(*, seed: int = 0) -> MultiTaskData:
     """
     a = _arrays("conflict")
     labels = a["digit"]
-    y = {"digit": labels, "even": (labels % 2 == 0).astype(np.int64), "large": (labels >= 5).astype(np.int64),
-         "clockwise": a["clockwise"]}
+    y = {
+        "digit": labels,
+        "even": (labels % 2 == 0).astype(np.int64),
+        "large": (labels >= 5).astype(np.int64),
+        "clockwise": a["clockwise"],
+    }
     return MultiTaskData.from_arrays(
-        a["x"], y, ["classification", "binary", "binary", "binary"], name="digits-conflict",
-        class_names=_DIGIT_NAMES, description=_doc(digits_conflict), **_split(seed),
+        a["x"],
+        y,
+        ["classification", "binary", "binary", "binary"],
+        name="digits-conflict",
+        class_names=_DIGIT_NAMES,
+        description=_doc(digits_conflict),
+        **_split(seed),
     )
 
 

@@ -45,8 +45,10 @@ def load_utkface(
         paths.append(path)
         labels.append([int(g) for g in match.groups()[:3]])
     if not paths:
-        raise ValueError(f"{root}: no UTKFace images named <age>_<gender>_<race>_<date>.jpg found"
-                         + (f" ({len(skipped)} other .jpg files, e.g. {skipped[0]!r})" if skipped else ""))
+        raise ValueError(
+            f"{root}: no UTKFace images named <age>_<gender>_<race>_<date>.jpg found"
+            + (f" ({len(skipped)} other .jpg files, e.g. {skipped[0]!r})" if skipped else "")
+        )
     note = ""
     if skipped:
         note = f"; skipped {len(skipped)} file(s) not named <age>_<gender>_<race>_<date>.jpg"
@@ -56,9 +58,13 @@ def load_utkface(
     given = {"train": np.arange(len(paths))}
     splits = _carve_splits(race, given, val_fraction, test_fraction, np.random.default_rng(seed))
     return MultiTaskData.from_arrays(
-        x, {"age": age.astype(np.float64), "gender": gender, "race": race},
-        ["regression", "binary", "classification"], num_classes=[None, None, 5],
-        splits={s: splits[s] for s in SPLITS}, name="utkface", class_names=list(UTK_RACES),
+        x,
+        {"age": age.astype(np.float64), "gender": gender, "race": race},
+        ["regression", "binary", "classification"],
+        num_classes=[None, None, 5],
+        splits={s: splits[s] for s in SPLITS},
+        name="utkface",
+        class_names=list(UTK_RACES),
         description=f"UTKFace from {root}: {len(paths)} faces at {size}x{size}{note}",
     )
 
@@ -77,8 +83,10 @@ def _read_mtfl_list(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
             if not parts:
                 continue
             if len(parts) != 15:
-                raise ValueError(f"{path}:{lineno}: expected an image path, 10 landmark coordinates and 4 "
-                                 f"attributes (15 fields), got {len(parts)}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected an image path, 10 landmark coordinates and 4 "
+                    f"attributes (15 fields), got {len(parts)}"
+                )
             try:
                 xy = [float(v) for v in parts[1:11]]
                 codes = [int(v) for v in parts[11:]]
@@ -141,7 +149,11 @@ def load_mtfl(
     given = {"train": np.arange(n_train), "test": np.arange(n_train, len(images))}
     splits = _carve_splits(y["pose"], given, val_fraction, 0.0, np.random.default_rng(seed))
     return MultiTaskData.from_arrays(
-        x, y, types, num_classes=[None, None, None, 5] + [None] * (len(types) - 4),
-        splits={s: splits[s] for s in SPLITS}, name="mtfl",
+        x,
+        y,
+        types,
+        num_classes=[None, None, None, 5] + [None] * (len(types) - 4),
+        splits={s: splits[s] for s in SPLITS},
+        name="mtfl",
         description=f"MTFL from {root}: {len(images)} faces at {size}x{size}",
     )

@@ -84,7 +84,7 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Gene
     quota = fraction * counts
     cap = counts - 1
     take = np.minimum(np.floor(quota).astype(np.int64), cap)
-    extra = min(int(round(fraction * labels.size)) - int(take.sum()), int((cap - take).sum()))
+    extra = min(round(fraction * labels.size) - int(take.sum()), int((cap - take).sum()))
     if extra > 0:
         order = np.lexsort((rng.random(classes.size), -(quota - np.floor(quota))))
         order = order[take[order] < cap[order]][:extra]
@@ -283,8 +283,9 @@ def load_feature_benchmark(
     * ``split_pattern`` names the list files; ``{split}`` is ``train``, ``val`` or ``test``.
       The train list is required. Without a test list, a stratified ``test_fraction`` of the
       train list is held out; without a val list, a further ``val_fraction`` of it becomes
-      val (both stratified by class, seeded, and every class keeps a training sample). A pattern without ``{split}`` (e.g.
-      ``"{domain}_list.txt"``) names one list per domain that is split this way. VMTL's own
+      val (both stratified by class, seeded, and every class keeps a training sample). A pattern
+      without ``{split}`` (e.g. ``"{domain}_list.txt"``) names one list per domain that is split
+      this way. VMTL's own
       few-shot lists fit as ``split_pattern="{domain}/{split}_5.txt"`` with ``fraction=None``.
 
     ``num_classes`` defaults to the largest label + 1 over all domains. ``fraction`` keeps that

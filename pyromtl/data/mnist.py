@@ -71,9 +71,14 @@ def load_grouped_mnist(
     labels = np.concatenate([mnist["train"][1], mnist["test"][1]])
     y, ncls, rel = group_targets(labels, groups)
     return MultiTaskData.from_arrays(
-        images.reshape(len(images), -1).astype(np.float32) / 255.0, y, "classification", num_classes=ncls,
-        splits=_official_splits(labels, len(mnist["train"][1]), val_fraction, seed), relatedness=rel,
-        name="grouped-mnist", description=f"Grouped-MNIST from {root}: {len(y)} digit-subset tasks",
+        images.reshape(len(images), -1).astype(np.float32) / 255.0,
+        y,
+        "classification",
+        num_classes=ncls,
+        splits=_official_splits(labels, len(mnist["train"][1]), val_fraction, seed),
+        relatedness=rel,
+        name="grouped-mnist",
+        description=f"Grouped-MNIST from {root}: {len(y)} digit-subset tasks",
     )
 
 
@@ -103,7 +108,12 @@ def load_multi_mnist(root: str | Path, seed: int = 0, *, val_fraction: float = 0
     x = np.concatenate(frames)[:, None]
     y = {"first": np.concatenate(first), "second": np.concatenate(second)}
     return MultiTaskData.from_arrays(
-        x, y, "classification", num_classes=10,
-        splits=_official_splits(y["first"], len(first[0]), val_fraction, seed), name="multi-mnist",
-        class_names=[str(d) for d in range(10)], description=f"MultiMNIST from {root}: pairs in a 36x36 frame",
+        x,
+        y,
+        "classification",
+        num_classes=10,
+        splits=_official_splits(y["first"], len(first[0]), val_fraction, seed),
+        name="multi-mnist",
+        class_names=[str(d) for d in range(10)],
+        description=f"MultiMNIST from {root}: pairs in a 36x36 frame",
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def molecule_features(z: np.ndarray, pos: np.ndarray) -> np.ndarray:
     zf = z.astype(np.float64)
     dist = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
     with np.errstate(divide="ignore"):
-        coulomb = np.where(np.eye(n, dtype=bool), 0.5 * zf ** 2.4, np.outer(zf, zf) / dist)
+        coulomb = np.where(np.eye(n, dtype=bool), 0.5 * zf**2.4, np.outer(zf, zf) / dist)
     eig = np.linalg.eigvalsh(coulomb)
     eig = eig[np.argsort(-np.abs(eig))]
     counts = [(z == e).sum() for e in ELEMENTS]
@@ -59,8 +59,9 @@ def load_qm9(
         # optional: only this loader needs it
         from torch_geometric.data import InMemoryDataset
     except ImportError:
-        raise ValueError("the qm9 loader needs torch_geometric: pip install 'pyromtl[qm9]' "
-                         "(or pip install torch_geometric)") from None
+        raise ValueError(
+            "the qm9 loader needs torch_geometric: pip install 'pyromtl[qm9]' (or pip install torch_geometric)"
+        ) from None
     root = _require_dir(root, "QM9")
     _check_fractions(val_fraction, test_fraction)
     names = list(targets)
@@ -69,8 +70,10 @@ def load_qm9(
         raise ValueError(f"targets: unknown QM9 targets {unknown}; choose from {list(QM9_TARGETS)}")
     path = root / "processed" / QM9_FILE
     if not path.is_file():
-        raise ValueError(f"{path}: torch_geometric's processed QM9 file not found; run "
-                         f"torch_geometric.datasets.QM9({str(root)!r}) once to create it")
+        raise ValueError(
+            f"{path}: torch_geometric's processed QM9 file not found; run "
+            f"torch_geometric.datasets.QM9({str(root)!r}) once to create it"
+        )
 
     class Processed(InMemoryDataset):
         """The processed file alone: without download() or process() overrides, nothing else is fetched."""
@@ -94,7 +97,12 @@ def load_qm9(
         raise ValueError(f"{path}: expected y [molecules, >= {len(QM9_TARGETS)}], got {y.shape}")
     x = np.stack([molecule_features(z[a:b], pos[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
     return MultiTaskData.from_arrays(
-        x, {t: y[:, QM9_TARGETS.index(t)] for t in names}, "regression", name="qm9",
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        x,
+        {t: y[:, QM9_TARGETS.index(t)] for t in names},
+        "regression",
+        name="qm9",
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
         description=f"QM9 from {path}: {len(x)} molecules, {len(names)} properties",
     )

@@ -13,15 +13,17 @@ from typing import Any
 
 #: ``(module, name)`` pairs a numpy array's pickle may reference (numpy 1 and 2 module paths;
 #: ``_codecs.encode`` is how protocol-2 pickles written by Python 3 store ``bytes``).
-NUMPY_GLOBALS: frozenset[tuple[str, str]] = frozenset({
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),
-})
+NUMPY_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -33,12 +35,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._allowed:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays and plain data are allowed")
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: only numpy arrays and plain data are allowed"
+            )
         return super().find_class(module, name)
 
 
-def load_pickle(path: str | Path, *, allowed: frozenset[tuple[str, str]] = NUMPY_GLOBALS,
-                encoding: str = "bytes") -> Any:
+def load_pickle(
+    path: str | Path, *, allowed: frozenset[tuple[str, str]] = NUMPY_GLOBALS, encoding: str = "bytes"
+) -> Any:
     """Unpickle ``path`` with :class:`RestrictedUnpickler`; any failure is a ``ValueError`` naming the file.
 
     ``encoding="bytes"`` reads Python 2 pickles (CIFAR's) with their ``str`` keys as ``bytes``.

@@ -7,13 +7,12 @@ never reaches torch or Pyro.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from pyromtl.data.constants import TASK_TYPES
-
 
 _F32_MAX = float(np.finfo(np.float32).max)
 #: The most classes one classification task may have.
@@ -49,9 +48,13 @@ def as_real_array(a, what: str) -> np.ndarray:
 def _warn_if_unscaled(x: np.ndarray, what: str) -> None:
     peak = float(np.abs(x).max()) if x.size else 0.0
     if peak > LARGE_INPUT:
-        warnings.warn(f"{what}: inputs reach {peak:.3g} in magnitude; networks train poorly on unscaled inputs, "
-                      "and float32 arithmetic overflows past about 1e19: standardise them (e.g. each feature to "
-                      "mean 0, sd 1)", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{what}: inputs reach {peak:.3g} in magnitude; networks train poorly on unscaled inputs, "
+            "and float32 arithmetic overflows past about 1e19: standardise them (e.g. each feature to "
+            "mean 0, sd 1)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def as_names(task_names, what: str = "task_names") -> list[str]:

@@ -39,12 +39,12 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-
 
 __all__ = [
     "GaussianStats",
@@ -106,8 +106,13 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
     raise ValueError(f"{what} is not positive definite, even with a diagonal jitter")
 
 
-def _prior(prior_mean: Tensor | float, prior_precision: Tensor | float, num_tasks: int,
-           event_shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+def _prior(
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    num_tasks: int,
+    event_shape: tuple[int, ...],
+    like: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Normalise a Gaussian prior: mean ``[K, P]`` and precision ``[P, P]`` (shared) or ``[K, P, P]``.
 
     ``P`` is the flattened ``event_shape``, which the mean may be given in.
@@ -116,15 +121,23 @@ def _prior(prior_mean: Tensor | float, prior_precision: Tensor | float, num_task
     mean = torch.as_tensor(prior_mean, dtype=like.dtype, device=like.device)
     if mean.dim() == 0 or mean.shape == event_shape:
         mean = mean.expand((num_tasks,) + event_shape)
-    _require(mean.shape == (num_tasks,) + event_shape,
-             lambda: (f"prior_mean has shape {_shape(mean)}; expected a scalar, {list(event_shape)} "
-                      f"or {[num_tasks, *event_shape]}"))
+    _require(
+        mean.shape == (num_tasks,) + event_shape,
+        lambda: (
+            f"prior_mean has shape {_shape(mean)}; expected a scalar, {list(event_shape)} "
+            f"or {[num_tasks, *event_shape]}"
+        ),
+    )
     precision = torch.as_tensor(prior_precision, dtype=like.dtype, device=like.device)
     if precision.dim() == 0:
         precision = precision * torch.eye(size, dtype=like.dtype, device=like.device)
-    _require(precision.shape in ((size, size), (num_tasks, size, size)),
-             lambda: (f"prior_precision has shape {_shape(precision)}; expected a scalar, "
-                      f"[{size}, {size}] or [{num_tasks}, {size}, {size}]"))
+    _require(
+        precision.shape in ((size, size), (num_tasks, size, size)),
+        lambda: (
+            f"prior_precision has shape {_shape(precision)}; expected a scalar, "
+            f"[{size}, {size}] or [{num_tasks}, {size}, {size}]"
+        ),
+    )
     return mean.reshape(num_tasks, size), precision
 
 
@@ -136,8 +149,9 @@ def _matvec(matrix: Tensor, vectors: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- regression
-def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_precision: Tensor,
-                     noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_gaussian(
+    gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_precision: Tensor, noise: Tensor | float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 2 from sufficient statistics ``gram = HᵀH [d, d]`` and ``cross = Hᵀy`` as ``[K, d]``.
 
     Returns mean ``[K, d]``, covariance and precision ``[K, d, d]``. With a scalar noise and a
@@ -152,8 +166,10 @@ def _linear_gaussian(gram: Tensor, cross: Tensor, prior_mean: Tensor, prior_prec
         rhs = torch.add(_matvec(prior_precision, prior_mean), cross, alpha=inv_var)
     else:
         noise = torch.as_tensor(noise, dtype=cross.dtype, device=cross.device)
-        _require(noise.shape in ((), (num_tasks,)),
-                 lambda: f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]")
+        _require(
+            noise.shape in ((), (num_tasks,)),
+            lambda: f"noise has shape {_shape(noise)}; expected a scalar or [{num_tasks}]",
+        )
         inv_var = noise.pow(-2)
         precision = prior_precision + gram * (inv_var if noise.dim() == 0 else inv_var[:, None, None])
         rhs = _matvec(prior_precision, prior_mean) + cross * inv_var.reshape(-1, 1)
@@ -177,8 +193,10 @@ def sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[
         ``HᵀH`` ``[d, d]`` (``[K, d, d]`` with a mask: each task's observed rows) and ``Hᵀy`` ``[K, d]``.
     """
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
-    _require(y.dim() == 2 and y.shape[0] == h.shape[0],
-             lambda: f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h")
+    _require(
+        y.dim() == 2 and y.shape[0] == h.shape[0],
+        lambda: f"y has shape {_shape(y)}; expected [N, K] with N = {h.shape[0]} as in h",
+    )
     y = y.to(h.dtype)
     if mask is None:
         return h.T @ h, y.T @ h
@@ -189,13 +207,22 @@ def sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[
 
 
 def _check_stats(gram: Tensor, cross: Tensor) -> None:
-    _require(cross.dim() == 2 and gram.shape in ((cross.shape[1],) * 2, (cross.shape[0],) + (cross.shape[1],) * 2),
-             lambda: f"gram {_shape(gram)} and cross {_shape(cross)}: expected [d, d] or [K, d, d], and [K, d]")
+    _require(
+        cross.dim() == 2 and gram.shape in ((cross.shape[1],) * 2, (cross.shape[0],) + (cross.shape[1],) * 2),
+        lambda: f"gram {_shape(gram)} and cross {_shape(cross)}: expected [d, d] or [K, d, d], and [K, d]",
+    )
 
 
-def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior_precision: Tensor | float,
-                         noise: Tensor | float = 1.0, mask: Tensor | None = None, *,
-                         with_precision: bool = False) -> tuple[Tensor, ...]:
+def regression_posterior(
+    h: Tensor,
+    y: Tensor,
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    noise: Tensor | float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    with_precision: bool = False,
+) -> tuple[Tensor, ...]:
     """Posterior of K linear-Gaussian heads sharing the features ``h`` (eq. 2).
 
     ``S_k = (S_p⁻¹ + HᵀH/τ²)⁻¹`` and ``m_k = S_k (S_p⁻¹ m_p + Hᵀy_k/τ²)``, one head per column of
@@ -216,13 +243,20 @@ def regression_posterior(h: Tensor, y: Tensor, prior_mean: Tensor | float, prior
         Without a mask, with a scalar noise and a shared prior precision, the covariance and
         precision are one matrix broadcast to ``[K, d, d]`` (views: copy them before writing).
     """
-    return regression_posterior_from_stats(*sufficient_stats(h, y, mask), prior_mean, prior_precision, noise,
-                                           with_precision=with_precision)
+    return regression_posterior_from_stats(
+        *sufficient_stats(h, y, mask), prior_mean, prior_precision, noise, with_precision=with_precision
+    )
 
 
-def regression_posterior_from_stats(gram: Tensor, cross: Tensor, prior_mean: Tensor | float,
-                                    prior_precision: Tensor | float, noise: Tensor | float = 1.0, *,
-                                    with_precision: bool = False) -> tuple[Tensor, ...]:
+def regression_posterior_from_stats(
+    gram: Tensor,
+    cross: Tensor,
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    noise: Tensor | float = 1.0,
+    *,
+    with_precision: bool = False,
+) -> tuple[Tensor, ...]:
     """:func:`regression_posterior` from :func:`sufficient_stats`' ``HᵀH`` and ``Hᵀy``, for a
     caller that keeps them too (e.g. to add a batch's to :class:`GaussianStats`).
     """
@@ -272,8 +306,10 @@ class GaussianStats:
         The first chunk with a mask switches to one ``HᵀH`` per task (``[K, d, d]``). The
         chunk's tensors are kept, not copied, until they are summed: do not write to them.
         """
-        _require(h.dim() == 2 and y.dim() == 2 and y.shape[0] == h.shape[0],
-                 lambda: f"chunk has h {_shape(h)} and y {_shape(y)}; expected [n, d] and [n, K]")
+        _require(
+            h.dim() == 2 and y.dim() == 2 and y.shape[0] == h.shape[0],
+            lambda: f"chunk has h {_shape(h)} and y {_shape(y)}; expected [n, d] and [n, K]",
+        )
         self._check_sizes(h.shape[1], y.shape[1], h.dtype)
         self._pending.append((h.detach(), y.detach(), mask))
         self._pending_rows += h.shape[0]
@@ -291,8 +327,12 @@ class GaussianStats:
         y = torch.cat([t.to(h.device) for t in ys])
         mask = None
         if any(m is not None for m in masks):
-            mask = torch.cat([torch.ones(t.shape, dtype=torch.bool, device=h.device) if m is None else m.to(h.device)
-                              for t, m in zip(ys, masks)])
+            mask = torch.cat(
+                [
+                    torch.ones(t.shape, dtype=torch.bool, device=h.device) if m is None else m.to(h.device)
+                    for t, m in zip(ys, masks)
+                ]
+            )
         self._accumulate(*sufficient_stats(h, y, mask))
 
     def add(self, gram: Tensor, cross: Tensor, rows: int) -> None:
@@ -309,9 +349,13 @@ class GaussianStats:
         """Keep the first chunk's ``d``, ``K`` and dtype; reject a later chunk with another ``d`` or ``K``."""
         if self._shape is None:
             self._shape, self._dtype = (dim, num_tasks), dtype
-        _require((dim, num_tasks) == self._shape,
-                 lambda: (f"chunk has d = {dim} and K = {num_tasks}; earlier chunks had "
-                          f"d = {self._shape[0]} and K = {self._shape[1]}"))
+        _require(
+            (dim, num_tasks) == self._shape,
+            lambda: (
+                f"chunk has d = {dim} and K = {num_tasks}; earlier chunks had "
+                f"d = {self._shape[0]} and K = {self._shape[1]}"
+            ),
+        )
 
     def _accumulate(self, gram: Tensor, cross: Tensor) -> None:
         """Add to the float64 sums (an in-place add converts a float32 operand on the fly)."""
@@ -338,23 +382,27 @@ class GaussianStats:
         if self.gram is not None:
             self._shape = (self.gram.shape[-1], self.cross.shape[0])
 
-    def _solve(self, prior_mean: Tensor | float, prior_precision: Tensor | float,
-               noise: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    def _solve(
+        self, prior_mean: Tensor | float, prior_precision: Tensor | float, noise: Tensor | float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._flush()
         _require(self.gram is not None, "GaussianStats has seen no data; call update() first")
         noise = torch.as_tensor(noise, dtype=torch.float64, device=self.gram.device)
-        mean, cov, precision = regression_posterior_from_stats(self.gram, self.cross, prior_mean, prior_precision,
-                                                               noise, with_precision=True)
+        mean, cov, precision = regression_posterior_from_stats(
+            self.gram, self.cross, prior_mean, prior_precision, noise, with_precision=True
+        )
         return mean.to(self._dtype), cov.to(self._dtype), precision.to(self._dtype)
 
-    def posterior(self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0,
-                  noise: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    def posterior(
+        self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0, noise: Tensor | float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         """``(mean [K, d], cov [K, d, d])``: what :func:`regression_posterior` gives on all chunks."""
         mean, cov, _ = self._solve(prior_mean, prior_precision, noise)
         return mean, cov
 
-    def as_prior(self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0,
-                 noise: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    def as_prior(
+        self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0, noise: Tensor | float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         """The same posterior as ``(mean [K, d], precision [K, d, d])``, ready to be the next prior.
 
         The precision is ``S_p⁻¹ + HᵀH/τ²`` itself, so no covariance is inverted back.
@@ -372,16 +420,20 @@ def regression_gradient(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     Returns:
         ``[..., B, K, d]``.
     """
-    _require(h.dim() == 2 and w.dim() >= 2 and w.shape[-1] == h.shape[1],
-             lambda: f"h {_shape(h)} and w {_shape(w)}: expected [B, d] and [..., K, d]")
-    _require(y.shape == (h.shape[0], w.shape[-2]),
-             lambda: f"y has shape {_shape(y)}; expected {[h.shape[0], w.shape[-2]]}")
+    _require(
+        h.dim() == 2 and w.dim() >= 2 and w.shape[-1] == h.shape[1],
+        lambda: f"h {_shape(h)} and w {_shape(w)}: expected [B, d] and [..., K, d]",
+    )
+    _require(
+        y.shape == (h.shape[0], w.shape[-2]), lambda: f"y has shape {_shape(y)}; expected {[h.shape[0], w.shape[-2]]}"
+    )
     residual = torch.einsum("bd,...kd->...bk", h, w) - y
     return 2 * residual.unsqueeze(-1) * w.unsqueeze(-3)
 
 
-def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
-                       coords: int | None = None) -> tuple[Tensor, Tensor]:
+def regression_moments(
+    h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, coords: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean and diagonal variance of eq. 3's gradient under ``w_k ~ N(mean_k, cov_k)`` (eq. 4).
 
     With ``a = hᵀm``, ``c = a − y``, ``r = S h``, ``q = hᵀ S h``: ``g/2 = w (c + hᵀ(w − m))`` is, per
@@ -415,8 +467,9 @@ def regression_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor,
     batch, dim = h.shape
     _require(mean.dim() == 2 and mean.shape[1] == dim, lambda: f"mean has shape {_shape(mean)}; expected [K, {dim}]")
     num_tasks = mean.shape[0]
-    _require(cov.shape == (num_tasks, dim, dim),
-             lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}")
+    _require(
+        cov.shape == (num_tasks, dim, dim), lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, dim, dim]}"
+    )
     _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     coords = dim if coords is None else coords
     _require(0 < coords <= dim, lambda: f"coords is {coords}; expected 1 … {dim}")
@@ -462,8 +515,9 @@ def _as_classes(theta: Tensor, kind: Kind) -> Tensor:
 def _check_labels(y: Tensor, batch: int, num_tasks: int, kind: Kind) -> None:
     _require(y.shape == (batch, num_tasks), lambda: f"y has shape {_shape(y)}; expected {[batch, num_tasks]}")
     if kind == "multiclass":
-        _require(not y.is_floating_point(),
-                 lambda: f"multiclass y must hold integer class indices, got dtype {y.dtype}")
+        _require(
+            not y.is_floating_point(), lambda: f"multiclass y must hold integer class indices, got dtype {y.dtype}"
+        )
 
 
 def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tensor:
@@ -483,9 +537,10 @@ def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tens
     _check_kind(kind)
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     w = _as_classes(w, kind)
-    _require(w.dim() >= 3 and w.shape[-1] == h.shape[1] + 1,
-             lambda: (f"w has shape {_shape(w)}; expected [..., K, d+1] (binary) or [..., K, C, d+1] "
-                      f"with d = {h.shape[1]}"))
+    _require(
+        w.dim() >= 3 and w.shape[-1] == h.shape[1] + 1,
+        lambda: f"w has shape {_shape(w)}; expected [..., K, d+1] (binary) or [..., K, C, d+1] with d = {h.shape[1]}",
+    )
     _check_labels(y, h.shape[0], w.shape[-3], kind)
     logits = torch.einsum("bp,...kcp->...bkc", add_bias(h), w)
     _, residual = _residual(logits, y, kind)
@@ -499,17 +554,30 @@ def _classification_shapes(h: Tensor, mean: Tensor, cov: Tensor, kind: Kind) -> 
     batch, dim = h.shape
     expected = "[K, d+1]" if kind == "binary" else "[K, C, d+1]"
     mean = _as_classes(mean, kind)
-    _require(mean.dim() == 3 and mean.shape[-1] == dim + 1,
-             lambda: f"mean has shape {_shape(mean)}; expected {expected} with d = {dim}")
+    _require(
+        mean.dim() == 3 and mean.shape[-1] == dim + 1,
+        lambda: f"mean has shape {_shape(mean)}; expected {expected} with d = {dim}",
+    )
     num_tasks, classes, size = mean.shape
-    _require(cov.shape == (num_tasks, classes * size, classes * size),
-             lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, classes * size, classes * size]}")
+    _require(
+        cov.shape == (num_tasks, classes * size, classes * size),
+        lambda: f"cov has shape {_shape(cov)}; expected {[num_tasks, classes * size, classes * size]}",
+    )
     return batch, dim, num_tasks, classes
 
 
-def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
-                      prior_precision: Tensor | float, kind: Kind = "binary",
-                      chunk: int = 4096, *, with_precision: bool = False) -> tuple[Tensor, ...]:
+def laplace_posterior(
+    h: Tensor,
+    y: Tensor,
+    w_hat: Tensor,
+    b_hat: Tensor,
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    kind: Kind = "binary",
+    chunk: int = 4096,
+    *,
+    with_precision: bool = False,
+) -> tuple[Tensor, ...]:
     """Gaussian posterior of linear classification heads around the current heads (eq. 8–10).
 
     The log joint is expanded to second order at ``θ̂ = [ŵ, b̂]``, keeping the first-order term:
@@ -542,16 +610,31 @@ def laplace_posterior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_
     return (mean, cov, precision) if with_precision else (mean, cov)
 
 
-def laplace_as_prior(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
-                     prior_precision: Tensor | float, kind: Kind = "binary",
-                     chunk: int = 4096) -> tuple[Tensor, Tensor]:
+def laplace_as_prior(
+    h: Tensor,
+    y: Tensor,
+    w_hat: Tensor,
+    b_hat: Tensor,
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    kind: Kind = "binary",
+    chunk: int = 4096,
+) -> tuple[Tensor, Tensor]:
     """:func:`laplace_posterior` as ``(mean, precision B̃)``, ready to be the next prior (the full-data prior)."""
     mean, _, precision = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
     return mean, precision
 
 
-def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Tensor | float,
-             prior_precision: Tensor | float, kind: Kind, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _laplace(
+    h: Tensor,
+    y: Tensor,
+    w_hat: Tensor,
+    b_hat: Tensor,
+    prior_mean: Tensor | float,
+    prior_precision: Tensor | float,
+    kind: Kind,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. 8–10; returns the mean, the covariance and the precision."""
     _check_kind(kind)
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
@@ -561,8 +644,10 @@ def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Ten
         w_hat, b_hat, expected = w_hat.unsqueeze(-2), b_hat.unsqueeze(-1), "[K, d] and [K]"
     else:
         expected = "[K, C, d] and [K, C]"
-    _require(w_hat.dim() == 3 and w_hat.shape[-1] == dim and b_hat.shape == w_hat.shape[:-1],
-             lambda: f"w_hat {_shape(w_hat)} and b_hat {_shape(b_hat)}: expected {expected} with d = {dim}")
+    _require(
+        w_hat.dim() == 3 and w_hat.shape[-1] == dim and b_hat.shape == w_hat.shape[:-1],
+        lambda: f"w_hat {_shape(w_hat)} and b_hat {_shape(b_hat)}: expected {expected} with d = {dim}",
+    )
     num_tasks, classes, _ = w_hat.shape
     _check_labels(y, count, num_tasks, kind)
     theta = torch.cat([w_hat, b_hat.unsqueeze(-1)], dim=-1)  # [K, C, P]
@@ -574,8 +659,8 @@ def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Ten
     # pass over K·P² numbers, 650² per 10-class head)
     precision = precision_p.expand(num_tasks, size, size)
     for start in range(0, count, chunk):
-        x = add_bias(h[start:start + chunk])
-        p, residual = _residual(torch.einsum("np,kcp->nkc", x, theta), y[start:start + chunk], kind)
+        x = add_bias(h[start : start + chunk])
+        p, residual = _residual(torch.einsum("np,kcp->nkc", x, theta), y[start : start + chunk], kind)
         grad += torch.einsum("nkc,np->kcp", residual, x)
         # J_iᵀ H_i J_i = (diag(p) − ppᵀ) ⊗ x xᵀ: the −ppᵀ part is v vᵀ with v = p ⊗ x, ...
         v = p.unsqueeze(-1) * x[:, None, None, :]  # [n, K, C, P]
@@ -600,8 +685,10 @@ def _laplace(h: Tensor, y: Tensor, w_hat: Tensor, b_hat: Tensor, prior_mean: Ten
 def _gauss_hermite(nodes: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """Nodes and weights (summing to 1) for ``E[f(z)]``, ``z ~ N(0, 1)``, exact up to degree 2n − 1."""
     z, weight = np.polynomial.hermite_e.hermegauss(nodes)
-    return (torch.as_tensor(z, dtype=like.dtype, device=like.device),
-            torch.as_tensor(weight / weight.sum(), dtype=like.dtype, device=like.device))
+    return (
+        torch.as_tensor(z, dtype=like.dtype, device=like.device),
+        torch.as_tensor(weight / weight.sum(), dtype=like.dtype, device=like.device),
+    )
 
 
 class _Accumulator:
@@ -630,8 +717,16 @@ class _Accumulator:
         return self.shift + self.first, self.within + between
 
 
-def _monte_carlo_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind: Kind, num_samples: int,
-                         chunk: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _monte_carlo_moments(
+    h: Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    y: Tensor,
+    kind: Kind,
+    num_samples: int,
+    chunk: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
     """Eq. 11: draw whole heads, differentiate, average."""
     factor = _cholesky(cov, "cov")
     binary = kind == "binary"
@@ -673,9 +768,11 @@ class _BinarySums:
         w, delta_w = theta[..., :-1], (theta - self.mean)[..., :-1]
         f_mean = self.f_mean.unsqueeze(-1)
         self.first += torch.einsum("nbk,nkd->bkd", delta_f, w) + f_mean * delta_w.sum(0)
-        self.second += (torch.einsum("nbk,nkd->bkd", delta_f.square(), w.square())
-                        + 2 * f_mean * torch.einsum("nbk,nkd->bkd", delta_f, w * delta_w)
-                        + f_mean.square() * delta_w.square().sum(0))
+        self.second += (
+            torch.einsum("nbk,nkd->bkd", delta_f.square(), w.square())
+            + 2 * f_mean * torch.einsum("nbk,nkd->bkd", delta_f, w * delta_w)
+            + f_mean.square() * delta_w.square().sum(0)
+        )
         self.count += theta.shape[0]
 
     def result(self, correction: float) -> tuple[Tensor, Tensor]:
@@ -715,14 +812,16 @@ def _binary_quadrature_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, 
     f_c, fz_c = f - mean_f.squeeze(-1), fz - mean_fz.squeeze(-1)
     m, s_diag = mean[:, :dim], cov.diagonal(dim1=-2, dim2=-1)[:, :dim]
     mu = m * mean_f + rho * mean_fz
-    between = (m.square() * expect(f_c.square()) + 2 * m * rho * expect(f_c * fz_c)
-               + rho.square() * expect(fz_c.square()))
+    between = (
+        m.square() * expect(f_c.square()) + 2 * m * rho * expect(f_c * fz_c) + rho.square() * expect(fz_c.square())
+    )
     within = expect(f.square()) * (s_diag - rho.square()).clamp_min(0)
     return mu, (within + between).clamp_min(0)
 
 
-def _multiclass_logit_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, num_samples: int, chunk: int,
-                              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _multiclass_logit_moments(
+    h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, num_samples: int, chunk: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """C-class heads: draws of the C-dim logit only; the heads given the logit are integrated exactly.
 
     Per sample and task, ``u = Θ x ~ N(A, Q)`` with ``x = [h, 1]``, and ``θ | u`` is Gaussian with
@@ -752,17 +851,26 @@ def _multiclass_logit_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, n
         n = min(chunk, num_samples - start)
         eps = torch.randn((n, batch, num_tasks, classes), generator=generator, dtype=h.dtype, device=h.device)
         _, f = _residual(logits_mean + torch.einsum("bkcz,nbkz->nbkc", factor, eps), y, "multiclass")  # [n, B, K, C]
-        cond_mean = (torch.einsum("nbkc,kcj->nbkj", f, mean[..., :dim])
-                     + torch.einsum("nbkca,bkcaj->nbkj", f.unsqueeze(-1) * eps.unsqueeze(-2), r_tilde))
+        cond_mean = torch.einsum("nbkc,kcj->nbkj", f, mean[..., :dim]) + torch.einsum(
+            "nbkca,bkcaj->nbkj", f.unsqueeze(-1) * eps.unsqueeze(-2), r_tilde
+        )
         cond_var = torch.einsum("nbkcz,bkczj->nbkj", f.unsqueeze(-1) * f.unsqueeze(-2), cond_cov)
         acc.add(cond_mean, weight[:n], cond_var.clamp_min(0))
     return acc.result(num_samples / (num_samples - 1))
 
 
-def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind: Kind,
-                           moments: Literal["quadrature", "monte_carlo"] = "quadrature", num_samples: int = 64,
-                           nodes: int = 32, chunk: int = 64,
-                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def classification_moments(
+    h: Tensor,
+    mean: Tensor,
+    cov: Tensor,
+    y: Tensor,
+    kind: Kind,
+    moments: Literal["quadrature", "monte_carlo"] = "quadrature",
+    num_samples: int = 64,
+    nodes: int = 32,
+    chunk: int = 64,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Mean and diagonal variance of the cross-entropy gradient w.r.t. ``h`` under ``θ ~ N(mean, cov)``.
 
     ``moments="monte_carlo"`` is eq. 11: ``num_samples`` draws of every head, the gradient of
@@ -806,12 +914,15 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
     """
     _classification_shapes(h, mean, cov, kind)
     _check_labels(y, h.shape[0], mean.shape[0], kind)
-    _require(moments in ("quadrature", "monte_carlo"),
-             lambda: f"moments is {moments!r}; expected 'quadrature' or 'monte_carlo'")
+    _require(
+        moments in ("quadrature", "monte_carlo"),
+        lambda: f"moments is {moments!r}; expected 'quadrature' or 'monte_carlo'",
+    )
     # numpy's Gauss–Hermite weights overflow beyond about 150 nodes; 100 is far more than needed.
-    _require(num_samples >= 2 and 1 <= nodes <= 100 and chunk >= 1,
-             lambda: (f"num_samples = {num_samples}, nodes = {nodes}, chunk = {chunk}: "
-                      "expected ≥ 2, 1 to 100 and ≥ 1"))
+    _require(
+        num_samples >= 2 and 1 <= nodes <= 100 and chunk >= 1,
+        lambda: f"num_samples = {num_samples}, nodes = {nodes}, chunk = {chunk}: expected ≥ 2, 1 to 100 and ≥ 1",
+    )
     if moments == "monte_carlo":
         return _monte_carlo_moments(h, mean, cov, y, kind, num_samples, chunk, generator)
     if kind == "binary":
@@ -820,8 +931,13 @@ def classification_moments(h: Tensor, mean: Tensor, cov: Tensor, y: Tensor, kind
 
 
 # ----------------------------------------------------------------------------- aggregation
-def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = None, min_var: float | None = None,
-                        overwrite_var: bool = False) -> tuple[Tensor, Tensor]:
+def aggregation_weights(
+    var: Tensor,
+    s: Tensor | float,
+    mask: Tensor | None = None,
+    min_var: float | None = None,
+    overwrite_var: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Eq. 7's weights before normalising, ``λ_k^s / max_j λ_j^s`` (``λ = 1/var``), and their sum over tasks.
 
     Computed as ``2^(−s·log₂ var − max)`` per sample and coordinate, so neither large nor tiny
@@ -846,8 +962,9 @@ def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = No
         _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
         s = s.reshape(-1, 1)
     if mask is not None:  # checked before var is touched
-        _require(mask.shape == (batch, num_tasks),
-                 lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}")
+        _require(
+            mask.shape == (batch, num_tasks), lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}"
+        )
     floor = torch.finfo(var.dtype).tiny if min_var is None else min_var
     log_var = (var.clamp_min_(floor) if overwrite_var else var.clamp_min(floor)).log2_()
     if mask is None and isinstance(s, float):
@@ -867,9 +984,15 @@ def aggregation_weights(var: Tensor, s: Tensor | float, mask: Tensor | None = No
     return weights, weights.sum(1).clamp_min_(1.0)
 
 
-def aggregate(mu: Tensor, var: Tensor, s: Tensor | float, mask: Tensor | None = None,
-              min_var: float | None = None, return_weights: bool = False,
-              overwrite_var: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def aggregate(
+    mu: Tensor,
+    var: Tensor,
+    s: Tensor | float,
+    mask: Tensor | None = None,
+    min_var: float | None = None,
+    return_weights: bool = False,
+    overwrite_var: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Precision-weighted mean of the task gradients, per sample and coordinate (eq. 7).
 
     ``g = Σ_k λ_k^s μ_k / Σ_k λ_k^s`` with ``λ = 1/var``, the weights from

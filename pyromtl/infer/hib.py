@@ -18,8 +18,8 @@ leading task dimension and runs on the device of its inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,13 +28,13 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 __all__ = [
+    "TwoTaskGaussian",
     "channel_kl",
-    "noise_distance",
     "cluster_tasks",
     "clustering_margin",
     "clustering_success",
     "gaussian_optimal_precisions",
-    "TwoTaskGaussian",
+    "noise_distance",
     "two_task_gaussian",
 ]
 
@@ -178,8 +178,10 @@ def _same_group(groups: ArrayLike | torch.Tensor, num_tasks: int) -> np.ndarray:
         if not (g == g.T).all():
             raise ValueError("groups: the same-group matrix is not symmetric")
         return g.astype(bool)
-    raise ValueError(f"groups: expected labels of shape ({num_tasks},) or a 0/1 matrix "
-                     f"({num_tasks}, {num_tasks}), got shape {g.shape}")
+    raise ValueError(
+        f"groups: expected labels of shape ({num_tasks},) or a 0/1 matrix "
+        f"({num_tasks}, {num_tasks}), got shape {g.shape}"
+    )
 
 
 def clustering_margin(distance: ArrayLike | torch.Tensor, groups: ArrayLike | torch.Tensor) -> float:

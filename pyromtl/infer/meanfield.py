@@ -15,7 +15,8 @@ This subclass computes the same estimator with the same gradients:
   guide's score, so reparameterised guides only, as ``TraceMeanField_ELBO`` requires);
 
 and scores nothing else. With validation on (``pyro.enable_validation``) every site is still
-scored, for Pyro's model/guide and shape checks, and the NaN warning is kept. Use it wherever ``TraceMeanField_ELBO`` is used::
+scored, for Pyro's model/guide and shape checks, and the NaN warning is kept. Use it wherever
+``TraceMeanField_ELBO`` is used::
 
     loss_fn = MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=4)(model, guide)
 """
@@ -52,7 +53,9 @@ class MeanFieldELBO(TraceMeanField_ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+            *args, **kwargs
+        )
         validate = is_validation_enabled()
         if validate:
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
@@ -123,4 +126,3 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-

@@ -8,7 +8,8 @@ should pay.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -149,9 +150,12 @@ COMBINERS: dict[str, Callable[[dict[str, Any], int], Combiner]] = {
     "pcgrad": lambda cfg, T: aggregation.PCGrad(),
     "cagrad": lambda cfg, T: aggregation.CAGrad(c=cfg["cagrad_c"]),
     "imtl-g": lambda cfg, T: aggregation.IMTLG(),
-    "nash-mtl": lambda cfg, T: CheckpointedNashMTL(T, max_norm=cfg["nash_max_norm"],
-                                                  update_weights_every=cfg["nash_update_every"],
-                                                  optim_niter=cfg["nash_optim_niter"]),
+    "nash-mtl": lambda cfg, T: CheckpointedNashMTL(
+        T,
+        max_norm=cfg["nash_max_norm"],
+        update_weights_every=cfg["nash_update_every"],
+        optim_niter=cfg["nash_optim_niter"],
+    ),
     "aligned-mtl": lambda cfg, T: aggregation.AlignedMTL(),
     "upgrad": lambda cfg, T: aggregation.UPGrad(),
 }

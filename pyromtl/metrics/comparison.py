@@ -5,7 +5,7 @@ runs' primary metrics by :func:`compare_table`."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -162,7 +162,7 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
         cells = []
         for run in names:
             metrics = runs[run].get(task)
-            cells.append("–" if metrics is None or key is None or key not in metrics else fmt(metrics[key], 'n/a'))
+            cells.append("–" if metrics is None or key is None or key not in metrics else fmt(metrics[key], "n/a"))
         rows.append([task, label, *cells])
 
     used = [k for k in ("accuracy", "nmse") if any(primary[t] == k for t in tasks)]
@@ -173,7 +173,7 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
                 float(runs[run][t][key]) for t in tasks if primary[t] == key and t in runs[run] and key in runs[run][t]
             ]
             vals = [v for v in vals if not math.isnan(v)]
-            cells.append(fmt(np.mean(vals), 'n/a') if vals else "–")
+            cells.append(fmt(np.mean(vals), "n/a") if vals else "–")
         rows.append(["average", f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}", *cells])
 
     if baseline is not None:

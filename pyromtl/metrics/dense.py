@@ -47,8 +47,9 @@ def _labelled(pred, target, num_classes: int | None) -> tuple[np.ndarray, np.nda
     p, t = pred[labelled].astype(np.int64), target[labelled].astype(np.int64)
     top = np.inf if num_classes is None else num_classes
     if t.min() < 0 or t.max() >= top:
-        raise ValueError(f"target labels must be {IGNORE_INDEX} (ignored) or in [0, {top}), "
-                         f"found {int(t.min())}..{int(t.max())}")
+        raise ValueError(
+            f"target labels must be {IGNORE_INDEX} (ignored) or in [0, {top}), found {int(t.min())}..{int(t.max())}"
+        )
     if p.min() < 0 or p.max() >= top:
         raise ValueError(f"pred labels must be in [0, {top}), found {int(p.min())}..{int(p.max())}")
     return p, t

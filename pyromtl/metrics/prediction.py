@@ -8,7 +8,7 @@ bundled by :func:`task_metrics`; :func:`average`, :func:`primary_metric` and
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -27,5 +27,10 @@ def _relaxed_bernoulli(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
     return dist.RelaxedBernoulliStraightThrough(ctx.extras["temperature"], probs=probs)
 
 
-RELAXED_BERNOULLI = PriorKind("relaxed_bernoulli", _relaxed_bernoulli, defaults={"probs": 0.5},
-                              checks={"probs": _probability}, uses_components=False)
+RELAXED_BERNOULLI = PriorKind(
+    "relaxed_bernoulli",
+    _relaxed_bernoulli,
+    defaults={"probs": 0.5},
+    checks={"probs": _probability},
+    uses_components=False,
+)

@@ -47,9 +47,14 @@ def _deterministic(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return dist.ImproperUniform(support, ctx.batch_shape, ctx.event_shape)
 
 
-NORMAL = PriorKind("normal", _normal, defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": positive},
-                   uses_components=False)
-LEARNED_NORMAL = PriorKind("learned_normal", _learned_normal,
-                           defaults={"loc": 0.0, "scale": 1.0, "learn_loc": True, "per_task": False},
-                           checks={"scale": positive}, uses_components=False)
+NORMAL = PriorKind(
+    "normal", _normal, defaults={"loc": 0.0, "scale": 1.0}, checks={"scale": positive}, uses_components=False
+)
+LEARNED_NORMAL = PriorKind(
+    "learned_normal",
+    _learned_normal,
+    defaults={"loc": 0.0, "scale": 1.0, "learn_loc": True, "per_task": False},
+    checks={"scale": positive},
+    uses_components=False,
+)
 DETERMINISTIC = PriorKind("deterministic", _deterministic, uses_components=False)

@@ -27,8 +27,10 @@ def _stored(name: str, spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:
     if stored is None:
         return _isotropic(spec, ctx)
     mean, precision = stored
-    return GaussianPrecision(mean.reshape(ctx.batch_shape + ctx.event_shape),
-                             precision.reshape(ctx.batch_shape + ctx.event_shape + ctx.event_shape[-1:]))
+    return GaussianPrecision(
+        mean.reshape(ctx.batch_shape + ctx.event_shape),
+        precision.reshape(ctx.batch_shape + ctx.event_shape + ctx.event_shape[-1:]),
+    )
 
 
 def _full_data(spec: PriorSpec, ctx: PriorContext) -> GaussianPrecision:

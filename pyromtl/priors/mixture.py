@@ -33,9 +33,16 @@ def _uniform_rows(num_tasks: int, device: torch.device, dtype: torch.dtype) -> t
     return torch.full((num_tasks, num_tasks - 1), 1.0 / (num_tasks - 1), device=device, dtype=dtype)
 
 
-def mixture_weights(mode: str, num_tasks: int, logits: torch.Tensor | None = None, tau: float = 1.0,
-                    sample_shape: tuple[int, ...] = (), *, device: torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+def mixture_weights(
+    mode: str,
+    num_tasks: int,
+    logits: torch.Tensor | None = None,
+    tau: float = 1.0,
+    sample_shape: tuple[int, ...] = (),
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Mixing weights of a ``task_mixture`` prior, ``[*sample_shape, T, T]`` with a zero diagonal.
 
     ``mode`` is the prior's ``weights``: ``gumbel_softmax`` draws ``RelaxedOneHotCategorical(τ,
@@ -48,8 +55,9 @@ def mixture_weights(mode: str, num_tasks: int, logits: torch.Tensor | None = Non
     elif mode == "learned":
         rows = torch.softmax(logits, dim=-1).expand(*sample_shape, num_tasks, num_tasks - 1)
     else:
-        rows = dist.RelaxedOneHotCategorical(torch.full((), tau, device=logits.device, dtype=logits.dtype),
-                                             logits=logits).rsample(sample_shape)
+        rows = dist.RelaxedOneHotCategorical(
+            torch.full((), tau, device=logits.device, dtype=logits.dtype), logits=logits
+        ).rsample(sample_shape)
         # At small τ the sample is computed from large log-space scores and its rows can miss
         # 1 by more than rounding; renormalise so the weights are on the simplex.
         rows = rows / rows.sum(-1, keepdim=True)
@@ -129,6 +137,9 @@ def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return mixture.expand(broadcast_shape(mixture.batch_shape, ctx.batch_shape))
 
 
-TASK_MIXTURE = PriorKind("task_mixture", _task_mixture,
-                         defaults={"weights": "gumbel_softmax", "temperature": 1.0, "kl": "upper_bound"},
-                         checks={"weights": one_of(MIXTURE_WEIGHTS), "temperature": temperature, "kl": one_of(KL_MODES)})
+TASK_MIXTURE = PriorKind(
+    "task_mixture",
+    _task_mixture,
+    defaults={"weights": "gumbel_softmax", "temperature": 1.0, "kl": "upper_bound"},
+    checks={"weights": one_of(MIXTURE_WEIGHTS), "temperature": temperature, "kl": one_of(KL_MODES)},
+)

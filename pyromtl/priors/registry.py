@@ -6,7 +6,8 @@ whatever it imported first.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch.distributions import Distribution
 
@@ -118,7 +119,8 @@ def build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     prior = lookup(spec.kind).builder(spec, ctx)
     if prior.batch_shape != ctx.batch_shape or prior.event_shape != ctx.event_shape:
         raise ValueError(
-            f"prior kind {spec.kind!r} for site {ctx.site!r} built batch_shape {tuple(prior.batch_shape)} and event_shape "
+            f"prior kind {spec.kind!r} for site {ctx.site!r} built batch_shape {tuple(prior.batch_shape)} and "
+            "event_shape "
             f"{tuple(prior.event_shape)}, but the site needs {tuple(ctx.batch_shape)} and {tuple(ctx.event_shape)}"
         )
     return prior

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.distributions import Distribution, constraints
@@ -50,7 +51,9 @@ class PriorSite(LocalParamsModule):
         self.register_buffer("_anchor", torch.empty(0, device=device), persistent=False)
         self.num_tasks: int | None = None
 
-    def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
+    def param(
+        self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real
+    ) -> torch.Tensor:
         """See :meth:`PriorContext.param`."""
         transform = self._transforms.get(name)
         if transform is None:
@@ -86,8 +89,19 @@ class PriorSite(LocalParamsModule):
         if device is None and components is None:
             device = self._anchor.device
         step, total = (state.step, state.total_steps) if state is not None else (0, None)
-        return PriorContext(self.site, batch_shape, event_shape, num_tasks, step=step, total_steps=total,
-                            components=components, task_axis=task_axis, device=device, owner=self, extras=dict(extras or {}))
+        return PriorContext(
+            self.site,
+            batch_shape,
+            event_shape,
+            num_tasks,
+            step=step,
+            total_steps=total,
+            components=components,
+            task_axis=task_axis,
+            device=device,
+            owner=self,
+            extras=dict(extras or {}),
+        )
 
     def build(self, **context: Any) -> Distribution:
         """Build the prior; keyword arguments as in :meth:`context`."""
@@ -99,12 +113,16 @@ class PriorSite(LocalParamsModule):
     def forward(self, **context: Any) -> Distribution:
         return self.build(**context)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Create lazily-made parameters that a checkpoint holds, so strict loading works before
         # the first build; the ParameterDict's own loader then copies the values in.
         head = prefix + "params."
         for key, value in state_dict.items():
-            name = key[len(head):] if key.startswith(head) else ""
+            name = key[len(head) :] if key.startswith(head) else ""
             if name and "." not in name and name not in self.params:
                 self.params[name] = torch.nn.Parameter(torch.empty_like(value, device=self._anchor.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

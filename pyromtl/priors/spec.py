@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.distributions import Distribution, constraints
@@ -57,14 +58,17 @@ class PriorKind:
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.checks) - set(self.defaults)):
-            raise ValueError(f"checks for parameter(s) {unknown} of prior kind {self.name!r}, which has no defaults "
-                             "for them")
+            raise ValueError(
+                f"checks for parameter(s) {unknown} of prior kind {self.name!r}, which has no defaults for them"
+            )
 
     def parse(self, given: Mapping[str, Any]) -> PriorSpec:
         """The spec of this kind with ``given`` parameters checked and the defaults filled in."""
         if unknown := sorted(set(given) - set(self.defaults)):
-            raise ValueError(f"unknown parameter(s) {unknown} for prior kind {self.name!r}; valid parameters: "
-                             f"{sorted(self.defaults)}")
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for prior kind {self.name!r}; valid parameters: "
+                f"{sorted(self.defaults)}"
+            )
         params = {}
         for name, default in self.defaults.items():
             value = given.get(name, default)
@@ -121,8 +125,9 @@ class ParamOwner(Protocol):
 
     constants: dict[tuple, torch.Tensor]
 
-    def param(self, name: str, init: torch.Tensor,
-              constraint: constraints.Constraint = constraints.real) -> torch.Tensor: ...
+    def param(
+        self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -177,7 +182,7 @@ class PriorContext:
         else:
             self.task_axis = self.task_axis - n if self.task_axis >= 0 else self.task_axis
         if self.components is not None:
-            loc, scale = self.components
+            loc, _scale = self.components
             self.device = self.device if self.device is not None else loc.device
             self.dtype = self.dtype if self.dtype is not None else loc.dtype
         self.device = torch.device(self.device if self.device is not None else "cpu")
@@ -198,7 +203,9 @@ class PriorContext:
             out = cache[key] = torch.full(key[0], key[1], device=self.device, dtype=self.dtype)
         return out
 
-    def param(self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real) -> torch.Tensor:
+    def param(
+        self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real
+    ) -> torch.Tensor:
         """A persistent learnable parameter of this site, created from ``init`` on first use.
 
         The owner stores it unconstrained and returns ``transform_to(constraint)`` of it, so
