@@ -29,7 +29,7 @@ from torch import Tensor
 from pyromtl.base import MultiTaskModule, Plates
 from pyromtl.data.core import Batch, TaskInfo
 from pyromtl.distributions import GaussianPrecision
-from pyromtl.infer.bayesagg import add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
+from pyromtl.infer.bayesagg import Kind, add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
 from pyromtl.schedules import TrainState
 
 
@@ -138,11 +138,12 @@ def batch_posterior(
             theta = heads[group.rows, : group.classes]
             if group.kind == "binary":
                 theta = theta.squeeze(1)
-            kind = "binary" if group.kind == "binary" else "multiclass"
+            kind: Kind = "binary" if group.kind == "binary" else "multiclass"
             parts = laplace_posterior(
                 h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind, with_precision=with_precision
             )
-        out.append(GroupPosterior(*parts, stats=stats))
+        # parts: (mean, cov), with the precision third when asked for
+        out.append(GroupPosterior(parts[0], parts[1], parts[2] if with_precision else None, stats=stats))
     return out
 
 
@@ -158,6 +159,8 @@ def assemble(
     precision = precision.reshape(-1, size, size).expand(num_tasks, size, size).clone()
     for group, post in zip(groups, posteriors):
         used = group.size(dim)
+        if post.precision is None:
+            raise ValueError("assemble needs the posteriors' precisions (batch_posterior(..., with_precision=True))")
         mean[group.rows, :used] = post.mean.reshape(len(group.tasks), used)
         precision[group.rows, :used, :used] = post.precision
     return mean, precision

@@ -18,7 +18,7 @@ Variants (options and prior choices, see ``models/hib.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,7 +56,7 @@ class ChannelScale(MultiTaskModule):
     needs the same scale for its Monte-Carlo fallback, so both wrap ``w`` in :meth:`beta_scope`.
     """
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         super().__init__(data.info.to(device), state, cfg["kl_weight"])
         betas = task_betas(data, cfg["beta"], cfg["task_beta"]).to(device)
         # One β for all tasks scales by a float: a tensor scale costs a device op per site and step.
@@ -81,7 +81,9 @@ class ChannelScale(MultiTaskModule):
 class HIBGuide(ChannelScale):
     """``q(W_j | x) = N(f_θ(x), diag σ_j²)`` for every task j at once (eq. 1)."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, encoder: MLP, device: torch.device):
+    def __init__(
+        self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, encoder: MLP, device: torch.device
+    ):
         super().__init__(data, cfg, state, device)
         for key, allowed in (("noise", NOISE_MODES), ("predict_w", PREDICT_MODES)):
             if cfg[key] not in allowed:
@@ -138,7 +140,7 @@ class MTVIBGuide(MultiTaskModule):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         encoder: GaussianEncoder,
         device: torch.device,

@@ -9,21 +9,37 @@ gate prior (``priors.gate``) the gate is a latent site, and the guide draws it f
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import pyro
 import torch
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 
 from pyromtl.base import MultiTaskModule, Plates, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.schedules import TrainState
 
 
+class _GatedModel(Protocol):
+    """What the guide reads of its model, ``models/smtl.py``'s ``SMTLModel`` (which imports this module)."""
+
+    @property
+    def gate_logit(self) -> torch.Tensor: ...
+
+    def gate_distribution(self, logits: torch.Tensor) -> TorchDistributionMixin: ...
+
+
 class GateGuide(MultiTaskModule):
     """``q(g) = prod_t RelaxedBernoulli[StraightThrough](τ, logits=logit_t)`` for a Bayesian gate; else empty."""
 
     def __init__(
-        self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, model: torch.nn.Module, device: torch.device
+        self,
+        data: MultiTaskData,
+        cfg: Mapping[str, Any],
+        state: TrainState,
+        model: _GatedModel,
+        device: torch.device,
     ):
         super().__init__(data.info.to(device), state, cfg["kl_weight"])
         self.bayesian = not is_point(cfg["priors"]["gate"])

@@ -8,7 +8,7 @@ diagonal Gaussian per class and task (eq. 8), under VMTL's Monte-Carlo plates
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ class VMTLGuide(MonteCarloDraws, LatentMTLGuide):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         encoder: GaussianEncoder,
         w_post: nn.Module,

@@ -51,6 +51,7 @@ from pyromtl.guides.bayesagg import (
 )
 from pyromtl.infer.bayesagg import (
     GaussianStats,
+    Kind,
     add_bias,
     aggregation_weights,
     classification_moments,
@@ -115,7 +116,7 @@ class BayesAggModel(MultiTaskModel):
     posteriors' expansion point); the regression noise stays at τ = 1 (§3.1).
     """
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         info = data.info.to(device)
         super().__init__(info, state)
         self.latent_dim = d = cfg["latent_dim"]
@@ -180,7 +181,11 @@ class _TaskLoss(nn.Module):
 class BayesAggObjective(Objective):
     """Algorithm 1: LS pre-training, then the aggregated gradient pushed into ``h``; the full-data prior per epoch."""
 
-    def __init__(self, model: BayesAggModel, guide: BayesAggGuide, cfg: dict[str, Any]):
+    # buffers (register_buffer), declared for the type checker
+    order: Tensor
+    s: Tensor
+
+    def __init__(self, model: BayesAggModel, guide: BayesAggGuide, cfg: Mapping[str, Any]):
         super().__init__(_TaskLoss(model, guide))
         if cfg["moments"] not in MOMENTS:
             raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
@@ -222,7 +227,10 @@ class BayesAggObjective(Objective):
             if posteriors is None:
                 self.stats.update(features, group.labels(y))
             else:
-                self.stats.add(*posteriors[self.regression_index].stats, rows=features.shape[0])
+                stats = posteriors[self.regression_index].stats if self.regression_index is not None else None
+                if stats is None:  # a regression group's batch posterior carries them
+                    raise ValueError("the regression group's batch posterior has no sufficient statistics")
+                self.stats.add(*stats, rows=features.shape[0])
         if self._collect_classification():
             self.seen.append((features[:, :-1], y.T))
 
@@ -239,6 +247,8 @@ class BayesAggObjective(Objective):
         mus, variances = [], []
         for group, post in zip(self.model.groups, posteriors):  # one batched call per kind of task
             labels = group.labels(y)
+            if post.cov is None:  # batch_posterior's always have it
+                raise ValueError("the gradient moments need the batch posteriors' covariances")
             if group.kind == "regression":
                 # the constant feature's coordinate is not part of h: skip it
                 mu, var = regression_moments(features, post.mean, post.cov, labels, coords=dim)
@@ -356,14 +366,18 @@ class BayesAggObjective(Objective):
         model = self.model
         dim, heads = model.latent_dim, model.heads.detach()
         h, y = (torch.cat(parts) for parts in zip(*self.seen)) if self.seen else (None, None)
-        posteriors = []
+        posteriors: list[GroupPosterior] = []
         for group in model.groups:
             if group.kind == "regression":
+                if reg_post is None:  # the epoch's batches fed the regression statistics with every kept feature
+                    raise RuntimeError("no regression statistics for the full-data posterior")
                 posteriors.append(reg_post)
                 continue
+            if h is None or y is None:  # every epoch's batch is kept when a classification group is
+                raise RuntimeError("no features kept for the classification heads' full-data posterior")
             theta = heads[group.rows, : group.classes]
             theta = theta.squeeze(1) if group.kind == "binary" else theta
-            kind = "binary" if group.kind == "binary" else "multiclass"
+            kind: Kind = "binary" if group.kind == "binary" else "multiclass"
             mean, prec = laplace_as_prior(h, group.labels(y.T), theta[..., :dim], theta[..., dim], 0.0, precision, kind)
             posteriors.append(GroupPosterior(mean, None, prec))
         base = heads.new_zeros(model.info.num_tasks, model.size)

@@ -16,6 +16,7 @@ is one batched matmul and each unit one ``einsum``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class CrossStitchModel(MultiTaskModel):
     """``p(y | x) = prod_t p(y_t | c_t(h_t(x)))`` where the task networks ``h`` exchange activations
     through cross-stitch units after every layer."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         info = data.info.to(device)
         super().__init__(info, state)
         T = info.num_tasks

@@ -26,7 +26,7 @@ The paper's ablations are configuration (``examples/configs/hib_*.toml``): no no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,7 @@ LINKAGE = "average"
 class HIBModel(ChannelScale, MultiTaskModel):
     """``p(y, w | x) = Π_j q_j(w_j) c_ψ,j(y_j | w_j)``: the marginals of eq. 7 and the heads of eq. 3."""
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         super().__init__(data, cfg, state, device)
         self.latent_dim = cfg["latent_dim"]
         self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
@@ -87,7 +87,7 @@ class MTVIBModel(MultiTaskModel):
     each task's loss instead of being fixed. The KL of ``Z`` is weighted by ``beta`` (in the guide).
     """
 
-    def __init__(self, data: MultiTaskData, cfg: dict[str, Any], state: TrainState, device: torch.device):
+    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"], {"z": cfg["beta"]})
         self.latent_dim = cfg["latent_dim"]

@@ -116,7 +116,7 @@ def select_tasks(module: nn.Module, index: torch.Tensor) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- gates
-def relaxed_gate(logits: torch.Tensor, tau: torch.Tensor, lite: bool) -> dist.Distribution:
+def relaxed_gate(logits: torch.Tensor, tau: torch.Tensor, lite: bool) -> dist.RelaxedBernoulli:
     """The relaxed gate of eq. 4 at temperature ``tau`` (lite: straight-through, a hard forward draw)."""
     kind = dist.RelaxedBernoulliStraightThrough if lite else dist.RelaxedBernoulli
     return kind(tau, logits=logits)
@@ -145,7 +145,7 @@ class SMTLModel(MultiTaskModel):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         device: torch.device,
         *,
@@ -178,7 +178,7 @@ class SMTLModel(MultiTaskModel):
     def tau(self) -> torch.Tensor:
         return torch.tensor(self.state.value(self.temperature), device=self.info.type_code.device)
 
-    def gate_distribution(self, logits: torch.Tensor) -> dist.Distribution:
+    def gate_distribution(self, logits: torch.Tensor) -> dist.RelaxedBernoulli:
         """The relaxed gate of eq. 4 (lite: straight-through, a hard forward draw)."""
         return relaxed_gate(logits, self.tau(), self.lite)
 
@@ -202,7 +202,10 @@ class SMTLModel(MultiTaskModel):
         public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
         if self.combine != "outputs":
             return self.decoder(mix_encoders(gate, public, private))
-        return mix_encoders(gate, self.public_decoder(public), self.decoder(private))
+        public_decoder = self.public_decoder
+        if public_decoder is None:  # built with combine = "outputs"
+            raise RuntimeError("SMTL_c has no public decoder")
+        return mix_encoders(gate, public_decoder(public), self.decoder(private))
 
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch)
@@ -234,6 +237,8 @@ class PrunedSMTL(nn.Module):
     ``forward(x [B, ...]) -> [T, B, K]``, the gated model's head outputs under hard gates.
     """
 
+    order: torch.Tensor  # a buffer
+
     def __init__(self, model: SMTLModel, gate: torch.Tensor):
         super().__init__()
         chosen = gate.bool()
@@ -249,9 +254,10 @@ class PrunedSMTL(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(x.dim() - self.input_dims)
         parts = []
-        if self.public is not None:
+        # each encoder is kept with its decoder, or neither is
+        if self.public is not None and self.public_decoder is not None:
             parts.append(self.public_decoder(self.public(x)))
-        if self.private is not None:
+        if self.private is not None and self.decoder is not None:
             parts.append(self.decoder(self.private(x)))
         return torch.cat(parts)[self.order]
 
@@ -281,7 +287,7 @@ class GateObjective(Objective):
     the ``gates`` split (carved out of val by :func:`carve_gate_split`).
     """
 
-    def __init__(self, loss: nn.Module, cfg: dict[str, Any]):
+    def __init__(self, loss: nn.Module, cfg: Mapping[str, Any]):
         super().__init__(loss)
         if cfg["gates"] not in GATE_MODES:
             raise ValueError(f"gates must be one of {GATE_MODES}, got {cfg['gates']!r}")
@@ -293,7 +299,7 @@ class GateObjective(Objective):
         return [self.model.gate_logit] if self.bilevel else []
 
     def after_step(self, ctx: TrainContext) -> None:
-        if not self.bilevel:
+        if self.gate_optim is None:  # not bi-level
             return
         batch = ctx.data.train_batch(self.gate_batch_size, ctx.generator, ctx.device, split=GATE_SPLIT)
         logit = self.model.gate_logit
@@ -302,10 +308,10 @@ class GateObjective(Objective):
         self.gate_optim.step()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"gate_optim": self.gate_optim.state_dict() if self.bilevel else None}
+        return {"gate_optim": self.gate_optim.state_dict() if self.gate_optim is not None else None}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.bilevel:
+        if self.gate_optim is not None:  # bi-level
             self.gate_optim.load_state_dict(state["gate_optim"])
 
 

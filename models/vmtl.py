@@ -112,7 +112,7 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         encoder: GaussianEncoder,
         w_post: torch.nn.Module,
@@ -194,7 +194,7 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         return components, {"component_tasks": tasks, "component_inclusion": inclusion}
 
 
-def _check_z_components(cfg: dict[str, Any], num_tasks: int) -> int:
+def _check_z_components(cfg: Mapping[str, Any], num_tasks: int) -> int:
     """``z_components`` as an int, or a ``ValueError`` naming what is wrong with it."""
     k = cfg["z_components"]
     if k < 1:
@@ -247,6 +247,7 @@ def build_vmtl(ctx: MethodContext) -> tuple[VMTLModel, VMTLGuide]:
     encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(
         device
     )
+    w_post: torch.nn.Module
     if cfg["amortized_classifier"]:
         w_post = AmortizedClassifier(
             data, encoder, cfg["hidden"], cfg["activation"], device, min_scale=cfg["ac_min_scale"]
@@ -302,6 +303,8 @@ def _weight_draws(which: str):
         site = _mixture_sites(model).get(which)
         if site is None:
             return None
+        if site.num_tasks is None:
+            raise ValueError(f"site {site.site!r} has not been built yet; build the prior once first")
         logits = site.params["logits"].detach() if "logits" in site.params else None
         tau = model.state.value(as_schedule(site.spec.params["temperature"]))
         return mixture_weights(

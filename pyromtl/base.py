@@ -95,7 +95,8 @@ class Plates:
         b = self.batch
         with (
             poutine.scale(scale=b.scale[:1] if shared else b.scale),
-            poutine.mask(mask=b.mask[:1] if shared else b.mask),
+            # pyro's stub asks for the legacy torch.BoolTensor class; a bool-dtype Tensor is what it takes
+            poutine.mask(mask=b.mask[:1] if shared else b.mask),  # type: ignore[call-overload]
         ):
             yield
 
@@ -153,7 +154,8 @@ class MultiTaskModel(MultiTaskModule):
         kl_weights: Mapping[str, float] | None = None,
     ):
         super().__init__(info, state, kl_weight, kl_weights)
-        self.noise = PyroParam(
+        # PyroModule stores a PyroParam as a constrained parameter: reading it gives the tensor
+        self.noise: torch.Tensor = PyroParam(  # type: ignore[assignment]
             torch.ones(info.num_tasks, device=info.type_code.device), constraint=constraints.positive
         )
 

@@ -215,6 +215,8 @@ def import_plugins(specs: Sequence[str]) -> None:
                 raise ValueError(f"--import: no such file {spec}")
             name = f"pyromtl_plugin_{path.stem}"
             loader = importlib.util.spec_from_file_location(name, path)
+            if loader is None or loader.loader is None:
+                raise ValueError(f"--import: cannot import {spec!r} (not a Python file)")
             module = importlib.util.module_from_spec(loader)
             sys.modules[name] = module
             loader.loader.exec_module(module)

@@ -33,6 +33,9 @@ from torch.distributions.kl import register_kl
 
 __all__ = ["KL_MODES", "DiagNormal", "GaussianPrecision", "TaskMixture"]
 
+# The sample shapes torch's Distribution.sample/rsample take (its torch.types._size).
+_SampleShape = torch.Size | list[int] | tuple[int, ...]
+
 #: Values of :attr:`TaskMixture.kl`.
 KL_MODES = ("upper_bound", "monte_carlo")
 
@@ -240,7 +243,7 @@ class TaskMixture(_UnexpandedParams):
         log_prob = torch.logsumexp(per_comp + self._log_weights(), dim=-1)
         return log_prob.expand(broadcast_shape(value.shape[: value.dim() - E], self.batch_shape))
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         """Draw a component per element of the batch, then a Gaussian (reparameterised given the component)."""
         sample_shape = torch.Size(sample_shape)
         E = len(self.event_shape)
@@ -256,7 +259,7 @@ class TaskMixture(_UnexpandedParams):
         scale = self.scale.expand(full).gather(comp, index).squeeze(comp)
         return loc + scale * torch.randn_like(loc)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
 
@@ -408,7 +411,7 @@ class DiagNormal(_UnexpandedParams):
     def variance(self) -> torch.Tensor:
         return self.scale.square().expand(self.batch_shape + self.event_shape)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
         return torch.addcmul(self.loc, eps, self.scale)
 

@@ -54,7 +54,8 @@ def predict_split(
     the RNG, so the predictions are the same with or without them.
     """
     info = model.info
-    probs, ys, lls, masks, reps, sites = [], [], [], [], [], {k: [] for k in keep}
+    probs, ys, lls, masks, reps = [], [], [], [], []
+    sites: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
     for batch in data.eval_batches(split, device):
         d = draw(model, guide, batch, num_samples, max_plate_nesting, keep)
         if replicate:

@@ -89,6 +89,8 @@ def _posterior(fit, sites: dict[str, np.ndarray], num_samples: int):
 
 def _stack_obs(fit, sp: SplitPrediction, split: str):
     """``y`` of the three obs groups on the stacked ``obs`` dim, and the per-obs coordinates."""
+    if sp.y_rep is None:  # the predictions an export makes draw them
+        raise ValueError("the prediction has no replicated draws (y_rep); predict with replicate=True")
     t_idx, n_idx = np.nonzero(sp.mask)  # task-major, in split order within a task
     mean, std = _target_scale(fit.data)
     mean, std = mean[t_idx], std[t_idx]

@@ -71,7 +71,7 @@ class ClassifierPosterior(torch.nn.Module):
         return self.loc, torch.nn.functional.softplus(self.raw_scale) + 1e-5
 
 
-def gaussian_or_point(loc: torch.Tensor, scale: torch.Tensor, event_dim: int, point: bool) -> dist.Distribution:
+def gaussian_or_point(loc: torch.Tensor, scale: torch.Tensor, event_dim: int, point: bool) -> dist.TorchDistribution:
     if point:
         return dist.Delta(loc, event_dim=event_dim)
     return dist.Normal(loc, scale).to_event(event_dim)
@@ -83,7 +83,7 @@ class LatentMTLGuide(MultiTaskModule):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         encoder: GaussianEncoder,
         w_post: torch.nn.Module,
@@ -115,7 +115,7 @@ class LatentMTLModel(MultiTaskModel):
     def __init__(
         self,
         data: MultiTaskData,
-        cfg: dict[str, Any],
+        cfg: Mapping[str, Any],
         state: TrainState,
         encoder: GaussianEncoder,
         w_post: torch.nn.Module,
@@ -129,7 +129,8 @@ class LatentMTLModel(MultiTaskModel):
         self.shared_z = info.simo and not cfg["per_task_encoder"]
         self.z_prior = PriorSite("z", cfg["priors"]["z"], device=device)
         self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
-        self.bias = PyroParam(torch.zeros(info.num_tasks, 1, info.out_dim, device=device))
+        # PyroModule stores a PyroParam as a parameter: reading it gives the tensor
+        self.bias: torch.Tensor = PyroParam(torch.zeros(info.num_tasks, 1, info.out_dim, device=device))  # type: ignore[assignment]
 
     def plates(self, batch: Batch) -> Plates:
         return Plates(batch)

@@ -8,6 +8,7 @@ for regression tasks (on standardised targets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -53,7 +54,9 @@ class MultiTaskOutput(TorchDistribution):
         super(MultiTaskOutput, new).__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
         return new
 
-    def _select(self, cls, binary, reg) -> torch.Tensor:
+    def _select(
+        self, cls: Callable[[], torch.Tensor], binary: Callable[[], torch.Tensor], reg: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         """Combine per-type tensors by each task's type (``[T, 1]`` broadcasts over samples)."""
         if len(self._types) == 1:
             return {"classification": cls, "binary": binary, "regression": reg}[next(iter(self._types))]()
@@ -61,7 +64,8 @@ class MultiTaskOutput(TorchDistribution):
         parts = {
             k: f() for k, f in (("classification", cls), ("binary", binary), ("regression", reg)) if k in self._types
         }
-        out = parts.get("regression", parts.get("binary", parts.get("classification")))
+        # two or more types are present here: the base is the first of regression, binary, classification
+        out = next(parts[k] for k in ("regression", "binary", "classification") if k in parts)
         if "binary" in parts:
             out = torch.where(code == _BIN, parts["binary"], out)
         if "classification" in parts:

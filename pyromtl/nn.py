@@ -212,6 +212,7 @@ class GaussianEncoder(PyroModule):
         self.min_scale = min_scale
         self.cnn = backbone == "cnn"
         shape = tuple(in_dim) if isinstance(in_dim, Sequence) else (int(in_dim),)
+        self.net: nn.Module
         if self.cnn:
             channels = list(conv_channels)
             self.net = (
@@ -220,9 +221,12 @@ class GaussianEncoder(PyroModule):
                 else CNN(shape, channels, list(hidden), 2 * latent_dim, act)
             )
         else:
-            net = TaskMLP if per_task else MLP
-            args = (num_tasks,) if per_task else ()
-            self.net = net(*args, math.prod(shape), list(hidden), 2 * latent_dim, act)
+            size = math.prod(shape)
+            self.net = (
+                TaskMLP(num_tasks, size, list(hidden), 2 * latent_dim, act)
+                if per_task
+                else MLP(size, list(hidden), 2 * latent_dim, act)
+            )
 
     def forward(self, x: torch.Tensor, simo: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cnn:

@@ -20,6 +20,7 @@ An objective is an ``nn.Module`` whose :meth:`state_dict` is what a checkpoint s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ class TrainContext:
     """
 
     data: MultiTaskData
-    cfg: dict[str, Any]
+    cfg: Mapping[str, Any]
     device: torch.device
     generator: torch.Generator
     step: int = 0

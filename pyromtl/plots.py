@@ -9,7 +9,7 @@ and import it.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,10 @@ def plot_run(
     tasks = doc["tasks"]
     names = list(tasks)
     titles = context.method.relatedness_titles if context is not None else {}
-    jobs = {"task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))}
+    # each job is called with no arguments: the lambdas below bind their loop values as defaults
+    jobs: dict[str, Callable[..., Any]] = {
+        "task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))
+    }
     if history:
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():

@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -78,7 +78,8 @@ def _elpd_md(path: Path) -> str:
     try:
         with xr.open_datatree(path, engine="h5netcdf") as tree:
             tree.load()
-        loglik = tree["log_likelihood"]["y"].values.reshape(-1, tree["log_likelihood"].sizes["obs"])
+        # a group's variable is a DataArray (the stub's DataTree item may also be a subtree)
+        loglik = cast(xr.DataArray, tree["log_likelihood"]["y"]).values.reshape(-1, tree["log_likelihood"].sizes["obs"])
     except (OSError, ValueError, KeyError) as err:
         return f"not available: {path.name} cannot be read ({' '.join(str(err).split())})"
     top = loglik.max(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class RunDir:
 
         return config.load_toml(self.config_path)
 
-    def write_config(self, cfg: dict[str, Any]) -> None:
+    def write_config(self, cfg: Mapping[str, Any]) -> None:
         from pyromtl import config
 
         atomic_write_text(self.config_path, config.to_toml(cfg))

@@ -211,7 +211,8 @@ def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
         extra = sorted(keys - {"start", "end"})
         if len(extra) > 1:
             raise ValueError(f"schedule keys {extra} exclude each other; a schedule table has keys {hint}")
-        missing = sorted(min((k - keys for k in _KEY_SETS), key=len))
+        closest = min((k - keys for k in _KEY_SETS), key=len)
+        missing = sorted(closest)
         raise ValueError(f"schedule table {dict(value)!r} is missing key(s) {missing}; it needs {hint}")
     return Schedule.constant(_number("value", value))
 

@@ -74,7 +74,7 @@ def schedule_values(method: Method, cfg: Mapping[str, Any], step: int, n_steps: 
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -185,7 +185,7 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
     first_kept = {"after_warmup": warmup_steps(method, cfg, n_steps), "all": 0, "last": n_steps}[cfg["select"]]
 
     start, history, seconds, loss_val = 0, [], 0.0, math.nan
-    best = {"score": -math.inf, "step": -1, "state": None}
+    best: dict[str, Any] = {"score": -math.inf, "step": -1, "state": None}
     if spec.checkpoint is not None and run is not None:
         saved = spec.checkpoint
         try:
@@ -201,6 +201,8 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
         loss_val = saved.get("loss", math.nan)
 
     def checkpoint(step: int, rng: dict[str, Any]) -> None:
+        if run is None:  # called only with a run directory
+            raise RuntimeError("no run directory to checkpoint into")
         run.write_checkpoint(
             {
                 "step": step,

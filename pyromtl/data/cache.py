@@ -103,7 +103,8 @@ def _write(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays, **{_KEY: np.asarray(key)})
+            # numpy's stub cannot tell that the arrays' names never fill savez's allow_pickle
+            np.savez(fh, **arrays, **{_KEY: np.asarray(key)})  # type: ignore[arg-type]
         os.replace(tmp, path)
     except OSError as err:
         warnings.warn(

@@ -121,8 +121,8 @@ class MultiTaskData:
         task_types: str | Sequence[str],
         task_names: Sequence[str] | None = None,
         *,
-        num_classes: int | Sequence[int] | None = None,
-        splits: Mapping[str, Sequence] | None = None,
+        num_classes: int | Sequence[int | None] | None = None,
+        splits: Mapping[str, Sequence | np.ndarray] | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.25,
         seed: int = 0,
@@ -199,7 +199,7 @@ class MultiTaskData:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        x = self.x if self.simo else self.x[0]
+        x = self.x if isinstance(self.x, torch.Tensor) else self.x[0]  # SIMO: one shared tensor
         return tuple(x.shape[1:])
 
     def split_sizes(self, split: str = "train") -> list[int]:
@@ -288,7 +288,7 @@ class MultiTaskData:
                 if i.numel():
                     pad_idx[t] = i[0]
                 pad_idx[t, : i.numel()] = i
-            if self.simo:
+            if isinstance(self.x, torch.Tensor):  # SIMO
                 x = self.x.to(device)
                 y = torch.stack([yt for yt in self.y]).to(device)  # [T, N]
                 pad = Padded(x=x, y=y, n=n.to(device), index=pad_idx.to(device))
@@ -447,7 +447,7 @@ def _random_splits(ys, types, names, simo, val_fraction, test_fraction, seed) ->
         else:
             labels = ys[t].numpy() if types[t] != "regression" else None
         groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if labels is not None else [np.arange(n)]
-        parts = {s: [] for s in SPLITS}
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         for g in groups:
             g = rng.permutation(g)
             n_test = round(test_fraction * len(g))

@@ -38,6 +38,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class DenseTaskData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
-        return tuple(self.images.shape[1:])
+        return cast(tuple[int, int, int], tuple(self.images.shape[1:]))  # [N, C, H, W], checked on construction
 
     def split(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images and targets of every row of ``split`` (copies, in row order)."""
@@ -154,8 +155,8 @@ def _check_structure(data: DenseTaskData) -> None:
         channels = TARGET_CHANNELS[task]
         want = (n, h, w) if channels is None else (n, channels, h, w)
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != want:
-            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-            raise ValueError(f"{data.name}: {task} targets must be shaped {list(want)}, got {got}")
+            found = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f"{data.name}: {task} targets must be shaped {list(want)}, got {found}")
         if channels is None:
             if target.dtype != torch.int64:
                 raise ValueError(f"{data.name}: {task} targets must be int64 labels, got {target.dtype}")
@@ -326,7 +327,7 @@ def _load(
     n_train, n = len(given["train"]), len(given["train"]) + len(given["val"])
     h, w = _image_size(root / "train" / "image" / f"{given['train'][0]}.npy")
     images = np.empty((n, 3, h, w), dtype=np.float32)
-    targets = {
+    targets: dict[str, np.ndarray] = {
         task: np.empty(
             (n, h, w) if TARGET_CHANNELS[task] is None else (n, TARGET_CHANNELS[task], h, w),
             dtype=np.int64 if TARGET_CHANNELS[task] is None else np.float32,

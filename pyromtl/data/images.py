@@ -27,8 +27,8 @@ def read_image(path: str | Path, size: int, channels: int = 3) -> tuple[np.ndarr
     try:
         with Image.open(path) as im:
             original = im.size
-            im = im.convert(MODES[channels]).resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(im, dtype=np.float32) / 255.0
+            resized = im.convert(MODES[channels]).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(resized, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError) as err:  # Pillow raises SyntaxError for some corrupt files

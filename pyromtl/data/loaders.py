@@ -534,7 +534,7 @@ def load_rotated_mnist(
     seed: int = 0,
     *,
     samples_per_task: int = 1000,
-    angles: Sequence[float] = tuple(range(0, 91, 10)),
+    angles: Sequence[float] | np.ndarray = tuple(range(0, 91, 10)),
     fraction: float | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.3,

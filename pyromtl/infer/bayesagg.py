@@ -349,12 +349,10 @@ class GaussianStats:
         """Keep the first chunk's ``d``, ``K`` and dtype; reject a later chunk with another ``d`` or ``K``."""
         if self._shape is None:
             self._shape, self._dtype = (dim, num_tasks), dtype
+        shape = self._shape
         _require(
-            (dim, num_tasks) == self._shape,
-            lambda: (
-                f"chunk has d = {dim} and K = {num_tasks}; earlier chunks had "
-                f"d = {self._shape[0]} and K = {self._shape[1]}"
-            ),
+            (dim, num_tasks) == shape,
+            lambda: f"chunk has d = {dim} and K = {num_tasks}; earlier chunks had d = {shape[0]} and K = {shape[1]}",
         )
 
     def _accumulate(self, gram: Tensor, cross: Tensor) -> None:
@@ -362,6 +360,8 @@ class GaussianStats:
         if self.gram is None:
             self.gram = gram.new_zeros(gram.shape[-2:], dtype=torch.float64)
             self.cross = cross.new_zeros(cross.shape, dtype=torch.float64)
+        if self.cross is None:  # the two sums are set together
+            raise RuntimeError("GaussianStats has a gram sum but no cross sum")
         if gram.dim() > self.gram.dim():
             self.gram = self.gram.expand_as(gram).clone()
         self.gram += gram
@@ -369,7 +369,7 @@ class GaussianStats:
 
     def reset(self) -> None:
         """Forget every chunk (start of an epoch)."""
-        self.__init__()
+        type(self).__init__(self)
 
     def state_dict(self) -> dict:
         """The sums so far, for a checkpoint (:meth:`load_state_dict` restores them exactly)."""
@@ -386,7 +386,8 @@ class GaussianStats:
         self, prior_mean: Tensor | float, prior_precision: Tensor | float, noise: Tensor | float
     ) -> tuple[Tensor, Tensor, Tensor]:
         self._flush()
-        _require(self.gram is not None, "GaussianStats has seen no data; call update() first")
+        if self.gram is None or self.cross is None:  # set together
+            raise ValueError("GaussianStats has seen no data; call update() first")
         noise = torch.as_tensor(noise, dtype=torch.float64, device=self.gram.device)
         mean, cov, precision = regression_posterior_from_stats(
             self.gram, self.cross, prior_mean, prior_precision, noise, with_precision=True
@@ -737,7 +738,7 @@ def _monte_carlo_moments(
         eps = torch.randn((n,) + mean.shape, generator=generator, dtype=h.dtype, device=h.device)
         # an einsum, not a broadcast matmul, which would copy the factor once per draw
         theta = mean + torch.einsum("kpq,nkq->nkp", factor, eps.reshape(n, mean.shape[0], -1)).view_as(eps)
-        if binary:
+        if isinstance(acc, _BinarySums):  # binary
             acc.add(theta)
         else:
             acc.add(classification_gradient(h, theta, y, kind), weight[:n])
@@ -958,9 +959,12 @@ def aggregation_weights(
         _require(s >= 0, lambda: f"s is {s}; expected s ≥ 0")
         s = float(s)
     else:
-        s = torch.as_tensor(s, dtype=var.dtype, device=var.device)
-        _require(s.shape in ((), (num_tasks,)), lambda: f"s has shape {_shape(s)}; expected a scalar or [{num_tasks}]")
-        s = s.reshape(-1, 1)
+        s_tensor = torch.as_tensor(s, dtype=var.dtype, device=var.device)
+        _require(
+            s_tensor.shape in ((), (num_tasks,)),
+            lambda: f"s has shape {_shape(s_tensor)}; expected a scalar or [{num_tasks}]",
+        )
+        s = s_tensor.reshape(-1, 1)
     if mask is not None:  # checked before var is touched
         _require(
             mask.shape == (batch, num_tasks), lambda: f"mask has shape {_shape(mask)}; expected {[batch, num_tasks]}"

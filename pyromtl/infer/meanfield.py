@@ -75,8 +75,8 @@ class MeanFieldELBO(TraceMeanField_ELBO):
             model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
         return model_trace, guide_trace
 
-    def _particle_elbo(self, model_trace, guide_trace) -> torch.Tensor:
-        elbo = 0.0
+    def _particle_elbo(self, model_trace, guide_trace) -> torch.Tensor | float:
+        elbo: torch.Tensor | float = 0.0  # a float only when the traces have no sample sites
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -107,13 +107,14 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                 elbo = elbo - _entropy_term(guide_site).sum()
         return elbo
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor | float:
         """The negative ELBO as a differentiable tensor, without reading it back to the host."""
-        loss = 0.0
+        loss: torch.Tensor | float = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss = loss - self._particle_elbo(model_trace, guide_trace) / self.num_particles
         if is_validation_enabled():
-            warn_if_nan(loss, "loss")
+            # pyro's stub takes numbers.Number, which float is only at runtime (ABC registration)
+            warn_if_nan(loss, "loss")  # type: ignore[arg-type]
         return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:

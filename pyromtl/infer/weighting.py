@@ -8,7 +8,7 @@ should pay.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from torchjd import aggregation, scalarization
 from torchjd.autojac import jac_to_grad, mtl_backward
+from torchjd.linalg import Matrix
 
 from pyromtl.data.core import Batch
 from pyromtl.objective import Objective, TrainContext, is_finite
@@ -69,7 +70,7 @@ class CheckpointedNashMTL(aggregation.NashMTL):
         if w.step:  # torchjd builds its convex problem on the first call only (step 0)
             w._init_optim_problem()
 
-    def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
+    def forward(self, matrix: Matrix, /) -> torch.Tensor:
         # cvxpy warns on every solve that torchjd's problem is not DPP: nothing a user can act on
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
@@ -122,6 +123,8 @@ class JacobianDescentObjective(TaskLossObjective):
     """torchjd's ``mtl_backward``: each head gets ``∇ℓ_t`` of its own task, and the shared
     encoder the aggregation of the Jacobian ``[∇ℓ_1; …; ∇ℓ_T]`` by ``combine``."""
 
+    combine: aggregation.Aggregator
+
     def __init__(self, loss: torch.nn.Module, combine: aggregation.Aggregator, shared: torch.nn.Module):
         super().__init__(loss, combine)
         # a tuple, not a submodule: the encoder is already in the state dict under ``loss.model``
@@ -140,7 +143,7 @@ class JacobianDescentObjective(TaskLossObjective):
 
 # ---------------------------------------------------------------------------- by name
 #: Each baseline's combiner, built from the config and the number of tasks T.
-COMBINERS: dict[str, Callable[[dict[str, Any], int], Combiner]] = {
+COMBINERS: dict[str, Callable[[Mapping[str, Any], int], Combiner]] = {
     "ls": lambda cfg, T: scalarization.Sum(),
     "si": lambda cfg, T: ScaleInvariant(),
     "rlw": lambda cfg, T: scalarization.Random(),
@@ -161,7 +164,7 @@ COMBINERS: dict[str, Callable[[dict[str, Any], int], Combiner]] = {
 }
 
 
-def weighting_objective(name: str, loss: torch.nn.Module, model, cfg: dict[str, Any]) -> Objective:
+def weighting_objective(name: str, loss: torch.nn.Module, model, cfg: Mapping[str, Any]) -> Objective:
     """The objective of baseline ``name``: one scalarised backward, or Jacobian descent."""
     combine = COMBINERS[name](cfg, model.info.num_tasks).to(model.info.type_code.device)
     if isinstance(combine, aggregation.Aggregator):

@@ -161,8 +161,8 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
         label = f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}" if key else "—"
         cells = []
         for run in names:
-            metrics = runs[run].get(task)
-            cells.append("–" if metrics is None or key is None or key not in metrics else fmt(metrics[key], "n/a"))
+            results = runs[run].get(task)
+            cells.append("–" if results is None or key is None or key not in results else fmt(results[key], "n/a"))
         rows.append([task, label, *cells])
 
     used = [k for k in ("accuracy", "nmse") if any(primary[t] == k for t in tasks)]

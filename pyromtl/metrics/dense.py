@@ -119,6 +119,8 @@ def dense_task_metrics(task: str, pred, target, num_classes: int | None = None) 
     * ``"normal"``: ``pred`` normals ``[N, 3, ...]`` → ``mean_angle`` (degrees).
     """
     if task == "segmentation":
+        if num_classes is None:  # miou's own check and message, before the call
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         return {"miou": miou(pred, target, num_classes), "pixel_acc": pixel_accuracy(pred, target)}
     if task == "depth":
         return depth_errors(pred, target)

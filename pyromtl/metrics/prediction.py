@@ -278,7 +278,7 @@ def selection_score(task_results: TaskResults, task_types: Sequence[str]) -> flo
     scores = []
     for name, ttype in zip(names, task_types):
         key = primary_metric(ttype)
-        if key not in task_results[name]:
+        if key is None or key not in task_results[name]:  # a task type always has one
             raise ValueError(f"task {name!r} ({ttype}) has no {key!r} metric; it has {sorted(task_results[name])}")
         value = float(task_results[name][key])
         scores.append(value if HIGHER_IS_BETTER[key] else -value)

@@ -12,12 +12,19 @@ from pyromtl.priors.spec import PriorContext, PriorKind, PriorSpec
 
 
 def _probability(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0.0 < value < 1.0:
+    # value first in each comparison: the Real ABC's stub defines only __lt__ and __le__
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value <= 0.0
+        or not value < 1.0
+    ):
         raise ValueError(f"must be in (0, 1), got {value!r}")
     return float(value)
 
 
-def _relaxed_bernoulli(spec: PriorSpec, ctx: PriorContext) -> dist.Distribution:
+def _relaxed_bernoulli(spec: PriorSpec, ctx: PriorContext) -> dist.RelaxedBernoulliStraightThrough:
     """A gate prior ``RelaxedBernoulli(τ, probs)`` at the gate's own temperature (``ctx.extras["temperature"]``).
 
     Straight-through so that it scores a hard draw at the relaxed value the draw came from

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 
 from pyromtl.distributions import DiagNormal
 from pyromtl.priors.spec import PriorContext, PriorKind, PriorSpec, positive
 
 
-def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext, zero_loc: bool) -> Distribution:
+def _diag_normal(loc: torch.Tensor, scale: torch.Tensor, ctx: PriorContext, zero_loc: bool) -> DiagNormal:
     # Unexpanded parameters: the closed-form KLs then work on them, not on the plates' full shape.
     return DiagNormal(loc, scale, len(ctx.event_shape), ctx.batch_shape + ctx.event_shape, zero_loc=zero_loc)
 
 
-def _normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+def _normal(spec: PriorSpec, ctx: PriorContext) -> DiagNormal:
     """``N(loc, scale²)`` on every element: VSTL / VBMTL's ``N(0, I)`` prior."""
     loc = spec.params["loc"]
     return _diag_normal(ctx.full((), loc), ctx.full((), spec.params["scale"]), ctx, zero_loc=loc == 0)
 
 
-def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> DiagNormal:
     """Diagonal Gaussian with a learned scale and (unless ``learn_loc = false``) a learned mean.
 
     Parameters have the event shape, shared by the whole batch, or with ``per_task = true`` one
@@ -30,6 +30,8 @@ def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     """
     shape = ctx.event_shape
     if spec.params["per_task"]:
+        if ctx.task_axis is None:
+            raise ValueError(f"site {ctx.site!r} has no batch dims, so no task axis for per_task parameters")
         rows = [1] * len(ctx.batch_shape)
         rows[len(rows) + ctx.task_axis] = ctx.num_tasks
         shape = torch.Size(rows) + ctx.event_shape
@@ -41,7 +43,7 @@ def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> Distribution:
     return _diag_normal(loc, scale, ctx, zero_loc=not learn_loc and spec.params["loc"] == 0)
 
 
-def _deterministic(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+def _deterministic(spec: PriorSpec, ctx: PriorContext) -> dist.ImproperUniform:
     """A flat (improper, log density 0) prior: the site is a point estimate (STL / BMTL)."""
     support = constraints.independent(constraints.real, len(ctx.event_shape)) if ctx.event_shape else constraints.real
     return dist.ImproperUniform(support, ctx.batch_shape, ctx.event_shape)

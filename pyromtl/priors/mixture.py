@@ -6,7 +6,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import broadcast_shape
-from torch.distributions import Distribution
 
 from pyromtl.distributions import KL_MODES, TaskMixture
 from pyromtl.priors.spec import PriorContext, PriorKind, PriorSpec, one_of, temperature
@@ -29,7 +28,7 @@ def _scatter_rows(rows: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return torch.zeros(*rows.shape[:-1], num_tasks, device=rows.device, dtype=rows.dtype).scatter(-1, index, rows)
 
 
-def _uniform_rows(num_tasks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _uniform_rows(num_tasks: int, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
     return torch.full((num_tasks, num_tasks - 1), 1.0 / (num_tasks - 1), device=device, dtype=dtype)
 
 
@@ -52,6 +51,8 @@ def mixture_weights(
     """
     if mode == "uniform":
         rows = _uniform_rows(num_tasks, device, dtype).expand(*sample_shape, num_tasks, num_tasks - 1)
+    elif logits is None:
+        raise ValueError(f"mixture weights {mode!r} need the learned logits")
     elif mode == "learned":
         rows = torch.softmax(logits, dim=-1).expand(*sample_shape, num_tasks, num_tasks - 1)
     else:
@@ -64,7 +65,7 @@ def mixture_weights(
     return _scatter_rows(rows, num_tasks)
 
 
-def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+def _task_mixture(spec: PriorSpec, ctx: PriorContext) -> TaskMixture:
     """VMTL's prior: a mixture of the other tasks' posteriors (eq. 6 for ``w``, eq. 9 for ``z``).
 
     Row t (along ``task_axis``) mixes the components ``i ≠ t`` with weights α_t:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch.distributions import Distribution
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 
 from pyromtl.priors import gates, gaussian, last_layer, mixture
 from pyromtl.priors.spec import Builder, Check, PriorContext, PriorKind, PriorSpec
@@ -109,12 +109,12 @@ def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
     return lookup(kind).parse(given)
 
 
-def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> Distribution:
+def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> TorchDistributionMixin:
     """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``."""
     return build_parsed(parse_spec(spec), ctx)
 
 
-def build_parsed(spec: PriorSpec, ctx: PriorContext) -> Distribution:
+def build_parsed(spec: PriorSpec, ctx: PriorContext) -> TorchDistributionMixin:
     """:func:`build` of a spec :func:`parse_spec` returned (a :class:`PriorSite` parses once)."""
     prior = lookup(spec.kind).builder(spec, ctx)
     if prior.batch_shape != ctx.batch_shape or prior.event_shape != ctx.event_shape:

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.distributions import Distribution, constraints
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from torch.distributions import constraints
 
 from pyromtl.params import LocalParamsModule
 from pyromtl.priors.registry import build_parsed, parse_spec
@@ -91,26 +92,26 @@ class PriorSite(LocalParamsModule):
         step, total = (state.step, state.total_steps) if state is not None else (0, None)
         return PriorContext(
             self.site,
-            batch_shape,
-            event_shape,
+            torch.Size(batch_shape),
+            torch.Size(event_shape),
             num_tasks,
             step=step,
             total_steps=total,
             components=components,
             task_axis=task_axis,
-            device=device,
+            device=torch.device(device) if isinstance(device, str) else device,
             owner=self,
             extras=dict(extras or {}),
         )
 
-    def build(self, **context: Any) -> Distribution:
+    def build(self, **context: Any) -> TorchDistributionMixin:
         """Build the prior; keyword arguments as in :meth:`context`."""
         ctx = self.context(**context)
         if self.num_tasks != ctx.num_tasks:  # a module attribute write costs ~15 us a step
             self.num_tasks = ctx.num_tasks
         return build_parsed(self.spec, ctx)  # parsed in __init__: skip re-validating it every step
 
-    def forward(self, **context: Any) -> Distribution:
+    def forward(self, **context: Any) -> TorchDistributionMixin:
         return self.build(**context)
 
     def _load_from_state_dict(

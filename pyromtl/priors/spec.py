@@ -7,14 +7,16 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
-from torch.distributions import Distribution, constraints
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from torch.distributions import constraints
 
 from pyromtl.schedules import as_schedule
 
-Builder = Callable[["PriorSpec", "PriorContext"], Distribution]
+# what pyro.sample takes: a torch distribution with Pyro's mixin
+Builder = Callable[["PriorSpec", "PriorContext"], TorchDistributionMixin]
 Check = Callable[[Any], Any]
 
 
@@ -92,7 +94,8 @@ def check_like_default(value: Any, default: Any) -> Any:
             raise ValueError(f"must be a finite number, got {value!r}")
         if isinstance(default, int) and not float(value).is_integer():
             raise ValueError(f"must be an integer, got {value!r}")
-        return type(default)(value)
+        # the default's concrete type (int, float, ...) converts; the Real ABC's own constructor takes nothing
+        return cast(Callable[[Any], Any], type(default))(value)
     if not isinstance(value, type(default)):
         raise ValueError(f"must be of type {type(default).__name__}, got {value!r}")
     return value
