@@ -17,7 +17,7 @@ __all__ = ["Fit", "MultiTaskData", "__version__", "fit", "load"]
 __version__ = "0.1.0"
 
 #: Submodules reachable as attributes (``pyromtl.datasets.load(...)``), imported on first use.
-_SUBMODULES = ("config", "datasets", "methods", "metrics", "priors", "schedules")
+_SUBMODULES = ("config", "datasets", "methods", "metrics", "networks", "priors", "schedules")
 
 
 def __getattr__(name: str):

@@ -51,10 +51,9 @@ def _draw_sites(ctx: MethodContext, num_samples: int, seed: int) -> dict[str, np
 
 
 def _prediction(fit, split: str, num_samples: int) -> SplitPrediction:
-    """``num_samples`` draws of ``split``: a model pass of methods with inner Monte-Carlo plates
-    gives several (VMTL: L·M), so one pass tells how many passes to take."""
-    per_pass = fit.predict(split, 1).loglik.shape[0]
-    sp = fit.predict(split, math.ceil(num_samples / per_pass))
+    """``num_samples`` draws of ``split``: the fewest model passes that give them (a pass of VMTL
+    gives L·M), the surplus of the last pass dropped."""
+    sp = fit.predict(split, math.ceil(num_samples / fit.draws_per_pass(split)))
     return replace(sp, loglik=sp.loglik[:num_samples], y_rep=sp.y_rep[:num_samples])
 
 

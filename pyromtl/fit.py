@@ -113,11 +113,16 @@ class Fit:
         return sp
 
     def _passes(self, split: str) -> int:
-        """The default number of model passes of :meth:`predict` (one pass on a batch tells its draws)."""
+        """The default number of model passes of :meth:`predict`."""
+        return max(int(self.config["eval_samples"]), math.ceil(MIN_DRAWS / self.draws_per_pass(split)))
+
+    @local_params
+    def draws_per_pass(self, split: str = "test") -> int:
+        """How many posterior draws one model pass gives (1; VMTL's inner plates give L·M), from one
+        pass on a batch of ``split`` (the RNGs are left as they were)."""
         batch = next(iter(self.data.eval_batches(split, self.device)))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            per_pass = draw(self.model, self.guide, batch, 1, self.method.max_plate_nesting).loglik.shape[0]
-        return max(int(self.config["eval_samples"]), math.ceil(MIN_DRAWS / per_pass))
+            return draw(self.model, self.guide, batch, 1, self.method.max_plate_nesting).loglik.shape[0]
 
     def evaluate(self, split: str = "test", num_samples: int | None = None) -> dict[str, dict]:
         """Per-task metrics and their average, shaped like ``metrics.json``'s ``tasks``/``average``."""
