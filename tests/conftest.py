@@ -60,16 +60,11 @@ def interrupted_then_resumed(method, data: MultiTaskData, cfg: dict, directory, 
     return train(RunSpec.build(method, cfg, data, directory))
 
 
-def context(method, cfg: dict, data: MultiTaskData, state=None):
-    """The method's context for ``data`` under the resolved ``cfg`` (what ``build`` is given)."""
-    from pyromtl.runspec import RunSpec
-
-    return RunSpec.build(method, cfg, data).context(state)
-
-
 def built(method, cfg: dict, data: MultiTaskData, state=None):
     """``(model, guide)`` as the method builds them for ``data`` under the resolved ``cfg``."""
-    return method.build(context(method, cfg, data, state))
+    from pyromtl.runspec import RunSpec
+
+    return method.build(RunSpec.build(method, cfg, data).context(state))
 
 
 def regression_mimo(num_tasks: int = 2, n: int = 50, dim: int = 4, seed: int = 0) -> MultiTaskData:
