@@ -8,7 +8,7 @@ and decoders (see :func:`paper_flops`):
 
 * encoder (:func:`encoder`): six 3×3 convolutions, three of them stride 2, with 32-64-128
   channels down to 1/8 resolution (16×32), the last one dilated (2) as in the dilated ResNet;
-  ELU, no BatchNorm (``TaskStack`` copies hold no buffers);
+  ELU, no BatchNorm;
 * decoder (:class:`ASPPHead`): an ASPP-like head, a 1×1 and three dilated 3×3 branches
   (rates 2, 4, 6) of 96 channels in parallel, a 1×1 fuse, a 1×1 to the task's channels
   (7 class logits or 1 depth), bilinear upsampling ×8 to 128×256.
@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from smtl_dense import task_loss
 
-from pyromtl.models.smtl import TaskStack, mix_encoders, select_tasks, straight_through_gate
+from pyromtl.models.smtl import mix_encoders, select_tasks, straight_through_gate
+from pyromtl.nn import TaskStack
 
 TASKS = {"segmentation": 7, "depth": 1}
 IMAGE = (3, 128, 256)

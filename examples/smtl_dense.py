@@ -32,12 +32,13 @@ from torch import nn
 from pyromtl import metrics
 from pyromtl.data.constants import IGNORE_INDEX
 from pyromtl.data.dense import DENSE_DATASETS, TARGET_CHANNELS, DenseTaskData, write_fake
-from pyromtl.models.smtl import TaskStack, mix_encoders, straight_through_gate
+from pyromtl.models.smtl import mix_encoders, straight_through_gate
+from pyromtl.nn import TaskStack
 from pyromtl.tables import fmt, render
 
 
 def conv_encoder(width: int) -> nn.Sequential:
-    """Two 3×3 convolutions at full resolution. No BatchNorm: ``TaskStack`` copies hold no buffers."""
+    """Two 3×3 convolutions at full resolution, no BatchNorm (as in benchmarks/smtl_dense_parts.py)."""
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ELU(), nn.Conv2d(width, width, 3, padding=1), nn.ELU())
 
 

@@ -26,11 +26,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from torch import nn
 
 from pyromtl.base import MultiTaskModule, Plates, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import DiagNormal
-from pyromtl.nn import MLP, GaussianEncoder
+from pyromtl.nn import GaussianEncoder
 from pyromtl.schedules import TrainState
 
 #: Values of the ``noise`` option: σ_j learned from the start, or held at ``fixed_noise_var``.
@@ -82,7 +83,7 @@ class HIBGuide(ChannelScale):
     """``q(W_j | x) = N(f_θ(x), diag σ_j²)`` for every task j at once (eq. 1)."""
 
     def __init__(
-        self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, encoder: MLP, device: torch.device
+        self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, encoder: nn.Module, device: torch.device
     ):
         super().__init__(data, cfg, state, device)
         for key, allowed in (("noise", NOISE_MODES), ("predict_w", PREDICT_MODES)):
@@ -113,8 +114,7 @@ class HIBGuide(ChannelScale):
 
     def represent(self, batch: Batch) -> torch.Tensor:
         """``Z = f_θ(x)``: ``[1, B, D]`` for SIMO inputs, ``[T, B, D]`` for MIMO ones."""
-        lead = 1 if batch.simo else 2
-        z = self.encoder(batch.x.reshape(*batch.x.shape[:lead], -1))
+        z = self.encoder(batch.x)
         z = z.unsqueeze(-3) if batch.simo else z
         return z.detach() if self.released() else z
 

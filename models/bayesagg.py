@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,11 +60,10 @@ from pyromtl.infer.bayesagg import (
 )
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method, MethodContext
-from pyromtl.nn import CNN, DEFAULT_CONV_CHANNELS, MLP, activation, check_backbone
+from pyromtl.nn import activation
 from pyromtl.objective import Objective, TrainContext, is_finite
-from pyromtl.options import Options
+from pyromtl.options import NetworkOptions
 from pyromtl.priors import PriorSite
-from pyromtl.schedules import TrainState
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
@@ -116,16 +115,12 @@ class BayesAggModel(MultiTaskModel):
     posteriors' expansion point); the regression noise stays at τ = 1 (§3.1).
     """
 
-    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
-        info = data.info.to(device)
-        super().__init__(info, state)
+    def __init__(self, ctx: MethodContext):
+        cfg, device = ctx.config, ctx.device
+        info = ctx.data.info.to(device)
+        super().__init__(info, ctx.state)
         self.latent_dim = d = cfg["latent_dim"]
-        self.cnn = cfg["backbone"] == "cnn"
-        trunk = (
-            CNN(info.input_shape, cfg["conv_channels"], cfg["hidden"], d, cfg["activation"])
-            if self.cnn
-            else MLP(info.input_dim, cfg["hidden"], d, cfg["activation"])
-        )
+        trunk = ctx.backbone.shared(info.input_shape, cfg["hidden"], d, cfg["activation"])
         self.extractor = nn.Sequential(trunk, activation(cfg["activation"])).to(device)
         bound = 1.0 / math.sqrt(d)
         heads = torch.empty(info.num_tasks, info.out_dim, d + 1, device=device).uniform_(-bound, bound)
@@ -141,8 +136,8 @@ class BayesAggModel(MultiTaskModel):
         return self.info.out_dim * (self.latent_dim + 1)
 
     def features(self, x: Tensor) -> Tensor:
-        """``h [B, d]`` of SIMO inputs ``x [B, ...]`` (flattened for the MLP, images for the CNN)."""
-        return self.extractor(x if self.cnn else x.flatten(1))
+        """``h [B, d]`` of SIMO inputs ``x [B, *input_shape]``."""
+        return self.extractor(x)
 
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
@@ -395,17 +390,11 @@ class BayesAggObjective(Objective):
 
 # ----------------------------------------------------------------------------- declaration
 @dataclass
-class BayesAggOptions(Options):
-    """BayesAgg-MTL's options; the prior kind and γ are the prior spec's (``[priors.w] kind, scale``)."""
+class BayesAggOptions(NetworkOptions):
+    """BayesAgg-MTL's options; the prior kind and γ are the prior spec's (``[priors.w] kind, scale``).
 
-    latent_dim: int = 64
-    hidden: list[int] = field(default_factory=lambda: [256])
-    activation: str = "elu"
-    #: The extractor's network before its ``hidden`` layers: "mlp" (flattened inputs) or "cnn"
-    #: (image inputs [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of
-    #: ``conv_channels``, pyromtl.nn.CNN)
-    backbone: str = "mlp"
-    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
+    The extractor is the backbone, then ``hidden`` layers to ``latent_dim``, then the activation."""
+
     #: eq. 7's power of the precisions, per task type (the paper: 0.75–0.95 regression, 5e-4–5e-2 classification)
     s_regression: float = 0.9
     s_classification: float = 0.01
@@ -419,13 +408,9 @@ class BayesAggOptions(Options):
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
 
-    @classmethod
-    def validate(cls, cfg: Mapping[str, Any]) -> None:
-        check_backbone(cfg["backbone"], cfg["conv_channels"])
-
 
 def build_bayesagg(ctx: MethodContext) -> tuple[BayesAggModel, BayesAggGuide]:
-    model = BayesAggModel(ctx.data, ctx.config, ctx.state, ctx.device)
+    model = BayesAggModel(ctx)
     return model, BayesAggGuide(model, ctx.state)
 
 

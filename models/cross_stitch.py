@@ -8,7 +8,9 @@ The units start at ``A_tt = 0.9`` and ``A_ts = 0.1 / (T − 1)`` (the paper's α
 for two tasks), and the networks at independent random weights.
 
 The task networks are the layers of a :class:`~pyromtl.nn.TaskMLP` (``hidden`` then
-``latent_dim``) with a unit after each, then a linear head per task: the shape of ``smtl``'s
+``latent_dim``) with a unit after each, then a linear head per task; with a backbone other than
+the MLP (``"cnn"`` or the user's), every task has its own copy of it and one more unit mixes
+their features before the first layer (a user's network is a black box: no unit goes inside it): the shape of ``smtl``'s
 encoder and decoder, so the SMTL table compares like with like. Everything is a point
 estimate: the guide is empty and the ELBO is the log-likelihood. No loop over tasks: each layer
 is one batched matmul and each unit one ``einsum``.
@@ -28,7 +30,7 @@ from pyromtl.base import MultiTaskModel, Plates
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.cross_stitch import EmptyGuide
 from pyromtl.method import Method, MethodContext
-from pyromtl.nn import TaskLinear, activation
+from pyromtl.nn import Backbone, TaskLinear, activation
 from pyromtl.options import NetworkOptions
 from pyromtl.schedules import TrainState
 
@@ -48,11 +50,17 @@ class CrossStitchModel(MultiTaskModel):
     """``p(y | x) = prod_t p(y_t | c_t(h_t(x)))`` where the task networks ``h`` exchange activations
     through cross-stitch units after every layer."""
 
-    def __init__(self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device):
+    def __init__(
+        self, data: MultiTaskData, cfg: Mapping[str, Any], state: TrainState, device: torch.device, backbone: Backbone
+    ):
         info = data.info.to(device)
         super().__init__(info, state)
         T = info.num_tasks
-        dims = [info.input_dim, *cfg["hidden"], cfg["latent_dim"]]
+        # a backbone other than the MLP: one copy per task, and a unit on their features
+        trunk, features = backbone.trunks(T, info.input_shape, cfg["activation"])
+        self.trunk = trunk.to(device) if trunk is not None else None
+        self.trunk_stitch = nn.Parameter(stitch_init(T).to(device)) if trunk is not None else None
+        dims = [features, *cfg["hidden"], cfg["latent_dim"]]
         self.layers = nn.ModuleList([TaskLinear(T, a, b) for a, b in zip(dims[:-1], dims[1:])]).to(device)
         self.act = activation(cfg["activation"])
         self.stitches = nn.ParameterList([nn.Parameter(stitch_init(T).to(device)) for _ in self.layers])
@@ -60,7 +68,10 @@ class CrossStitchModel(MultiTaskModel):
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Head outputs ``[T, B, K]`` of SIMO inputs ``x [B, ...]``."""
-        h = x.flatten(x.dim() - len(self.info.input_shape))  # [B, D]: the first layer broadcasts it to every task
+        if self.trunk is None or self.trunk_stitch is None:
+            h = x.flatten(x.dim() - len(self.info.input_shape))  # [B, D]: the first layer broadcasts it to every task
+        else:
+            h = torch.einsum("ts,sbd->tbd", self.trunk_stitch, self.trunk(x))  # [T, B, F]
         last = len(self.layers) - 1
         for i, (layer, stitch) in enumerate(zip(self.layers, self.stitches)):
             h = layer(h)
@@ -80,7 +91,7 @@ class CrossStitchOptions(NetworkOptions):
 
 
 def build_cross_stitch(ctx: MethodContext) -> tuple[CrossStitchModel, EmptyGuide]:
-    model = CrossStitchModel(ctx.data, ctx.config, ctx.state, ctx.device)
+    model = CrossStitchModel(ctx.data, ctx.config, ctx.state, ctx.device, ctx.backbone)
     return model, EmptyGuide(ctx.data, ctx.state, ctx.device)
 
 

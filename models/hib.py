@@ -37,11 +37,12 @@ from pyro import poutine
 
 from pyromtl.base import MultiTaskModel, Plates
 from pyromtl.data.core import Batch, MultiTaskData
+from pyromtl.distributions import factor
 from pyromtl.guides.hib import ChannelScale, HIBGuide, MTVIBGuide
 from pyromtl.infer.hib import cluster_tasks, clustering_margin, noise_distance
 from pyromtl.method import ExportSite, Method, MethodContext
-from pyromtl.nn import MLP, GaussianEncoder, TaskLinear
-from pyromtl.options import Options
+from pyromtl.nn import GaussianEncoder, TaskLinear
+from pyromtl.options import NetworkOptions
 from pyromtl.plots import plot_dendrogram
 from pyromtl.priors import PriorSite
 from pyromtl.schedules import TrainState
@@ -111,13 +112,15 @@ class MTVIBModel(MultiTaskModel):
         with plates.observations():
             with poutine.scale(scale=torch.exp(-s)):
                 self.observe(outputs, batch)
-            pyro.factor("task_uncertainty", -0.5 * s.expand(batch.num_tasks, batch.size))
+            factor("task_uncertainty", -0.5 * s.expand(batch.num_tasks, batch.size))
 
 
 # ---------------------------------------------------------------------------- declarations
 @dataclass
-class HIBOptions(Options):
-    """HIB's options; the network defaults follow the paper's Table II (an MLP 32-32 and linear heads)."""
+class HIBOptions(NetworkOptions):
+    """HIB's options; the network defaults follow the paper's Table II (an MLP 32-32 and linear heads).
+
+    The encoder ``f_θ`` is the backbone, then ``hidden`` layers to ``latent_dim``."""
 
     latent_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [32, 32])
@@ -136,14 +139,14 @@ def build_hib(ctx: MethodContext) -> tuple[HIBModel, HIBGuide]:
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     if cfg["latent_dim"] < 1:
         raise ValueError("config key 'latent_dim' must be at least 1")
-    encoder = MLP(data.info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(device)
-    guide = HIBGuide(data, cfg, state, encoder, device)
+    encoder = ctx.backbone.shared(data.info.input_shape, cfg["hidden"], cfg["latent_dim"], cfg["activation"])
+    guide = HIBGuide(data, cfg, state, encoder.to(device), device)
     model = HIBModel(data, cfg, state, device)
     return model, guide
 
 
 @dataclass
-class MTVIBOptions(Options):
+class MTVIBOptions(NetworkOptions):
     """MTVIB's options: HIB's network, one β for the shared representation."""
 
     latent_dim: int = 8
@@ -156,7 +159,12 @@ def build_mtvib(ctx: MethodContext) -> tuple[MTVIBModel, MTVIBGuide]:
     """MTVIB's model and guide; the guide owns the Gaussian encoder."""
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     encoder = GaussianEncoder(
-        data.num_tasks, data.info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]
+        data.num_tasks,
+        data.info.input_shape,
+        cfg["hidden"],
+        cfg["latent_dim"],
+        cfg["activation"],
+        backbone=ctx.backbone,
     ).to(device)
     return MTVIBModel(data, cfg, state, device), MTVIBGuide(data, cfg, state, encoder, device)
 

@@ -29,10 +29,11 @@ logits=logit_t)`` and a Monte-Carlo KL in the ELBO; predictions then average ove
 ``gates = "bilevel"`` learns the gates on a part of val (eq. 6, §4.4) with their own optimiser in
 :class:`GateObjective`; the rest of val stays for model selection.
 
-Encoders and decoders are MLPs (``hidden``, ``decoder_hidden``) unless ``encoder``/``decoder``
-name a network registered with :func:`pyromtl.networks.register` (``factory(in_dim, out_dim) ->
-nn.Module``); the private copies then run together through :class:`TaskStack` (``torch.vmap``),
-never in a task loop.
+The encoders are the run's backbone (:mod:`pyromtl.backbones`: an MLP by default, or the user's
+network) then the ``hidden`` layers; the decoders are MLPs (``decoder_hidden``) unless ``decoder``
+names a network registered with :func:`pyromtl.networks.register` (``factory(in_dim, out_dim) ->
+nn.Module``). Private copies of a user's network run together through
+:class:`~pyromtl.nn.TaskStack` (``torch.vmap``), never in a task loop.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ from pyromtl.base import MultiTaskModel, Plates, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.smtl import GateGuide
 from pyromtl.method import ExportSite, Method, MethodContext
-from pyromtl.nn import MLP, TaskMLP
+from pyromtl.nn import Backbone, TaskMLP, TaskStack
 from pyromtl.objective import Objective, TrainContext
-from pyromtl.options import Options, ScheduleValue
+from pyromtl.options import NetworkOptions, ScheduleValue
 from pyromtl.priors import PriorSite
 from pyromtl.schedules import TrainState, as_schedule
 
@@ -66,41 +67,8 @@ GATE_MODES = ("joint", "bilevel")
 
 
 # ---------------------------------------------------------------------------- networks
-class TaskStack(nn.Module):
-    """``T`` copies of one network, parameters stacked ``[T, ...]`` and run with ``torch.vmap``.
-
-    Input ``[B, *sample]`` (shared by every task) or ``[T, B, *sample]``; output ``[T, B, *out]``.
-    ``sample_dims`` is the number of dims of one sample: 1 for vectors (the default), 3 for
-    images ``[C, H, W]`` (e.g. private conv encoders on dense prediction).
-    """
-
-    def __init__(self, copies: list[nn.Module], sample_dims: int = 1):
-        super().__init__()
-        if any(True for m in copies for _ in m.buffers()):
-            raise ValueError("private networks from a factory must hold no buffers (e.g. no BatchNorm)")
-        params, _ = torch.func.stack_module_state(copies)
-        self.names = list(params)
-        self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.names])
-        # the template only lends its code to functional_call: its own weights are never used
-        self.template = [copy.deepcopy(copies[0]).to("meta")]
-        self.sample_dims = sample_dims
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def one(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(self.template[0], params, (inputs,))
-
-        params = dict(zip(self.names, self.stacked))
-        shared = x.dim() == 1 + self.sample_dims  # no task dim: every copy sees the same batch
-        return torch.vmap(one, in_dims=(0, None if shared else 0))(params, x)
-
-
-def shared_net(network: str, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
-    """The registered ``network`` (by name), or an MLP when the name is empty."""
-    return networks.get(network)(in_dim, out_dim) if network else MLP(in_dim, hidden, out_dim, act)
-
-
 def task_net(network: str, num_tasks: int, in_dim: int, hidden: list[int], out_dim: int, act: str) -> nn.Module:
-    """One network per task, evaluated in one batched call (``TaskMLP`` or a :class:`TaskStack`)."""
+    """One decoder per task, evaluated in one batched call (``TaskMLP`` or a :class:`~pyromtl.nn.TaskStack`)."""
     if not network:
         return TaskMLP(num_tasks, in_dim, hidden, out_dim, act)
     make = networks.get(network)
@@ -108,10 +76,10 @@ def task_net(network: str, num_tasks: int, in_dim: int, hidden: list[int], out_d
 
 
 def select_tasks(module: nn.Module, index: torch.Tensor) -> nn.Module:
-    """A copy of a task-stacked network (every parameter ``[T, ...]``) with the tasks in ``index`` only."""
+    """A copy of a task-stacked network (every parameter and buffer ``[T, ...]``) with the tasks in ``index`` only."""
     out = copy.deepcopy(module)
-    for p in out.parameters():
-        p.data = p.data[index].clone()
+    for t in (*out.parameters(), *out.buffers()):
+        t.data = t.data[index].clone()
     return out
 
 
@@ -151,6 +119,7 @@ class SMTLModel(MultiTaskModel):
         *,
         lite: bool,
         combine: str,
+        backbone: Backbone,
     ):
         info = data.info.to(device)
         super().__init__(info, state, cfg["kl_weight"])
@@ -163,8 +132,9 @@ class SMTLModel(MultiTaskModel):
         self.gate_logit = nn.Parameter(
             torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])), device=device)
         )
-        self.public = shared_net(cfg["encoder"], info.input_dim, cfg["hidden"], d, act).to(device)
-        self.private = task_net(cfg["encoder"], T, info.input_dim, cfg["hidden"], d, act).to(device)
+        self.public = backbone.shared(info.input_shape, cfg["hidden"], d, act).to(device)
+        # every parameter [T, ...], so that pruning can keep some tasks' encoders (select_tasks)
+        self.private = backbone.per_task(T, info.input_shape, cfg["hidden"], d, act, sliceable=True).to(device)
         self.decoder = task_net(cfg["decoder"], T, d, cfg["decoder_hidden"], K, act).to(device)
         # SMTL_c: a public decoder h_{S,t} per task on f_S (§3.4)
         self.public_decoder = (
@@ -197,8 +167,7 @@ class SMTLModel(MultiTaskModel):
         return self.gate_distribution(self.gate_logit).sample((n,))
 
     def outputs(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Head outputs ``[..., T, B, K]`` of inputs ``x [B, ...]`` under gates ``[..., T]``."""
-        x = x.flatten(x.dim() - len(self.info.input_shape))
+        """Head outputs ``[..., T, B, K]`` of inputs ``x [B, *input_shape]`` under gates ``[..., T]``."""
         public, private = self.public(x), self.private(x)  # [B, d], [T, B, d]
         if self.combine != "outputs":
             return self.decoder(mix_encoders(gate, public, private))
@@ -243,7 +212,6 @@ class PrunedSMTL(nn.Module):
         super().__init__()
         chosen = gate.bool()
         pub, priv = chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
-        self.input_dims = len(model.info.input_shape)
         head = model.public_decoder if model.public_decoder is not None else model.decoder
         self.public = copy.deepcopy(model.public) if len(pub) else None
         self.public_decoder = select_tasks(head, pub) if len(pub) else None
@@ -252,7 +220,6 @@ class PrunedSMTL(nn.Module):
         self.register_buffer("order", torch.argsort(torch.cat([pub, priv])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(x.dim() - self.input_dims)
         parts = []
         # each encoder is kept with its decoder, or neither is
         if self.public is not None and self.public_decoder is not None:
@@ -336,17 +303,14 @@ def carve_gate_split(ctx: MethodContext) -> MultiTaskData:
 
 # ---------------------------------------------------------------------------- declarations
 @dataclass
-class SMTLOptions(Options):
-    """Options of the SMTL family."""
+class SMTLOptions(NetworkOptions):
+    """Options of the SMTL family: the public and private encoders are the backbone, then
+    ``hidden`` layers to ``latent_dim``."""
 
-    latent_dim: int = 64
-    hidden: list[int] = field(default_factory=lambda: [256])
     #: Hidden layers of the decoders; none: a linear head, as ``stl``/``bmtl`` have.
     decoder_hidden: list[int] = field(default_factory=list)
-    activation: str = "elu"
-    #: A network registered with ``pyromtl.networks.register`` (by name) for the encoders; empty: an MLP.
-    encoder: str = ""
-    #: The same for the decoders.
+    #: A network registered with ``pyromtl.networks.register`` (by name, ``factory(in_dim, out_dim)``)
+    #: for the decoders; empty: an MLP.
     decoder: str = ""
     #: ``α_t`` at the start, in (0, 1).
     gate_init: float = 0.5
@@ -360,15 +324,15 @@ class SMTLOptions(Options):
 
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:
+        super().validate(cfg)
         # names only: a network is looked up in the registry the user's own module filled
-        networks.check("encoder", cfg["encoder"])
         networks.check("decoder", cfg["decoder"])
 
 
 def _builder(lite: bool, combine: str) -> Callable[[MethodContext], tuple[SMTLModel, GateGuide]]:
     def build(ctx: MethodContext) -> tuple[SMTLModel, GateGuide]:
         data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
-        model = SMTLModel(data, cfg, state, device, lite=lite, combine=combine)
+        model = SMTLModel(data, cfg, state, device, lite=lite, combine=combine, backbone=ctx.backbone)
         return model, GateGuide(data, cfg, state, model, device)
 
     return build

@@ -189,7 +189,8 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         attended = self.attention(batch.index, tasks)  # [T, B, C, D]
         C = attended.shape[2]
         with torch.set_grad_enabled(self.z_prior_grad and torch.is_grad_enabled()):
-            loc, scale = self.encoder(attended.reshape(T, B * C, -1), False)
+            # the attention works on flattened inputs; the encoder reads them in their own shape
+            loc, scale = self.encoder(attended.reshape(T, B * C, *self.info.input_shape), False)
         components = loc.reshape(T, B, C, -1), scale.clamp_min(self.z_component_min_scale).reshape(T, B, C, -1)
         return components, {"component_tasks": tasks, "component_inclusion": inclusion}
 
@@ -227,26 +228,15 @@ class VMTLOptions(LatentOptions):
     #: k < T-1: k drawn at random, the KL bound (eq. 11) estimated without bias at T·B·k encoder rows.
     z_components: int = 8
 
-    @classmethod
-    def validate(cls, cfg: Mapping[str, Any]) -> None:
-        if cfg["backbone"] != "mlp":
-            # ClassAttention (the z prior's cross-attention) compares samples in flattened input
-            # space, not in a CNN's features: VMTL stays on the MLP it was written for
-            raise ValueError(
-                f"config key 'backbone': method {cfg['method']!r} supports only 'mlp', got "
-                f"{cfg['backbone']!r} (its cross-attention prior works on flattened inputs)"
-            )
-        super().validate(cfg)
-
 
 def build_vmtl(ctx: MethodContext) -> tuple[VMTLModel, VMTLGuide]:
     """VMTL (and VMTL-AC when ``amortized_classifier``): mixture priors over the other tasks."""
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     info = data.info
     _check_z_components(cfg, info.num_tasks)  # before the attention's one-off precomputation
-    encoder = GaussianEncoder(info.num_tasks, info.input_dim, cfg["hidden"], cfg["latent_dim"], cfg["activation"]).to(
-        device
-    )
+    encoder = GaussianEncoder(
+        info.num_tasks, info.input_shape, cfg["hidden"], cfg["latent_dim"], cfg["activation"], backbone=ctx.backbone
+    ).to(device)
     w_post: torch.nn.Module
     if cfg["amortized_classifier"]:
         w_post = AmortizedClassifier(

@@ -24,14 +24,15 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
+import pyro
 import torch
-from pyro.distributions import TorchDistribution
+from pyro.distributions import TorchDistribution, Unit
 from pyro.distributions.util import broadcast_shape
 from torch import Tensor
 from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 
-__all__ = ["KL_MODES", "DiagNormal", "GaussianPrecision", "TaskMixture"]
+__all__ = ["KL_MODES", "DiagNormal", "GaussianPrecision", "TaskMixture", "factor"]
 
 # The sample shapes torch's Distribution.sample/rsample take (its torch.types._size).
 _SampleShape = torch.Size | list[int] | tuple[int, ...]
@@ -568,3 +569,21 @@ class GaussianPrecision(TorchDistribution):
         white = ((value - self.loc).unsqueeze(-2) @ factor).squeeze(-2)  # Lᵀ(x − m)
         half_log_det = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return -0.5 * white.square().sum(-1) + half_log_det - 0.5 * self.event_shape[0] * math.log(2 * math.pi)
+
+
+class _Unit(Unit):
+    """Pyro's ``Unit`` (the distribution of ``pyro.factor``) with the factor kept as it is: Pyro's
+    own copies it with ``torch.as_tensor``, onto torch's default device whatever its own device."""
+
+    def __init__(self, log_factor: Tensor):
+        self.log_factor = log_factor
+        TorchDistribution.__init__(self, log_factor.shape, torch.Size((0,)))
+
+    def expand(self, batch_shape, _instance=None) -> _Unit:
+        return super().expand(batch_shape, _instance=self._get_checked_instance(_Unit, _instance))
+
+
+def factor(name: str, log_factor: Tensor) -> None:
+    """``pyro.factor(name, log_factor)`` in a model, on the factor's device (see :class:`_Unit`)."""
+    unit = _Unit(log_factor)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True})

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyromtl import backbones, methods
 from pyromtl import config as config_mod
-from pyromtl import methods
+from pyromtl.backbones import BackboneObject
 from pyromtl.data.core import MultiTaskData
 from pyromtl.evaluation import SplitPrediction, predict_split, score_prediction
 from pyromtl.method import Method, MethodContext
@@ -211,6 +212,7 @@ def fit(
     seed: int = 0,
     device: str = "auto",
     out: str | Path | None = None,
+    backbone: str | BackboneObject | None = None,
     **options,
 ) -> Fit:
     """Train ``method`` on ``data`` (a :class:`MultiTaskData` or a dataset name) and return a :class:`Fit`.
@@ -218,24 +220,38 @@ def fit(
     ``options`` are config keys (``steps``, ``epochs``, ``lr``, ``fraction``, ``latent_dim``, ...);
     unknown keys raise ``ValueError`` before anything is trained. With ``out``, checkpoints go
     there during training (an existing checkpoint is resumed) and the run directory is saved.
+
+    ``backbone`` is the network in front of the method's own parts: a name (``"mlp"``, ``"cnn"``, a
+    registered network), an ``nn.Module`` mapping ``[B, *input_shape]`` to ``[B, F]`` (a template:
+    copies of it are trained, never it), or a callable ``factory(input_shape)`` returning one
+    (see :mod:`pyromtl.backbones`).
     """
     m = methods.get(method)
+    obj = None
+    if backbone is not None:
+        obj = None if isinstance(backbone, str) else backbone
+        options["backbone"] = backbone if isinstance(backbone, str) else backbones.label(backbone)
     cfg = config_mod.resolve(m, {**options, "seed": seed, "device": device}, priors, data=data)
-    return fit_resolved(m, cfg, data if isinstance(data, MultiTaskData) else None, out)
+    return fit_resolved(m, cfg, data if isinstance(data, MultiTaskData) else None, out, backbone=obj)
 
 
 @local_params
 def fit_resolved(
-    method: Method, cfg: Mapping[str, Any], data: MultiTaskData | None = None, out: str | Path | None = None
+    method: Method,
+    cfg: Mapping[str, Any],
+    data: MultiTaskData | None = None,
+    out: str | Path | None = None,
+    backbone: BackboneObject | None = None,
 ) -> Fit:
-    """:func:`fit` from a config that :func:`pyromtl.config.resolve` returned (the CLI's path).
+    """:func:`fit` from a config that :func:`pyromtl.config.resolve` returned (the CLI's path);
+    ``backbone`` is the object the config's ``backbone`` labels, if it was given from Python.
 
     Builds the run's :class:`~pyromtl.runspec.RunSpec` (every check runs there, before anything is
     written). With ``out``: a checkpoint there is resumed if this config wrote it (else
     ``ValueError``); a run that is already complete is reopened as it is, with nothing trained or
     written (``Fit.train_info["complete"]`` is then true).
     """
-    spec = RunSpec.build(method, cfg, data, out)
+    spec = RunSpec.build(method, cfg, data, out, backbone)
     if spec.complete:
         done = _restore(spec)
         done.train_info["complete"] = True
@@ -279,6 +295,7 @@ def _restore(spec: RunSpec) -> Fit:
             f"{run.checkpoint_path} does not fit data {spec.data.name!r} "
             f"({' '.join(str(err).split())[:200]}); pass the data the run was fitted on"
         ) from None
+    objective.eval()
     doc = run.read_metrics() if run.metrics_path.exists() else None
     info = dict(doc["train"]) if doc is not None else {"steps": saved["step"]}
     state.step = info.get("steps", 0)
@@ -294,11 +311,17 @@ def _restore(spec: RunSpec) -> Fit:
 
 
 @local_params
-def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | None = None) -> Fit:
+def load(
+    run_dir: str | Path,
+    data: MultiTaskData | None = None,
+    device: str | None = None,
+    backbone: BackboneObject | None = None,
+) -> Fit:
     """Rebuild a saved :class:`Fit` from its run directory.
 
     Embedded and benchmark datasets are rebuilt from the config; a custom ``MultiTaskData``
-    must be passed as ``data``.
+    must be passed as ``data``, and a backbone given from Python as ``backbone`` (a registered
+    one is found by its name, once the module that registers it is imported).
     """
     run = RunDir(run_dir)
     for path in (run.config_path, run.checkpoint_path):
@@ -318,4 +341,4 @@ def load(run_dir: str | Path, data: MultiTaskData | None = None, device: str | N
             )
     if device is not None:
         raw["device"] = device
-    return _restore(RunSpec.build(m, config_mod.resolve(m, raw, data=data), data, run.path))
+    return _restore(RunSpec.build(m, config_mod.resolve(m, raw, data=data), data, run.path, backbone))

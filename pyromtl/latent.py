@@ -33,7 +33,7 @@ from pyro.nn import PyroParam
 from pyromtl.base import MultiTaskModel, MultiTaskModule, Plates, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.method import ExportSite, MethodContext
-from pyromtl.nn import DEFAULT_CONV_CHANNELS, GaussianEncoder, check_backbone
+from pyromtl.nn import GaussianEncoder
 from pyromtl.options import NetworkOptions
 from pyromtl.priors import PriorSite
 from pyromtl.schedules import TrainState
@@ -198,22 +198,13 @@ class LatentOptions(NetworkOptions):
     per_task_encoder: bool = False
     #: Per-site KL multipliers (a tempered posterior: the likelihood keeps weight 1).
     kl_weights: dict[str, float] = field(default_factory=lambda: {"z": 1.0, "w": 1.0})
-    #: The encoder's network before its ``hidden`` layers: "mlp" (flattened inputs) or "cnn"
-    #: (image inputs [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of
-    #: ``conv_channels``; per task with ``per_task_encoder``, pyromtl.nn.TaskCNN).
-    backbone: str = "mlp"
-    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
-
-    @classmethod
-    def validate(cls, cfg: Mapping[str, Any]) -> None:
-        check_backbone(cfg["backbone"], cfg["conv_channels"])
 
 
 def build_latent(ctx: MethodContext) -> tuple[LatentMTLModel, LatentMTLGuide]:
     """Model and guide of the baseline family; they share the encoder and ``q(w)``."""
     data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
     info = data.info
-    # the input shape, not its size: the cnn backbone needs [C, H, W] (and refuses other shapes)
+    # the input shape, not its size: the cnn and the user's backbones take [C, H, W]
     encoder = GaussianEncoder(
         info.num_tasks,
         info.input_shape,
@@ -221,8 +212,7 @@ def build_latent(ctx: MethodContext) -> tuple[LatentMTLModel, LatentMTLGuide]:
         cfg["latent_dim"],
         cfg["activation"],
         per_task=cfg["per_task_encoder"],
-        backbone=cfg["backbone"],
-        conv_channels=cfg["conv_channels"],
+        backbone=ctx.backbone,
     ).to(device)
     w_post = ClassifierPosterior(info.num_tasks, info.out_dim, cfg["latent_dim"]).to(device)
     model = LatentMTLModel(data, cfg, state, encoder, w_post, device)

@@ -8,6 +8,7 @@ for regression tasks (on standardised targets).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -86,9 +87,7 @@ class MultiTaskOutput(TorchDistribution):
 
         def reg():
             scale = self.noise[:, None]
-            return (
-                -0.5 * ((value - out[..., 0]) / scale) ** 2 - scale.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi))
-            )
+            return -0.5 * ((value - out[..., 0]) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
 
         return self._select(cls, binary, reg)
 

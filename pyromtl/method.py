@@ -27,6 +27,7 @@ from pyro.infer import ELBO
 
 from pyromtl.data.core import MultiTaskData
 from pyromtl.infer.meanfield import MeanFieldELBO
+from pyromtl.nn import Backbone
 from pyromtl.objective import Objective
 from pyromtl.options import Options
 from pyromtl.schedules import TrainState
@@ -36,6 +37,8 @@ class MethodContext:
     """What a method's callbacks are given. Each field exists from a phase of the run on:
 
     * ``method``, ``config`` (the resolved config), ``device`` and ``state`` always;
+    * ``backbone`` (:class:`~pyromtl.nn.Backbone`, the network in front of the method's own parts)
+      where the run resolved it (``build``);
     * ``data`` from the data's preparation on (``prepare_data`` gets the loaded data, every later
       callback the prepared data);
     * ``model`` and ``guide`` once ``build`` returned them (``objective``, ``relatedness``,
@@ -47,7 +50,7 @@ class MethodContext:
     ``RuntimeError`` naming it.
     """
 
-    __slots__ = ("_data", "_doc", "_guide", "_model", "config", "device", "history", "method", "state")
+    __slots__ = ("_backbone", "_data", "_doc", "_guide", "_model", "config", "device", "history", "method", "state")
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class MethodContext:
         guide: Any = None,
         history: Sequence[Mapping[str, float]] = (),
         doc: Mapping[str, Any] | None = None,
+        backbone: Backbone | None = None,
     ):
         self.method = method
         self.config = config
@@ -68,6 +72,7 @@ class MethodContext:
         self.state = state if state is not None else TrainState()
         self.history = history
         self._data, self._model, self._guide, self._doc = data, model, guide, doc
+        self._backbone = backbone
 
     def __repr__(self) -> str:
         return f"MethodContext({self.method.name!r}, device={self.device.type!r}, step={self.state.step})"
@@ -96,6 +101,10 @@ class MethodContext:
     def doc(self) -> Mapping[str, Any]:
         return self._need(self._doc, "doc")
 
+    @property
+    def backbone(self) -> Backbone:
+        return self._need(self._backbone, "backbone")
+
     def replace(self, **changes: Any) -> MethodContext:
         """A copy with ``changes`` to the keyword fields (``data=``, ``model=``, ``guide=``, ...)."""
         fields = {
@@ -106,6 +115,7 @@ class MethodContext:
             "guide": self._guide,
             "history": self.history,
             "doc": self._doc,
+            "backbone": self._backbone,
         }
         if unknown := sorted(set(changes) - set(fields)):
             raise TypeError(f"MethodContext has no field(s) {unknown}")

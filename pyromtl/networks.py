@@ -1,20 +1,28 @@
 """Networks a config names: a registry that the user's own code fills.
 
-A method's network option (SMTL's ``encoder`` and ``decoder``) holds a *name*, and
-``factory(in_dim, out_dim) -> nn.Module`` registered under that name builds the network::
+A method's network option holds a *name*, and the factory registered under that name builds
+the network. What the factory is given depends on the option:
 
+* ``backbone`` (every built-in method, :mod:`pyromtl.backbones`): ``factory(input_shape) ->
+  nn.Module``, a network mapping ``[B, *input_shape]`` to features ``[B, F]``;
+* SMTL's ``decoder``: ``factory(in_dim, out_dim) -> nn.Module``.
+
+::
+
+    import math
     import pyromtl.networks
     from torch import nn
 
-    def wide(in_dim: int, out_dim: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(in_dim, 512), nn.GELU(), nn.Linear(512, out_dim))
+    def wide(input_shape: tuple[int, ...]) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 512), nn.GELU())
 
     pyromtl.networks.register("wide", wide)
 
 From the command line, the module that registers it is imported with ``--import`` and the
-config says ``encoder = "wide"``. A run directory stores only the name: opening it never
+config says ``backbone = "wide"``. A run directory stores only the name: opening it never
 imports or runs anything it names. A name nobody registered is refused, before any training,
-with one line that says which option named it. An empty name means the method's own MLP.
+with one line that says which option named it. ``"mlp"``, ``"cnn"`` and names starting with
+``"python:"`` are reserved.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-#: ``factory(in_dim, out_dim) -> nn.Module``.
-NetworkFactory = Callable[[int, int], nn.Module]
+#: ``factory(input_shape)`` for a backbone, ``factory(in_dim, out_dim)`` for SMTL's decoder.
+NetworkFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, NetworkFactory] = {}
 
@@ -33,6 +41,8 @@ def register(name: str, factory: NetworkFactory, *, replace: bool = False) -> Ne
     """Register ``factory`` under ``name`` (a non-empty name; ``replace=True`` overrides an existing one)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a network name is a non-empty string, got {name!r}")
+    if name in ("mlp", "cnn") or name.startswith("python:"):
+        raise ValueError(f"network name {name!r} is reserved (the built-in backbones, and objects given from Python)")
     if not callable(factory):
         raise ValueError(f"network {name!r}: the factory must be callable, got {factory!r}")
     if name in _REGISTRY and not replace:
@@ -47,7 +57,7 @@ def available() -> list[str]:
 
 
 def check(option: str, name: str) -> None:
-    """Refuse a config value ``name`` of ``option`` that names no registered network ('' is the method's MLP)."""
+    """Refuse a config value ``name`` of ``option`` that names no registered network ('' is the method's own MLP)."""
     if name and name not in _REGISTRY:
         raise ValueError(_unknown(f"config key {option!r} names network {name!r}", name))
 

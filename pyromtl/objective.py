@@ -85,9 +85,10 @@ class Objective(torch.nn.Module):
         return []
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters of the trainer's optimiser: all of them but :meth:`own_parameters`."""
+        """The parameters of the trainer's optimiser: all of them but :meth:`own_parameters` and the
+        frozen ones (``requires_grad=False``, e.g. a pretrained backbone's)."""
         own = {id(p) for p in self.own_parameters()}
-        return [p for p in self.parameters() if id(p) not in own]
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
     def diagnostics(self) -> dict[str, float]:
         """Numbers the trainer logs beside the training loss in the run's history (default: none)."""

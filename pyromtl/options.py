@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyromtl.nn import DEFAULT_CONV_CHANNELS, check_backbone
+
 #: A number or a schedule table (``pyromtl.schedules``): a value annealed over training steps.
 ScheduleValue = float | dict
 
@@ -84,12 +86,22 @@ class TrainOptions(Options):
 
 @dataclass
 class NetworkOptions(Options):
-    """The shared MLP every task reads: its hidden layers, activation and output size (the
-    latent model's, cross-stitch's and the weighting baselines')."""
+    """A method's network: the backbone, then ``hidden`` layers (with ``activation``) to ``latent_dim``.
+
+    Every built-in method's options extend these (with their own defaults)."""
 
     latent_dim: int = 64
     hidden: list[int] = field(default_factory=lambda: [256])
     activation: str = "elu"
+    #: The network before the ``hidden`` layers: "mlp" (flattened inputs), "cnn" (image inputs
+    #: [C, H, W]: one 3x3 conv + activation + 2x2 max-pool block per entry of ``conv_channels``),
+    #: or a network registered with pyromtl.networks.register (see pyromtl.backbones).
+    backbone: str = "mlp"
+    conv_channels: list[int] = field(default_factory=lambda: list(DEFAULT_CONV_CHANNELS))
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        check_backbone(cfg["backbone"], cfg["conv_channels"])
 
 
 def _finite(value: int | float) -> bool:

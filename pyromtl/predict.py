@@ -7,6 +7,8 @@ over draws or tasks). Inner Monte-Carlo plates of a model (VMTL's L x M) become 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyro
@@ -35,10 +37,24 @@ def _flat(value: torch.Tensor, tail: int) -> torch.Tensor:
     return value.reshape(-1, *value.shape[value.dim() - tail :]) if value.dim() > tail else value.unsqueeze(0)
 
 
+@contextmanager
+def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode (BatchNorm reads its running statistics and updates none), then
+    back in the mode each was in."""
+    modes = [[(m, m.training) for m in module.modules()] for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in (pair for pairs in modes for pair in pairs):
+            m.training = training
+
+
 @torch.no_grad()
 def draw(model, guide, batch: Batch, num_samples: int, max_plate_nesting: int, keep: tuple[str, ...] = ()) -> Draws:
-    """Trace ``num_samples`` posterior draws of the guide and replay the model on ``batch``."""
-    with pyro.plate("_draws", num_samples, dim=-(max_plate_nesting + 1)):
+    """Trace ``num_samples`` posterior draws of the guide and replay the model on ``batch`` (in eval mode)."""
+    with evaluating(model, guide), pyro.plate("_draws", num_samples, dim=-(max_plate_nesting + 1)):
         guide_tr = poutine.trace(guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
     _T, _B = batch.y.shape

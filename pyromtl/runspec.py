@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from pyromtl import backbones
+from pyromtl.backbones import BackboneObject
 from pyromtl.data.core import MultiTaskData
 from pyromtl.method import Method, MethodContext
+from pyromtl.nn import Backbone
 from pyromtl.rundir import RunDir
 from pyromtl.schedules import TrainState
 
@@ -65,6 +68,7 @@ class RunSpec:
     :param run: the run directory that checkpoints and outputs go to, if any.
     :param checkpoint: the checkpoint in ``run`` that this run resumes (read once, on the CPU),
         or ``None`` to start afresh.
+    :param backbone: the network in front of the method's own parts (:mod:`pyromtl.backbones`).
     """
 
     method: Method
@@ -75,14 +79,21 @@ class RunSpec:
     steps_per_epoch: int
     run: RunDir | None = None
     checkpoint: Mapping[str, Any] | None = None
+    backbone: Backbone = field(default_factory=Backbone)
 
     @classmethod
     def build(
-        cls, method: Method, config: Mapping[str, Any], data: MultiTaskData | None = None, out: str | Path | None = None
+        cls,
+        method: Method,
+        config: Mapping[str, Any],
+        data: MultiTaskData | None = None,
+        out: str | Path | None = None,
+        backbone: BackboneObject | None = None,
     ) -> RunSpec:
         """Resolve a run of ``method`` under the resolved ``config``.
 
         ``data`` is a custom :class:`MultiTaskData` (else ``config["data"]`` names a dataset).
+        ``backbone`` is the object that ``config["backbone"]`` labels, when it was given from Python.
         With ``out``, a checkpoint there is resumed if this config wrote it (else ``ValueError``
         naming the keys that differ). Every check runs here, before anything is trained or written.
         """
@@ -95,6 +106,7 @@ class RunSpec:
         device = resolve_device(cfg["device"])
         dataset = _load_data(cfg, data)
         method.check_data(dataset)
+        resolved = backbones.resolve(cfg, dataset.info.input_shape, backbone)
         dataset = method.prepare(MethodContext(method, cfg, device=device, data=dataset))
         _check_splits(dataset)
         n_steps = total_steps(cfg, dataset)
@@ -109,6 +121,7 @@ class RunSpec:
             steps_per_epoch=steps_per_epoch(cfg, dataset),
             run=run,
             checkpoint=checkpoint,
+            backbone=resolved,
         )
 
     @property
@@ -124,7 +137,9 @@ class RunSpec:
     def context(self, state: TrainState | None = None) -> MethodContext:
         """The method's context for this run (``state``: the model's training state; fresh if none)."""
         state = state if state is not None else TrainState(total_steps=self.total_steps)
-        return MethodContext(self.method, self.config, device=self.device, state=state, data=self.data)
+        return MethodContext(
+            self.method, self.config, device=self.device, state=state, data=self.data, backbone=self.backbone
+        )
 
 
 def _load_data(cfg: Mapping[str, Any], data: MultiTaskData | None) -> MultiTaskData:

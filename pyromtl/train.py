@@ -139,8 +139,13 @@ def build_objective(spec: RunSpec, state: TrainState) -> Objective:
     model, guide = spec.method.build(ctx)
     objective = spec.method.objective(ctx.replace(model=model, guide=guide))
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    # the pass leaves no trace: the RNGs are forked and buffers (BatchNorm statistics) put back
+    buffers = [(b, b.detach().clone()) for b in objective.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
         first = float(objective(data.train_batch(cfg["batch_size"], generator, device)).detach())
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
     if not math.isfinite(first):
         raise TrainingError(
             f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
@@ -230,6 +235,7 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
     )
     t0 = time.perf_counter()
     step, updating, snapshot = start, False, None
+    objective.train()  # a prediction (validation) puts it in eval mode only while it runs
     try:
         with pyro.validation_enabled(False):
             for step in bar:
@@ -282,6 +288,7 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
     seconds += time.perf_counter() - t0
     if best["state"] is not None:
         objective.load_state_dict(best["state"])
+    objective.eval()  # a fitted model predicts, exports and reports in eval mode
     state.step = n_steps
     selected = schedule_values(method, cfg, best["step"] if best["state"] is not None else n_steps, n_steps)
     return TrainResult(

@@ -136,15 +136,17 @@ def test_every_variant_fits_mixed_task_types_and_reports_its_gates(name: str) ->
 
 
 def test_registered_networks_run_as_one_batched_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered backbone's private copies and a registered decoder's run as one vmapped stack each,
+    and the pruned network keeps the chosen ones (their buffers sliced with their parameters)."""
     from pyromtl import networks
-    from pyromtl.models.smtl import TaskStack
+    from pyromtl.nn import TaskStack
 
     monkeypatch.setattr(networks, "_REGISTRY", {})
     networks.register("tiny", tiny_encoder)
     networks.register("linear", torch.nn.Linear)
-    fit = pyromtl.fit("lsmtl-c", mixed_simo(), steps=5, device="cpu", encoder="tiny", decoder="linear", **TINY)
-    assert isinstance(fit.model.private, TaskStack) and isinstance(fit.model.decoder, TaskStack)
-    assert fit.model.private.stacked[0].shape[0] == 3
+    fit = pyromtl.fit("lsmtl-c", mixed_simo(), steps=5, device="cpu", backbone="tiny", decoder="linear", **TINY)
+    assert isinstance(fit.model.private.backbone, TaskStack) and isinstance(fit.model.decoder, TaskStack)
+    assert fit.model.private.backbone.stacked[0].shape[0] == 3
     batch = next(fit.data.eval_batches("test", "cpu"))
     with torch.no_grad():
         fit.model.gate_logit.copy_(torch.tensor([1.0, -1.0, 1.0]))
@@ -153,14 +155,15 @@ def test_registered_networks_run_as_one_batched_stack(monkeypatch: pytest.Monkey
         )
     with pytest.raises(
         ValueError,
-        match="config key 'encoder' names network 'tiny_encoder', which is not registered "
+        match="config key 'decoder' names network 'tiny_encoder', which is not registered "
         r"\(registered: linear, tiny\)",
     ):
-        pyromtl.fit("smtl", mixed_simo(), steps=1, device="cpu", encoder="tiny_encoder", **TINY)
+        pyromtl.fit("smtl", mixed_simo(), steps=1, device="cpu", decoder="tiny_encoder", **TINY)
 
 
-def tiny_encoder(in_dim: int, out_dim: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, 12), torch.nn.Tanh(), torch.nn.Linear(12, out_dim))
+def tiny_encoder(input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """A backbone with a BatchNorm: its running statistics are stacked per task too."""
+    return torch.nn.Sequential(torch.nn.Linear(input_shape[0], 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh())
 
 
 # ----------------------------------------------------------------------------- η̂ and Δ_I against STL

@@ -23,9 +23,9 @@ PLANTED = """
 from pathlib import Path
 Path({marker!r}).write_text("imported")
 
-def make(in_dim, out_dim):
+def make(input_shape):
     import torch
-    return torch.nn.Linear(in_dim, out_dim)
+    return torch.nn.Linear(input_shape[0], 4)
 """
 
 
@@ -43,21 +43,21 @@ def planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def smtl_run(tmp_path: Path, planted) -> Path:
-    """A finished SMTL run whose config names the planted module as its encoder."""
+    """A finished SMTL run whose config names the planted module as its backbone."""
     name, _ = planted
     out = tmp_path / "run"
     pyromtl.fit("smtl", "digits-mixed", steps=2, device="cpu", out=out, **TINY)
     config = out / "config.toml"
     text = config.read_text()
-    assert 'encoder = ""' in text
-    config.write_text(text.replace('encoder = ""', f'encoder = "{name}:make"'))
+    assert 'backbone = "mlp"' in text
+    config.write_text(text.replace('backbone = "mlp"', f'backbone = "{name}:make"'))
     return out
 
 
 def _refused(err: str, name: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert f"config key 'encoder' names network '{name}:make', which is not registered" in lines[0]
+    assert f"config key 'backbone' names network '{name}:make', which is not registered" in lines[0]
 
 
 def test_a_run_directory_never_imports_what_its_config_names(smtl_run: Path, planted, capsys) -> None:
@@ -82,10 +82,11 @@ def test_a_registered_network_is_used_by_name(planted, monkeypatch: pytest.Monke
     name, marker = planted
     monkeypatch.setattr(networks, "_REGISTRY", {})
     networks.register("linear-encoder", importlib.import_module(name).make)  # the user's own import
-    fit = pyromtl.fit("smtl", mixed_simo(), steps=2, device="cpu", encoder="linear-encoder", out=tmp_path / "r", **TINY)
+    out = tmp_path / "r"
+    fit = pyromtl.fit("smtl", mixed_simo(), steps=2, device="cpu", backbone="linear-encoder", out=out, **TINY)
     assert marker.exists()  # imported by the user, above
-    assert 'encoder = "linear-encoder"' in (tmp_path / "r" / "config.toml").read_text()  # a name, never code
-    assert isinstance(fit.model.public, __import__("torch").nn.Linear)
+    assert 'backbone = "linear-encoder"' in (tmp_path / "r" / "config.toml").read_text()  # a name, never code
+    assert isinstance(fit.model.public.backbone, __import__("torch").nn.Linear)
     with pytest.raises(ValueError, match="already registered"):
         networks.register("linear-encoder", fit.model.public.__class__)
     with pytest.raises(ValueError, match="non-empty string"):

@@ -13,6 +13,7 @@ with one vectorised index operation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -208,7 +209,7 @@ class MultiTaskData:
     @property
     def info(self) -> TaskInfo:
         out_dim = max([c if t == "classification" else 1 for c, t in zip(self.num_classes, self.task_types)])
-        mask = torch.zeros(self.num_tasks, out_dim, dtype=torch.bool)
+        mask = torch.zeros(self.num_tasks, out_dim, dtype=torch.bool, device="cpu")
         for t, (c, kind) in enumerate(zip(self.num_classes, self.task_types)):
             mask[t, : (c if kind == "classification" else 1)] = True
         return TaskInfo(
@@ -216,7 +217,7 @@ class MultiTaskData:
             types=tuple(self.task_types),
             num_classes=tuple(self.num_classes),
             out_dim=out_dim,
-            type_code=torch.tensor([TYPE_CODE[k] for k in self.task_types]),
+            type_code=torch.tensor([TYPE_CODE[k] for k in self.task_types], device="cpu"),
             class_mask=mask,
             simo=self.simo,
             input_shape=self.input_shape,
@@ -229,6 +230,23 @@ class MultiTaskData:
         if task in self.task_names:
             return self.task_names.index(task)
         raise ValueError(f"unknown task {task!r}; this dataset has tasks {self.task_names}")
+
+    def with_input_shape(self, shape: Sequence[int], name: str | None = None) -> MultiTaskData:
+        """The same data with every sample's input reshaped to ``shape`` (e.g. flat 64-d digits as
+        ``(1, 8, 8)`` images for a convolutional backbone), under ``name`` (by default the name
+        and the shape, ``digits-mixed-1x8x8``: a run names the data it was fitted on)."""
+        shape = tuple(int(n) for n in shape)
+        if math.prod(shape) != math.prod(self.input_shape) or any(n < 1 for n in shape):
+            raise ValueError(
+                f"cannot reshape inputs of shape {self.input_shape} ({math.prod(self.input_shape)} numbers) to {shape}"
+            )
+        x = (
+            self.x.reshape(len(self.x), *shape)
+            if isinstance(self.x, torch.Tensor)
+            else [xt.reshape(len(xt), *shape) for xt in self.x]
+        )
+        new_name = name if name is not None else f"{self.name}-{'x'.join(map(str, shape))}"
+        return replace(self, x=x, name=new_name, _cache={})
 
     # ------------------------------------------------------------------ splits
     def with_fraction(self, fraction: float | None, seed: int = 0) -> MultiTaskData:
@@ -279,9 +297,9 @@ class MultiTaskData:
         key = (split, str(device))
         if key not in self._cache:
             idx = self.splits[split]
-            n = torch.tensor([i.numel() for i in idx])
+            n = torch.tensor([i.numel() for i in idx], device="cpu")
             nmax = int(n.max())
-            pad_idx = torch.zeros(self.num_tasks, nmax, dtype=torch.long)
+            pad_idx = torch.zeros(self.num_tasks, nmax, dtype=torch.long, device="cpu")
             for t, i in enumerate(idx):  # data preparation, once per split
                 # pad with the split's own first row: masked entries still never show another
                 # split's inputs to batch-level statistics (e.g. normalisation layers)

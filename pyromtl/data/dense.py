@@ -125,7 +125,7 @@ class DenseTaskData:
         rows = self.splits[split]
         if len(rows) == 0:
             raise ValueError(f"{self.name}: the {split} split is empty")
-        return self._rows(rows[torch.randperm(len(rows), generator=generator)[:size]])
+        return self._rows(rows[torch.randperm(len(rows), generator=generator, device=rows.device)[:size]])
 
     def summary(self) -> str:
         """One line: the name, image size, tasks and split sizes."""

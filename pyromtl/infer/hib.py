@@ -338,8 +338,8 @@ class TwoTaskGaussian:
         if task not in (0, 1):
             raise ValueError(f"task: expected 0 or 1, got {task!r}")
         support = self.support[task]
-        read = torch.zeros(self.dim, support.shape[0], dtype=self.latent_var.dtype)
-        read[support, torch.arange(support.shape[0])] = 1.0
+        read = torch.zeros(self.dim, support.shape[0], dtype=self.latent_var.dtype, device=self.latent_var.device)
+        read[support, torch.arange(support.shape[0], device=support.device)] = 1.0
         cov_x = torch.diag(self.latent_var)
         cov_xy = self.latent_var[:, None] * read
         cov_y = torch.diag(self.latent_var[support] + self.noise_var[task])

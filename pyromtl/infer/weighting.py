@@ -62,7 +62,7 @@ class CheckpointedNashMTL(aggregation.NashMTL):
 
     def get_extra_state(self) -> dict[str, Any]:
         w = self.weighting
-        return {"step": float(w.step), "alpha": torch.as_tensor(w.prvs_alpha).clone()}
+        return {"step": float(w.step), "alpha": torch.as_tensor(w.prvs_alpha, device="cpu").clone()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         w = self.weighting
@@ -74,6 +74,20 @@ class CheckpointedNashMTL(aggregation.NashMTL):
         # cvxpy warns on every solve that torchjd's problem is not DPP: nothing a user can act on
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
+            return super().forward(matrix)
+
+
+class PCGrad(aggregation.PCGrad):
+    """torchjd's PCGrad (Yu et al., NeurIPS 2020) with its random task orders drawn on the CPU,
+    where its weighting computes, whatever torch's default device: torchjd draws them with
+    ``torch.randperm(T)``, on the default device (on a CUDA one, from the CUDA RNG, with a host
+    sync at every comparison). Pinning the default costs a mode per op, so it is set only when
+    the default is not the CPU already."""
+
+    def forward(self, matrix: Matrix, /) -> torch.Tensor:
+        if torch.get_default_device().type == "cpu":
+            return super().forward(matrix)
+        with torch.device("cpu"):
             return super().forward(matrix)
 
 
@@ -128,7 +142,7 @@ class JacobianDescentObjective(TaskLossObjective):
     def __init__(self, loss: torch.nn.Module, combine: aggregation.Aggregator, shared: torch.nn.Module):
         super().__init__(loss, combine)
         # a tuple, not a submodule: the encoder is already in the state dict under ``loss.model``
-        self.shared = tuple(shared.parameters())
+        self.shared = tuple(p for p in shared.parameters() if p.requires_grad)  # a frozen backbone is left alone
 
     def backward(self, batch: Batch) -> torch.Tensor:
         losses, features = self.task_losses(batch)
@@ -150,7 +164,7 @@ COMBINERS: dict[str, Callable[[Mapping[str, Any], int], Combiner]] = {
     "dwa": lambda cfg, T: CheckpointedDWA(cfg["dwa_temperature"]),
     "uw": lambda cfg, T: scalarization.UW(T),
     "mgda": lambda cfg, T: aggregation.MGDA(),
-    "pcgrad": lambda cfg, T: aggregation.PCGrad(),
+    "pcgrad": lambda cfg, T: PCGrad(),
     "cagrad": lambda cfg, T: aggregation.CAGrad(c=cfg["cagrad_c"]),
     "imtl-g": lambda cfg, T: aggregation.IMTLG(),
     "nash-mtl": lambda cfg, T: CheckpointedNashMTL(

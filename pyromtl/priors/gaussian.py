@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.util import broadcast_shape
 from torch.distributions import constraints
 
 from pyromtl.distributions import DiagNormal
@@ -43,10 +44,22 @@ def _learned_normal(spec: PriorSpec, ctx: PriorContext) -> DiagNormal:
     return _diag_normal(loc, scale, ctx, zero_loc=not learn_loc and spec.params["loc"] == 0)
 
 
+class _Flat(dist.ImproperUniform):
+    """Pyro's ``ImproperUniform`` with its zero log density made where the value is (Pyro's own
+    makes ``torch.zeros(())`` on torch's default device, whatever the value's)."""
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, _instance=self._get_checked_instance(_Flat, _instance))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        batch_shape = broadcast_shape(value.shape[: value.dim() - self.event_dim], self.batch_shape)
+        return value.new_zeros(()).expand(batch_shape)
+
+
 def _deterministic(spec: PriorSpec, ctx: PriorContext) -> dist.ImproperUniform:
     """A flat (improper, log density 0) prior: the site is a point estimate (STL / BMTL)."""
     support = constraints.independent(constraints.real, len(ctx.event_shape)) if ctx.event_shape else constraints.real
-    return dist.ImproperUniform(support, ctx.batch_shape, ctx.event_shape)
+    return _Flat(support, ctx.batch_shape, ctx.event_shape)
 
 
 NORMAL = PriorKind(
