@@ -73,13 +73,14 @@ def synthetic(shape: Shape, n: int, seed: int = 0) -> MultiTaskData:
     return MultiTaskData.from_arrays(x, y, list(shape.task_types), name=shape.name)
 
 
-def setup(shape: Shape, options: dict[str, Any]):
+def setup(shape: Shape, options: dict[str, Any], device: str | torch.device = "cpu"):
+    device = torch.device(device)
     data = synthetic(shape, n=max(4 * shape.batch, 512))
     method = methods.get("bayesagg")
     cfg = config.resolve(
         method,
         {
-            "device": "cpu",
+            "device": str(device),
             "latent_dim": shape.latent_dim,
             "hidden": list(shape.hidden),
             "pretrain_steps": 0,
@@ -92,18 +93,23 @@ def setup(shape: Shape, options: dict[str, Any]):
     model, guide = method.build(ctx)
     objective = method.objective(ctx.replace(model=model, guide=guide))
     gen = torch.Generator().manual_seed(0)
-    batches = [data.train_batch(shape.batch, gen, "cpu") for _ in range(8)]
+    batches = [data.train_batch(shape.batch, gen, device) for _ in range(8)]
     # one finished epoch, so the steps run under the full-data prior as in training
     with torch.no_grad():
         for batch in batches:
             objective._collect(add_bias(model.features(batch.x)), batch.y)
-    objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), gen))
+    objective.end_epoch(TrainContext(data, cfg, device, gen))
     optim = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)
     return data, cfg, model, objective, optim, batches
 
 
 def timed_steps(objective, optim, batches, steps: int, aggregated: bool) -> float:
-    """Seconds per step (forward, backward, Adam): BayesAgg's ``backward``, or LS's ``loss.backward()``."""
+    """Seconds per step (forward, backward, Adam): BayesAgg's ``backward``, or LS's ``loss.backward()``.
+
+    On CUDA the clock reads after the device has finished the queued work."""
+    cuda = batches[0].y.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
         batch = batches[i % len(batches)]
@@ -113,11 +119,16 @@ def timed_steps(objective, optim, batches, steps: int, aggregated: bool) -> floa
         else:
             objective(batch).backward()
         optim.step()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
 
 
-def step_ratio(shape: Shape, options: dict[str, Any], steps: int, warmup: int, rounds: int) -> dict[str, Any]:
-    _, _, _, objective, optim, batches = setup(shape, options)
+def step_ratio(
+    shape: Shape, options: dict[str, Any], steps: int, warmup: int, rounds: int, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """LS and BayesAgg steps of ``shape`` in turns (on ``device``: ``benchmarks/gpu.py`` passes CUDA)."""
+    _, _, _, objective, optim, batches = setup(shape, options, device)
     times: dict[str, list[float]] = {"ls": [], "bayesagg": []}
     for aggregated in (False, True):
         timed_steps(objective, optim, batches, warmup, aggregated)

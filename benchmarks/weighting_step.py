@@ -61,6 +61,21 @@ def _time(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def bench_data(
+    data, names: list[str], batch_size: int, steps: int, warmup: int, rounds: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """``{method: {"ms": median ms per step, "vs_ls": its ratio to ls}}`` on ``data`` (``names`` holds ``ls``)."""
+    steppers = {name: _stepper(name, data, batch_size, device) for name in names}
+    for step in steppers.values():
+        _time(step, warmup, device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            times[name].append(_time(step, steps, device))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {name: {"ms": 1e3 * median[name], "vs_ls": median[name] / median["ls"]} for name in names}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="digits-mixed", help="comma-separated SIMO dataset names")
@@ -89,15 +104,7 @@ def main() -> None:
     }
     for dataset in args.data.split(","):
         data = datasets.load(dataset)
-        steppers = {name: _stepper(name, data, args.batch_size, device) for name in names}
-        for step in steppers.values():
-            _time(step, args.warmup, device)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(args.rounds):
-            for name, step in steppers.items():
-                times[name].append(_time(step, args.steps, device))
-        median = {name: statistics.median(t) for name, t in times.items()}
-        rows = {name: {"ms": 1e3 * median[name], "vs_ls": median[name] / median["ls"]} for name in names}
+        rows = bench_data(data, names, args.batch_size, args.steps, args.warmup, args.rounds, device)
         results["shapes"][dataset] = {"tasks": data.num_tasks, "methods": rows}
         print(f"\n{dataset} ({data.num_tasks} tasks), {device.type}, batch {args.batch_size}")
         print(f"{'method':<12} {'ms/step':>8} {'× ls':>6}")
