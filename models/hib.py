@@ -230,6 +230,7 @@ HIB = Method(
     paper=PAPER,
     build=build_hib,
     options=HIBOptions,
+    min_tasks=2,  # eq. 11's distance and the clustering compare tasks
     priors={"w": dict(MARGINAL)},
     relatedness=hib_relatedness,
     relatedness_titles={"distance": "eq. 11: L1 distance between the tasks' log noise variances"},

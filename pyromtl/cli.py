@@ -108,6 +108,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(metrics_table(doc["tasks"], doc["average"]))
     if fit.train_info.get("complete"):
         print(f"{out} already holds this run, complete at {train['steps']} steps; nothing was trained or written")
+    elif fit.train_info.get("finished_save"):
+        print(
+            f"{out} held this run trained to step {train['steps']} without all its files: wrote them, trained nothing"
+        )
     else:
         print(f"trained {train['steps']} steps in {train['seconds']:.1f} s; wall time {wall:.1f} s")
     if train.get("best_step", -1) > 0:
@@ -146,6 +150,12 @@ def run_labels(dirs: Sequence[Path]) -> list[str]:
     return [lab if labels.count(lab) == 1 else f"{lab}#{labels[: i + 1].count(lab)}" for i, lab in enumerate(labels)]
 
 
+def _read_metrics(run: RunDir) -> dict[str, Any]:
+    """A run's ``metrics.json``, refused while another process writes the run."""
+    with run.reading():
+        return run.read_metrics()
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pyromtl import metrics
 
@@ -159,7 +169,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             dirs.append(base)
             base_index = len(dirs) - 1
-    docs = [RunDir(d).read_metrics() for d in dirs]
+    docs = [_read_metrics(RunDir(d)) for d in dirs]
     datasets = {doc["dataset"] for doc in docs}
     if len(datasets) > 1:
         found = ", ".join(f"{d}: {doc['dataset']}" for d, doc in zip(dirs, docs))

@@ -23,6 +23,9 @@ from pyromtl.schedules import Schedule, find_schedules
 
 #: Options every method understands (the trainer's and the run's), with their defaults.
 TRAIN_DEFAULTS: dict[str, Any] = TrainOptions.defaults()
+#: Upper bounds on the options that multiply a model pass, so a planted config cannot ask for
+#: an allocation no machine holds.
+DRAW_LIMITS = {"eval_samples": 100_000, "num_particles": 100_000}
 #: Values of ``select``: which validated states model selection may keep.
 SELECT_MODES = ("after_warmup", "all", "last")
 
@@ -74,6 +77,11 @@ def resolve(
     for key in ("batch_size", "num_particles", "eval_every", "eval_samples", "checkpoint_every"):
         if cfg[key] < 1:
             raise ValueError(f"config key {key!r} must be at least 1, got {cfg[key]}")
+    for key, most in DRAW_LIMITS.items():
+        if cfg[key] > most:
+            raise ValueError(
+                f"config key {key!r} must be at most {most} (each draw is a pass of the model), got {cfg[key]}"
+            )
     if cfg["select"] not in SELECT_MODES:
         raise ValueError(f"config key 'select' must be one of {list(SELECT_MODES)}, got {cfg['select']!r}")
     if cfg["steps"] == 0 and cfg["epochs"] == 0:

@@ -184,23 +184,26 @@ class Fit:
         }
 
     def save(self, out: str | Path) -> Path:
-        """Write the run directory; every file is replaced atomically.
+        """Write the run directory; every file is replaced atomically, under the run's lock, and
+        ``complete.json`` last (until then the run reads as incomplete).
 
         A checkpoint already there is kept only if it is this fit's own (the trainer wrote it
         while training into ``out``); any other is replaced by this fit's state.
         """
         from pyromtl.plots import plot_run
 
-        run = RunDir(out).create()
-        run.write_config(self.config)
-        if self.trained_in is None or self.trained_in.resolve() != run.path.resolve():
-            run.write_checkpoint(self.checkpoint())
-        doc = self.metrics()
-        run.write_metrics(doc)
-        # plots before the ArviZ export: ArviZ leaves a lazy `jax` module behind, and
-        # matplotlib's unit lookup probes it, which imports jax (about a second)
-        plot_run(run, doc=doc, history=self.history, context=self.context)
-        run.write_posterior(self.to_arviz())
+        with RunDir(out).writing() as run:
+            run.clear_complete()
+            run.write_config(self.config)
+            if self.trained_in is None or self.trained_in.resolve() != run.path.resolve():
+                run.write_checkpoint(self.checkpoint())
+            doc = self.metrics()
+            run.write_metrics(doc)
+            # plots before the ArviZ export: ArviZ leaves a lazy `jax` module behind, and
+            # matplotlib's unit lookup probes it, which imports jax (about a second)
+            plot_run(run, doc=doc, history=self.history, context=self.context)
+            run.write_posterior(self.to_arviz())
+            run.mark_complete(self.train_info["steps"])
         return run.path
 
 
@@ -247,17 +250,26 @@ def fit_resolved(
     ``backbone`` is the object the config's ``backbone`` labels, if it was given from Python.
 
     Builds the run's :class:`~pyromtl.runspec.RunSpec` (every check runs there, before anything is
-    written). With ``out``: a checkpoint there is resumed if this config wrote it (else
+    written). With ``out``, the run directory is locked for the whole call (a second writer is a
+    ``ValueError`` naming the first): a checkpoint there is resumed if this config wrote it (else
     ``ValueError``); a run that is already complete is reopened as it is, with nothing trained or
-    written (``Fit.train_info["complete"]`` is then true).
+    written (``Fit.train_info["complete"]`` is then true); a run trained to its end whose files
+    were not all written (an interrupted or failed save) gets them, with nothing trained
+    (``train_info["finished_save"]``).
     """
-    spec = RunSpec.build(method, cfg, data, out, backbone)
+    if out is None:
+        return _fit_spec(RunSpec.build(method, cfg, data, None, backbone))
+    with RunDir(out).writing():
+        return _fit_spec(RunSpec.build(method, cfg, data, out, backbone))
+
+
+def _fit_spec(spec: RunSpec) -> Fit:
+    """Train (or reopen, or finish saving) the run ``spec`` describes; save it into its directory."""
     if spec.complete:
         done = _restore(spec)
         done.train_info["complete"] = True
         return done
-    if spec.run is not None:
-        spec.run.create()
+    finishing = spec.trained
     result: TrainResult = train(spec)
     info = {
         "steps": result.steps,
@@ -277,6 +289,8 @@ def fit_resolved(
     )
     if spec.run is not None:
         f.save(spec.run.path)
+    if finishing:  # not part of the run's record: metrics.json keeps the training's
+        f.train_info = {**info, "finished_save": True}
     return f
 
 
@@ -327,6 +341,11 @@ def load(
     for path in (run.config_path, run.checkpoint_path):
         if not path.exists():
             raise ValueError(f"{run.path} is not a pyromtl run directory (no {path.name})")
+    with run.reading():
+        return _load(run, data, device, backbone)
+
+
+def _load(run: RunDir, data: MultiTaskData | None, device: str | None, backbone: BackboneObject | None) -> Fit:
     raw = run.read_config()
     m = methods.get(raw.pop("method", ""))
     if data is None:

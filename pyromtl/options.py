@@ -26,6 +26,9 @@ ScheduleValue = float | dict
 
 #: Integer options must fit an int64: torch (seeds, sizes) overflows beyond it.
 _INT_MAX = 2**63 - 1
+#: The largest entry of a list of sizes (layer widths, channels): a planted config cannot ask for
+#: a layer that no machine could allocate.
+MAX_WIDTH = 2**20
 
 
 @dataclass
@@ -152,10 +155,18 @@ def check(key: str, value: Any, hint: Any) -> Any:
         return value
     origin = typing.get_origin(hint)
     if origin is list:
+        # TOML writes 1e4 as a float
+        value = (
+            [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+            if isinstance(value, list)
+            else value
+        )
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _INT_MAX for v in value
         ):
             raise ValueError(f"config key {key!r} must be a list of positive integers, got {value!r}")
+        if any(v > MAX_WIDTH for v in value):
+            raise ValueError(f"config key {key!r}: each size must be at most {MAX_WIDTH} (2**20), got {value!r}")
         return list(value)
     if origin is dict:
         if not isinstance(value, Mapping):

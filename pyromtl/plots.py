@@ -17,7 +17,7 @@ import numpy as np
 
 from pyromtl.method import MethodContext
 from pyromtl.metrics import primary_metric
-from pyromtl.rundir import RunDir
+from pyromtl.rundir import RunDir, plain_name
 
 
 def _png(fig) -> bytes:
@@ -143,7 +143,8 @@ def plot_run(
     only_missing: bool = False,
 ) -> list[Path]:
     """Write ``training.png``, ``task_metrics.png``, one ``relatedness_<name>.png`` per matrix and
-    the figures the method declares (``Method.plots``, which may replace any of those).
+    the figures the method declares (``Method.plots``, which may replace any of those); each file
+    name is made plain (:func:`~pyromtl.rundir.plain_name`), so it stays in ``plots/``.
 
     ``doc`` is the run's ``metrics.json`` and ``history`` its training history. ``context`` is the
     method's (with ``doc``): its relatedness titles and figures; without one (a run of a method
@@ -168,5 +169,5 @@ def plot_run(
     return [
         run.write_png(name, _png(make()))
         for name, make in jobs.items()
-        if not (only_missing and (run.plots_dir / name).exists())
+        if not (only_missing and (run.plots_dir / plain_name(name)).exists())
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,22 +41,29 @@ def _read_run(run: RunDir) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     return doc, cfg, history, MethodContext(method, resolved, history=history, doc=doc)
 
 
+def md(text: Any) -> str:
+    """``text`` from a run (a task name, a key, a value) as literal markdown: its special characters
+    escaped and line breaks flattened, so it can neither break a table nor add markup or HTML."""
+    flat = " ".join(str(text).split())
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", flat)
+
+
 def _cell(value: Any) -> str:
     """A config or training value as table text: 4 significant digits for floats, TOML-like else."""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return value if isinstance(value, str) else json.dumps(value)
+    return md(value if isinstance(value, str) else json.dumps(value))
 
 
 def _config_md(cfg: Mapping[str, Any]) -> str:
     """The :data:`TRAIN_HIGHLIGHTS`, every option of the method's own, and each latent site's prior."""
     own = [k for k in cfg if k not in TRAIN_DEFAULTS and k not in ("method", "priors")]
     shown = [k for k in (*TRAIN_HIGHLIGHTS, *own) if k in cfg and not (k == "epochs" and cfg.get("steps"))]  # steps win
-    rows = [[f"`{k}`", _cell(cfg[k])] for k in shown]
+    rows = [[md(k), _cell(cfg[k])] for k in shown]
     for site, spec in cfg.get("priors", {}).items():
         spec = dict(spec) if isinstance(spec, Mapping) else {"kind": spec}
-        params = ", ".join(f"{k}={_cell(v)}" for k, v in spec.items() if k != "kind")
-        rows.append([f"prior of `{site}`", f"{spec.get('kind')}" + (f" ({params})" if params else "")])
+        params = ", ".join(f"{md(k)}={_cell(v)}" for k, v in spec.items() if k != "kind")
+        rows.append([f"prior of {md(site)}", md(spec.get("kind")) + (f" ({params})" if params else "")])
     return render(["option", "value"], rows)
 
 
@@ -63,8 +71,8 @@ def _relatedness_md(relatedness: Mapping[str, Any], names: Sequence[str], titles
     """One titled task-by-task table per relatedness matrix."""
     blocks = []
     for key, matrix in relatedness.items():
-        rows = [[name, *(f"{float(v):.3f}" for v in row)] for name, row in zip(names, matrix)]
-        title = titles.get(key, key)
+        rows = [[name, *("nan" if v is None else f"{float(v):.3f}" for v in row)] for name, row in zip(names, matrix)]
+        title = titles.get(key, md(key))
         note = "Row: task; column: the task it draws on."
         blocks.append(f"### {title}\n\n{note}\n\n" + render(["task", *names], rows))
     return "\n\n".join(blocks)
@@ -105,24 +113,26 @@ def _report_md(
     run: RunDir, doc: Mapping[str, Any], cfg: Mapping[str, Any], plots: Sequence[Path], titles: Mapping[str, str]
 ) -> str:
     """The markdown of :func:`report`."""
-    names = list(doc["tasks"])
+    names = [md(n) for n in doc["tasks"]]
     train = doc.get("train", {})
-    split = doc.get("split", "test")
+    split = md(doc.get("split", "test"))
+    method, dataset = md(doc.get("method", "?")), md(doc.get("dataset", "?"))
     parts = [
-        f"# {doc.get('method', '?')} on {doc.get('dataset', '?')}",
+        f"# {method} on {dataset}",
         "\n".join(
             [
-                f"- method: `{doc.get('method')}`, dataset: `{doc.get('dataset')}`, seed {doc.get('seed')}, "
-                f"device {doc.get('device')}, fraction {doc.get('fraction') or 'full'}",
-                f"- trained {train.get('steps', '?')} steps in {_cell(train.get('seconds', math.nan))} s, "
+                f"- method: {method}, dataset: {dataset}, seed {_cell(doc.get('seed'))}, "
+                f"device {md(doc.get('device'))}, fraction {_cell(doc.get('fraction') or 'full')}",
+                f"- trained {_cell(train.get('steps', '?'))} steps in {_cell(train.get('seconds', math.nan))} s, "
                 f"final loss {_cell(train.get('final_loss', math.nan))}, best validation score "
-                f"{_cell(train.get('best_val_score', math.nan))} at step {train.get('best_step', '?')}",
+                f"{_cell(train.get('best_val_score', math.nan))} at step {_cell(train.get('best_step', '?'))}",
             ]
         ),
     ]
     if cfg:
         parts += ["## Configuration", _config_md(cfg)]
-    parts += [f"## {split.capitalize()} metrics", metrics_table(doc["tasks"], doc.get("average", {}))]
+    tasks = dict(zip(names, doc["tasks"].values()))
+    parts += [f"## {split.capitalize()} metrics", metrics_table(tasks, doc.get("average", {}))]
     if doc.get("relatedness"):
         parts += ["## Task relatedness", _relatedness_md(doc["relatedness"], names, titles)]
     if doc.get("extra"):
@@ -130,7 +140,7 @@ def _report_md(
     if run.posterior_path.is_file():
         parts += [f"## Predictive fit ({split} split)", _elpd_md(run.posterior_path)]
     if plots:
-        parts += ["## Plots", "\n".join(f"- ![{p.stem}](plots/{p.name})" for p in plots)]
+        parts += ["## Plots", "\n".join(f"- ![{md(p.stem)}](plots/{p.name})" for p in plots)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -142,9 +152,12 @@ def report(run_dir: str | Path) -> str:
     written ``report.md``, so a caller that prints it tells the user where it went.
     """
     run = RunDir(run_dir)
-    doc, cfg, history, context = _read_run(run)
-    plot_run(run, doc=doc, history=history, context=context, only_missing=True)
-    plots = sorted(run.plots_dir.glob("*.png"))
-    text = _report_md(run, doc, cfg, plots, context.method.relatedness_titles if context is not None else {})
-    run.write_report(text)
+    if not run.metrics_path.is_file():
+        run.read_metrics()  # says what is missing, before a folder is made for the lock
+    with run.writing():  # it writes plots and report.md: one writer at a time
+        doc, cfg, history, context = _read_run(run)
+        plot_run(run, doc=doc, history=history, context=context, only_missing=True)
+        plots = sorted(run.plots_dir.glob("*.png"))
+        text = _report_md(run, doc, cfg, plots, context.method.relatedness_titles if context is not None else {})
+        run.write_report(text)
     return f"{text}\n{run.report_path}"

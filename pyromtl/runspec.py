@@ -126,13 +126,18 @@ class RunSpec:
 
     @property
     def complete(self) -> bool:
-        """Whether the run directory already holds this run, trained to its end and saved."""
+        """Whether the run directory already holds this run, trained to its end and every file saved."""
         return (
             self.run is not None
             and self.checkpoint is not None
             and self.checkpoint["step"] == self.total_steps
-            and self.run.metrics_path.is_file()
+            and self.run.is_complete()
         )
+
+    @property
+    def trained(self) -> bool:
+        """Whether the checkpoint to resume is already at the run's end (only its files may be missing)."""
+        return self.checkpoint is not None and self.checkpoint["step"] == self.total_steps
 
     def context(self, state: TrainState | None = None) -> MethodContext:
         """The method's context for this run (``state``: the model's training state; fresh if none)."""

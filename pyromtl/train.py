@@ -136,7 +136,15 @@ def build_objective(spec: RunSpec, state: TrainState) -> Objective:
     """
     cfg, data, device = spec.config, spec.data, spec.device
     ctx = spec.context(state)
-    model, guide = spec.method.build(ctx)
+    try:
+        model, guide = spec.method.build(ctx)
+    except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
+        if not isinstance(err, MemoryError) and "alloc" not in str(err) and "out of memory" not in str(err):
+            raise
+        raise ValueError(
+            f"the networks of {cfg['method']} do not fit in memory ({' '.join(str(err).split())[:160]}); "
+            "ask for smaller sizes (hidden, latent_dim, conv_channels, ...)"
+        ) from None
     objective = spec.method.objective(ctx.replace(model=model, guide=guide))
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
     # the pass leaves no trace: the RNGs are forked and buffers (BatchNorm statistics) put back
