@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
@@ -394,6 +394,8 @@ class BayesAggOptions(NetworkOptions):
     """BayesAgg-MTL's options; the prior kind and γ are the prior spec's (``[priors.w] kind, scale``).
 
     The extractor is the backbone, then ``hidden`` layers to ``latent_dim``, then the activation."""
+
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"nodes": (1, True), "num_samples": (2, True)}
 
     #: eq. 7's power of the precisions, per task type (the paper: 0.75–0.95 regression, 5e-4–5e-2 classification)
     s_regression: float = 0.9

@@ -42,7 +42,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
@@ -127,8 +127,6 @@ class SMTLModel(MultiTaskModel):
         self.lite, self.combine = lite, combine
         self.temperature = as_schedule(cfg["temperature"])
         self.gate_prior = None if is_point(cfg["priors"]["gate"]) else PriorSite("gate", cfg["priors"]["gate"], device)
-        if not 0.0 < cfg["gate_init"] < 1.0:
-            raise ValueError(f"gate_init must be in (0, 1), got {cfg['gate_init']}")
         self.gate_logit = nn.Parameter(
             torch.full((T,), math.log(cfg["gate_init"] / (1 - cfg["gate_init"])), device=device)
         )
@@ -307,6 +305,8 @@ class SMTLOptions(NetworkOptions):
     """Options of the SMTL family: the public and private encoders are the backbone, then
     ``hidden`` layers to ``latent_dim``."""
 
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"temperature": (0, False), "gate_lr": (0, False)}
+
     #: Hidden layers of the decoders; none: a linear head, as ``stl``/``bmtl`` have.
     decoder_hidden: list[int] = field(default_factory=list)
     #: A network registered with ``pyromtl.networks.register`` (by name, ``factory(in_dim, out_dim)``)
@@ -325,6 +325,8 @@ class SMTLOptions(NetworkOptions):
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:
         super().validate(cfg)
+        if not 0.0 < cfg["gate_init"] < 1.0:
+            raise ValueError(f"config key 'gate_init' must be in (0, 1) (α_t at the start), got {cfg['gate_init']}")
         # names only: a network is looked up in the registry the user's own module filled
         networks.check("decoder", cfg["decoder"])
 

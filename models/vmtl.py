@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -216,6 +216,8 @@ def _check_z_components(cfg: Mapping[str, Any], num_tasks: int) -> int:
 @dataclass
 class VMTLOptions(LatentOptions):
     """VMTL's options: the baselines' plus its Monte-Carlo draws and the VMTL-AC switch."""
+
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"mc_z": (1, True), "mc_w": (1, True), "z_components": (1, True)}
 
     mc_z: int = 10  # L draws of each z (eq. 11)
     mc_w: int = 10  # M draws of each w

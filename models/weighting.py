@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pyromtl.base import is_point
 from pyromtl.latent import CLASSIFIER_EXPORT, LatentOptions, build_latent
@@ -49,6 +49,8 @@ class WeightingOptions(LatentOptions):
 
 @dataclass
 class DWAOptions(WeightingOptions):
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"dwa_temperature": (0, False)}
+
     #: Softmax temperature of the loss-descent rates; the paper uses 2.
     dwa_temperature: float = 2.0
 
@@ -61,6 +63,8 @@ class CAGradOptions(WeightingOptions):
 
 @dataclass
 class NashMTLOptions(WeightingOptions):
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"nash_update_every": (1, True), "nash_optim_niter": (1, True)}
+
     #: Largest norm of the aggregated gradient (0: no clipping), as in the paper's code.
     nash_max_norm: float = 1.0
     #: Re-solve the bargaining problem every this many steps (the paper's speed-up).
@@ -78,6 +82,8 @@ class Weighting:
     options: type[WeightingOptions] = WeightingOptions
     #: The combiner takes logarithms of, or learns a weight against, the losses: they must stay positive.
     positive_losses: bool = False
+    #: The fewest tasks its combiner is defined for (Nash-MTL's bargaining needs two players).
+    min_tasks: int = 1
 
 
 def _checked_build(spec: Weighting) -> Callable[..., tuple[Any, Any]]:
@@ -164,7 +170,13 @@ WEIGHTINGS: tuple[Weighting, ...] = (
         "impartial: equal projections of the update on every task gradient (torchjd IMTLG)",
         "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021",
     ),
-    Weighting("nash-mtl", "Nash bargaining solution over the task gradients (torchjd NashMTL)", _NAVON, NashMTLOptions),
+    Weighting(
+        "nash-mtl",
+        "Nash bargaining solution over the task gradients (torchjd NashMTL)",
+        _NAVON,
+        NashMTLOptions,
+        min_tasks=2,
+    ),
     Weighting(
         "aligned-mtl",
         "aligns the task gradients' principal components (torchjd AlignedMTL)",
@@ -188,6 +200,7 @@ METHODS: tuple[Method, ...] = tuple(
         priors={"z": "deterministic", "w": "deterministic"},
         objective=_objective,
         export=(CLASSIFIER_EXPORT,),
+        min_tasks=spec.min_tasks,
     )
     for spec in WEIGHTINGS
 )

@@ -96,6 +96,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     method = methods.get(args.method)
     cfg = config.resolve(method, fit_options(args))  # fail on bad options before any work
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out must name a run directory, got an empty string")
     out = Path(args.out or f"runs/{args.method}-{cfg['data']}-s{cfg['seed']}")
     t0 = time.perf_counter()
     fit = fit_resolved(method, cfg, out=out)
@@ -229,12 +231,18 @@ def import_plugins(specs: Sequence[str]) -> None:
                 raise ValueError(f"--import: cannot import {spec!r} (not a Python file)")
             module = importlib.util.module_from_spec(loader)
             sys.modules[name] = module
-            loader.loader.exec_module(module)
+            try:
+                loader.loader.exec_module(module)
+            except Exception as err:  # the user's code: one line saying which file failed, and how
+                sys.modules.pop(name, None)
+                raise ValueError(f"--import {spec}: running it raised {type(err).__name__}: {err}") from None
         else:
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as err:
                 raise ValueError(f"--import: cannot import {spec!r} ({err})") from None
+            except Exception as err:  # the user's code: one line saying which module failed, and how
+                raise ValueError(f"--import {spec}: importing it raised {type(err).__name__}: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

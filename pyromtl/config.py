@@ -17,7 +17,7 @@ from typing import Any
 from pyromtl import datasets
 from pyromtl.data.core import MultiTaskData
 from pyromtl.method import Method
-from pyromtl.options import ScheduleValue, TrainOptions, check
+from pyromtl.options import ScheduleValue, TrainOptions, check, check_minimum
 from pyromtl.priors import parse_spec
 from pyromtl.schedules import Schedule, find_schedules
 
@@ -47,6 +47,7 @@ def resolve(
     """
     defaults = {**TRAIN_DEFAULTS, **method.defaults}
     hints = {**TrainOptions.hints(), **method.options.hints()}
+    minima = method.options.minima()
     cfg: dict[str, Any] = dict(defaults)
     options = dict(options or {})
     if isinstance(data, (str, MultiTaskData)):
@@ -65,6 +66,8 @@ def resolve(
             known = ", ".join(sorted(defaults))
             raise ValueError(f"unknown config key {key!r} for method {method.name!r}; known keys: {known}")
         value = check(key, value, hints[key])
+        if key in minima:
+            check_minimum(key, value, *minima[key])
         if key == "kl_weights":
             value = _kl_weights(method, defaults[key], value)
         cfg[key] = value

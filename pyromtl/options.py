@@ -17,7 +17,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pyromtl.nn import DEFAULT_CONV_CHANNELS, check_backbone
 
@@ -33,7 +33,22 @@ MAX_WIDTH = 2**20
 
 @dataclass
 class Options:
-    """Base of every method's options dataclass (it may add no fields at all)."""
+    """Base of every method's options dataclass (it may add no fields at all).
+
+    ``MINIMA`` (merged over the class's bases) gives numeric options a least value, checked with
+    the types before anything is built: an integer size at least 1, a temperature above 0.
+    """
+
+    #: ``{key: (least value, whether the least value itself is allowed)}``.
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {}
+
+    @classmethod
+    def minima(cls) -> dict[str, tuple[float, bool]]:
+        """Every declared least value of this class and its bases (a subclass may override one)."""
+        out: dict[str, tuple[float, bool]] = {}
+        for base in reversed(cls.__mro__):
+            out.update(vars(base).get("MINIMA", {}))
+        return out
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -93,6 +108,8 @@ class NetworkOptions(Options):
 
     Every built-in method's options extend these (with their own defaults)."""
 
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"latent_dim": (1, True)}
+
     latent_dim: int = 64
     hidden: list[int] = field(default_factory=lambda: [256])
     activation: str = "elu"
@@ -121,6 +138,19 @@ def _number(key: str, value: Any) -> float:
     if value < 0:
         raise ValueError(f"config key {key!r} must be >= 0, got {value}")
     return float(value)
+
+
+def check_minimum(key: str, value: Any, least: float, inclusive: bool) -> None:
+    """Refuse a (checked) numeric or schedule ``value`` of ``key`` below its least value."""
+    if isinstance(value, dict):
+        from pyromtl.schedules import as_schedule
+
+        low, what = as_schedule(value).minimum(), "stay"
+    else:
+        low, what = value, "be"
+    if low < least or (low == least and not inclusive):
+        bound = f">= {least:g}" if inclusive else f"> {least:g}"
+        raise ValueError(f"config key {key!r} must {what} {bound}, got {value!r}")
 
 
 def check(key: str, value: Any, hint: Any) -> Any:

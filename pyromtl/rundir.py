@@ -245,7 +245,10 @@ class RunDir:
                 ) from None
             raise ValueError(f"{path} cannot be read: it is not a checkpoint") from None
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError) as err:
-            raise ValueError(f"{path} cannot be read: {' '.join(str(err).split())[:200]}") from None
+            reason = " ".join(str(err).split())[:200] or f"{type(err).__name__}, the file is empty or cut short"
+            if path.stat().st_size == 0:
+                reason = "the file is empty (a copy or a disk that failed part-way?)"
+            raise ValueError(f"{path} cannot be read: {reason}") from None
         if not isinstance(saved, dict) or "step" not in saved:
             raise ValueError(f"{path} is not a pyromtl checkpoint")
         return saved

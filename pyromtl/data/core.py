@@ -166,6 +166,13 @@ class MultiTaskData:
                 stats.append((mean, std))
             else:
                 stats.append((0.0, 1.0))
+        if class_names is not None:
+            widest = max((c for c, k in zip(ncls, types) if k == "classification"), default=0)
+            if len(class_names) != widest:
+                raise ValueError(
+                    f"class_names: expected one name per class of the widest classification task ({widest}), "
+                    f"got {len(class_names)}"
+                )
         rel = None
         if relatedness is not None:
             rel = as_real_array(relatedness, "relatedness")

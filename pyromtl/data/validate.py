@@ -16,7 +16,7 @@ from pyromtl.data.constants import TASK_TYPES
 
 _F32_MAX = float(np.finfo(np.float32).max)
 #: The most classes one classification task may have.
-MAX_CLASSES = 1_000_000
+MAX_CLASSES = 100_000
 #: Inputs larger than this in magnitude get a warning: networks train poorly on unscaled inputs,
 #: and float32 products of values past ~1e19 overflow (a NaN loss at the first step).
 LARGE_INPUT = 1e6
