@@ -29,7 +29,7 @@ from torch import Tensor
 from pyromtl.base import MultiTaskModule, Plates
 from pyromtl.data.core import Batch, TaskInfo
 from pyromtl.distributions import GaussianPrecision
-from pyromtl.infer.bayesagg import Kind, add_bias, laplace_posterior, regression_posterior_from_stats, sufficient_stats
+from pyromtl.infer.bayesagg import Kind, add_bias, laplace_posterior, regression_posterior
 from pyromtl.schedules import TrainState
 
 
@@ -79,8 +79,6 @@ class GroupPosterior:
     mean: Tensor
     cov: Tensor | None
     precision: Tensor | None = None
-    #: a regression group's batch ``(HᵀH, Hᵀy)`` (:func:`~pyromtl.infer.bayesagg.sufficient_stats`)
-    stats: tuple[Tensor, Tensor] | None = None
 
 
 def group_prior(prior: GaussianPrecision, group: HeadGroup, dim: int) -> tuple[Tensor, Tensor]:
@@ -131,10 +129,8 @@ def batch_posterior(
     for group, (mean_p, precision_p) in zip(groups, priors):  # one batched solve per kind of task, not per task
         labels = group.labels(y)
         if group.kind == "regression":
-            stats = sufficient_stats(features, labels)
-            parts = regression_posterior_from_stats(*stats, mean_p, precision_p, with_precision=with_precision)
+            parts = regression_posterior(features, labels, mean_p, precision_p, with_precision=with_precision)
         else:
-            stats = None
             theta = heads[group.rows, : group.classes]
             if group.kind == "binary":
                 theta = theta.squeeze(1)
@@ -143,7 +139,7 @@ def batch_posterior(
                 h, labels, theta[..., :dim], theta[..., dim], mean_p, precision_p, kind, with_precision=with_precision
             )
         # parts: (mean, cov), with the precision third when asked for
-        out.append(GroupPosterior(parts[0], parts[1], parts[2] if with_precision else None, stats=stats))
+        out.append(GroupPosterior(parts[0], parts[1], parts[2] if with_precision else None))
     return out
 
 

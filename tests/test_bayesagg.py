@@ -20,7 +20,6 @@ from pyromtl.infer.bayesagg import (
     add_bias,
     aggregate,
     classification_moments,
-    laplace_as_prior,
     laplace_posterior,
     regression_moments,
     regression_posterior,
@@ -175,35 +174,7 @@ def test_prediction_uses_the_full_data_mean_for_regression_and_the_heads_otherwi
 
 
 # ----------------------------------------------------------------------------- the per-epoch prior
-def test_end_epoch_rebuilds_the_full_data_prior_from_the_epochs_features() -> None:
-    data, cfg, model, _guide, objective = _build("full_data")
-    batches = [_batch(data, seed=seed) for seed in range(4)]
-    for batch in batches:
-        objective.backward(batch)  # no optimiser step: the features stay as they were seen
-    assert model.store.full_data is None
-    objective.end_epoch(TrainContext(data, cfg, torch.device("cpu"), torch.Generator()))
-    h = torch.cat([model.features(b.x).detach() for b in batches])
-    y = torch.cat([b.y for b in batches], 1)
-    mean, precision = model.store.full_data
-    size = h.shape[1] + 1
-    want_mean, _, want_precision = regression_posterior(
-        add_bias(h), y[REG][:, None], 0.0, 1 / GAMMA**2, with_precision=True
-    )
-    torch.testing.assert_close(mean[REG, :size], want_mean[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(precision[REG, :size, :size], want_precision[0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(model.store.regression_mean, want_mean, rtol=1e-5, atol=1e-5)
-    heads = model.heads.detach()
-    want_mean, want_precision = laplace_as_prior(
-        h, y[CLS][:, None].long(), heads[None, CLS, :, :-1], heads[None, CLS, :, -1], 0.0, 1 / GAMMA**2, "multiclass"
-    )
-    torch.testing.assert_close(mean[CLS], want_mean.flatten(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(precision[CLS], want_precision[0], rtol=1e-5, atol=1e-4)
-    # the next batch's prior is this posterior, and the epoch's statistics start again
-    prior = model.prior()
-    torch.testing.assert_close(prior.loc.squeeze(1), mean)
-    assert objective.stats.count == 0 and objective.seen == []
-
-
+# (its exactness at every epoch's end: tests/test_bayesagg_prior.py)
 @pytest.mark.parametrize("kind", ["isotropic", "previous_batch", "full_data"])
 def test_prior_kinds_switch_from_the_config(kind: str) -> None:
     data, _cfg, model, guide, objective = _build(kind)

@@ -269,12 +269,13 @@ def regression_posterior_from_stats(
 class GaussianStats:
     """Streaming ``HᵀH`` and ``Hᵀy`` for the full-data regression posterior (eq. 2, §3.1 prior).
 
-    The paper's prior for an epoch is the posterior of the heads on the whole training set,
-    from the features collected during the previous epoch, under an isotropic prior. This
-    accumulates that posterior's sufficient statistics chunk by chunk, in float64 so 10⁵-sample
-    sums lose nothing: memory is ``d² + K·d`` numbers plus at most :attr:`flush_rows` waiting
-    rows, whatever N is. ``HᵀH`` is one matrix for
-    all outputs since they share ``h`` (one per task, ``K·d²``, once a chunk has missing labels).
+    The paper's prior for an epoch is the posterior of the heads on the whole training set
+    under an isotropic prior (BayesAgg's objective computes it from one pass of the extractor
+    over every training example at the previous epoch's end). This accumulates that
+    posterior's sufficient statistics chunk by chunk, in float64 so 10⁵-sample sums lose
+    nothing: memory is ``d² + K·d`` numbers plus at most :attr:`flush_rows` waiting rows,
+    whatever N is. ``HᵀH`` is one matrix for all outputs since they share ``h`` (one per task,
+    ``K·d²``, once a chunk has missing labels).
     Results come back in the dtype of the first chunk.
 
     Example::
