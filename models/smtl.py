@@ -58,6 +58,7 @@ from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import Backbone, TaskMLP, TaskStack
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.options import NetworkOptions, ScheduleValue
+from pyromtl.plots import plot_gates
 from pyromtl.priors import PriorSite
 from pyromtl.schedules import TrainState, as_schedule
 
@@ -350,6 +351,15 @@ def gate_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
     return {"gates": np.diag(ctx.model.alpha().cpu().numpy())}
 
 
+def gate_plots(ctx: MethodContext) -> dict[str, Any]:
+    """α_t as bars (the relatedness matrix holds them on its diagonal only), drawn when written."""
+    gates = (ctx.doc.get("relatedness") or {}).get("gates")
+    if gates is None:
+        return {}
+    alpha, names = np.diag(np.asarray(gates, dtype=np.float64)), list(ctx.doc["tasks"])
+    return {"relatedness_gates.png": lambda: plot_gates(alpha, names, "gate α_t: the weight of the public side")}
+
+
 def _gate_draws(ctx: MethodContext, n: int) -> torch.Tensor:
     return ctx.model.gate_draws(n)
 
@@ -370,6 +380,7 @@ METHODS: tuple[Method, ...] = tuple(
         relatedness=gate_relatedness,
         relatedness_titles={"gates": "gate α_t (weight of the public side)"},
         export=(GATE_EXPORT,),
+        plots=gate_plots,
         prepare_data=carve_gate_split,
         export_pruned=export_pruned,
     )

@@ -16,6 +16,14 @@ diagnostics want a hundred draws or more).
   log-likelihoods are on the original target scale.
 * ``relatedness``: ``Fit.relatedness()`` ``(task, other_task)``.
 
+A *point estimate* (every draw of every exported site and of the log-likelihood the same: ``stl``,
+``bmtl``, the weighting baselines, ``bayesagg``, the SMTL variants with their deterministic gates,
+``cross-stitch``) is exported as what it is: one draw in ``posterior`` and ``log_likelihood``
+(``az.summary`` then reports it with no spurious r_hat warnings), the replicated ``y`` draws in
+``posterior_predictive``, and the root attribute ``point_estimate = 1``. PSIS-LOO is undefined
+for it (there is no posterior to leave an observation out of); ``pyromtl report`` says so and
+gives the log predictive density.
+
 Methods with inner Monte-Carlo plates (VMTL's L x M draws of z and w per model pass) give
 L·M joint draws per pass: each is a draw of the DataTree, so n passes give D = n·L·M draws (the
 inner draws of one pass share their z and w draws crosswise, so they are correlated, as MCMC
@@ -105,6 +113,18 @@ def _stack_obs(fit, sp: SplitPrediction, split: str):
     return groups, {"task": ("obs", names), "row": ("obs", rows)}
 
 
+def _same_draws(*values: np.ndarray) -> bool:
+    """Whether every array is the same along its first (draw) dim, NaN (a padded head) included;
+    batched draws of one point may differ by float32 rounding, never by more."""
+    for v in values:
+        v = np.asarray(v, dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        if v.shape[0] == 0 or not np.allclose(v, v[:1], rtol=0.0, atol=1e-6 * scale, equal_nan=True):
+            return False
+    return True
+
+
 def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
     """Export ``fit`` to an ArviZ DataTree (layout in the module docstring).
 
@@ -118,21 +138,32 @@ def to_datatree(fit, num_samples: int | None = None, split: str = "test"):
     sp = fit.predict(split) if num_samples is None else _prediction(fit, split, num_samples)
     D = sp.loglik.shape[0]
     sites = _draw_sites(fit.context, D, int(fit.config["seed"]))
+    point = _same_draws(sp.loglik, *sites.values())
     post, dims, coords = _posterior(fit, sites, D)
     obs, obs_coords = _stack_obs(fit, sp, split)
+    if point:  # one draw of what does not vary
+        post = {k: v[:, :1] for k, v in post.items()}
+        obs["log_likelihood"] = obs["log_likelihood"][:, :1]
     names = list(fit.data.task_names)
+    attrs = {
+        "method": fit.method.name,
+        "dataset": fit.data.name,
+        "split": split,
+        "draws": D,
+        "point_estimate": int(point),
+    }
     tree = az.from_dict(
         {"posterior": post, **{g: {"y": v} for g, v in obs.items()}},
         dims={**dims, "y": ["obs"]},
         coords={"task": names, "other_task": names, **coords},
-        attrs={"/": {"method": fit.method.name, "dataset": fit.data.name, "split": split, "draws": D}},
+        attrs={"/": attrs},
     )
     for group in OBS_GROUPS:
         tree[group] = tree[group].to_dataset().assign_coords(obs_coords)
     if not post:
         # No site to export (e.g. cross-stitch on classification): the group still carries the
         # sample dims, which PSIS-LOO reads to count chains and draws.
-        tree["posterior"] = xr.Dataset(coords={"chain": [0], "draw": np.arange(D)})
+        tree["posterior"] = xr.Dataset(coords={"chain": [0], "draw": np.arange(1 if point else D)})
     rel = fit.relatedness()
     if rel:
         tree["relatedness"] = xr.Dataset(

@@ -9,6 +9,7 @@ and import it.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,35 +56,40 @@ def plot_training(history: Sequence[Mapping[str, float]], kept_step: int | None 
         axes[1].set_ylabel("validation score\n(higher is better)")
     if kept_step is not None and kept_step > 0:
         for ax in axes:
-            ax.axvline(kept_step, color="grey", linestyle="--", linewidth=1)
-        axes[-1].annotate(
-            f"kept: step {kept_step}",
-            (kept_step, 0.02),
-            xycoords=("data", "axes fraction"),
-            fontsize=8,
-            color="grey",
-            ha="left",
-        )
+            ax.axvline(kept_step, color="grey", linestyle="--", linewidth=1, label=f"kept: step {kept_step}")
+        # in the legend, where it cannot overlap the curve or the axis
+        axes[0].legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
     return fig
 
 
 def plot_task_metrics(tasks: Mapping[str, Mapping[str, float]], split: str = "test"):
-    """One bar per task: its headline metric (accuracy, or NMSE for regression tasks)."""
+    """Each task's headline metric as a bar, one panel per metric (accuracy: higher is better;
+    NMSE: lower is better), so metrics of different scales never share an axis."""
     names = list(tasks)
     keys = [primary_metric(tasks[n]) or next(iter(tasks[n])) for n in names]
-    values = np.array([float(tasks[n][k]) for n, k in zip(names, keys)])
-    fig = _figure(max(4.0, 0.7 * len(names) + 2.0), 3.5)
-    ax = fig.add_subplot()
-    bars = ax.bar(np.arange(len(names)), values, color=["tab:blue" if k == "accuracy" else "tab:green" for k in keys])
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(np.arange(len(names)), [f"{n}\n{k}" for n, k in zip(names, keys)], fontsize=8)
-    ax.set_ylabel("metric")
-    ax.set_title(f"{split} metric per task")
+    kinds = list(dict.fromkeys(keys))
+    fig = _figure(max(4.0, 0.6 * len(names) + 1.5 * len(kinds) + 1.0), 3.5)
+    axes = fig.subplots(1, len(kinds), squeeze=False, width_ratios=[keys.count(k) + 1 for k in kinds])[0]
+    for ax, kind, colour in zip(axes, kinds, ("tab:blue", "tab:green", "tab:purple", "tab:orange")):
+        shown = [n for n, k in zip(names, keys) if k == kind]
+        values = np.array([float(tasks[n][kind]) for n in shown])
+        bars = ax.bar(np.arange(len(shown)), values, color=colour)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_xticks(np.arange(len(shown)), shown, rotation=30 if len(shown) > 4 else 0, ha="right", fontsize=8)
+        better = "lower" if kind in ("nmse", "mse", "mae", "nll", "ece", "brier") else "higher"
+        ax.set_ylabel(f"{kind} ({better} is better)")
+        ax.margins(y=0.15)
+    fig.suptitle(f"{split} metric per task")
     return fig
 
 
-def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
+def _title(ax, title: str, width_inches: float) -> None:
+    """A title wrapped to the figure's width (about 9 characters an inch at the default size)."""
+    ax.set_title(textwrap.fill(title, max(20, int(9 * width_inches))))
+
+
+def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str, value_label: str = "value"):
     """Heatmap of a task-by-task matrix, task names on both axes and each value written in.
 
     The colour scale spans the off-diagonal values (a task's weight on itself is 0 by
@@ -95,14 +101,15 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
     values = matrix[off] if T > 1 else matrix.ravel()
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
     hi = hi if hi > lo else lo + 1e-9
-    fig = _figure(1.0 + 0.6 * T + 1.5, 1.0 + 0.6 * T)
+    width = 1.0 + 0.6 * T + 1.5
+    fig = _figure(width, 1.5 + 0.6 * T)
     ax = fig.add_subplot()
     shown = np.where(off, matrix, np.nan) if T > 1 else matrix
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=lo, vmax=hi)
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=value_label)
     ticks = np.arange(T)
     ax.set_xticks(ticks, task_names, rotation=45, ha="right")
     ax.set_yticks(ticks, task_names)
@@ -111,7 +118,24 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str):
     for (i, j), value in np.ndenumerate(matrix):
         bright = (value - lo) / (hi - lo) > 0.6 if off[i, j] else True
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="black" if bright else "white")
-    ax.set_title(title)
+    _title(ax, title, width)
+    return fig
+
+
+def plot_gates(alpha: Sequence[float], task_names: Sequence[str], title: str):
+    """One bar per task: its gate α_t in [0, 1] (SMTL: the weight of the public side), the tie at 0.5 marked."""
+    values = np.asarray(alpha, dtype=np.float64)
+    width = max(4.0, 0.7 * len(task_names) + 1.5)
+    fig = _figure(width, 3.5)
+    ax = fig.add_subplot()
+    bars = ax.bar(np.arange(len(values)), values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="0.5: the lite gates' threshold")
+    ax.set_xticks(np.arange(len(values)), task_names, rotation=30 if len(values) > 4 else 0, ha="right")
+    ax.set_ylim(0.0, 1.1)
+    ax.set_ylabel("α_t")
+    ax.legend(fontsize=8, loc="upper right")
+    _title(ax, title, width)
     return fig
 
 
@@ -125,13 +149,39 @@ def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str =
         raise ValueError(f"linkage: not a valid scipy linkage matrix (shape {linkage.shape})")
     if len(task_names) != linkage.shape[0] + 1:
         raise ValueError(f"task_names: expected {linkage.shape[0] + 1} names, got {len(task_names)}")
-    fig = _figure(2.0 + 0.5 * len(task_names), 3.5)
+    width = 2.0 + 0.5 * len(task_names)
+    fig = _figure(width, 3.5)
     ax = fig.add_subplot()
     hierarchy.dendrogram(linkage, labels=[str(n) for n in task_names], ax=ax, leaf_rotation=45)
     ax.set_xlabel("task")
     ax.set_ylabel("merge distance")
-    ax.set_title(title)
+    _title(ax, title, width)
     return fig
+
+
+def run_figures(
+    doc: Mapping[str, Any], history: Sequence[Mapping[str, float]], context: MethodContext | None = None
+) -> dict[str, Callable[[], Any]]:
+    """``{file name: function drawing its figure}`` of a run: ``training.png``, ``task_metrics.png``,
+    one ``relatedness_<name>.png`` per matrix and the figures the method declares (``Method.plots``,
+    which may replace any of those). ``doc`` is the run's ``metrics.json`` and ``history`` its
+    training history; ``context`` is the method's (without one, a run of a method that is not
+    registered, only the generic figures are drawn)."""
+    tasks = doc["tasks"]
+    names = list(tasks)
+    titles = context.method.relatedness_titles if context is not None else {}
+    # each job is called with no arguments: the lambdas below bind their loop values as defaults
+    split = doc.get("split", "test")
+    jobs: dict[str, Callable[[], Any]] = {"task_metrics.png": lambda: plot_task_metrics(tasks, split)}
+    if history:
+        jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
+    for key, matrix in (doc.get("relatedness") or {}).items():
+        title = titles.get(key, key)
+        jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=title, k=key: plot_relatedness(m, names, t, k)
+    if context is not None and context.method.plots is not None:
+        figures = context.method.plots(context.replace(doc=doc))
+        jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in figures.items()})
+    return jobs
 
 
 def plot_run(
@@ -142,32 +192,11 @@ def plot_run(
     context: MethodContext | None = None,
     only_missing: bool = False,
 ) -> list[Path]:
-    """Write ``training.png``, ``task_metrics.png``, one ``relatedness_<name>.png`` per matrix and
-    the figures the method declares (``Method.plots``, which may replace any of those); each file
-    name is made plain (:func:`~pyromtl.rundir.plain_name`), so it stays in ``plots/``.
-
-    ``doc`` is the run's ``metrics.json`` and ``history`` its training history. ``context`` is the
-    method's (with ``doc``): its relatedness titles and figures; without one (a run of a method
-    that is not registered) only the generic figures are drawn. Returns the paths written; with
-    ``only_missing`` existing files are kept as they are.
-    """
-    tasks = doc["tasks"]
-    names = list(tasks)
-    titles = context.method.relatedness_titles if context is not None else {}
-    # each job is called with no arguments: the lambdas below bind their loop values as defaults
-    jobs: dict[str, Callable[..., Any]] = {
-        "task_metrics.png": lambda: plot_task_metrics(tasks, doc.get("split", "test"))
-    }
-    if history:
-        jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
-    for key, matrix in (doc.get("relatedness") or {}).items():
-        title = titles.get(key, key)
-        jobs[f"relatedness_{key}.png"] = lambda m=matrix, t=title: plot_relatedness(m, names, t)
-    if context is not None and context.method.plots is not None:
-        figures = context.method.plots(context.replace(doc=doc))
-        jobs.update({name: fig if callable(fig) else (lambda f=fig: f) for name, fig in figures.items()})
+    """Write the figures of :func:`run_figures` into the run's ``plots/``; each file name is made
+    plain (:func:`~pyromtl.rundir.plain_name`), so it stays there. Returns the paths written; with
+    ``only_missing`` existing files are kept as they are."""
     return [
         run.write_png(name, _png(make()))
-        for name, make in jobs.items()
+        for name, make in run_figures(doc, history, context).items()
         if not (only_missing and (run.plots_dir / plain_name(name)).exists())
     ]

@@ -14,6 +14,17 @@ pyro.enable_validation(True)
 # spinning made tests several times slower.
 torch.set_num_threads(1)
 
+
+def scaled(seconds: float) -> float:
+    """A subprocess time limit for this machine: ``seconds`` on an idle one, stretched by the load
+    per core (a busy CI machine runs the same test several times slower) and by the environment
+    variable ``PYROMTL_TEST_TIMEOUT_SCALE``."""
+    import os
+
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return seconds * max(1.0, load) * float(os.environ.get("PYROMTL_TEST_TIMEOUT_SCALE", "1"))
+
+
 #: Small networks and short runs: the unit tests check behaviour, not accuracy.
 TINY = {"latent_dim": 8, "hidden": [16], "eval_every": 10, "eval_samples": 4, "quiet": True}
 

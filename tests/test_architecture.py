@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyromtl import methods, priors
+from tests.conftest import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Source folder -> the package it is shipped as.
@@ -146,7 +147,7 @@ def test_a_new_method_touches_its_two_files_and_the_registry_table() -> None:
 
 def _fresh(code: str) -> str:
     """stdout of ``code`` in a new interpreter, which has imported nothing of pyromtl before."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120), cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -192,7 +193,7 @@ def test_pytest_and_python_m_pytest_collect_the_same_tests() -> None:
             [*command, "--collect-only", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=scaled(300),
             cwd=ROOT,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

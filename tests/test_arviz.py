@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -131,12 +132,31 @@ def test_every_method_exports(method: str) -> None:
     assert ("relatedness" in tree.children) == bool(fit.relatedness())
     loglik = tree["log_likelihood"]["y"]
     assert np.isfinite(loglik).all()
-    # batched draws of one point may differ by float32 rounding, never by more
-    if float(loglik.std("draw").max()) > 1e-6 * max(1.0, float(abs(loglik).max())):
-        assert np.isfinite(quiet_loo(tree).elpd)
-    else:  # a point estimate (stl, bmtl; bayesagg predicts with one): every draw is the same, PSIS-LOO does not apply
-        for name, site in tree["posterior"].data_vars.items():
-            assert np.array_equal(site.values, np.broadcast_to(site.values[:, :1], site.shape), equal_nan=True), name
+    point = method in POINT_ESTIMATES
+    assert tree.attrs["point_estimate"] == int(point)
+    assert tree["posterior_predictive"].sizes["draw"] == DRAWS
+    if not point:
+        assert loglik.sizes["draw"] == DRAWS and np.isfinite(quiet_loo(tree).elpd)
+        return
+    # one draw of what does not vary, and a summary without r_hat warnings
+    assert loglik.sizes["draw"] == 1 and tree["posterior"].sizes["draw"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        az.summary(tree)
+
+
+def _readme_point_estimates() -> set[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("Point estimates at their defaults:")
+    return set(re.findall(r"`([^`]+)`", readme[start : readme.index("\n\n", start)]))
+
+
+#: The README's list, which this file checks against each method's export.
+POINT_ESTIMATES = _readme_point_estimates()
+
+
+def test_the_readme_lists_point_estimates_among_the_methods() -> None:
+    assert POINT_ESTIMATES and POINT_ESTIMATES <= set(methods.available())
 
 
 def test_a_method_without_export_sites_still_has_sample_dims() -> None:
@@ -149,4 +169,4 @@ def test_a_method_without_export_sites_still_has_sample_dims() -> None:
     fit = pyromtl.fit("cross-stitch", data, steps=2, **TINY)
     post = fit.to_arviz(num_samples=DRAWS)["posterior"]
     assert not post.data_vars
-    assert dict(post.sizes) == {"chain": 1, "draw": DRAWS}
+    assert dict(post.sizes) == {"chain": 1, "draw": 1}  # a point estimate: one draw

@@ -14,6 +14,7 @@ import torch
 
 from pyromtl import cli, config, datasets, methods, priors
 from pyromtl.train import TrainingError
+from tests.conftest import scaled
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[str]]:
@@ -244,7 +245,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2"}  # the two fits run side by side
 
 def pyromtl_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the installed console script and wait for it."""
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=scaled(300), env=ENV)
 
 
 @pytest.mark.slow
@@ -278,7 +279,7 @@ def test_end_to_end(tmp_path: Path) -> None:
         for m, d in (("vbmtl", run), ("stl", base))
     ]
     for proc in fits:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=scaled(300))
         assert proc.returncode == 0, err
         assert "average" in out and "run dir:" in out and "wall time" in out
 

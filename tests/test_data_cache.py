@@ -11,6 +11,7 @@ import pytest
 
 from pyromtl import datasets
 from pyromtl.data import cache, digit_arrays, embedded
+from tests.conftest import scaled
 
 
 @pytest.fixture
@@ -122,6 +123,6 @@ def test_a_warm_cache_loads_without_importing_scikit_learn(cache_dir):
         text=True,
         check=True,
         env={**os.environ, "PYROMTL_CACHE": str(cache_dir)},
-        timeout=120,
+        timeout=scaled(120),
     )
     assert out.stdout.split("\n")[-2] == "['pyromtl']"

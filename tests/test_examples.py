@@ -18,6 +18,7 @@ from torch.distributions import kl_divergence
 
 import pyromtl
 from pyromtl import cli, config, methods, priors
+from tests.conftest import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -131,7 +132,7 @@ def test_custom_prior_script_trains_and_prints_metrics():
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert done.returncode == 0, done.stderr
     average = re.search(r"^\|\s*average\s*\|\s*([0-9.]+)", done.stdout, flags=re.M)

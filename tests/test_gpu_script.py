@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import scaled
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 #: The benchmarks that must each give at least one timed ratio against their baseline.
 REQUIRED = ("vmtl", "bayesagg", "hib", "smtl")
@@ -19,7 +21,12 @@ REQUIRED = ("vmtl", "bayesagg", "hib", "smtl")
 def run_script(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYROMTL_CACHE": str(tmp_path / "cache"), **env}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=environ, check=False
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+        env=environ,
+        check=False,
     )
 
 

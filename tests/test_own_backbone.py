@@ -21,7 +21,7 @@ from pyromtl.data.core import MultiTaskData
 from pyromtl.nn import TaskStack
 from pyromtl.params import local_params
 from pyromtl.train import build_training
-from tests.conftest import interrupted_then_resumed
+from tests.conftest import interrupted_then_resumed, scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 6, 6)
@@ -273,14 +273,17 @@ def test_the_resnet_example_runs(tmp_path: Path) -> None:
         [sys.executable, example, "--steps", "2", "--quick", "--weights", str(weights)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=scaled(600),
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert [line.split()[0] for line in run.stdout.splitlines()] == ["vmtl", "bayesagg", "hib", "lsmtl"]
     command = [sys.executable, "-m", "pyromtl.cli", "fit", "vmtl", "--data", "digits-domains", "--import", example]
     command += ["--set", "backbone=resnet18", "--set", "steps=1", "--set", "eval_samples=1", "--set", "quiet=true"]
     run = subprocess.run(
-        [*command, "--device", "cpu", "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=600
+        [*command, "--device", "cpu", "--out", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=scaled(600),
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'backbone = "resnet18"' in (tmp_path / "cli" / "config.toml").read_text()

@@ -22,7 +22,7 @@ from pyromtl.objective import Objective, TrainContext
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
 from pyromtl.train import train
-from tests.conftest import TINY, blobs_mimo, built, interrupted_then_resumed, mixed_simo
+from tests.conftest import TINY, blobs_mimo, built, interrupted_then_resumed, mixed_simo, scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def test_submodules_are_attributes_of_the_package() -> None:
         "import pyromtl; d = pyromtl.datasets.load('synthetic-clusters'); "
         "print(d.num_tasks, pyromtl.methods.get('stl').name)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120), cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8", "stl"]
 
@@ -248,7 +248,7 @@ def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> N
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=scaled(600),
     )
     assert done.returncode == 0, done.stderr
     assert "from Python: bayes-heads on digits-domains, test accuracy" in done.stdout
@@ -259,9 +259,9 @@ def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> N
     assert RunDir(tmp_path / "bayes-heads").read_metrics()["method"] == "bayes-heads"
     # evaluating the custom run needs the module that declares it, given on the command line
     evaluate = [sys.executable, "-m", "pyromtl.cli", "evaluate", str(tmp_path / "bayes-heads")]
-    refused = subprocess.run(evaluate, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(evaluate, capture_output=True, text=True, timeout=scaled(300))
     assert refused.returncode == 2 and "unknown method 'bayes-heads'" in refused.stderr
-    ok = subprocess.run([*evaluate, "--import", str(script)], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([*evaluate, "--import", str(script)], capture_output=True, text=True, timeout=scaled(300))
     assert ok.returncode == 0 and "bayes-heads on digits-domains" in ok.stdout
 
 
@@ -272,7 +272,7 @@ def test_a_fit_saved_to_disk_imports_no_jax(tmp_path: Path) -> None:
         "import sys, pyromtl; pyromtl.fit('vmtl', 'synthetic-clusters', steps=2, quiet=True, device='cpu', "
         f"latent_dim=4, hidden=[8], mc_z=1, mc_w=1, out={str(tmp_path)!r}); print('jax._src' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300), cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} >= {"training.png", "relatedness_alpha.png"}

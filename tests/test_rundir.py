@@ -23,7 +23,7 @@ from pyromtl.data import MultiTaskData
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
 from pyromtl.train import TrainingInterrupted, train
-from tests.conftest import TINY, blobs_mimo
+from tests.conftest import TINY, blobs_mimo, scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A quick CLI fit on a generated dataset.
@@ -243,7 +243,7 @@ def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(tmp_path: P
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run(
-        [*command, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=600
+        [*command, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=scaled(600)
     )
     assert straight.returncode == 0, straight.stderr
     proc = subprocess.Popen(
@@ -260,7 +260,7 @@ def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(tmp_path: P
     proc.wait()
     assert not (tmp_path / "b" / "metrics.json").exists()
     resumed = subprocess.run(
-        [*command, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=600
+        [*command, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=scaled(600)
     )
     assert resumed.returncode == 0, resumed.stderr
     a, b = (RunDir(tmp_path / d).read_metrics() for d in ("a", "b"))

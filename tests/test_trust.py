@@ -17,7 +17,7 @@ import pytest
 
 import pyromtl
 from pyromtl import cli, networks
-from tests.conftest import TINY, mixed_simo
+from tests.conftest import TINY, mixed_simo, scaled
 
 PLANTED = """
 from pathlib import Path
@@ -125,7 +125,7 @@ def test_no_compiler_is_looked_for(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
         env=env,
     )
     assert done.returncode == 0, done.stderr
