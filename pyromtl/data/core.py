@@ -166,12 +166,13 @@ class MultiTaskData:
                 stats.append((mean, std))
             else:
                 stats.append((0.0, 1.0))
-        if class_names is not None:
+        labels = as_names(class_names, "class_names") if class_names is not None else None
+        if labels is not None:
             widest = max((c for c, k in zip(ncls, types) if k == "classification"), default=0)
-            if len(class_names) != widest:
+            if len(labels) != widest:
                 raise ValueError(
                     f"class_names: expected one name per class of the widest classification task ({widest}), "
-                    f"got {len(class_names)}"
+                    f"got {len(labels)}"
                 )
         rel = None
         if relatedness is not None:
@@ -188,7 +189,7 @@ class MultiTaskData:
             splits=split_idx,
             target_stats=stats,
             relatedness=rel,
-            class_names=as_names(class_names, "class_names") if class_names is not None else None,
+            class_names=labels,
             description=str(description),
         )
 
