@@ -122,7 +122,7 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str, 
     return fig
 
 
-def plot_gates(alpha: Sequence[float], task_names: Sequence[str], title: str):
+def plot_gates(alpha: Sequence[float] | np.ndarray, task_names: Sequence[str], title: str):
     """One bar per task: its gate α_t in [0, 1] (SMTL: the weight of the public side), the tie at 0.5 marked."""
     values = np.asarray(alpha, dtype=np.float64)
     width = max(4.0, 0.7 * len(task_names) + 1.5)
@@ -161,7 +161,7 @@ def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str =
 
 def run_figures(
     doc: Mapping[str, Any], history: Sequence[Mapping[str, float]], context: MethodContext | None = None
-) -> dict[str, Callable[[], Any]]:
+) -> dict[str, Callable[..., Any]]:
     """``{file name: function drawing its figure}`` of a run: ``training.png``, ``task_metrics.png``,
     one ``relatedness_<name>.png`` per matrix and the figures the method declares (``Method.plots``,
     which may replace any of those). ``doc`` is the run's ``metrics.json`` and ``history`` its
@@ -172,7 +172,7 @@ def run_figures(
     titles = context.method.relatedness_titles if context is not None else {}
     # each job is called with no arguments: the lambdas below bind their loop values as defaults
     split = doc.get("split", "test")
-    jobs: dict[str, Callable[[], Any]] = {"task_metrics.png": lambda: plot_task_metrics(tasks, split)}
+    jobs: dict[str, Callable[..., Any]] = {"task_metrics.png": lambda: plot_task_metrics(tasks, split)}
     if history:
         jobs["training.png"] = lambda: plot_training(history, (doc.get("train") or {}).get("best_step"))
     for key, matrix in (doc.get("relatedness") or {}).items():
