@@ -70,6 +70,105 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- show
+def _toml(value: Any) -> str:
+    """A config value as TOML writes it (what ``--set KEY=VALUE`` and a config file take)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _schedule_words(schedule: Any) -> str:
+    """A schedule (:class:`pyromtl.schedules.Schedule`) in words: constant, or how it anneals."""
+    if schedule.kind == "constant":
+        return f"{schedule.start:g}, constant"
+    if schedule.is_relative:
+        span = f"over the first {schedule.fraction:.0%} of the steps"
+    elif schedule.kind == "linear":
+        span = f"over the first {schedule.steps} steps"
+    else:
+        span = f"at rate {schedule.rate:g} per step"
+    return f"{schedule.kind} from {schedule.start:g} to {schedule.end:g} {span}"
+
+
+def _rows(entries: list[tuple[str, str]]) -> list[str]:
+    width = max((len(n) for n, _ in entries), default=0)
+    return [f"  {n.ljust(width)}  {s}".rstrip() for n, s in entries] or ["  (none)"]
+
+
+def show_text(name: str) -> str:
+    """What ``pyromtl show METHOD`` prints: the method's resolved defaults, section by section."""
+    from pyromtl import config, methods
+    from pyromtl.options import TrainOptions
+
+    method = methods.get(name)
+    cfg = config.resolve(method)
+    train_keys = list(TrainOptions.defaults())
+    own_defaults = method.options.defaults()
+    plain = {**config.TRAIN_DEFAULTS, **own_defaults}
+
+    def option_rows(keys: list[str]) -> list[str]:
+        entries = []
+        for key in keys:
+            text = _toml(cfg[key])
+            base = config.TRAIN_DEFAULTS[key] if key in config.TRAIN_DEFAULTS else own_defaults[key]
+            if key in method.overrides and method.overrides[key] != base:
+                where = "TrainOptions" if key in config.TRAIN_DEFAULTS else method.options.__name__
+                text += f"  ({method.name}'s value; {where} has {_toml(base)})"
+            elif key == "fraction" and not plain[key]:
+                text += f"  (0, resolved to the default fraction of {cfg['data']})"
+            elif cfg[key] != plain[key]:
+                text += f"  (resolved from {_toml(plain[key])})"
+            entries.append((key, text))
+        return _rows(entries)
+
+    own_keys = [k for k in own_defaults if k not in config.TRAIN_DEFAULTS]
+    steps = cfg["steps"]
+    length = f"{steps} steps" if steps else f"{cfg['epochs']} epochs (steps = 0: epochs × the batches of an epoch)"
+    optimiser = ", ".join(f"{k} = {_toml(cfg[k])}" for k in ("lr", "clip_norm", "lr_decay", "weight_decay"))
+    schedules = [(path, _schedule_words(s)) for path, s in config.schedules(method, cfg).items()]
+    if isinstance(cfg.get("kl_weights"), dict):
+        per_site = ", ".join(f"{site} = {w:g}" for site, w in cfg["kl_weights"].items())
+        schedules.append(("kl_weights", f"{per_site} (each site's KL weight is kl_weight times its own)"))
+    prior_rows = [
+        (
+            site,
+            f"{spec['kind']}: "
+            + (", ".join(f"{k}={_toml(v)}" for k, v in spec.items() if k != "kind") or "(no parameters)"),
+        )
+        for site, spec in cfg["priors"].items()
+    ] or [("(none: the method has no latent sites)", "")]
+    blocks = [
+        "\n".join(
+            [
+                f"{method.name}: {method.summary}",
+                f"paper: {method.paper}",
+                f"data: {' or '.join(s.upper() for s in method.settings)}, at least {method.min_tasks} "
+                + ("task" if method.min_tasks == 1 else "tasks"),
+            ]
+        ),
+        "\n".join(["training options (TrainOptions):", *option_rows(train_keys)]),
+        "\n".join([f"method options ({method.options.__name__}):", *option_rows(own_keys)]),
+        "\n".join(["priors (one per latent site; [priors.<site>] in a config file):", *_rows(prior_rows)]),
+        "\n".join(["optimiser:", f"  ClippedAdam: {optimiser}"]),
+        "\n".join(["length:", f"  {length}, batch_size = {cfg['batch_size']}"]),
+        "\n".join(["schedules (the KL weight and any other annealed value):", *_rows(schedules)]),
+        "change any of these with --set KEY=VALUE or --config FILE.toml (see `pyromtl fit --help`)",
+    ]
+    return "\n\n".join(blocks)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(show_text(args.method))
+    return 0
+
+
 # ---------------------------------------------------------------------------- fit
 def fit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of ``fit``: ``--config`` file, then each ``--set`` in order, then explicit flags.
@@ -262,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("list", parents=[common], help="list methods, datasets, prior kinds and networks")
     sp.add_argument("section", nargs="?", choices=list(LIST_SECTIONS))
     sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser(
+        "show",
+        parents=[common],
+        help="print a method's defaults: every option, its priors, optimiser, length and schedules",
+    )
+    sp.add_argument("method", metavar="METHOD")
+    sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser(
         "fit",
