@@ -13,7 +13,8 @@ solve per group of tasks of one kind (regression, binary, C-class), never one pe
   Gauss–Newton precision, keeping the first-order term (eq. 8–10).
 
 Outside training (a batch of another split), the guide is a point mass at the prediction heads:
-the full-data posterior mean for regression tasks (once an epoch has ended), ``θ̂`` otherwise.
+the full-data posterior mean for regression tasks (once an epoch has ended), ``θ̂`` otherwise;
+or ``θ̂`` for every task (``predict = "learned"``).
 """
 
 from __future__ import annotations
@@ -176,18 +177,21 @@ class BayesAggGuide(MultiTaskModule):
     """``q(θ)``: the batch posterior on training batches, a point mass at the prediction heads otherwise.
 
     It shares the model's extractor, heads and prior, so it holds no parameters of its own.
+    ``posterior_mean``: whether regression tasks predict with their full-data posterior mean.
     """
 
-    def __init__(self, model: Any, state: TrainState):
+    def __init__(self, model: Any, state: TrainState, posterior_mean: bool = True):
         super().__init__(model.info, state)
         self._model = [model]  # a plain reference, not a submodule: the model's state is saved once
+        self.posterior_mean = posterior_mean
 
     def prediction_heads(self) -> Tensor:
-        """``[T, P]``: the full-data posterior mean for regression tasks (once known), else ``θ̂``."""
+        """``[T, P]``: the full-data posterior mean for regression tasks (once known, and with
+        ``posterior_mean``), else ``θ̂``."""
         model = self._model[0]
-        theta = model.heads.detach().flatten(1).clone()
+        theta = model.heads.detach().flatten(1)  # a new tensor (a concatenation of the parameters)
         regression = model.store.regression_mean
-        if regression is not None:
+        if regression is not None and self.posterior_mean:
             group = model.regression_group
             theta[group.rows, : group.size(model.latent_dim)] = regression
         return theta

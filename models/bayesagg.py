@@ -6,14 +6,27 @@ A shared deterministic extractor ``h(x)`` feeds one linear head ``θ_t`` per tas
 ``θ ~ p(θ)`` (a prior kind from the registry) and ``y ~ p(y | h(x), θ)``; its guide is the
 analytic batch posterior (eq. 2 for regression, eq. 8–10 for classification).
 
+**The network is the baselines'.** ``ls`` and the eleven other weighting baselines
+(:mod:`models.weighting`) train ``bmtl``'s network: a shared encoder whose ``loc`` half is the
+representation ``z``, linear after its last layer, and a linear head ``[w, b]`` per task. BayesAgg
+builds the same layers from the same random numbers (:class:`BayesAggModel`), with ``h = z``: no
+activation after the latent layer. BayesAgg used to put an ELU there, which the baselines never
+had; a check found that it gave about half of BayesAgg's gain over ``ls`` on ``digits-mixed``. We
+dropped it from BayesAgg rather than give all thirteen methods a ``latent_activation`` option:
+the baselines and their recorded results stay as they are, and a comparison with any of them at
+the defaults measures the aggregation alone. Its loss is ``ls``'s too: each task's negative
+log-likelihood of the batch, scaled by ``N / B`` (the ELBO's), summed over the tasks, with the
+regression noise τ = 1.
+
 Training (:class:`BayesAggObjective`, Algorithm 1):
 
-* the first ``pretrain_steps`` steps are plain linear scalarisation (the sum of the task losses);
+* the first ``pretrain_steps`` steps are plain linear scalarisation (the sum of the task losses),
+  and with ``aggregate = false`` every step is (``ls``, to the last bit);
 * then each step computes the heads' batch posteriors, the mean and diagonal variance of each
   task's per-sample gradient with respect to ``h`` (eq. 4 in closed form for regression; eq. 11
   or quadrature for classification), aggregates them (eq. 7, with ``s`` per task type) and
-  back-propagates the result ``g`` through the extractor once, ``h.backward(g / B)``; the heads
-  get the ordinary gradient of the task losses;
+  back-propagates the result ``g`` through the extractor once, at the loss's scale
+  (``h.backward((N / B) g)``); the heads get the ordinary gradient of the task losses;
 * at each epoch's end the full-data prior is rebuilt from one pass over every training example
   with the extractor as it is then (eval mode, no gradients; :meth:`BayesAggObjective.end_epoch`):
   the regression posterior from streamed ``HᵀH`` and ``Hᵀy``
@@ -22,13 +35,14 @@ Training (:class:`BayesAggObjective`, Algorithm 1):
 
 Its prior kinds (``[priors.w] kind = ...``, in :mod:`pyromtl.priors.last_layer`), each with the
 isotropic scale γ: ``full_data`` (the paper's), ``previous_batch`` (the last batch's posterior)
-and ``isotropic`` (``N(0, γ² I)``). Prediction uses the full-data posterior mean for regression tasks and the
-learned heads ``θ̂`` for classification tasks.
+and ``isotropic`` (``N(0, γ² I)``). Prediction (``predict = "posterior"``) uses the full-data
+posterior mean for regression tasks and the learned heads ``θ̂`` for classification tasks;
+``predict = "learned"`` uses ``θ̂`` for every task, as ``ls``. :class:`BayesAggOptions` lists what
+each combination of ``aggregate`` and ``predict`` is.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,6 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyro
 import torch
+from pyro.distributions.util import scale_and_mask
 from torch import Tensor, nn
 
 from pyromtl.base import MultiTaskModel, Plates
@@ -62,7 +77,6 @@ from pyromtl.infer.bayesagg import (
 )
 from pyromtl.likelihoods import MultiTaskOutput
 from pyromtl.method import ExportSite, Method, MethodContext
-from pyromtl.nn import activation
 from pyromtl.objective import Objective, TrainContext, is_finite
 from pyromtl.options import NetworkOptions
 from pyromtl.predict import evaluating
@@ -70,6 +84,8 @@ from pyromtl.priors import PriorSite
 
 PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi-Task Learning, ICML 2024"
 MOMENTS = ("quadrature", "monte_carlo")
+#: What predicts: the full-data posterior mean for regression tasks (the paper's), or the learned heads.
+PREDICT = ("posterior", "learned")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
 #: The last-layer prior kinds (``pyromtl.priors.last_layer``): each reads only ``PriorStore``, so
@@ -106,16 +122,40 @@ class PriorStore(nn.Module):
         self.regression_mean = state["regression_mean"]
 
 
-def head_outputs(features: Tensor, theta: Tensor) -> Tensor:
-    """Outputs ``[..., T, B, K]`` of features ``add_bias(h) [B, d+1]`` and heads ``θ [..., T, K, d+1]``."""
-    return torch.einsum("bp,...tkp->...tbk", features, theta)
+class LocHalf(nn.Module):
+    """The first ``d`` of the trunk's ``2d`` outputs: the baselines' ``loc`` half, which is ``h``.
+
+    ``GaussianEncoder`` (``bmtl``, ``ls`` and the other weighting baselines) reads ``loc`` and a
+    scale from one ``2d``-wide last layer; with ``deterministic`` priors the scale is never used.
+    BayesAgg builds the same layer, so the two networks are drawn from the same random numbers,
+    and reads the same half."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., : self.dim]
+
+
+def head(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Outputs ``[..., T, B, K] = z wᵀ + b`` of ``z [..., 1, B, d]``, ``w [..., T, K, d]``, ``b [..., T, 1, K]``.
+
+    The same ops as the baselines' head (:meth:`pyromtl.latent.LatentMTLModel.head`), so the
+    learned heads give their outputs to the last bit."""
+    return torch.matmul(z, weight.transpose(-1, -2)) + bias
 
 
 class BayesAggModel(MultiTaskModel):
     """``p(θ) p(y | h(x), θ)``: a Bayesian last layer on a deterministic extractor.
 
-    ``heads`` ``[T, K, d+1]`` are the learned ``θ̂`` (the LS heads, and the classification
-    posteriors' expansion point); the regression noise stays at τ = 1 (§3.1).
+    The network is the weighting baselines' (``bmtl``'s with point estimates,
+    :func:`pyromtl.latent.build_latent`), built in the same order from the same random numbers:
+    the trunk (backbone, ``hidden`` layers, a linear layer to ``2d``) whose first ``d`` outputs
+    are ``h`` (no activation after it), then ``weight [T, 1, K, d]`` (their ``w_post.loc``) and
+    ``bias [T, 1, K]``. The learned heads ``θ̂ = [w, b]`` are :attr:`heads` ``[T, K, d+1]``; the
+    regression noise stays at τ = 1 (§3.1): its parameter is frozen, as the baselines' is with
+    ``learn_noise = false``.
     """
 
     def __init__(self, ctx: MethodContext):
@@ -123,15 +163,21 @@ class BayesAggModel(MultiTaskModel):
         info = ctx.data.info.to(device)
         super().__init__(info, ctx.state)
         self.latent_dim = d = cfg["latent_dim"]
-        trunk = ctx.backbone.shared(info.input_shape, cfg["hidden"], d, cfg["activation"])
-        self.extractor = nn.Sequential(trunk, activation(cfg["activation"])).to(device)
-        bound = 1.0 / math.sqrt(d)
-        heads = torch.empty(info.num_tasks, info.out_dim, d + 1, device=device).uniform_(-bound, bound)
-        self.heads = nn.Parameter(heads.index_fill(-1, torch.tensor([d], device=device), 0.0))
+        # the draws of build_latent: GaussianEncoder's net, then ClassifierPosterior's loc (on the CPU, then moved)
+        trunk = ctx.backbone.shared(tuple(info.input_shape), list(cfg["hidden"]), 2 * d, cfg["activation"])
+        self.extractor = nn.Sequential(trunk, LocHalf(d)).to(device)
+        self.weight = nn.Parameter((torch.randn(info.num_tasks, 1, info.out_dim, d) / d**0.5).to(device))
+        self.bias = nn.Parameter(torch.zeros(info.num_tasks, 1, info.out_dim, device=device))
+        self.noise_unconstrained.requires_grad_(False)  # τ = 1
         self.w_prior = PriorSite("w", cfg["priors"]["w"], device=device)
         self.store = PriorStore()
         self.groups: tuple[HeadGroup, ...] = head_groups(info)
         self.regression_group = next((g for g in self.groups if g.kind == "regression"), None)
+
+    @property
+    def heads(self) -> Tensor:
+        """The learned heads ``θ̂ [T, K, d+1]`` (bias last), the classification posteriors' expansion point."""
+        return torch.cat([self.weight.squeeze(1), self.bias.squeeze(1).unsqueeze(-1)], -1)
 
     @property
     def size(self) -> int:
@@ -142,6 +188,10 @@ class BayesAggModel(MultiTaskModel):
         """``h [B, d]`` of SIMO inputs ``x [B, *input_shape]``."""
         return self.extractor(x)
 
+    def representation(self, x: Tensor) -> Tensor:
+        """``h`` as the baselines' shared ``z`` ``[1, B, d]``."""
+        return self.extractor(x).unsqueeze(-3)
+
     def prior(self) -> GaussianPrecision:
         """The heads' prior ``[T, 1]`` over ``P`` numbers, from the registry."""
         T = self.info.num_tasks
@@ -149,35 +199,42 @@ class BayesAggModel(MultiTaskModel):
             batch_shape=(T, 1), event_shape=(self.size,), num_tasks=T, state=self.state, extras=self.store.extras()
         )
 
-    def task_losses(self, features: Tensor, batch: Batch) -> Tensor:
-        """The LS loss: the tasks' summed mean negative log-likelihoods at ``θ̂``, of ``features = add_bias(h)``."""
-        outputs = head_outputs(features, self.heads)
-        logp = MultiTaskOutput(outputs, self.info, self.noise.detach()).log_prob(batch.y)
-        return -(logp * batch.mask).sum() / batch.size
+    def task_losses(self, z: Tensor, batch: Batch) -> Tensor:
+        """The tasks' losses ``ℓ [T]`` at ``θ̂`` of ``z [1, B, d]``, as ``ls`` reads them from its trace.
+
+        Each is the negative log-likelihood of the batch, scaled by ``N_t / B_t`` and masked
+        (:mod:`models.weighting`); linear scalarisation is their sum."""
+        outputs = head(z, self.weight.squeeze(-3), self.bias)
+        log_lik = MultiTaskOutput(outputs, self.info, self.noise).log_prob(batch.y)
+        return -scale_and_mask(log_lik, batch.scale, batch.mask).sum(-1)
 
     def forward(self, batch: Batch) -> None:
         plates = Plates(batch)
         with plates.globals():
             theta = pyro.sample("w", self.prior())  # [..., T, 1, P]
-        outputs = head_outputs(add_bias(self.features(batch.x)), theta.squeeze(-2).unflatten(-1, self.heads.shape[1:]))
+        theta = theta.unflatten(-1, (self.info.out_dim, self.latent_dim + 1))  # [..., T, 1, K, d+1]
+        outputs = head(self.representation(batch.x), theta[..., : self.latent_dim].squeeze(-3), theta[..., -1])
         with plates.observations():
             self.observe(outputs, batch)
 
 
 # ----------------------------------------------------------------------------- objective
 class _TaskLoss(nn.Module):
-    """The LS loss as the objective's ``loss`` module (what it reports, and pre-trains with)."""
+    """The LS loss, the sum of :meth:`BayesAggModel.task_losses`, as the objective's ``loss``
+    module (what it reports, and trains with when it does not aggregate)."""
 
     def __init__(self, model: BayesAggModel, guide: BayesAggGuide):
         super().__init__()
         self.model, self.guide = model, guide
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.model.task_losses(add_bias(self.model.features(batch.x)), batch)
+        return self.model.task_losses(self.model.representation(batch.x), batch).sum()
 
 
 class BayesAggObjective(Objective):
-    """Algorithm 1: LS pre-training, then the aggregated gradient pushed into ``h``; the full-data prior per epoch."""
+    """Algorithm 1: LS pre-training, then the aggregated gradient pushed into ``h``; the full-data prior per epoch.
+
+    With ``aggregate = false`` every step is LS (``ls``'s step, to the last bit)."""
 
     # buffers (register_buffer), declared for the type checker
     order: Tensor
@@ -189,12 +246,12 @@ class BayesAggObjective(Objective):
             raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
         if cfg["num_samples"] < 2:
             raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
-        self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps")}
+        self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps", "aggregate", "predict")}
         self.prior_kind = cfg["priors"]["w"]["kind"]
         self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
-        regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.heads.device)
+        regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.weight.device)
         # the tasks in the order the head groups stack their moments (fixed by the data), and their s
-        order = torch.cat([g.tasks for g in model.groups]).to(model.heads.device)
+        order = torch.cat([g.tasks for g in model.groups]).to(model.weight.device)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer(
             "s", torch.where(regression, cfg["s_regression"], cfg["s_classification"])[order], persistent=False
@@ -252,8 +309,8 @@ class BayesAggObjective(Objective):
         they may read the step or learned parameters.
         """
         model = self.model
-        store, heads = model.store, model.heads
-        source = (store.full_data, store.previous_batch, heads.device, heads.dtype)
+        store, weight = model.store, model.weight
+        source = (store.full_data, store.previous_batch, weight.device, weight.dtype)
         cached = self._prior_cache
         if (
             cached is None
@@ -286,26 +343,33 @@ class BayesAggObjective(Objective):
         return mu.mul_(weights).sum(1).div_(total)
 
     def backward(self, batch: Batch) -> Tensor:
-        """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch."""
+        """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch.
+
+        The loss is ``ls``'s, the sum of :meth:`BayesAggModel.task_losses` (each scaled by
+        ``N / B``); an aggregated step gives the heads its ordinary gradient and ``h`` the
+        aggregated per-sample gradient ``g`` at the same scale, ``(N / B) g``, in place of the
+        loss's ``(N / B) Σ_t ∇_h ℓ_t``."""
         model = self.model
-        h = model.features(batch.x)
-        if model.state.step < self.cfg["pretrain_steps"]:
-            loss = model.task_losses(add_bias(h), batch)
+        z = model.representation(batch.x)  # h as [1, B, d]
+        if not self.cfg["aggregate"] or model.state.step < self.cfg["pretrain_steps"]:
+            loss = model.task_losses(z, batch).sum()  # linear scalarisation, as ls
             if is_finite(loss):
                 loss.backward()
             return loss.detach()
+        z_fixed = z.detach()
         with torch.no_grad():
-            features = add_bias(h.detach())  # once per step: the heads' losses, the posterior and the moments
-        loss = model.task_losses(features, batch)  # the heads' ordinary gradients; h gets none from it
+            features = add_bias(z_fixed[0])  # once per step: the posterior and the moments
+        loss = model.task_losses(z_fixed, batch).sum()  # the heads' ordinary gradients; h gets none from it
         if not is_finite(loss):
             return loss.detach()
         with torch.no_grad():
             g = self.aggregated_gradient(features, batch.y)
-        if not h.requires_grad:  # a frozen extractor (every parameter requires_grad=False): the heads alone learn
+        if not z.requires_grad:  # a frozen extractor (every parameter requires_grad=False): the heads alone learn
             loss.backward()
             return loss.detach()
         # one pass of the autograd engine for both graphs: the heads' loss, and g through the extractor
-        torch.autograd.backward([loss, h], [None, g.div_(batch.size)])
+        # (SIMO: every task's scale is N / B)
+        torch.autograd.backward([loss, z], [None, g.mul_(batch.scale[0]).unsqueeze(0)])
         return loss.detach()
 
     def diagnostics(self) -> dict[str, float]:
@@ -336,20 +400,24 @@ class BayesAggObjective(Objective):
         pass is 2–3 ms and the rest the solves, mostly the 10-class head's Laplace precision
         (650 × 650); on ``digits-regression`` 3–4 ms, 0.06–0.07 of an aggregated epoch (0.09–0.12
         of an LS one).
+
+        What nothing reads is not built: without ``aggregate`` the steps read no prior, and with
+        ``predict = "learned"`` the prediction reads no regression mean (with both, no pass).
         """
         model, store = self.model, self.model.store
         regression = model.regression_group
-        if regression is None and self.prior_kind != "full_data":
+        full = self.cfg["aggregate"] and self.prior_kind == "full_data"
+        if not full and (regression is None or self.cfg["predict"] != "posterior"):
             return  # nothing would read the pass
         precision = 1.0 / self.prior_scale**2
-        classify = self.prior_kind == "full_data" and any(g.kind != "regression" for g in model.groups)
+        classify = full and any(g.kind != "regression" for g in model.groups)
         stats, h, y = self._training_pass(ctx.data, keep=classify)
         reg_post = None
         if regression is not None:
             mean, reg_precision = stats.as_prior(0.0, precision)
             store.regression_mean = mean
             reg_post = GroupPosterior(mean, None, reg_precision)
-        if self.prior_kind == "full_data":
+        if full:
             mean, full_precision = self._full_data(h, y, reg_post, precision)
             store.full_data = mean, share_rows(full_precision)
 
@@ -366,7 +434,7 @@ class BayesAggObjective(Objective):
         hs: list[Tensor] = []
         ys: list[Tensor] = []
         with torch.no_grad(), evaluating(model):
-            for batch in data.eval_batches("train", model.heads.device):
+            for batch in data.eval_batches("train", model.weight.device):
                 rows = batch.mask.all(0)
                 h = model.features(batch.x)[rows]
                 y = batch.y[:, rows]
@@ -419,7 +487,20 @@ class BayesAggObjective(Objective):
 class BayesAggOptions(NetworkOptions):
     """BayesAgg-MTL's options; the prior kind and γ are the prior spec's (``[priors.w] kind, scale``).
 
-    The extractor is the backbone, then ``hidden`` layers to ``latent_dim``, then the activation."""
+    The network is the weighting baselines' (``ls`` and the others, :mod:`models.weighting`): the
+    backbone, then the ``hidden`` layers (each with ``activation``), then a linear layer whose
+    first ``latent_dim`` outputs are ``h``, with no activation after it, as the baselines' ``z``.
+
+    ``aggregate`` and ``predict`` give the controls that separate the aggregation from the rest:
+
+    * ``aggregate = false, predict = "learned"``: ``ls`` to the last bit (same seed, same steps:
+      the same parameters, training losses and test metrics);
+    * ``aggregate = false, predict = "posterior"``: LS training, regression tasks predicted by the
+      full-data posterior mean of their heads on the LS features;
+    * ``aggregate = true, predict = "learned"``: BayesAgg's training, every task predicted by its
+      learned head;
+    * ``aggregate = true, predict = "posterior"`` (the defaults): BayesAgg-MTL as in the paper.
+    """
 
     MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"nodes": (1, True), "num_samples": (2, True)}
 
@@ -435,11 +516,19 @@ class BayesAggOptions(NetworkOptions):
     nodes: int = 32
     #: linear-scalarisation steps first, counted in the run's step budget
     pretrain_steps: int = 100
+    #: false: every step is linear scalarisation (the sum of the task losses, as ``ls``), no aggregation
+    aggregate: bool = True
+    #: "posterior": regression tasks predict with their heads' full-data posterior mean, classification
+    #: tasks with the learned heads (the paper's); "learned": every task with its learned head, as ``ls``
+    predict: str = "posterior"
 
 
 def build_bayesagg(ctx: MethodContext) -> tuple[BayesAggModel, BayesAggGuide]:
+    predict = ctx.config["predict"]
+    if predict not in PREDICT:
+        raise ValueError(f"config key 'predict' must be one of {list(PREDICT)}, got {predict!r}")
     model = BayesAggModel(ctx)
-    return model, BayesAggGuide(model, ctx.state)
+    return model, BayesAggGuide(model, ctx.state, posterior_mean=predict == "posterior")
 
 
 def bayesagg_objective(ctx: MethodContext) -> Objective:

@@ -97,29 +97,35 @@ def _expected_g(model, h: torch.Tensor, y: torch.Tensor, s_reg: float, s_cls: fl
 
 
 # ----------------------------------------------------------------------------- the objective's gradients
+def _head_grads(model) -> torch.Tensor:
+    """The learned heads' gradients in the ``[T, K, d+1]`` layout of ``model.heads``."""
+    return torch.cat([model.weight.grad.squeeze(1), model.bias.grad.squeeze(1).unsqueeze(-1)], -1)
+
+
 def test_extractor_gets_the_aggregated_gradient_and_heads_their_ordinary_one() -> None:
     data, cfg, model, _guide, objective = _build()
     batch = _batch(data)
     torch.manual_seed(1)
     objective.backward(batch)
     got = {n: p.grad.clone() for n, p in model.extractor.named_parameters()}
-    got_heads = model.heads.grad.clone()
+    got_heads = _head_grads(model)
 
     h = model.features(batch.x)
     torch.manual_seed(1)  # the multiclass logit draws, in the same order
     g = _expected_g(model, h.detach(), batch.y, cfg["s_regression"], cfg["s_classification"])
-    expected = torch.autograd.grad(h, list(model.extractor.parameters()), g / batch.size)
+    scale = data.split_sizes("train")[0] / batch.size  # the LS loss's N / B
+    expected = torch.autograd.grad(h, list(model.extractor.parameters()), g * scale)
     for (name, value), want in zip(got.items(), expected):
         torch.testing.assert_close(value, want, msg=name)
 
-    # the heads: the gradient of the summed mean task losses at θ̂, features held fixed
+    # the heads: the gradient of the summed task losses at θ̂ (N / B times their batch sums), features held fixed
     heads = model.heads.detach().clone().requires_grad_()
     x, y = add_bias(h.detach()), batch.y
     logits = x @ heads[CLS, :3].T
-    loss = (
-        F.cross_entropy(logits, y[CLS].long())
-        + F.binary_cross_entropy_with_logits(x @ heads[BIN, 0], y[BIN])
-        + 0.5 * (x @ heads[REG, 0] - y[REG]).square().mean()
+    loss = scale * (
+        F.cross_entropy(logits, y[CLS].long(), reduction="sum")
+        + F.binary_cross_entropy_with_logits(x @ heads[BIN, 0], y[BIN], reduction="sum")
+        + 0.5 * (x @ heads[REG, 0] - y[REG]).square().sum()
     )
     torch.testing.assert_close(got_heads, torch.autograd.grad(loss, heads)[0])
 
