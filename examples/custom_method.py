@@ -11,11 +11,16 @@ Run it::
 
     python examples/custom_method.py --steps 200 --out runs/custom
 
-which fits it from Python, then from the command line next to ``stl``::
+which fits it from Python, then from the command line next to ``stl`` (with ``--steps`` as given,
+on the CPU; ``--steps 200`` is also the default)::
 
-    pyromtl fit bayes-heads --import examples/custom_method.py --data digits-domains --out runs/custom/bayes-heads
-    pyromtl fit stl --data digits-domains --out runs/custom/stl
+    pyromtl fit bayes-heads --import examples/custom_method.py --data digits-domains --steps 200 \\
+        --out runs/custom/bayes-heads
+    pyromtl fit stl --data digits-domains --steps 200 --out runs/custom/stl
     pyromtl compare runs/custom/bayes-heads runs/custom/stl --baseline runs/custom/stl
+
+Typed again after the script, each ``fit`` finds its run complete; without ``--steps 200`` it
+would ask for the default 100 steps, fewer than the run holds, and be refused.
 
 ``--import`` loads this file in the ``pyromtl`` process, so the method is registered there too
 (``evaluate`` and ``report`` of such a run take the same option).

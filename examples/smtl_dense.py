@@ -10,7 +10,7 @@ encoders (``TaskStack``) are those of ``pyromtl.models.smtl``. The losses are su
 (eq. 2): cross-entropy over labelled pixels, L1 over pixels with a depth reading, and
 ``1 − cos`` between normals. Everything is small enough for a CPU.
 
-    python examples/smtl_dense.py --make-fixtures /tmp/nyuv2-fake --data nyuv2 --steps 50
+    python examples/smtl_dense.py --make-fixtures nyuv2-fake --data nyuv2 --steps 50
     python examples/smtl_dense.py --root ~/data/nyuv2 --data nyuv2 --tasks segmentation,depth,normal --lite
     python examples/smtl_dense.py --root ~/data/cityscapes --data cityscapes --num-classes 19
 

@@ -15,11 +15,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyromtl import __version__
 from pyromtl.rundir import RunDir
 from pyromtl.tables import metrics_table
+
+if TYPE_CHECKING:
+    from pyromtl.method import Method
 
 # ---------------------------------------------------------------------------- list
 #: What ``pyromtl list`` lists, in order.
@@ -102,12 +105,24 @@ def _rows(entries: list[tuple[str, str]]) -> list[str]:
     return [f"  {n.ljust(width)}  {s}".rstrip() for n, s in entries] or ["  (none)"]
 
 
+def _method(name: str) -> Method:
+    """The method registered as ``name``; the error for an unknown one says how to register one's own."""
+    from pyromtl import methods
+
+    try:
+        return methods.get(name)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; for a method of your own, pass --import MODULE (the module or .py file that registers it)"
+        ) from None
+
+
 def show_text(name: str) -> str:
     """What ``pyromtl show METHOD`` prints: the method's resolved defaults, section by section."""
-    from pyromtl import config, methods
+    from pyromtl import config
     from pyromtl.options import TrainOptions
 
-    method = methods.get(name)
+    method = _method(name)
     cfg = config.resolve(method)
     train_keys = list(TrainOptions.defaults())
     own_defaults = method.options.defaults()
@@ -190,10 +205,10 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from pyromtl import config, methods
+    from pyromtl import config
     from pyromtl.fit import fit_resolved
 
-    method = methods.get(args.method)
+    method = _method(args.method)
     cfg = config.resolve(method, fit_options(args))  # fail on bad options before any work
     if args.out is not None and not args.out.strip():
         raise ValueError("--out must name a run directory, got an empty string")

@@ -347,7 +347,13 @@ def load(
 
 def _load(run: RunDir, data: MultiTaskData | None, device: str | None, backbone: BackboneObject | None) -> Fit:
     raw = run.read_config()
-    m = methods.get(raw.pop("method", ""))
+    name = raw.pop("method", "")
+    if name not in methods.available():
+        raise ValueError(
+            f"unknown method {name!r} in {run.path}: a run of your own method reopens once the module that "
+            "registers it is imported (on the command line, pass --import MODULE)"
+        )
+    m = methods.get(name)
     if data is None:
         from pyromtl import datasets
 
