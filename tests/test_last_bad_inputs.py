@@ -71,3 +71,9 @@ def test_an_empty_checkpoint_gives_its_reason(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"checkpoint\.pt cannot be read: the file is empty"):
         RunDir(tmp_path).read_checkpoint()
+
+
+def test_a_network_that_cannot_be_allocated_is_one_line() -> None:
+    """Two layers of 2**20 (the widest a config may ask for) need 4 TiB: refused before training."""
+    with pytest.raises(ValueError, match=r"the networks of bmtl do not fit in memory .*; ask for smaller sizes"):
+        pyromtl.fit("bmtl", "digits-mixed", steps=1, device="cpu", quiet=True, hidden=[2**20, 2**20])
