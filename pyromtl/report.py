@@ -152,9 +152,7 @@ def report(run_dir: str | Path) -> str:
     written ``report.md``, so a caller that prints it tells the user where it went.
     """
     run = RunDir(run_dir)
-    if not run.metrics_path.is_file():
-        run.read_metrics()  # says what is missing, before a folder is made for the lock
-    with run.writing():  # it writes plots and report.md: one writer at a time
+    with run.writing():  # it writes plots and report.md: one writer at a time (a folder it made goes if left empty)
         doc, cfg, history, context = _read_run(run)
         plot_run(run, doc=doc, history=history, context=context, only_missing=True)
         plots = sorted(run.plots_dir.glob("*.png"))

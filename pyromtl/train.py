@@ -30,6 +30,7 @@ from pyromtl.evaluation import predict_split, score_prediction
 from pyromtl.method import Method
 from pyromtl.objective import Objective, TrainContext
 from pyromtl.params import local_params
+from pyromtl.predict import evaluating
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
 from pyromtl.schedules import TrainState
@@ -147,13 +148,14 @@ def build_objective(spec: RunSpec, state: TrainState) -> Objective:
         ) from None
     objective = spec.method.objective(ctx.replace(model=model, guide=guide))
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
-    # the pass leaves no trace: the RNGs are forked and buffers (BatchNorm statistics) put back
-    buffers = [(b, b.detach().clone()) for b in objective.buffers()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
+    # the pass leaves no trace: the RNGs are forked, and in eval mode no buffer (BatchNorm's
+    # statistics) moves
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        pyro.validation_enabled(False),
+        evaluating(objective),
+    ):
         first = float(objective(data.train_batch(cfg["batch_size"], generator, device)).detach())
-    with torch.no_grad():
-        for b, saved in buffers:
-            b.copy_(saved)
     if not math.isfinite(first):
         raise TrainingError(
             f"loss is {first} before the first step of {cfg['method']} on {data.name}; check the "
