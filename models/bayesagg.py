@@ -323,14 +323,22 @@ class BayesAggObjective(Objective):
             cached = self._prior_cache = source, prior, group_priors(prior, model.groups, model.latent_dim)
         return cached[1], cached[2]
 
-    def aggregated_gradient(self, features: Tensor, y: Tensor) -> Tensor:
-        """``g [B, d]`` (eq. 7) from the heads' posteriors on a batch (``features = add_bias(h)``, ``y``).
+    def aggregated_gradient(self, features: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``g [B, d]`` (eq. 7) from the heads' posteriors on a batch (``features = add_bias(h)``,
+        ``y``); on several processes ``mask`` (``[T, B]``) marks the shard's padding, whose rows get zero.
 
         Updates the ``previous_batch`` prior."""
         model = self.model
         prior, priors = self._priors()
         keep = self.prior_kind == "previous_batch"
-        posteriors = batch_posterior(features, y, model.heads.detach(), priors, model.groups, with_precision=keep)
+        # on several processes, every one solves for the global batch's posterior from its real rows
+        rows, labels = features, y
+        if self.group is not None:
+            if mask is None:
+                raise ValueError("a shard's aggregated gradient needs its mask")
+            real = self.group.gather(mask[0])  # SIMO: the tasks share their rows
+            rows, labels = self.group.gather(features)[real], self.group.gather(y, 1)[:, real]
+        posteriors = batch_posterior(rows, labels, model.heads.detach(), priors, model.groups, with_precision=keep)
         if keep:
             model.store.previous_batch = assemble(
                 prior.mean.squeeze(-2), prior.precision, model.groups, posteriors, model.latent_dim
@@ -340,7 +348,8 @@ class BayesAggObjective(Objective):
         # asked), and mu overwritten, which moments() made for this step alone
         weights, total = aggregation_weights(var, s, overwrite_var=True)
         self._mean_weights = lambda: (weights / total.unsqueeze(1)).mean((0, 2))
-        return mu.mul_(weights).sum(1).div_(total)
+        g = mu.mul_(weights).sum(1).div_(total)
+        return g if mask is None else g.mul_(mask[0, :, None])
 
     def backward(self, batch: Batch) -> Tensor:
         """Set the gradients of one step (Algorithm 1) and return the LS loss of the batch.
@@ -360,10 +369,10 @@ class BayesAggObjective(Objective):
         with torch.no_grad():
             features = add_bias(z_fixed[0])  # once per step: the posterior and the moments
         loss = model.task_losses(z_fixed, batch).sum()  # the heads' ordinary gradients; h gets none from it
-        if not is_finite(loss):
+        if not is_finite(loss if self.group is None else self.group.mean(loss)):  # every process alike
             return loss.detach()
         with torch.no_grad():
-            g = self.aggregated_gradient(features, batch.y)
+            g = self.aggregated_gradient(features, batch.y, batch.mask)
         if not z.requires_grad:  # a frozen extractor (every parameter requires_grad=False): the heads alone learn
             loss.backward()
             return loss.detach()

@@ -270,7 +270,11 @@ class GateObjective(Objective):
         batch = ctx.data.train_batch(self.gate_batch_size, ctx.generator, ctx.device, split=GATE_SPLIT)
         logit = self.model.gate_logit
         # only the gates move here: the lower-level parameters' gradients are not even formed
-        (logit.grad,) = torch.autograd.grad(self.loss(batch), [logit])
+        if self.group is None:
+            (logit.grad,) = torch.autograd.grad(self.loss(batch), [logit])
+        else:  # the global gate batch's gradient: the mean of the shards'
+            (logit.grad,) = torch.autograd.grad(self.loss(self.group.shard(batch)), [logit])
+            self.group.mean_([logit.grad])
         self.gate_optim.step()
 
     def get_extra_state(self) -> dict[str, Any]:

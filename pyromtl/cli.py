@@ -195,7 +195,8 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = config.load_toml(args.config) if args.config else {}
     for assignment in args.set:
         config.apply_set(cfg, assignment)
-    flags = {k: getattr(args, k) for k in ("data", "root", "fraction", "seed", "device", "epochs", "steps", "quiet")}
+    keys = ("data", "root", "fraction", "seed", "device", "devices", "num_nodes", "epochs", "steps", "quiet")
+    flags = {k: getattr(args, k) for k in keys}
     if flags["epochs"] is not None and flags["steps"] is None:
         flags["steps"] = 0  # an explicit --epochs wins over a `steps` from the file or --set
     cfg.update({k: v for k, v in flags.items() if v is not None})
@@ -324,41 +325,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser and main
-def import_plugins(specs: Sequence[str]) -> None:
-    """Import the modules named by ``--import``: a module name or a ``.py`` file path.
-
-    This is how a run of a user's own method, prior kind or dataset is fitted, evaluated or
-    reported: the module registers it. Only modules given on the command line are imported;
-    nothing named inside a run directory ever is.
-    """
-    import importlib
-    import importlib.util
-
-    for spec in specs:
-        path = Path(spec)
-        if spec.endswith(".py") or len(path.parts) > 1:
-            if not path.is_file():
-                raise ValueError(f"--import: no such file {spec}")
-            name = f"pyromtl_plugin_{path.stem}"
-            loader = importlib.util.spec_from_file_location(name, path)
-            if loader is None or loader.loader is None:
-                raise ValueError(f"--import: cannot import {spec!r} (not a Python file)")
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[name] = module
-            try:
-                loader.loader.exec_module(module)
-            except Exception as err:  # the user's code: one line saying which file failed, and how
-                sys.modules.pop(name, None)
-                raise ValueError(f"--import {spec}: running it raised {type(err).__name__}: {err}") from None
-        else:
-            try:
-                importlib.import_module(spec)
-            except ModuleNotFoundError as err:
-                raise ValueError(f"--import: cannot import {spec!r} ({err})") from None
-            except Exception as err:  # the user's code: one line saying which module failed, and how
-                raise ValueError(f"--import {spec}: importing it raised {type(err).__name__}: {err}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -405,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--device", metavar="auto|cpu|cuda")
     sp.add_argument("--seed", type=int, metavar="N")
+    sp.add_argument("--devices", type=int, metavar="N", help="train on N processes per machine (Lightning DDP)")
+    sp.add_argument("--num-nodes", type=int, metavar="N", help="machines of a multi-machine run (Lightning DDP)")
     sp.add_argument("--epochs", type=int, metavar="N", help="train for N epochs (overrides a configured `steps`)")
     sp.add_argument("--steps", type=int, metavar="N", help="train for N optimiser steps")
     sp.add_argument("--out", metavar="DIR", help="run directory (default runs/<method>-<data>-s<seed>)")
@@ -444,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pyromtl.train import TrainingError, TrainingInterrupted
 
     try:
+        from pyromtl.plugins import import_plugins
+
         import_plugins(args.imports)
         return args.func(args)
     except (ValueError, OSError) as err:  # OSError: a path that is missing, unreadable or not writable

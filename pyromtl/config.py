@@ -47,7 +47,7 @@ def resolve(
     """
     defaults = {**TRAIN_DEFAULTS, **method.defaults}
     hints = {**TrainOptions.hints(), **method.options.hints()}
-    minima = method.options.minima()
+    minima = {**TrainOptions.minima(), **method.options.minima()}
     cfg: dict[str, Any] = dict(defaults)
     options = dict(options or {})
     if isinstance(data, (str, MultiTaskData)):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyromtl import backbones, methods
+from pyromtl import backbones, collective, methods
 from pyromtl import config as config_mod
 from pyromtl.backbones import BackboneObject
 from pyromtl.data.core import MultiTaskData
@@ -259,6 +259,9 @@ def fit_resolved(
     """
     if out is None:
         return _fit_spec(RunSpec.build(method, cfg, data, None, backbone))
+    if collective.world_size(cfg) > 1 and collective.node_rank() > 0:
+        # another machine of a multi-machine run: the one with NODE_RANK 0 holds the lock and writes
+        return _fit_spec(RunSpec.build(method, cfg, data, out, backbone))
     with RunDir(out).writing():
         return _fit_spec(RunSpec.build(method, cfg, data, out, backbone))
 

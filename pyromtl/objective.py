@@ -22,11 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pyromtl.data.core import Batch, MultiTaskData
+
+if TYPE_CHECKING:
+    from pyromtl.collective import Group
 
 
 def is_finite(loss: torch.Tensor) -> bool:
@@ -56,6 +59,10 @@ class Objective(torch.nn.Module):
     def __init__(self, loss: torch.nn.Module):
         super().__init__()
         self.loss = loss
+        #: The processes of a run on several devices (:mod:`pyromtl.distributed`), set by the
+        #: trainer; None on one. The batches an objective gets are then this process's shards,
+        #: and a step that is not linear in the examples all-reduces what it needs through it.
+        self.group: Group | None = None
 
     @property
     def model(self):

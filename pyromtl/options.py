@@ -78,6 +78,8 @@ class Options:
 class TrainOptions(Options):
     """Options every method understands: the run's data, the trainer's loop and its output."""
 
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"devices": (1, True), "num_nodes": (1, True)}
+
     data: str = "digits-domains"
     root: str = ""
     fraction: float = 0.0  # 0: the dataset's default (datasets.default_fraction); 1: the whole train split
@@ -100,6 +102,11 @@ class TrainOptions(Options):
     checkpoint_every: int = 200
     kl_weight: ScheduleValue = 1.0
     quiet: bool = False
+    #: Processes per machine (Lightning DDP, :mod:`pyromtl.distributed`); each takes an equal
+    #: shard of every global batch of ``batch_size`` rows per task. 1: one process, as always.
+    devices: int = 1
+    #: Machines of a multi-machine run (each runs the same command with Lightning's ``NODE_RANK``).
+    num_nodes: int = 1
 
 
 @dataclass

@@ -12,6 +12,7 @@ checkpoint the attempt left.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pyromtl import backbones
+from pyromtl import backbones, collective
 from pyromtl.backbones import BackboneObject
 from pyromtl.data.core import MultiTaskData
 from pyromtl.method import Method, MethodContext
@@ -31,7 +32,7 @@ from pyromtl.schedules import TrainState
 
 #: Config keys that may differ when a run directory's checkpoint is resumed: where and how
 #: long to train, not what is trained.
-RESUMABLE_KEYS = frozenset({"device", "quiet", "steps", "epochs", "checkpoint_every"})
+RESUMABLE_KEYS = frozenset({"device", "devices", "num_nodes", "quiet", "steps", "epochs", "checkpoint_every"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +110,9 @@ class RunSpec:
         resolved = backbones.resolve(cfg, dataset.info.input_shape, backbone)
         dataset = method.prepare(MethodContext(method, cfg, device=device, data=dataset))
         _check_splits(dataset)
+        world = collective.world_size(cfg)
+        if world > 1 and device.type == "cuda" and cfg["devices"] > torch.cuda.device_count():
+            raise ValueError(f"devices = {cfg['devices']} but torch sees {torch.cuda.device_count()} CUDA device(s)")
         n_steps = total_steps(cfg, dataset)
         run = RunDir(out) if out is not None else None
         checkpoint = _resumable_checkpoint(run, cfg, n_steps) if run is not None else None
@@ -123,6 +127,20 @@ class RunSpec:
             checkpoint=checkpoint,
             backbone=resolved,
         )
+
+    def __reduce__(self):
+        # A multi-process run sends the spec to its workers. The method goes by its registered
+        # name (it holds closures, which do not pickle; the worker imports what registered it),
+        # and the read-only config as a dict (a mappingproxy does not pickle).
+        from pyromtl import methods
+
+        if self.method.name not in methods.available() or methods.get(self.method.name) is not self.method:
+            raise ValueError(
+                f"method {self.method.name!r} is not the registered one of that name: register it "
+                "(pyromtl.methods.register) to train it on several processes"
+            )
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _unpickle, (fields | {"config": dict(self.config), "method": self.method.name},)
 
     @property
     def complete(self) -> bool:
@@ -145,6 +163,12 @@ class RunSpec:
         return MethodContext(
             self.method, self.config, device=self.device, state=state, data=self.data, backbone=self.backbone
         )
+
+
+def _unpickle(fields: dict[str, Any]) -> RunSpec:
+    from pyromtl import methods
+
+    return RunSpec(**(fields | {"config": MappingProxyType(fields["config"]), "method": methods.get(fields["method"])}))
 
 
 def _load_data(cfg: Mapping[str, Any], data: MultiTaskData | None) -> MultiTaskData:

@@ -26,6 +26,9 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyromtl import config, metrics
+from pyromtl.collective import Group, node_rank, world_size
+from pyromtl.distributed import launch
+from pyromtl.errors import TrainingError, TrainingInterrupted
 from pyromtl.evaluation import predict_split, score_prediction
 from pyromtl.method import Method
 from pyromtl.objective import Objective, TrainContext
@@ -34,14 +37,6 @@ from pyromtl.predict import evaluating
 from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
 from pyromtl.schedules import TrainState
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN or infinite)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says truthfully where a rerun resumes."""
 
 
 @dataclass
@@ -180,12 +175,24 @@ def build_training(spec: RunSpec, state: TrainState | None = None) -> tuple[Obje
 
 
 @local_params
-def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(
+    spec: RunSpec, *, callback: Callable[[int, float], None] | None = None, group: Group | None = None
+) -> TrainResult:
     """Fit ``spec.method`` on ``spec.data`` by SVI; resume from ``spec.checkpoint`` when it has one,
     and checkpoint into ``spec.run`` when it has one.
 
-    ``callback(step, loss)`` runs after every step (tests use it to interrupt a run).
+    ``callback(step, loss)`` runs after every step (tests use it to interrupt a run). A run on
+    several processes (``devices × num_nodes > 1``) is launched here (:mod:`pyromtl.distributed`);
+    each of its processes runs this loop with its ``group``, on its shard of every global batch,
+    and only rank 0 validates and keeps the selected state.
     """
+    if group is None and world_size(spec.config) > 1:
+        if callback is not None:
+            raise ValueError("a callback runs in the training process: train on one device (devices = 1)")
+        if not spec.trained:
+            return _from_workers(spec, launch(spec, train))
+        if node_rank() > 0:  # trained to its end: the machine with NODE_RANK 0 finishes the run alone
+            raise SystemExit(0)
     method, data, cfg, device, run = spec.method, spec.data, spec.config, spec.device, spec.run
     seed = int(cfg["seed"])
     pyro.set_rng_seed(seed)
@@ -193,23 +200,24 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
     n_steps = spec.total_steps
     state = TrainState(total_steps=n_steps)
     objective, optim = build_training(spec, state)
+    objective.group = group
     model, guide = objective.model, objective.guide
-    has_val = all(n > 0 for n in data.split_sizes("val"))
+    # validation (and so model selection) runs on rank 0 alone
+    has_val = all(n > 0 for n in data.split_sizes("val")) and (group is None or group.leader)
     per_epoch = spec.steps_per_epoch
     # states model selection may keep: from the full objective on, every state, or the last one
     first_kept = {"after_warmup": warmup_steps(method, cfg, n_steps), "all": 0, "last": n_steps}[cfg["select"]]
 
     start, history, seconds, loss_val = 0, [], 0.0, math.nan
     best: dict[str, Any] = {"score": -math.inf, "step": -1, "state": None}
-    if spec.checkpoint is not None and run is not None:
+    if spec.checkpoint is not None:  # every process of a multi-process run resumes, not only the writer
         saved = spec.checkpoint
         try:
             objective.load_state_dict(saved["objective"])
             optim.load_state_dict(saved["optim"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(
-                f"{run.checkpoint_path} does not fit this method and data: {' '.join(str(err).split())[:300]}"
-            ) from None
+            where = run.checkpoint_path if run is not None else "the checkpoint"
+            raise ValueError(f"{where} does not fit this method and data: {' '.join(str(err).split())[:300]}") from None
         _set_rng_state(saved["rng"], gen)
         start, seconds, best = saved["step"], saved["seconds"], saved["best"]
         history = list(saved["history"])  # appended to: the spec's checkpoint stays as it was read
@@ -255,7 +263,11 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
                     snapshot = _rng_state(gen)  # where an interrupted step resumes from
                 batch = data.train_batch(cfg["batch_size"], gen, device)
                 optim.zero_grad(set_to_none=True)
-                loss = float(objective.backward(batch))
+                if group is None:
+                    loss = float(objective.backward(batch))
+                else:  # the global batch's loss and gradients (the scaling rule of pyromtl.distributed)
+                    local = objective.backward(group.shard(batch))
+                    loss = float(group.mean_gradients(objective.trainable_parameters(), local))
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step} of {cfg['method']} on {data.name}; training stopped. "
@@ -312,3 +324,13 @@ def train(spec: RunSpec, *, callback: Callable[[int, float], None] | None = None
         history=history,
         selected=selected,
     )
+
+
+def _from_workers(spec: RunSpec, kept: dict[str, Any]) -> TrainResult:
+    """The result of a multi-process run from what its rank 0 kept: a fresh objective holding the kept state."""
+    state = TrainState(total_steps=spec.total_steps)
+    objective, _ = build_training(spec, state)
+    objective.load_state_dict(kept["state"])
+    objective.eval()
+    state.step = spec.total_steps
+    return TrainResult(objective=objective, state=state, **kept["fields"])

@@ -123,6 +123,8 @@ class ScalarizedObjective(TaskLossObjective):
 
     def backward(self, batch: Batch) -> torch.Tensor:
         losses, _ = self.task_losses(batch)
+        if self.group is not None:  # combine the global batch's losses (a combiner may be nonlinear)
+            losses = self.group.global_value(losses)
         total = losses.detach().sum()
         if is_finite(total):
             self.combine(losses).backward()
@@ -146,11 +148,15 @@ class JacobianDescentObjective(TaskLossObjective):
 
     def backward(self, batch: Batch) -> torch.Tensor:
         losses, features = self.task_losses(batch)
+        if self.group is not None:  # every process then decides alike whether the step is finite
+            losses = self.group.global_value(losses)
         total = losses.detach().sum()
         if is_finite(total):
             # The heads run as one batched op, so the task losses share their graph up to the
             # per-task split; torchjd frees it after the first task unless it is retained.
             mtl_backward(list(losses), features=features, shared_params=self.shared, retain_graph=True)
+            if self.group is not None:  # aggregate the global batch's Jacobian, the mean of the shards'
+                self.group.mean_(p.jac for p in self.shared)  # type: ignore[attr-defined]
             jac_to_grad(self.shared, self.combine)
         return total
 
