@@ -436,7 +436,9 @@ class BayesAggObjective(Objective):
         Returns the regression heads' streamed ``HᵀH`` and ``Hᵀy`` of ``H = add_bias(h)``, and with
         ``keep`` the features ``h [N, d]`` and labels ``y [T, N]`` of every example (for the
         Laplace posteriors, which need them all at once). SIMO: every task has the same rows, so
-        a row is data where every task's mask holds (the rest is padding)."""
+        a row is data where every task's mask holds (the rest is padding). On several processes
+        each runs the extractor on its shard of every chunk, and the features are all-gathered in
+        the rows' order, so every process solves the same posteriors."""
         model = self.model
         group = model.regression_group
         stats = GaussianStats()
@@ -444,9 +446,14 @@ class BayesAggObjective(Objective):
         ys: list[Tensor] = []
         with torch.no_grad(), evaluating(model):
             for batch in data.eval_batches("train", model.weight.device):
-                rows = batch.mask.all(0)
-                h = model.features(batch.x)[rows]
-                y = batch.y[:, rows]
+                if self.group is None:
+                    rows, y = batch.mask.all(0), batch.y
+                    h = model.features(batch.x)
+                else:  # each process runs the extractor on its shard of the rows; all then have every row
+                    shard = self.group.shard(batch)
+                    h = self.group.gather(model.features(shard.x))
+                    rows, y = self.group.gather(shard.mask.all(0)), self.group.gather(shard.y, 1)
+                h, y = h[rows], y[:, rows]
                 if group is not None:
                     stats.update(add_bias(h), group.labels(y))
                 if keep:

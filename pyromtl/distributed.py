@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyromtl.collective import Group, world_size
-from pyromtl.errors import TrainingError
+from pyromtl.errors import TrainingError, TrainingInterrupted
 
 if TYPE_CHECKING:
     from pyromtl.runspec import RunSpec
@@ -114,6 +114,8 @@ def launch(spec: RunSpec, train: Callable[..., Any]) -> dict[str, Any]:
         work = partial(_worker, train=train, payload=pickle.dumps(spec), plugins=list(IMPORTED), out=str(out))
         try:
             fabric.launch(work)
+        except KeyboardInterrupt:  # Ctrl-C reaches every process; rank 0 saves what it can (see train)
+            raise TrainingInterrupted(f"interrupted; {_resume_hint(spec)}") from None
         except ProcessExitedException as err:
             how = signal.Signals(-err.exit_code).name if err.exit_code < 0 else f"exit code {err.exit_code}"
             raise TrainingError(

@@ -140,7 +140,8 @@ class RunSpec:
                 "(pyromtl.methods.register) to train it on several processes"
             )
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return _unpickle, (fields | {"config": dict(self.config), "method": self.method.name},)
+        data = dataclasses.replace(self.data, _cache={})  # device copies are made again where needed
+        return _unpickle, (fields | {"config": dict(self.config), "method": self.method.name, "data": data},)
 
     @property
     def complete(self) -> bool:
