@@ -324,6 +324,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pyromtl import bench, config
+
+    options: dict[str, Any] = {}
+    for assignment in args.set:
+        config.apply_set(options, assignment)
+    result = bench.bench(
+        args.methods.split(",") if args.methods else None,
+        args.data.split(",") if args.data else None,
+        seeds=args.seeds,
+        out=args.out,
+        jobs=args.jobs,
+        grid=bench.parse_grid(args.set_grid),
+        options=options,
+        quiet=args.quiet,
+    )
+    print(
+        f"{len(result.cells)} cells ({len(result.trained)} trained now, the rest already done) in "
+        f"{result.seconds:.1f} s; leaderboard: {result.out / 'leaderboard.md'}"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser and main
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -394,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", parents=[common], help="write plots and report.md into a run directory")
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="train methods × datasets × seeds into run directories and write the leaderboard",
+    )
+    sp.add_argument("--methods", metavar="M1,M2", help="methods (default: every registered one that accepts the data)")
+    sp.add_argument("--data", metavar="D1,D2", help="datasets (default: the embedded ones)")
+    sp.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 (default 3)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of every cell")
+    sp.add_argument(
+        "--set-grid", action="append", default=[], metavar="KEY=V1,V2", help="try each value (methods with KEY)"
+    )
+    sp.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained at once, in N processes")
+    sp.add_argument("--out", default="bench", metavar="DIR", help="where the cells and the leaderboard go")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_bench)
     return p
 
 
