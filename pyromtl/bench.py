@@ -39,6 +39,8 @@ from pyromtl.rundir import RunDir
 
 #: The baseline every cell is compared with.
 BASELINE = "stl"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid: a method on a dataset with a seed and option values."""

@@ -46,14 +46,15 @@ DETERMINISTIC = {
     **{m: "digits-mixed" for m in ("nash-mtl", "aligned-mtl", "upgrad")},
 }
 #: bayesagg in pre-training (LS steps) and aggregating (the batch posterior of the global batch).
-#: Aggregating is deterministic for binary and regression heads (quadrature, closed form); a
-#: multiclass head's moments draw per-example logits, as a variational method's draws are.
+#: Aggregating is deterministic given the seed: binary heads by quadrature, regression in
+#: closed form, and a multiclass head's logit points are one scrambled Sobol set for every row.
 #: Batches of 360 of 1,078 training rows: an epoch is 3 steps, so the full-data prior (one pass
 #: over every training row at an epoch's end, sharded over the processes) is built twice.
 BAYESAGG = {
     "bayesagg-pretrain": ("digits-mixed", {"pretrain_steps": 100}),
     "bayesagg-binary": ("digits-binary", {"pretrain_steps": 2, "batch_size": 360}),
     "bayesagg-regression": ("digits-regression", {"pretrain_steps": 2, "batch_size": 360}),
+    "bayesagg-mixed": ("digits-mixed", {"pretrain_steps": 2, "batch_size": 360}),
 }
 #: The variational methods: step 0's loss and gradients with the same draws.
 VARIATIONAL = {
