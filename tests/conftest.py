@@ -29,6 +29,26 @@ def scaled(seconds: float) -> float:
 TINY = {"latent_dim": 8, "hidden": [16], "eval_every": 10, "eval_samples": 4, "quiet": True}
 
 
+def side_by_side(argvs, timeout: float, **popen) -> list:
+    """Run every command of ``argvs`` at once and wait for all (killed on a timeout or error)."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) for argv in argvs
+    ]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
+    return done
+
+
 def blobs_mimo(num_tasks: int = 3, n: int = 60, dim: int = 6, classes: int = 3, seed: int = 0) -> MultiTaskData:
     """MIMO classification: class means shared by every task, per-task shift of the inputs."""
     rng = np.random.default_rng(seed)

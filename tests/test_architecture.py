@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -145,34 +146,75 @@ def test_a_new_method_touches_its_two_files_and_the_registry_table() -> None:
         assert len(re.findall(rf"\b{plugin}\b", table)) == 2, plugin
 
 
-def _fresh(code: str) -> str:
-    """stdout of ``code`` in a new interpreter, which has imported nothing of pyromtl before."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120), cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+#: Code that the fresh-process tests below run, each in a new interpreter.
+FRESH = {
+    "priors": "import json, pyromtl.priors as p; print(json.dumps(p.available()))",
+    "parse_spec": "from pyromtl.priors import parse_spec; print(parse_spec({'kind': 'full_data'}).kind)",
+    "list priors": "from pyromtl.cli import main; main(['list', 'priors'])",
+    "methods": "import json, pyromtl.methods as m; print(json.dumps(m.available()))",
+    "list methods": "from pyromtl.cli import main; main(['list', 'methods'])",
+    "list datasets": "from pyromtl.cli import main; main(['list', 'datasets'])",
+    "list networks": "from pyromtl.cli import main; main(['list', 'networks'])",
+}
 
 
-def test_every_prior_kind_is_listed_in_a_fresh_process() -> None:
+def _started(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _output(proc: subprocess.Popen, seconds: float) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of a started process; killed if it runs past ``seconds``."""
+    try:
+        out, err = proc.communicate(timeout=scaled(seconds))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def fresh() -> Iterator[Callable[[str], str]]:
+    """``fresh(name)``: stdout of ``FRESH[name]`` in a new interpreter, which has imported nothing
+    of pyromtl before. Every one starts, each in its own process, when the first test asks for
+    one, so the interpreters start side by side instead of one after another."""
+    procs = {name: _started([sys.executable, "-c", code]) for name, code in FRESH.items()}
+    outputs: dict[str, tuple[int, str, str]] = {}
+
+    def stdout(name: str) -> str:
+        if name not in outputs:
+            outputs[name] = _output(procs.pop(name), 120)
+        code, out, err = outputs[name]
+        assert code == 0, err
+        return out
+
+    yield stdout
+    for proc in procs.values():  # the ones no test waited for
+        proc.kill()
+        proc.communicate()
+
+
+def test_every_prior_kind_is_listed_in_a_fresh_process(fresh: Callable[[str], str]) -> None:
     every = {kind.name for kind in priors.BUILTIN_KINDS}
     assert {"full_data", "isotropic", "previous_batch", "relaxed_bernoulli", "task_mixture"} <= every
-    listed = json.loads(_fresh("import json, pyromtl.priors as p; print(json.dumps(p.available()))"))
+    listed = json.loads(fresh("priors"))
     assert set(listed) == every
-    parsed = _fresh("from pyromtl.priors import parse_spec; print(parse_spec({'kind': 'full_data'}).kind)")
+    parsed = fresh("parse_spec")
     assert parsed.strip() == "full_data"
-    cli = _fresh("from pyromtl.cli import main; main(['list', 'priors'])")
+    cli = fresh("list priors")
     assert {line.split()[0] for line in cli.splitlines()[1:] if line.strip()} == every
 
 
-def test_every_method_is_listed_in_a_fresh_process() -> None:
-    listed = json.loads(_fresh("import json, pyromtl.methods as m; print(json.dumps(m.available()))"))
+def test_every_method_is_listed_in_a_fresh_process(fresh: Callable[[str], str]) -> None:
+    listed = json.loads(fresh("methods"))
     assert listed == methods.available() and len(listed) >= 26
-    cli = _fresh("from pyromtl.cli import main; main(['list', 'methods'])")
+    cli = fresh("list methods")
     assert [line.split()[0] for line in cli.splitlines()[1:] if line.strip()] == listed
 
 
 @pytest.mark.parametrize("section", ["datasets", "networks"])
-def test_other_listings_in_a_fresh_process(section: str) -> None:
-    cli = _fresh(f"from pyromtl.cli import main; main(['list', {section!r}])")
+def test_other_listings_in_a_fresh_process(section: str, fresh: Callable[[str], str]) -> None:
+    cli = fresh(f"list {section}")
     lines = cli.splitlines()
     assert lines[0] == f"{section}:"
     if section == "datasets":
@@ -185,19 +227,19 @@ def test_other_listings_in_a_fresh_process(section: str) -> None:
 
 @pytest.mark.slow
 def test_pytest_and_python_m_pytest_collect_the_same_tests() -> None:
-    """``pythonpath`` in pyproject and one conftest import style: neither entry point misses a file."""
+    """``pythonpath`` in pyproject and one conftest import style: neither entry point misses a file.
+    The two collections run side by side."""
     pytest_bin = Path(sys.executable).parent / "pytest"
-
-    def collected(command: list[str]) -> set[str]:
-        done = subprocess.run(
-            [*command, "--collect-only", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"],
-            capture_output=True,
-            text=True,
-            timeout=scaled(300),
-            cwd=ROOT,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return {line for line in done.stdout.splitlines() if "::" in line}
-
-    plain, module = collected([str(pytest_bin)]), collected([sys.executable, "-m", "pytest"])
+    options = ["--collect-only", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    procs = [_started([*command, *options]) for command in ([str(pytest_bin)], [sys.executable, "-m", "pytest"])]
+    try:
+        done = [_output(proc, 300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
+    for code, out, err in done:
+        assert code == 0, out[-2000:] + err[-2000:]
+    plain, module = ({line for line in out.splitlines() if "::" in line} for _, out, _ in done)
     assert plain == module and len(plain) > 800

@@ -14,7 +14,7 @@ import torch
 
 from pyromtl import cli, config, datasets, methods, priors
 from pyromtl.train import TrainingError
-from tests.conftest import scaled
+from tests.conftest import scaled, side_by_side
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[str]]:
@@ -240,12 +240,18 @@ def test_compare_rejects_broken_metrics(tmp_path: Path, capsys: pytest.CaptureFi
 
 # ---------------------------------------------------------------------------- end to end
 SCRIPT = Path(sys.executable).parent / "pyromtl"  # the console script installed with this interpreter
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}  # the two fits run side by side
+#: Two commands run side by side (the two fits; evaluate and compare): one intra-op thread each.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def pyromtl_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the installed console script and wait for it."""
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=scaled(300), env=ENV)
+
+
+def pyromtl_side_by_side(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run the installed console script once per argument list, all at once, and wait for them."""
+    return side_by_side([[str(SCRIPT), *args] for args in commands], scaled(300), cwd=cwd, env=ENV)
 
 
 @pytest.mark.slow
@@ -267,21 +273,10 @@ def test_end_to_end(tmp_path: Path) -> None:
         "--quiet",
     ]
     run, base = tmp_path / "vbmtl-run", tmp_path / "stl-run"
-    fits = [
-        subprocess.Popen(
-            [str(SCRIPT), "fit", m, *common, "--out", str(d)],
-            cwd=tmp_path,
-            env=ENV,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for m, d in (("vbmtl", run), ("stl", base))
-    ]
-    for proc in fits:
-        out, err = proc.communicate(timeout=scaled(300))
-        assert proc.returncode == 0, err
-        assert "average" in out and "run dir:" in out and "wall time" in out
+    fits = [["fit", m, *common, "--out", str(d)] for m, d in (("vbmtl", run), ("stl", base))]
+    for res in pyromtl_side_by_side(*fits, cwd=tmp_path):
+        assert res.returncode == 0, res.stderr
+        assert "average" in res.stdout and "run dir:" in res.stdout and "wall time" in res.stdout
 
     # The run directory contract.
     raw = config.load_toml(run / "config.toml")
@@ -296,14 +291,17 @@ def test_end_to_end(tmp_path: Path) -> None:
         assert (run / name).stat().st_size > 0
     assert list((run / "plots").glob("*.png"))
 
-    # evaluate prints a table and writes nothing.
+    # evaluate prints a table and writes nothing; compare, another reader, runs beside it (and
+    # writes nothing either, or the check fails)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    res = pyromtl_cmd("evaluate", str(run), cwd=tmp_path)
+    res, compared = pyromtl_side_by_side(
+        ["evaluate", str(run)], ["compare", str(run), str(base), "--baseline", str(base)], cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr
     assert all(task in res.stdout for task in doc["tasks"]) and "average" in res.stdout
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
-    res = pyromtl_cmd("compare", str(run), str(base), "--baseline", str(base), cwd=tmp_path)
+    res = compared
     assert res.returncode == 0, res.stderr
     for row in ("Δm%", "Δ_I%", "η̂"):
         assert row in res.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from pyromtl.data.core import MultiTaskData
 from pyromtl.nn import TaskStack
 from pyromtl.params import local_params
 from pyromtl.train import build_training
-from tests.conftest import interrupted_then_resumed, scaled
+from tests.conftest import interrupted_then_resumed, scaled, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 6, 6)
@@ -269,21 +269,15 @@ def test_the_resnet_example_runs(tmp_path: Path) -> None:
 
     torch.save(resnet18(weights=None).state_dict(), weights)
     example = str(ROOT / "examples" / "own_backbone.py")
-    run = subprocess.run(
-        [sys.executable, example, "--steps", "2", "--quick", "--weights", str(weights)],
-        capture_output=True,
-        text=True,
-        timeout=scaled(600),
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert [line.split()[0] for line in run.stdout.splitlines()] == ["vmtl", "bayesagg", "hib", "lsmtl"]
+    script = [sys.executable, example, "--steps", "2", "--quick", "--weights", str(weights)]
     command = [sys.executable, "-m", "pyromtl.cli", "fit", "vmtl", "--data", "digits-domains", "--import", example]
     command += ["--set", "backbone=resnet18", "--set", "steps=1", "--set", "eval_samples=1", "--set", "quiet=true"]
-    run = subprocess.run(
-        [*command, "--device", "cpu", "--out", str(tmp_path / "cli")],
-        capture_output=True,
-        text=True,
-        timeout=scaled(600),
-    )
+    command += ["--device", "cpu", "--out", str(tmp_path / "cli")]
+    # the two are independent: they run side by side, one intra-op thread each
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = side_by_side([script, command], scaled(600), env=env)
+    run, cli_run = runs
     assert run.returncode == 0, run.stderr[-2000:]
+    assert [line.split()[0] for line in run.stdout.splitlines()] == ["vmtl", "bayesagg", "hib", "lsmtl"]
+    assert cli_run.returncode == 0, cli_run.stderr[-2000:]
     assert 'backbone = "resnet18"' in (tmp_path / "cli" / "config.toml").read_text()

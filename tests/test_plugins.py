@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyro
@@ -240,16 +242,59 @@ def test_import_option_names_a_missing_module_in_one_line(capsys) -> None:
     assert "no such file nope/missing.py" in capsys.readouterr().err
 
 
+def _finished(proc: subprocess.Popen, seconds: float) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=scaled(seconds))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+CUSTOM_METHOD = ROOT / "examples" / "custom_method.py"
+#: What a fit saved to disk has imported: run in a new interpreter, writing into ``out``.
+NO_JAX = (
+    "import sys, pyromtl; pyromtl.fit('vmtl', 'synthetic-clusters', steps=2, quiet=True, device='cpu', "
+    "latent_dim=4, hidden=[8], mc_z=1, mc_w=1, out={out!r}); print('jax._src' in sys.modules)"
+)
+#: The slow subprocess of each of two tests below: test name -> its command, given its folder.
+SLOW_PROCESSES: dict[str, Callable[[Path], list[str]]] = {
+    "test_custom_method_example_fits_from_python_and_the_cli": (
+        lambda out: [sys.executable, str(CUSTOM_METHOD), "--steps", "5", "--out", str(out)]
+    ),
+    "test_a_fit_saved_to_disk_imports_no_jax": (lambda out: [sys.executable, "-c", NO_JAX.format(out=str(out))]),
+}
+
+
+@pytest.fixture(scope="module")
+def started(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """``{test name: (process, its folder)}``: the slow subprocesses of the selected tests of
+    :data:`SLOW_PROCESSES`, all started (one intra-op thread each) when the first of those tests
+    runs, so that they run side by side; each test waits for its own."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, command in SLOW_PROCESSES.items():
+        if name in selected:
+            out = tmp_path_factory.mktemp("slow")
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+            procs[name] = (subprocess.Popen(command(out), cwd=ROOT, env=env, **pipes), out)
+    yield procs
+    for proc, _ in procs.values():  # one no test waited for, or that timed out
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _waited(
+    started: dict[str, tuple[subprocess.Popen, Path]], name: str, seconds: float
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """The finished process of test ``name`` and its folder."""
+    proc, out = started[name]
+    return _finished(proc, seconds), out
+
+
 @pytest.mark.slow
-def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> None:
-    script = ROOT / "examples" / "custom_method.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--steps", "5", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=scaled(600),
-    )
+def test_custom_method_example_fits_from_python_and_the_cli(started) -> None:
+    done, tmp_path = _waited(started, "test_custom_method_example_fits_from_python_and_the_cli", 600)
     assert done.returncode == 0, done.stderr
     assert "from Python: bayes-heads on digits-domains, test accuracy" in done.stdout
     compare = done.stdout[done.stdout.index("$ pyromtl compare") :]
@@ -257,22 +302,29 @@ def test_custom_method_example_fits_from_python_and_the_cli(tmp_path: Path) -> N
     assert [c.strip() for c in header.split("|")[1:-1]] == ["task", "metric", "bayes-heads", "stl"]
     assert "Δm% ↓" in compare and "η̂ ↑" in compare
     assert RunDir(tmp_path / "bayes-heads").read_metrics()["method"] == "bayes-heads"
-    # evaluating the custom run needs the module that declares it, given on the command line
+    # evaluating the custom run needs the module that declares it, given on the command line (two
+    # readers of the run, side by side)
     evaluate = [sys.executable, "-m", "pyromtl.cli", "evaluate", str(tmp_path / "bayes-heads")]
-    refused = subprocess.run(evaluate, capture_output=True, text=True, timeout=scaled(300))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in (evaluate, [*evaluate, "--import", str(CUSTOM_METHOD)])
+    ]
+    try:
+        refused, ok = (_finished(proc, 300) for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
     assert refused.returncode == 2 and "unknown method 'bayes-heads'" in refused.stderr
-    ok = subprocess.run([*evaluate, "--import", str(script)], capture_output=True, text=True, timeout=scaled(300))
     assert ok.returncode == 0 and "bayes-heads on digits-domains" in ok.stdout
 
 
 @pytest.mark.slow
-def test_a_fit_saved_to_disk_imports_no_jax(tmp_path: Path) -> None:
+def test_a_fit_saved_to_disk_imports_no_jax(started) -> None:
     """ArviZ leaves a lazy `jax` module that matplotlib would probe and import (about a second)."""
-    code = (
-        "import sys, pyromtl; pyromtl.fit('vmtl', 'synthetic-clusters', steps=2, quiet=True, device='cpu', "
-        f"latent_dim=4, hidden=[8], mc_z=1, mc_w=1, out={str(tmp_path)!r}); print('jax._src' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300), cwd=ROOT)
+    done, tmp_path = _waited(started, "test_a_fit_saved_to_disk_imports_no_jax", 300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} >= {"training.png", "relatedness_alpha.png"}

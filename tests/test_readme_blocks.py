@@ -11,14 +11,28 @@ asks for, is refused. This test does what that user does:
   steps, GPU-only and real-data commands), Python blocks whole (illustrative fragments). Every
   skipped piece matches exactly one rule and every rule matches something, so the list cannot
   silently grow or go stale.
-* **Where.** A fresh temporary directory ``work/``: shell lines through ``bash -e`` with this
-  venv's ``bin`` first on ``PATH`` (``pyromtl`` is its CLI, ``python`` its interpreter), a copy
-  of ``examples/`` where the README's relative paths look for it, and ``.venv`` linked to this
-  venv (what the set-up block creates, so the rest of that block, ``.venv/bin/pyromtl fit
-  vmtl ...``, runs too and leaves its run directory for later commands to collide with). The
-  Python blocks run in one interpreter and one namespace, as pasted into one session; that
-  interpreter (a subprocess, :func:`_drive`) runs the shell lines too, so everything keeps
-  the README's order.
+* **Where.** A fresh temporary directory ``work/``, with a copy of ``examples/`` where the
+  README's relative paths look for it, and ``.venv`` linked to this venv (what the set-up block
+  creates, so the rest of that block, ``.venv/bin/pyromtl fit vmtl ...``, runs too and leaves
+  its run directory for later commands to collide with). The Python blocks run in one
+  interpreter and one namespace, as pasted into one session; that interpreter (a subprocess,
+  :func:`_drive`) runs the shell lines too, so everything keeps the README's order.
+* **How a shell line runs.** Every command is a process of its own, started from nothing that an
+  earlier command or Python block left behind. A line of plain words and quotes (no expansion,
+  redirection, pipe, glob or other shell syntax, :data:`SHELL_SYNTAX`) whose commands run this
+  venv's ``pyromtl`` CLI, or a script with its ``python``, runs each command in a process forked
+  from a server process (:func:`_fork_server`) that has imported ``pyromtl.cli``, the state the
+  ``pyromtl`` console script has when it calls ``main``, and third-party libraries that fit
+  commands import anyway (:data:`PRELOAD`), so no command pays the seconds of importing torch
+  and Pyro afresh. Its arguments are the line split as bash splits it (:func:`shlex.split`), its
+  exit code is ``sys.exit(main(argv))``'s, or the script's (run as ``__main__`` by :mod:`runpy`,
+  its folder first on ``sys.path``), and an exception ends it with a traceback and exit code 1,
+  as in a fresh interpreter; it ends as an interpreter does, less the teardown of every module
+  (:func:`_job_process`). Every other line runs through ``bash -e -o pipefail`` with this venv's
+  ``bin`` first on ``PATH`` (``pyromtl`` is its CLI, ``python`` its interpreter), and so does
+  the README's first ``pyromtl`` command (the set-up block's), so the console script itself
+  starts a new interpreter at least once here (the custom-method script also starts its own
+  ``python -m pyromtl.cli`` commands).
 * **Shorter training, same meaning.** A step count that a command states is kept: ``--steps``,
   ``--epochs``, ``--set steps=``, a ``--config`` file that sets one, ``steps=`` in Python, a
   script's ``--steps``. A ``pyromtl fit`` command that states none gets ``--set steps=N``
@@ -36,9 +50,10 @@ asks for, is refused. This test does what that user does:
 
 The library has no knob for any of this: the commands run as written, plus the appended
 ``--set steps=N``, with one intra-op thread per process (``OMP_NUM_THREADS=1``, as the other
-tests run). On a quiet 2-core machine the test takes about two minutes (the README unshortened
-about three and a half), most of it in the runs whose length the README states
-(``--set steps=500`` of the Table 2 ablation, the custom-method script's 200 steps).
+tests run). On a quiet 2-core machine the test takes about one minute (the README unshortened,
+every command in a new interpreter, about three and a half), most of it in the runs whose
+length the README states (``--set steps=500`` of the Table 2 ablation, the custom-method
+script's 200 steps).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +83,15 @@ VENV = Path(sys.executable).parent.parent
 SHORT = 5
 #: Whole-run and per-command time limits on an idle 2-core machine, in seconds.
 TOTAL_SECONDS, COMMAND_SECONDS = 900, 300
+#: Shell syntax beyond plain words and quotes (expansions, redirections, pipes, lists, globs,
+#: subshells, escapes): a command line holding any of it runs through bash.
+SHELL_SYNTAX = re.compile(r"[$`|;&<>*?\[\]{}()~!\\]")
+#: What the server process imports before it forks the commands' processes: what the ``pyromtl``
+#: console script imports before it calls ``main``, then third-party libraries that a ``pyromtl
+#: fit`` process imports anyway (optimiser, metrics, posterior.nc, plots), never a pyromtl module.
+#: Not ArviZ: a fit plots before it imports ArviZ, whose lazy ``jax`` module matplotlib would
+#: otherwise probe and import.
+PRELOAD = ["pyromtl.cli", "torch._dynamo", "sklearn.metrics", "h5netcdf", "matplotlib.pyplot"]
 
 
 @dataclass(frozen=True)
@@ -170,10 +195,36 @@ def _stated_counts(part_or_code: str) -> list[int]:
     return [int(n) for n in re.findall(r"(?:--steps[ =]|\bsteps\s*=\s*)(\d+)", part_or_code)]
 
 
-def _resolve_fit_commands(argvs_file: str) -> None:
-    """Print (JSON) each ``pyromtl fit`` command's length in steps and whether it states it,
-    resolved by the CLI itself on a dry run: run in a subprocess, so that ``--import`` registers
-    nothing in the test process."""
+def _shorten(units: list[dict], resolved: list[dict], short: int) -> tuple[list[int], dict[int, int], list[str]]:
+    """Append ``--set steps=N`` to every ``pyromtl fit`` part of ``units`` that states no length
+    (``resolved``: each fit part's ``{"explicit", "steps"}``, in order); return the stated counts,
+    ``{N: default length}`` and a line per changed command."""
+    # counts stated by commands that write run directories are kept, and fix the shortening
+    stated = {r["steps"] for r in resolved if r["explicit"]}
+    for unit in units:
+        for part in [p["text"] for p in unit["parts"]] if unit["kind"] == "bash" else [unit["text"]]:
+            writes_runs = "--out" in part if unit["kind"] == "bash" else "pyromtl.fit(" in part
+            if fit_argv(part) is None and writes_runs:
+                stated.update(_stated_counts(part))
+    stated_list = sorted(stated)
+    fits = [(u, p) for u in units if u["kind"] == "bash" for p in u["parts"] if fit_argv(p["text"]) is not None]
+    assert len(fits) == len(resolved), (len(fits), len(resolved))
+    lengths: dict[int, int] = {}
+    changed = []
+    for (unit, part), r in zip(fits, resolved):
+        if r["explicit"]:
+            continue
+        steps = shortened(r["steps"], stated_list, short)
+        assert lengths.setdefault(steps, r["steps"]) == r["steps"], f"{r['steps']} and {lengths[steps]} steps merge"
+        part["text"] = shlex.join([*shlex.split(part["text"], comments=True), "--set", f"steps={steps}"])
+        changed.append(f"README.md:{unit['line']}: {r['steps']} steps by default, {steps} here: {part['text']}")
+    return stated_list, lengths, changed
+
+
+def _resolve_fit_commands(argvs_file: str, results_file: str) -> int:
+    """Write (JSON) each ``pyromtl fit`` command's length in steps and whether it states it,
+    resolved by the CLI itself on a dry run: run in a process of its own, so that ``--import``
+    registers nothing in the driver."""
     import json
     import sys
 
@@ -199,16 +250,146 @@ def _resolve_fit_commands(argvs_file: str) -> None:
             results.append({"explicit": explicit, "steps": done.args[0]})
         else:
             raise SystemExit(f"pyromtl {' '.join(argv)} exited {code} on a dry run")
-    print(json.dumps(results))
+    with open(results_file, "w") as f:
+        json.dump(results, f)
+    return 0
 
 
-def _drive(plan_file: str) -> None:
+def _fork_server(preload: list[str]):
+    """Import ``preload``, then fork a server process that forks a process for each job it is
+    sent (one JSON line) and answers (one JSON line) with the job's exit code, or null when the
+    job ran past its ``timeout`` and was killed. Returns ``(server pid, requests, replies)`` in
+    the calling process and the job (a dict) in a job's process, which is to run it
+    (:func:`_run_job`) and exit. The server runs nothing itself, so every job starts from the
+    state just after these imports."""
+    import importlib
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    for name in preload:
+        importlib.import_module(name)
+    if os.path.isdir("/proc/self/task"):  # a fork copies only the calling thread
+        assert os.listdir("/proc/self/task") == [str(os.getpid())], "forking a process that runs threads"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    driver = os.getpid()
+    server = os.fork()
+    if server:
+        os.close(requests_r)
+        os.close(replies_w)
+        return server, os.fdopen(requests_w, "w"), os.fdopen(replies_r)
+    os.close(requests_w)
+    os.close(replies_r)
+    with os.fdopen(requests_r) as requests, os.fdopen(replies_w, "w") as replies:
+        for line in requests:
+            job = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, 0)  # its own process group, so a timeout also ends what it started
+                return job
+            try:
+                os.setpgid(pid, pid)
+            except OSError:  # the job set it first, or has already exited
+                pass
+            deadline = time.monotonic() + job["timeout"]
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    code = os.waitstatus_to_exitcode(status)
+                    break
+                if time.monotonic() > deadline or os.getppid() != driver:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    os.waitpid(pid, 0)
+                    code = None
+                    break
+                time.sleep(0.02)
+            replies.write(json.dumps(code) + "\n")
+            replies.flush()
+    os._exit(0)
+
+
+def _run_job(job: dict) -> int:
+    """Run a job of :func:`_fork_server` in its process, stdout and stderr into ``job["output"]``:
+    a ``pyromtl`` command line, a ``python`` script's, or the dry run of the fit commands."""
+    import os
+    import runpy
+    import sys
+
+    fd = os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    argv = job["argv"]
+    if job["kind"] == "resolve":
+        return _resolve_fit_commands(*argv)
+    if job["kind"] == "pyromtl":  # what the console script does: sys.exit(main())
+        from pyromtl.cli import main
+
+        sys.argv = [job["program"], *argv[1:]]
+        return main(argv[1:])
+    assert job["kind"] == "python", job
+    sys.argv = argv[1:]
+    script = os.path.abspath(argv[1])
+    sys.path[0] = os.path.dirname(script)
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def _job_process(job: dict) -> None:
+    """Run ``job`` (:func:`_run_job`) and end this process as the interpreter ends one, less the
+    seconds of tearing down every module: an uncaught exception's traceback and exit code 1, a
+    ``SystemExit``'s code, then the ``atexit`` functions, a garbage collection (finalizers of
+    what is unreachable), flushed output."""
+    import atexit
+    import gc
+    import os
+    import sys
+    import traceback
+
+    try:
+        code = _run_job(job)
+    except SystemExit as exit_:
+        code = exit_.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def _launch(server, job: dict) -> int | None:
+    """Run ``job`` in a process of the fork server's: its exit code, None if it timed out."""
+    import json
+
+    _, requests, replies = server
+    requests.write(json.dumps(job) + "\n")
+    requests.flush()
+    return json.loads(replies.readline())
+
+
+def _drive(plan_file: str, server) -> None:
     """Run the plan's units in order, in this one process (the reader's session): shell lines
-    through bash, Python blocks in one namespace with ``pyromtl.fit`` shortened. Writes a
-    report after each unit and stops at the first failure."""
+    through the fork server or bash, Python blocks in one namespace with ``pyromtl.fit``
+    shortened. Writes a report after each unit and stops at the first failure."""
     import contextlib
     import io
     import json
+    import os
+    import shlex
     import subprocess
     import sys
     import time
@@ -219,7 +400,29 @@ def _drive(plan_file: str) -> None:
 
     with open(plan_file) as f:
         spec = json.load(f)
-    lengths = {int(n): d for n, d in spec["lengths"].items()}  # shortened -> full length, so far
+    harness, timeout = os.path.dirname(plan_file), spec["timeout"]
+
+    def output_of(path: str, code: int | None) -> str:
+        with open(path) as f:
+            text = f.read()
+        return text + (f"\n(exit code {code})" if code is not None else f"\n(timed out after {timeout:.0f} s)")
+
+    # every `pyromtl fit` command's length, resolved by the CLI on a dry run
+    argvs = [fit_argv(p["text"]) for u in spec["units"] if u["kind"] == "bash" for p in u["parts"]]
+    argvs_file, results_file = os.path.join(harness, "argvs.json"), os.path.join(harness, "resolved.json")
+    with open(argvs_file, "w") as f:
+        json.dump([argv for argv in argvs if argv is not None], f)
+    out = os.path.join(harness, "resolve.txt")
+    code = _launch(server, {"kind": "resolve", "argv": [argvs_file, results_file], "output": out, "timeout": timeout})
+    if code != 0:
+        sys.exit(f"resolving the fit commands failed:\n{output_of(out, code)}")
+    with open(results_file) as f:
+        resolved = json.load(f)
+    stated, lengths, changed = _shorten(spec["units"], resolved, spec["short"])
+    for unit in spec["units"]:
+        if unit["kind"] == "bash":
+            unit["text"] = " && ".join(p["text"] for p in unit["parts"])
+
     fit_module = sys.modules["pyromtl.fit"]
     real_fit, real_resolved = pyromtl.fit, fit_module.fit_resolved
 
@@ -240,7 +443,7 @@ def _drive(plan_file: str) -> None:
             total = done.args[0]
         finally:
             fit_module.fit_resolved = real_resolved
-        steps = shortened(total, spec["stated"], spec["short"])
+        steps = shortened(total, stated, spec["short"])
         if lengths.setdefault(steps, total) != total:
             raise AssertionError(f"lengths {total} and {lengths[steps]} would both train {steps} steps here")
         log.append(f"pyromtl.fit({method!r}, ...): {total} steps by default, {steps} here")
@@ -248,21 +451,32 @@ def _drive(plan_file: str) -> None:
 
     pyromtl.fit = fit
     namespace = {"__name__": "__main__"}
-    report = []
-    for unit in spec["units"]:
+    report: dict = {"changed": changed, "units": []}
+    for n, unit in enumerate(spec["units"]):
         log: list[str] = []
         t0 = time.perf_counter()
-        if unit["kind"] == "bash":
+        if unit["kind"] == "bash" and unit["via"] == "bash":
             try:
                 done = subprocess.run(
                     ["bash", "-e", "-o", "pipefail", "-c", unit["text"]],
                     capture_output=True,
                     text=True,
-                    timeout=spec["timeout"],
+                    timeout=timeout,
                 )
                 ok, output = done.returncode == 0, done.stdout + done.stderr + f"\n(exit code {done.returncode})"
             except subprocess.TimeoutExpired as err:
-                ok, output = False, f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {spec['timeout']:.0f} s)"
+                ok, output = False, f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {timeout:.0f} s)"
+        elif unit["kind"] == "bash":  # one forked process per command, as bash -e runs `a && b`
+            ok, output = True, ""
+            for k, part in enumerate(unit["parts"]):
+                out = os.path.join(harness, f"unit{n}-{k}.txt")
+                argv = shlex.split(part["text"], comments=True)
+                job = {"kind": part["run"], "argv": argv, "program": part["program"], "output": out, "timeout": timeout}
+                code = _launch(server, job)
+                output += output_of(out, code)
+                if code != 0:
+                    ok = False
+                    break
         else:
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
@@ -273,7 +487,9 @@ def _drive(plan_file: str) -> None:
                     ok = False
                     traceback.print_exc()
             output = buffer.getvalue()
-        report.append({**unit, "ok": ok, "seconds": round(time.perf_counter() - t0, 1), "log": log, "output": output})
+        report["units"].append(
+            {**unit, "ok": ok, "seconds": round(time.perf_counter() - t0, 1), "log": log, "output": output}
+        )
         with open(spec["report"], "w") as f:
             json.dump(report, f)
         if not ok:
@@ -281,8 +497,48 @@ def _drive(plan_file: str) -> None:
 
 
 def _script(*functions, call: str) -> str:
-    """A script of these module-level functions, which then runs ``call`` (``sys.argv`` at hand)."""
-    return "import sys\n\n\n" + "\n\n".join(inspect.getsource(f) for f in functions) + f"\n\n{call}\n"
+    """A script of these module-level functions, which then runs ``call``: in the driver, with the
+    fork server (``server``) started first; in a job's process, the job instead."""
+    header = "import re\nimport shlex\nimport sys\nfrom pathlib import Path\n\n\n"
+    main = (
+        'if __name__ == "__main__":\n'
+        f"    server = _fork_server({PRELOAD!r})\n"
+        "    if isinstance(server, dict):  # a job's process\n"
+        "        _job_process(server)\n"
+        f"    {call}\n"
+    )
+    return header + "\n\n".join(inspect.getsource(f) for f in functions) + "\n\n" + main
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``: the driver, its fork server and bash, and the
+    commands' processes (each in a process group of its own)."""
+    os.killpg(sid, signal.SIGKILL)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])  # after the name: state ppid pgrp session
+            if session == sid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            pass
+
+
+def launcher(part: str, work: Path, path: str) -> tuple[str, str]:
+    """How the shell command ``part`` runs in ``work`` with ``PATH`` ``path``, and the program it
+    names: ``"pyromtl"`` (this venv's CLI) or ``"python"`` (a script of this venv's interpreter)
+    in a process of the fork server, or ``"bash"`` for anything else."""
+    argv = shlex.split(part, comments=True)
+    if SHELL_SYNTAX.search(re.split(r"(?:^|\s)#", part, maxsplit=1)[0]) or not argv:
+        return "bash", ""
+    program = str(work / argv[0]) if "/" in argv[0] else shutil.which(argv[0], path=path)
+    if program is None or not os.access(program, os.X_OK):
+        return "bash", ""
+    in_venv = os.path.realpath(Path(program).parent) == os.path.realpath(VENV / "bin")
+    if in_venv and Path(program).name == "pyromtl":
+        return "pyromtl", program
+    if in_venv and Path(program).name == "python" and len(argv) >= 2 and argv[1].endswith(".py"):
+        return "python", program
+    return "bash", ""
 
 
 def test_every_block_is_run_or_skipped_for_one_stated_reason() -> None:
@@ -348,59 +604,52 @@ def test_readme_blocks_run_in_order_in_a_fresh_directory(tmp_path: Path) -> None
     }
     env.pop("PYTHONPATH", None)
 
-    # every `pyromtl fit` command's length, resolved by the CLI on a dry run
-    fits = [(u, i, argv) for u in units for i, p in enumerate(u.parts) if (argv := fit_argv(p)) is not None]
-    (harness / "argvs.json").write_text(json.dumps([argv for _, _, argv in fits]))
-    resolver = harness / "resolve.py"
-    resolver.write_text(_script(_resolve_fit_commands, call="_resolve_fit_commands(sys.argv[1])"))
-
-    def run(script: Path, plan: Path, seconds: float) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(script), str(plan)]
-        return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=scaled(seconds))
-
-    done = run(resolver, harness / "argvs.json", 300)
-    assert done.returncode == 0, f"resolving the fit commands failed:\n{done.stdout}\n{done.stderr}"
-    resolved = json.loads(done.stdout.strip().splitlines()[-1])
-
-    # counts stated by commands that write run directories are kept, and fix the shortening
-    stated = {r["steps"] for r in resolved if r["explicit"]}
-    for unit in units:
-        for part in unit.parts if unit.kind == "bash" else [unit.code]:
-            writes_runs = "--out" in part if unit.kind == "bash" else "pyromtl.fit(" in part
-            if fit_argv(part) is None and writes_runs:
-                stated.update(_stated_counts(part))
-    stated_list = sorted(stated)
-    lengths: dict[int, int] = {}
-    changed = []
-    for (unit, i, _), r in zip(fits, resolved):
-        if r["explicit"]:
+    # each shell line through bash or the fork server; the first `pyromtl` command through bash
+    spec_units, through_bash = [], False
+    for u in units:
+        if u.kind == "python":
+            spec_units.append({"kind": "python", "line": u.line, "text": u.code})
             continue
-        steps = shortened(r["steps"], stated_list, SHORT)
-        assert lengths.setdefault(steps, r["steps"]) == r["steps"], f"{r['steps']} and {lengths[steps]} steps merge"
-        unit.parts[i] = shlex.join([*shlex.split(unit.parts[i], comments=True), "--set", f"steps={steps}"])
-        changed.append(f"README.md:{unit.line}: {r['steps']} steps by default, {steps} here: {unit.parts[i]}")
+        runs = [launcher(part, work, env["PATH"]) for part in u.parts]
+        via = "bash" if any(run == "bash" for run, _ in runs) else "fork"
+        if via == "fork" and not through_bash and any(run == "pyromtl" for run, _ in runs):
+            via, through_bash = "bash", True
+        parts = [{"text": part, "run": run, "program": program} for part, (run, program) in zip(u.parts, runs)]
+        spec_units.append({"kind": "bash", "line": u.line, "text": u.text, "via": via, "parts": parts})
+    assert through_bash, "no `pyromtl` command of this venv's CLI runs through bash"
 
     spec = {
-        "units": [{"kind": u.kind, "line": u.line, "text": u.text} for u in units],
-        "stated": stated_list,
+        "units": spec_units,
         "short": SHORT,
-        "lengths": lengths,
         "timeout": scaled(COMMAND_SECONDS),
         "report": str(harness / "report.json"),
     }
     (harness / "plan.json").write_text(json.dumps(spec))
     driver = harness / "drive.py"
-    driver.write_text(_script(shortened, _drive, call="_drive(sys.argv[1])"))
+    functions = (fit_argv, shortened, _stated_counts, _shorten, _resolve_fit_commands, _fork_server, _run_job)
+    driver.write_text(_script(*functions, _job_process, _launch, _drive, call="_drive(sys.argv[1], server)"))
     t0 = time.perf_counter()
-    try:
-        done = run(driver, harness / "plan.json", TOTAL_SECONDS)
-        failure = "" if done.returncode == 0 else f"the driver exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    except subprocess.TimeoutExpired:
-        failure = f"timed out after {scaled(TOTAL_SECONDS):.0f} s"
+    # a session of its own, so that a timeout ends the driver and every process it started
+    command = [sys.executable, str(driver), str(harness / "plan.json")]
+    with subprocess.Popen(
+        command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=scaled(TOTAL_SECONDS))
+            failure = "" if proc.returncode == 0 else f"the driver exited {proc.returncode}:\n{stdout}\n{stderr}"
+        except subprocess.TimeoutExpired:
+            _kill_session(proc.pid)
+            proc.communicate()
+            failure = f"timed out after {scaled(TOTAL_SECONDS):.0f} s"
     wall = time.perf_counter() - t0
-    report = json.loads((harness / "report.json").read_text()) if (harness / "report.json").exists() else []
+    found = json.loads((harness / "report.json").read_text()) if (harness / "report.json").exists() else {}
+    report, changed = found.get("units", []), found.get("changed", [])
 
-    lines = [f"{r['seconds']:6.1f} s  {'ok ' if r['ok'] else 'FAILED'} README.md:{r['line']}: " for r in report]
+    how = {"bash": "bash", "fork": "fork", None: "py  "}
+    lines = [
+        f"{r['seconds']:6.1f} s  {'ok ' if r['ok'] else 'FAILED'} {how[r.get('via')]} README.md:{r['line']}: "
+        for r in report
+    ]
     lines = [ln + r["text"].splitlines()[0] + (" ..." if "\n" in r["text"] else "") for ln, r in zip(lines, report)]
     lines += [entry for r in report for entry in r["log"]] + changed
     lines += [f"skipped README.md:{line}: {piece.splitlines()[0]!r}: {rule.reason}" for line, piece, rule in skipped]

@@ -242,27 +242,34 @@ def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(tmp_path: P
         "checkpoint_every=20",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(
-        [*command, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=scaled(600)
+    # the uninterrupted run `a` trains side by side with `b` (killed, then resumed): one core each
+    straight = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "a")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert straight.returncode == 0, straight.stderr
-    proc = subprocess.Popen(
-        [*command, "--out", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    ckpt = tmp_path / "b" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and RunDir(tmp_path / "b").read_checkpoint()["step"] >= 100:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "b" / "metrics.json").exists()
-    resumed = subprocess.run(
-        [*command, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=scaled(600)
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    try:
+        proc = subprocess.Popen(
+            [*command, "--out", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        ckpt = tmp_path / "b" / "checkpoint.pt"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and RunDir(tmp_path / "b").read_checkpoint()["step"] >= 100:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "b" / "metrics.json").exists()
+        resumed = subprocess.run(
+            [*command, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=scaled(600)
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        _, err = straight.communicate(timeout=scaled(600))
+        assert straight.returncode == 0, err
+    finally:
+        if straight.returncode is None:
+            straight.kill()
+            straight.communicate()
     a, b = (RunDir(tmp_path / d).read_metrics() for d in ("a", "b"))
     for doc in (a, b):
         doc["train"].pop("seconds")
