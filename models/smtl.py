@@ -16,9 +16,10 @@ method         output of task t                                            gate
 The lite gates are ``RelaxedBernoulliStraightThrough(τ, probs=α_t)`` draws while gradients are
 computed (a training step): hard in the forward pass, the relaxed sample's gradient in the
 backward pass (eq. 4), with ``τ`` a schedule (``temperature``). A prediction (no gradient) uses
-the paper's test-time gate ``1[α_t ≥ 0.5]``, which :func:`export_pruned` turns into a network
-holding only the chosen encoders and decoders (Fig. 1, right). The gate is recorded as the
-deterministic site ``gate``.
+the paper's test-time gate ``1[α_t > 0.5]`` (§4, the discussion of Table 5: public when α_t "is
+larger than 0.5", otherwise private, so a gate at exactly 0.5, where every gate starts, is
+private), which :func:`export_pruned` turns into a network holding only the chosen encoders and
+decoders (Fig. 1, right). The gate is recorded as the deterministic site ``gate``.
 
 By default everything is a point estimate (the prior of ``gate`` is ``deterministic``), so the
 ELBO is the log-likelihood of eq. 2, summed over tasks where eq. 2 averages them (a constant
@@ -93,10 +94,12 @@ def relaxed_gate(logits: torch.Tensor, tau: torch.Tensor, lite: bool) -> dist.Re
 
 def straight_through_gate(logit: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """A lite gate ``[T]``: a straight-through draw (eq. 3–4) while gradients are computed,
-    the test-time gate ``1[α_t ≥ 0.5]`` otherwise."""
+    the test-time gate ``1[α_t > 0.5]`` otherwise (§4, Table 5's discussion: α_t = 0.5 is private)."""
     if torch.is_grad_enabled():
         return relaxed_gate(logit, tau, lite=True).rsample()
-    return (logit >= 0).to(logit.dtype)
+    # decided on α_t as reported (relatedness, ArviZ), not on the logit: a logit just above 0 whose
+    # α_t rounds to 0.5 stays private, as its reported α_t says
+    return (torch.sigmoid(logit) > 0.5).to(logit.dtype)
 
 
 def mix_encoders(gate: torch.Tensor, public: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ class SMTLModel(MultiTaskModel):
 
     def gate(self) -> torch.Tensor:
         """The point-estimate gate ``[T]`` of this pass: ``α_t``; lite: a straight-through draw
-        (eq. 3–4) while training, ``1[α_t ≥ 0.5]`` when predicting."""
+        (eq. 3–4) while training, ``1[α_t > 0.5]`` when predicting (§4)."""
         return straight_through_gate(self.gate_logit, self.tau()) if self.lite else self.alpha()
 
     def gate_draws(self, n: int) -> torch.Tensor:
@@ -229,7 +232,7 @@ class PrunedSMTL(nn.Module):
 
 
 def prune(model: SMTLModel) -> PrunedSMTL:
-    """The pruned network of a lite model at its test-time gates ``1[α_t ≥ 0.5]``."""
+    """The pruned network of a lite model at its test-time gates ``1[α_t > 0.5]`` (§4, Fig. 1 right)."""
     if not model.lite:
         raise ValueError(
             "soft SMTL gates mix both encoders of every task, so nothing can be pruned; "

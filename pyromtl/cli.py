@@ -302,10 +302,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 f"pyromtl: warning: the runs differ in {key} ({found}); they are not a like-for-like comparison",
                 file=sys.stderr,
             )
+    # several metrics per task (SMTL's m_t > 1); checked before the table says anything
+    chosen = None if args.metrics is None else metrics.check_metric_names(args.metrics.split(","))
+    table = metrics.compare_table(runs, baseline, chosen)
     print(f"dataset: {datasets.pop()}")
-    print(metrics.compare_table(runs, baseline))
+    print(table)
     if baseline is not None:
-        print(COMPARE_LEGEND)
+        print(COMPARE_LEGEND if chosen is None else COMPARE_LEGEND_METRICS.format(", ".join(chosen)))
     return 0
 
 
@@ -314,6 +317,13 @@ COMPARE_LEGEND = """\
 Δm%  mean relative change against the baseline, signed so that lower is better (BayesAgg-MTL's Δm)
 Δ_I% mean relative improvement over the baseline, averaged per task first; higher is better (SMTL)
 η̂    percentage of tasks on which the run is no worse than the baseline; 100 means no negative sharing (SMTL)"""
+
+#: The same under ``--metrics`` (SMTL §4's Δ_I and η̂ with m_t metrics for task t).
+COMPARE_LEGEND_METRICS = """\
+metrics: {} (each task uses those of its kind; lower-is-better ones count with the sign flipped)
+Δm%  mean relative change over every (task, metric) pair, signed so that lower is better (BayesAgg-MTL's Δm)
+Δ_I% relative improvement averaged over a task's metrics, then over tasks; higher is better (SMTL)
+η̂    share of a task's metrics on which the run is no worse, averaged over tasks, in percent (SMTL)"""
 
 
 # ---------------------------------------------------------------------------- report
@@ -412,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     sp.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against (e.g. an STL run)")
+    sp.add_argument(
+        "--metrics",
+        metavar="M1,M2,...",
+        help="score each task on these metrics (those of its kind, e.g. accuracy,nll,nmse) instead of its "
+        "primary one; Δ_I and η̂ average over a task's metrics first (SMTL)",
+    )
     sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("report", parents=[common], help="write plots and report.md into a run directory")

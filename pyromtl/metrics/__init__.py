@@ -18,7 +18,8 @@ Python floats, so results drop straight into ``metrics.json``:
   (the single higher-is-better number used for model selection on *validation* data);
 * **relative performance against a baseline** (usually single-task learning, STL) —
   :func:`delta_m` (BayesAgg-MTL's Δm%), :func:`delta_i` (SMTL's Δ_I) and :func:`eta_hat`
-  (SMTL's η̂), rendered together by :func:`compare_table`.
+  (SMTL's η̂), rendered together by :func:`compare_table`; :func:`metrics_per_task` picks a task's
+  metrics from a list (SMTL's ``m_t > 1``).
 
 A *task-results* mapping, as in the ``tasks`` entry of ``metrics.json``, is
 ``{task_name: {metric_key: value}}``.
@@ -27,7 +28,15 @@ Every function validates its input and raises :class:`ValueError` naming the pro
 (shape mismatch, empty input, NaN/inf, labels out of range, mismatched tasks, ...).
 """
 
-from pyromtl.metrics.comparison import compare_table, delta_i, delta_m, eta_hat
+from pyromtl.metrics.comparison import (
+    METRIC_GROUPS,
+    check_metric_names,
+    compare_table,
+    delta_i,
+    delta_m,
+    eta_hat,
+    metrics_per_task,
+)
 from pyromtl.metrics.dense import dense_task_metrics, depth_errors, miou, normal_angle, pixel_accuracy
 from pyromtl.metrics.keys import (
     CLASSIFICATION_METRICS,
@@ -56,6 +65,7 @@ __all__ = [
     "CLASSIFICATION_METRICS",
     "DENSE_METRICS",
     "HIGHER_IS_BETTER",
+    "METRIC_GROUPS",
     "REGRESSION_METRICS",
     "TASK_TYPES",
     "TaskResults",
@@ -63,6 +73,7 @@ __all__ = [
     "auc",
     "average",
     "brier",
+    "check_metric_names",
     "compare_table",
     "delta_i",
     "delta_m",
@@ -71,6 +82,7 @@ __all__ = [
     "ece",
     "eta_hat",
     "mae",
+    "metrics_per_task",
     "miou",
     "mse",
     "nll",

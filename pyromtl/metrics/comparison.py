@@ -1,6 +1,7 @@
 """Comparison against a baseline (usually single-task learning): :func:`delta_m` (BayesAgg-MTL's
 Δm%), :func:`delta_i` (SMTL's Δ_I) and :func:`eta_hat` (SMTL's η̂), rendered together with the
-runs' primary metrics by :func:`compare_table`."""
+runs' primary metrics, or the metrics :func:`metrics_per_task` picks from a list (SMTL's
+``m_t > 1`` metrics per task), by :func:`compare_table`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pyromtl.metrics.keys import HIGHER_IS_BETTER, TaskResults
+from pyromtl.metrics.keys import (
+    CLASSIFICATION_METRICS,
+    DENSE_METRICS,
+    HIGHER_IS_BETTER,
+    REGRESSION_METRICS,
+    TaskResults,
+)
 from pyromtl.metrics.prediction import primary_metric
 from pyromtl.tables import fmt, render
 
@@ -121,57 +128,132 @@ def eta_hat(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
     return float(100.0 * np.mean(per_task))
 
 
+# ----------------------------------------------------------------------------- metrics per task
+#: Metrics reported together: a listed metric applies to a task that reports any metric of its group.
+METRIC_GROUPS: tuple[tuple[str, ...], ...] = (CLASSIFICATION_METRICS, REGRESSION_METRICS, *DENSE_METRICS.values())
+
+
+def check_metric_names(metrics: Sequence[str]) -> list[str]:
+    """``metrics`` as a list, refused (``ValueError``) if empty, with a name twice or an unknown name."""
+    names = [m.strip() for m in metrics]
+    if not names or any(not m for m in names):
+        raise ValueError(f"metrics: expected metric names separated by commas, got {','.join(metrics)!r}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"metrics: {', '.join(map(repr, twice))} listed more than once")
+    unknown = [m for m in names if m not in HIGHER_IS_BETTER]
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(HIGHER_IS_BETTER))}"
+        )
+    return names
+
+
+def metrics_per_task(reference: TaskResults, metrics: Sequence[str]) -> dict[str, list[str]]:
+    """The metrics of ``metrics`` that each task of ``reference`` (usually the baseline) is scored
+    on: the ``j = 1..m_t`` of Δ_I and η̂ (Safe MTL §4, "Evaluation").
+
+    A metric applies to a task that reports any metric of its group (:data:`METRIC_GROUPS`:
+    classification and binary, regression, each dense task), so ``accuracy,nll,nmse`` scores
+    classification tasks on two metrics and regression tasks on one. Raises ``ValueError`` for
+    an unknown name, a metric that applies to the task but is missing from its results, a task
+    to which none applies, and a metric that applies to no task.
+    """
+    names = check_metric_names(metrics)
+    out: dict[str, list[str]] = {}
+    for task, results in reference.items():
+        groups = [g for g in METRIC_GROUPS if any(k in results for k in g)]
+        keys = [m for m in names if any(m in g for g in groups)]
+        missing = [m for m in keys if m not in results]
+        if missing:
+            raise ValueError(
+                f"task {task!r} has no {', '.join(map(repr, missing))} metric "
+                f"(it reports {', '.join(results) or 'nothing'})"
+            )
+        if not keys:
+            raise ValueError(
+                f"task {task!r}: none of the metrics {', '.join(names)} applies to it; add one of {', '.join(results)}"
+            )
+        out[task] = keys
+    unused = [m for m in names if not any(m in keys for keys in out.values())]
+    if unused:
+        raise ValueError(f"metric(s) {', '.join(map(repr, unused))} apply to no task ({', '.join(reference)})")
+    return out
+
+
+def _only(results: TaskResults, per_task: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
+    """``results`` cut down to the metrics ``per_task`` names (a task's other keys are left out)."""
+    return {t: {k: m[k] for k in per_task.get(t, ()) if k in m} for t, m in results.items()}
+
+
 # ----------------------------------------------------------------------------- table
 _ARROW = {True: "↑", False: "↓"}
 
 
-def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) -> str:
-    """A markdown table comparing runs task by task on each task's primary metric.
+def compare_table(
+    runs: Mapping[str, TaskResults], baseline: str | None = None, metrics: Sequence[str] | None = None
+) -> str:
+    """A markdown table comparing runs task by task, on each task's primary metric or on ``metrics``.
 
     ``runs`` maps a run name to its task results (``metrics.json``'s ``tasks``). Rows are the
-    tasks (in first-seen order) and one ``average`` row per primary metric present; columns
-    are the runs. A task's primary metric is ``accuracy`` if reported, else ``nmse``. A run
-    that lacks a task shows ``–``. With ``baseline`` (one of the run names), three rows
-    follow: ``Δm% ↓`` (:func:`delta_m`), ``Δ_I% ↑`` (:func:`delta_i`) and ``η̂ ↑``
-    (:func:`eta_hat`), each computed on the primary metrics; the baseline's own column shows
-    ``—`` and a run whose tasks differ from the baseline's shows ``n/a``.
+    tasks (in first-seen order) and one ``average`` row per metric present; columns are the
+    runs. A run that lacks a task shows ``–``. With ``baseline`` (one of the run names), three
+    rows follow: ``Δm% ↓`` (:func:`delta_m`), ``Δ_I% ↑`` (:func:`delta_i`) and ``η̂ ↑``
+    (:func:`eta_hat`); the baseline's own column shows ``—`` and a run whose tasks differ
+    from the baseline's shows ``n/a``.
+
+    By default every task is scored on its primary metric (``accuracy`` if reported, else
+    ``nmse``), one metric per task. With ``metrics``, a task is scored on each listed metric that
+    applies to it (:func:`metrics_per_task`, on the baseline's results, or on the first run
+    holding the task when there is no baseline): one row per task and metric, Δ_I and η̂
+    averaged over a task's ``m_t`` metrics first (Safe MTL §4), Δm over every (task, metric)
+    pair. Then a metric that applies to a task but is missing from a compared run's results
+    is a ``ValueError`` naming the run, not ``n/a``.
     """
     if not runs:
         raise ValueError("no runs to compare")
     if baseline is not None and baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs: {', '.join(map(repr, runs))}")
     names = list(runs)
-    tasks: list[str] = []
-    primary: dict[str, str | None] = {}
     for run in names:
         if not isinstance(runs[run], Mapping):
             raise ValueError(f"run {run!r}: expected a dict of task results, got {type(runs[run]).__name__}")
-        for task, metrics in runs[run].items():
-            if task not in primary:
+    tasks: list[str] = []
+    first: dict[str, Mapping[str, float]] = {}  # each task's results in the first run that holds it
+    primary: dict[str, str | None] = {}  # the first primary metric any run reports for the task
+    for run in names:
+        for task, results in runs[run].items():
+            if task not in first:
                 tasks.append(task)
-                primary[task] = None
-            if primary[task] is None:
-                primary[task] = primary_metric(metrics)
+                first[task] = results
+            if primary.get(task) is None:
+                primary[task] = primary_metric(results)
     if not tasks:
         raise ValueError("no tasks in any run")
+    if metrics is None:
+        order = ["accuracy", "nmse"]
+        keys = {t: [k] if (k := primary[t]) else [] for t in tasks}
+    else:
+        order = check_metric_names(metrics)
+        base = runs[baseline] if baseline is not None else {}
+        keys = metrics_per_task({t: base.get(t, first[t]) for t in tasks}, order)
 
     rows: list[list[str]] = []
     for task in tasks:
-        key = primary[task]
-        label = f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}" if key else "—"
-        cells = []
-        for run in names:
-            results = runs[run].get(task)
-            cells.append("–" if results is None or key is None or key not in results else fmt(results[key], "n/a"))
-        rows.append([task, label, *cells])
+        shown: list[str | None] = [*keys[task]] or [None]  # a task without a primary metric: one empty row
+        for key in shown:
+            label = f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}" if key else "—"
+            cells = []
+            for run in names:
+                held = runs[run].get(task)
+                cells.append("–" if held is None or key is None or key not in held else fmt(held[key], "n/a"))
+            rows.append([task, label, *cells])
 
-    used = [k for k in ("accuracy", "nmse") if any(primary[t] == k for t in tasks)]
+    used = [k for k in order if any(k in keys[t] for t in tasks)]
     for key in used:
         cells = []
         for run in names:
-            vals = [
-                float(runs[run][t][key]) for t in tasks if primary[t] == key and t in runs[run] and key in runs[run][t]
-            ]
+            vals = [float(runs[run][t][key]) for t in tasks if key in keys[t] and key in runs[run].get(t, {})]
             vals = [v for v in vals if not math.isnan(v)]
             cells.append(fmt(np.mean(vals), "n/a") if vals else "–")
         rows.append(["average", f"{key} {_ARROW[HIGHER_IS_BETTER[key]]}", *cells])
@@ -187,11 +269,18 @@ def compare_table(runs: Mapping[str, TaskResults], baseline: str | None = None) 
             for run in names:
                 if run == baseline:
                     cells.append("—")
-                    continue
-                try:
-                    cells.append(pattern.format(fn(runs[run], base)))
-                except ValueError:
+                elif metrics is None:
+                    try:
+                        cells.append(pattern.format(fn(runs[run], base)))
+                    except ValueError:
+                        cells.append("n/a")
+                elif set(runs[run]) != set(base):  # other tasks: no like-for-like score, as by default
                     cells.append("n/a")
+                else:
+                    try:
+                        cells.append(pattern.format(fn(_only(runs[run], keys), _only(base, keys), order)))
+                    except ValueError as err:  # named metrics the run lacks: say so, not n/a
+                        raise ValueError(f"run {run!r}: {err}") from None
             rows.append([label, f"vs {baseline}", *cells])
 
     return render(["task", "metric", *names], rows, left=2)
