@@ -5,7 +5,7 @@ conv encoder ``f_t`` (Safe MTL, eq. 1): ``z_t = α_t f_S(x) + (1 − α_t) f_t(x
 ``α_t = sigmoid(logit_t)``, then decodes ``z_t`` with its own head: per-pixel class logits
 (segmentation), depth, or unit normals. ``--lite`` draws the gates from
 ``RelaxedBernoulliStraightThrough`` while training (eq. 3–4, hard in the forward pass) and uses
-``1[α_t ≥ 0.5]`` when evaluating. The gate functions and the vmapped stack of private
+``1[α_t > 0.5]`` when evaluating. The gate functions and the vmapped stack of private
 encoders (``TaskStack``) are those of ``pyromtl.models.smtl``. The losses are summed over tasks
 (eq. 2): cross-entropy over labelled pixels, L1 over pixels with a depth reading, and
 ``1 − cos`` between normals. Everything is small enough for a CPU.
@@ -68,7 +68,7 @@ class DenseSMTL(nn.Module):
         return torch.sigmoid(self.gate_logit)
 
     def gate(self) -> torch.Tensor:
-        """Soft: ``α_t``; lite: a straight-through draw when training, ``1[α_t ≥ 0.5]`` under no_grad."""
+        """Soft: ``α_t``; lite: a straight-through draw when training, ``1[α_t > 0.5]`` under no_grad."""
         return straight_through_gate(self.gate_logit, self.tau) if self.lite else self.alpha()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

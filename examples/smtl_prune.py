@@ -27,7 +27,7 @@ def main() -> None:
     pruned = fit.export_pruned()
     alpha = fit.relatedness()["gates"].diagonal()
     for name, a in zip(fit.data.task_names, alpha):
-        print(f"{name:12s} α = {a:.3f} -> {'public' if a >= 0.5 else 'private'} encoder")
+        print(f"{name:12s} α = {a:.3f} -> {'public' if a > 0.5 else 'private'} encoder")
     count = lambda m: sum(q.numel() for q in m.parameters())  # noqa: E731
     print(f"parameters: gated {count(fit.model):,}, pruned {count(pruned):,}")
     batch = next(fit.data.eval_batches("test", "cpu"))
