@@ -33,6 +33,7 @@ import torch
 import pyromtl
 from pyromtl import config, methods
 from pyromtl.collective import Group
+from pyromtl.distributed import make_fabric
 from pyromtl.params import local_params
 from pyromtl.runspec import RunSpec
 from pyromtl.train import build_training
@@ -75,17 +76,7 @@ def _time_all_reduce(fabric, spec: RunSpec, rounds: int, out: str) -> None:
 
 
 def all_reduce_seconds(spec: RunSpec, devices: int, rounds: int, tmp: Path) -> dict[str, float]:
-    from lightning_fabric import Fabric
-    from lightning_fabric.plugins.environments import LightningEnvironment
-    from lightning_fabric.strategies import DDPStrategy
-
-    cuda = spec.device.type == "cuda"
-    strategy = DDPStrategy(
-        start_method="spawn",
-        process_group_backend="nccl" if cuda else "gloo",
-        cluster_environment=LightningEnvironment(),
-    )
-    fabric = Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, strategy=strategy)
+    fabric = make_fabric(devices, cuda=spec.device.type == "cuda")
     out = tmp / f"{spec.method.name}.json"
     fabric.launch(partial(_time_all_reduce, spec=spec, rounds=rounds, out=str(out)))
     return json.loads(out.read_text())

@@ -40,18 +40,22 @@ class Group:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch: Batch) -> Batch:
-        """This process's shard of a global batch: its slice of every task's rows, scaled by W
-        (the scaling rule of the module doc).
+    def rows(self, size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of a global batch of ``size`` rows, and which of them are real.
 
-        Shards are consecutive slices of ``ceil(B / W)`` rows; the last ones are padded to that
-        size with masked copies of the batch's first row, so every process draws per-example
-        noise of one shape and the RNGs of all processes stay in step."""
-        size = -(-batch.size // self.world_size)
-        start = min(self.rank * size, batch.size)
-        rows = torch.arange(start, start + size, device=batch.y.device)
-        real = rows < batch.size
-        rows = torch.where(real, rows, 0)
+        Shards are consecutive slices of ``ceil(size / W)`` rows; the last ones are padded to that
+        length with the first row (not real), so every process draws per-example noise of one
+        shape and the RNGs of all processes stay in step."""
+        length = -(-size // self.world_size)
+        start = min(self.rank * length, size)
+        rows = torch.arange(start, start + length, device=device)
+        real = rows < size
+        return torch.where(real, rows, 0), real
+
+    def shard(self, batch: Batch) -> Batch:
+        """This process's shard of a global batch (its :meth:`rows` of every task, the padding
+        masked), scaled by W (the scaling rule of the module doc)."""
+        rows, real = self.rows(batch.size, batch.y.device)
         return dataclasses.replace(
             batch,
             x=batch.x[rows] if batch.simo else batch.x[:, rows],

@@ -78,11 +78,12 @@ def _worker(fabric, train: Callable[..., Any], payload: bytes, plugins: Sequence
 _REBUILT = ("objective", "state")
 
 
-def launch(spec: RunSpec, train: Callable[..., Any]) -> dict[str, Any]:
-    """Run ``train(spec, group=...)`` on ``devices × num_nodes`` processes (Lightning Fabric,
-    ``ddp_spawn``); return what rank 0 kept: the kept state (``"state"``) and the other fields
-    of its ``TrainResult`` (``"fields"``). A failure in a process is raised here, with where
-    the same command resumes."""
+def make_fabric(devices: int, num_nodes: int = 1, cuda: bool = False) -> Any:
+    """The ``lightning_fabric.Fabric`` that runs ``devices × num_nodes`` processes: ``ddp_spawn``
+    (the calling process stays the launcher), gloo on CPUs and NCCL on GPUs, and Lightning's own
+    cluster environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``).
+
+    Raises ``ValueError`` naming the extra to install when Lightning Fabric is missing."""
     try:
         from lightning_fabric import Fabric
         from lightning_fabric.plugins.environments import LightningEnvironment
@@ -92,23 +93,25 @@ def launch(spec: RunSpec, train: Callable[..., Any]) -> dict[str, Any]:
             "devices × num_nodes > 1 trains through Lightning Fabric, which is not installed: "
             "pip install 'pyromtl[lightning]'"
         ) from None
-    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-
-    from pyromtl.plugins import IMPORTED
-
-    cfg = spec.config
-    cuda = spec.device.type == "cuda"
     strategy = DDPStrategy(
         start_method="spawn",
         process_group_backend="nccl" if cuda else "gloo",
         cluster_environment=LightningEnvironment(),
     )
-    fabric = Fabric(
-        accelerator="cuda" if cuda else "cpu",
-        devices=int(cfg["devices"]),
-        num_nodes=int(cfg["num_nodes"]),
-        strategy=strategy,
-    )
+    return Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy)
+
+
+def launch(spec: RunSpec, train: Callable[..., Any]) -> dict[str, Any]:
+    """Run ``train(spec, group=...)`` on ``devices × num_nodes`` processes (Lightning Fabric,
+    ``ddp_spawn``); return what rank 0 kept: the kept state (``"state"``) and the other fields
+    of its ``TrainResult`` (``"fields"``). A failure in a process is raised here, with where
+    the same command resumes."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    from pyromtl.plugins import IMPORTED
+
+    cfg = spec.config
+    fabric = make_fabric(int(cfg["devices"]), int(cfg["num_nodes"]), cuda=spec.device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix="pyromtl-ddp-") as tmp:
         out = Path(tmp) / "result.pkl"
         work = partial(_worker, train=train, payload=pickle.dumps(spec), plugins=list(IMPORTED), out=str(out))
@@ -143,4 +146,4 @@ def _resume_hint(spec: RunSpec) -> str:
     return "no checkpoint was written" + ("" if spec.run is not None else " (no run directory)")
 
 
-__all__ = ["launch"]
+__all__ = ["launch", "make_fabric"]

@@ -281,6 +281,7 @@ def _fit_spec(spec: RunSpec) -> Fit:
         "best_step": result.best_step,
         "best_val_score": result.best_score,
         "selected": result.selected,
+        "parameters": sum(p.numel() for p in result.objective.trainable_parameters()),
     }
     f = Fit(
         spec=spec,

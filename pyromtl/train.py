@@ -253,6 +253,7 @@ def train(
     )
     t0 = time.perf_counter()
     step, updating, snapshot = start, False, None
+    shared = objective.trainable_parameters()  # the optimiser's, fixed when it was built
     objective.train()  # a prediction (validation) puts it in eval mode only while it runs
     try:
         with pyro.validation_enabled(False):
@@ -267,7 +268,7 @@ def train(
                     loss = float(objective.backward(batch))
                 else:  # the global batch's loss and gradients (the scaling rule of pyromtl.distributed)
                     local = objective.backward(group.shard(batch))
-                    loss = float(group.mean_gradients(objective.trainable_parameters(), local))
+                    loss = float(group.mean_gradients(shared, local))
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {step} of {cfg['method']} on {data.name}; training stopped. "

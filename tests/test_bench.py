@@ -100,6 +100,7 @@ def test_bench_trains_each_cell_once_as_fit_would_and_ranks_against_stl(tmp_path
     want = [metrics.delta_m(docs["bmtl", s]["tasks"], docs["stl", s]["tasks"]) for s in (0, 1)]
     assert rows["bmtl"]["Δm%"] == pytest.approx(bench.interval(want))
     assert rows["stl"]["η̂"] == (100.0, 0.0) and rows["stl"]["Δm%"] == (0.0, 0.0)
+    assert rows["bmtl"]["parameters"] == sum(p.numel() for p in fit.objective.trainable_parameters()) > 0
     with (out / "leaderboard.csv").open() as f:
         written = {(r["method"], r["column"]): float(r["mean"]) for r in csv.DictReader(f)}
     assert written["bmtl", "Δm%"] == pytest.approx(statistics.fmean(want))

@@ -30,6 +30,7 @@ import pyromtl
 from pyromtl import config, methods
 from pyromtl.collective import Group
 from pyromtl.data.core import Batch
+from pyromtl.distributed import make_fabric
 from pyromtl.params import local_params
 from pyromtl.runspec import RunSpec
 from pyromtl.schedules import TrainState
@@ -139,9 +140,7 @@ def _step_zero(spec: RunSpec, noise: dict[str, torch.Tensor], group: Group | Non
     batch = spec.data.train_batch(spec.config["batch_size"], torch.Generator().manual_seed(seed), spec.device)
     rows = torch.arange(batch.size)
     if group is not None:
-        size = -(-batch.size // group.world_size)
-        rows = (torch.arange(size) + group.rank * size).clamp(max=batch.size)
-        rows = torch.where(rows < batch.size, rows, 0)
+        rows = group.rows(batch.size)[0]
         batch = group.shard(batch)
     with FixedNoise(noise, rows), pyro.validation_enabled(False):
         loss = objective.backward(batch)
@@ -178,22 +177,13 @@ def _worker(fabric, payload: bytes, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Every case on 2 processes, and on one."""
-    from lightning_fabric import Fabric
-    from lightning_fabric.plugins.environments import LightningEnvironment
-    from lightning_fabric.strategies import DDPStrategy
-
     cases = _cases()
     variational = {}
     for m, d in VARIATIONAL.items():
         spec = _spec(m, d)
         variational[m] = (spec, _noise(spec))
     out = tmp_path_factory.mktemp("ddp") / "results.pkl"
-    strategy = DDPStrategy(
-        start_method="spawn", process_group_backend="gloo", cluster_environment=LightningEnvironment()
-    )
-    Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(
-        _worker, pickle.dumps((cases, variational)), str(out)
-    )
+    make_fabric(2).launch(_worker, pickle.dumps((cases, variational)), str(out))
     parallel = pickle.loads(out.read_bytes())
     single = {name: train(spec).objective.state_dict() for name, spec in cases.items()}
     single |= {name: _step_zero(spec, noise, None) for name, (spec, noise) in variational.items()}
