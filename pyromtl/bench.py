@@ -7,7 +7,7 @@ one resumes from its checkpoint, so an interrupted bench run again picks up wher
 ``jobs > 1`` trains cells in that many worker processes of this machine (a process pool, each
 with ``cores // jobs`` torch threads).
 
-The leaderboard (:func:`leaderboard`) compares every method with ``stl`` trained on the same
+The leaderboard (:func:`write_leaderboard`) compares every method with ``stl`` trained on the same
 seeds: per task the primary metric's mean and 95% interval over seeds (Student's t), and per
 run Δm% (BayesAgg-MTL's, lower is better), Δ_I% and η̂ (SMTL's, higher is better) against
 the ``stl`` run of the same seed, averaged over seeds; ECE and NLL averaged over the
@@ -16,15 +16,10 @@ classification tasks; the seconds per training step and the number of trained pa
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 import itertools
-import math
 import os
-import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -32,13 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pyromtl import config as config_mod
-from pyromtl import methods, metrics
-from pyromtl.io import atomic_write_text
-from pyromtl.metrics.prediction import primary_metric
-from pyromtl.rundir import RunDir
-
-#: The baseline every cell is compared with.
-BASELINE = "stl"
+from pyromtl import methods
+from pyromtl.leaderboard import BASELINE, write_leaderboard
 
 
 @dataclass(frozen=True)
@@ -129,20 +119,29 @@ def _known_keys(method: methods.Method) -> set[str]:
     return set(config_mod.TRAIN_DEFAULTS) | set(method.defaults)
 
 
-def _run(cell: Cell, out: str, options: Mapping[str, Any], threads: int) -> dict[str, Any]:
-    """Train (or reopen) one cell; return its ``metrics.json`` document and whether it trained."""
+def _run(cell: Cell, out: str, options: Mapping[str, Any], plugins: Sequence[str], threads: int) -> dict[str, Any]:
+    """Train (or reopen) one cell, in whatever process runs it; return whether it trained and
+    how long it took. ``plugins`` are the ``--import`` modules, imported again in a worker,
+    since they may define the method or the data."""
     import torch
 
     from pyromtl.fit import fit_resolved
+    from pyromtl.plugins import import_plugins
 
+    import_plugins(plugins)
     if threads:
         torch.set_num_threads(threads)
+    start = time.perf_counter()
     method = methods.get(cell.method)
     cfg = config_mod.resolve(
         method, {**options, **dict(cell.options), "data": cell.data, "seed": cell.seed, "quiet": True}
     )
     fit = fit_resolved(method, cfg, out=cell.directory(Path(out)))
-    return {"metrics": fit.metrics(), "trained": not fit.train_info.get("complete", False)}
+    return {"trained": not fit.train_info.get("complete", False), "seconds": time.perf_counter() - start}
+
+
+#: Where cells run: this machine (``jobs`` processes), or a Ray cluster.
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -162,6 +161,7 @@ def bench(
     seeds: int = 3,
     out: str | Path = "bench",
     jobs: int = 1,
+    executor: str = "local",
     grid: Mapping[str, Sequence[Any]] | None = None,
     options: Mapping[str, Any] | None = None,
     quiet: bool = False,
@@ -170,38 +170,56 @@ def bench(
 
     ``options`` are config keys every cell gets (e.g. ``steps``); ``grid`` maps a key to the
     values to try. Every option is checked against every method before the first cell trains.
+
+    ``executor="local"`` trains ``jobs`` cells at once in processes of this machine, each with
+    ``cores // jobs`` torch threads. ``executor="ray"`` hands each cell to Ray as a task of one
+    CPU and one torch thread: on the cluster ``RAY_ADDRESS`` names (``ray start --head`` on one
+    machine, ``ray start --address=...`` on the others), or on a local instance started here
+    without it. ``out`` must then be a folder every machine of the cluster sees.
+
+    Raises ``ValueError`` for a bad grid, option, ``jobs`` or ``executor``, before any training.
     """
     from tqdm.auto import tqdm
 
+    from pyromtl.plugins import IMPORTED
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if executor == "ray" and jobs != 1:
+        raise ValueError("jobs sets the local executor's processes; Ray runs a cell on every CPU of its cluster")
     options = dict(options or {})
     cells = plan(method_names, datasets, seeds, grid)
     for cell in {(c.method, c.data, c.options): c for c in cells}.values():  # bad keys fail before any training
         config_mod.resolve(methods.get(cell.method), {**options, **dict(cell.options), "data": cell.data})
     out = Path(out)
     result = BenchResult(out=out, cells=cells)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    args = (str(out), options, list(IMPORTED))
     start = time.perf_counter()
     bar = tqdm(total=len(cells), disable=quiet, desc="bench", unit="cell", dynamic_ncols=True)
+
+    def finished(cell: Cell, outcome: Mapping[str, Any]) -> None:
+        if outcome["trained"]:
+            result.trained.append(cell)
+        bar.set_postfix_str(f"{cell.directory(Path()).as_posix()} {outcome['seconds']:.0f} s")
+        bar.update()
+
     try:
-        if jobs == 1:
+        if executor == "ray":
+            _on_ray(cells, *args, finished=finished)
+        elif jobs == 1:
             for cell in cells:
-                bar.set_postfix_str(cell.directory(Path()).as_posix())
-                if _run(cell, str(out), options, 0)["trained"]:
-                    result.trained.append(cell)
-                bar.update()
+                bar.set_postfix_str(f"{cell.directory(Path()).as_posix()} ...")
+                finished(cell, _run(cell, *args, 0))
         else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                pending: dict[Future, Cell] = {pool.submit(_run, c, str(out), options, threads): c for c in cells}
+                pending: dict[Future, Cell] = {pool.submit(_run, c, *args, threads): c for c in cells}
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
-                        cell = pending.pop(future)
-                        if future.result()["trained"]:
-                            result.trained.append(cell)
-                        bar.set_postfix_str(cell.directory(Path()).as_posix())
-                        bar.update()
+                        finished(pending.pop(future), future.result())
     finally:
         bar.close()
     result.seconds = time.perf_counter() - start
@@ -209,117 +227,30 @@ def bench(
     return result
 
 
-# ---------------------------------------------------------------------------- the leaderboard
-def interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
-
-
-def _cells(out: Path) -> list[dict[str, Any]]:
-    """Every finished cell under ``out``: its name and metrics document."""
-    return [
-        {"name": path.parent.name, "doc": RunDir(path.parent).read_metrics()}
-        for path in sorted(out.glob("*/*/complete.json"))
-    ]
-
-
-def _variant(name: str, seed: int) -> str:
-    """A cell directory's name less its seed: the leaderboard row."""
-    suffix = f"-s{seed}"
-    return name[: -len(suffix)] if name.endswith(suffix) else name
-
-
-def tables(out: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """The leaderboard's rows per dataset, read from the cells under ``out`` (see the module doc)."""
-    by_data: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for cell in _cells(Path(out)):
-        doc = cell["doc"]
-        by_data.setdefault(doc["dataset"], {}).setdefault(_variant(cell["name"], doc["seed"]), []).append(cell)
-    result: dict[str, list[dict[str, Any]]] = {}
-    for data, variants in sorted(by_data.items()):
-        baseline = {c["doc"]["seed"]: c["doc"]["tasks"] for c in variants.get(BASELINE, [])}
-        rows = []
-        for variant, runs in sorted(variants.items()):
-            tasks = runs[0]["doc"]["tasks"]
-            row: dict[str, Any] = {"method": variant, "seeds": sorted(r["doc"]["seed"] for r in runs)}
-            for task, scores in tasks.items():
-                key = primary_metric(scores)
-                if key is not None:
-                    row[f"{task}:{key}"] = interval([r["doc"]["tasks"][task][key] for r in runs])
-            paired = [r for r in runs if r["doc"]["seed"] in baseline]
-            for label, fn in (("Δm%", metrics.delta_m), ("Δ_I%", metrics.delta_i), ("η̂", metrics.eta_hat)):
-                values = [fn(r["doc"]["tasks"], baseline[r["doc"]["seed"]]) for r in paired]
-                row[label] = interval(values) if values else None
-            for key in ("ece", "nll"):
-                per_run = [
-                    statistics.fmean(s[key] for s in r["doc"]["tasks"].values() if key in s)
-                    for r in runs
-                    if any(key in s for s in r["doc"]["tasks"].values())
-                ]
-                row[key] = interval(per_run) if per_run else None
-            train = [r["doc"]["train"] for r in runs]
-            row["ms/step"] = statistics.median(1e3 * t["seconds"] / t["steps"] for t in train)
-            row["parameters"] = train[0].get("parameters")  # absent from runs made before it was recorded
-            rows.append(row)
-        result[data] = rows
-    return result
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, tuple):
-        mean, half = value
-        return f"{mean:.4g} ± {half:.2g}"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def write_leaderboard(out: str | Path) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.html`` into ``out``."""
-    out = Path(out)
-    boards = tables(out)
-    md, rows_csv, parts = [], [], []
-    for data, rows in boards.items():
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        md += [f"## {data}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        md += ["| " + " | ".join(_text(row.get(c)) for c in columns) + " |" for row in rows]
-        md.append("")
-        parts.append(
-            f"<h2>{html.escape(data)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        )
-        for row in rows:
-            cells = "".join(f"<td>{html.escape(_text(row.get(c)))}</td>" for c in columns)
-            parts.append(f"<tr>{cells}</tr>")
-        parts.append("</table>")
-        for row in rows:
-            for column, value in row.items():
-                if column in ("method", "seeds"):
-                    continue
-                mean, half = value if isinstance(value, tuple) else (value, None)
-                rows_csv.append(
-                    {"dataset": data, "method": row["method"], "column": column, "mean": mean, "ci95": half}
-                )
-    legend = (
-        "Mean ± half-width of the 95% interval over seeds. Δm% (lower is better), Δ_I% and η̂ "
-        f"(higher is better) against {BASELINE} on the same seed; ece and nll averaged over the "
-        "classification tasks; parameters: the numbers the optimiser trains."
-    )
-    paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "html": out / "leaderboard.html"}
-    atomic_write_text(paths["md"], "# Leaderboard\n\n" + legend + "\n\n" + "\n".join(md))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["dataset", "method", "column", "mean", "ci95"])
-    writer.writeheader()
-    writer.writerows(rows_csv)
-    atomic_write_text(paths["csv"], buffer.getvalue())
-    page = f"<!doctype html><meta charset='utf-8'><title>pyromtl leaderboard</title><p>{html.escape(legend)}</p>"
-    atomic_write_text(paths["html"], page + "".join(parts))
-    return paths
+def _on_ray(
+    cells: Sequence[Cell],
+    out: str,
+    options: Mapping[str, Any],
+    plugins: Sequence[str],
+    *,
+    finished: Callable[[Cell, Mapping[str, Any]], None],
+) -> None:
+    """Run the cells as Ray tasks (one CPU each), reporting each as it finishes. A Ray instance
+    this call started is shut down at the end; one that was running is left as it was."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("executor 'ray' needs Ray, which is not installed: pip install 'pyromtl[ray]'") from None
+    started = not ray.is_initialized()
+    if started:  # RAY_ADDRESS, if set, names the cluster to join; without it Ray starts one here
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1)(_run)
+        pending = {task.remote(cell, out, options, plugins, 1): cell for cell in cells}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                finished(pending.pop(ref), ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()

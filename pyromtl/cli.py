@@ -346,6 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out=args.out,
         jobs=args.jobs,
+        executor=args.executor,
         grid=bench.parse_grid(args.set_grid),
         options=options,
         quiet=args.quiet,
@@ -440,13 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train methods × datasets × seeds into run directories and write the leaderboard",
     )
     sp.add_argument("--methods", metavar="M1,M2", help="methods (default: every registered one that accepts the data)")
-    sp.add_argument("--data", metavar="D1,D2", help="datasets (default: the embedded ones)")
+    sp.add_argument("--data", "--datasets", metavar="D1,D2", help="datasets (default: the embedded ones)")
     sp.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 (default 3)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of every cell")
     sp.add_argument(
         "--set-grid", action="append", default=[], metavar="KEY=V1,V2", help="try each value (methods with KEY)"
     )
     sp.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained at once, in N processes")
+    sp.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where cells run: this machine (--jobs processes), or Ray (the cluster RAY_ADDRESS names, else a "
+        "local instance; pip install 'pyromtl[ray]')",
+    )
     sp.add_argument("--out", default="bench", metavar="DIR", help="where the cells and the leaderboard go")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_bench)

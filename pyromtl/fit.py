@@ -90,7 +90,7 @@ class Fit:
         with a replicated target per draw (``y_rep``), from ``num_samples`` model passes.
 
         By default it takes ``eval_samples`` passes, or more where those give fewer than
-        :data:`MIN_DRAWS` draws (a pass of VMTL gives L·M). With the default and nothing kept, a
+        :data:`~pyromtl.fit.MIN_DRAWS` draws (a pass of VMTL gives L·M). With the default and nothing kept, a
         split is predicted once and reused: the metrics and the ArviZ export read the same draws.
         """
         cached = num_samples is None and not keep
@@ -168,6 +168,8 @@ class Fit:
             "train": self.train_info,
             "relatedness": {k: v.tolist() for k, v in self.relatedness().items()},
         }
+        if self.data.relatedness is not None:  # the dataset knows it: the leaderboard scores recovery
+            doc["true_relatedness"] = self.data.relatedness.tolist()
         if self.method.extra is not None and (extra := self.method.extra(self.context)):
             doc["extra"] = extra
         self._doc = doc

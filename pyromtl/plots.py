@@ -21,7 +21,8 @@ from pyromtl.metrics import primary_metric
 from pyromtl.rundir import RunDir, plain_name
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (110 dpi)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)  # constrained layout already fits; "tight" would draw twice
     return buf.getvalue()
@@ -159,6 +160,63 @@ def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str =
     return fig
 
 
+def plot_leaderboard(data: str, rows: Sequence[Mapping[str, Any]]):
+    """A dataset's leaderboard (:func:`pyromtl.leaderboard.tables` rows) in two or three panels:
+    Δm% with its 95% interval per method; Δ_I% against η̂ (safety: up and right is better); and,
+    where the dataset knows its relatedness, each method's recovery ρ with its interval."""
+
+    def pick(key: str) -> list[tuple[str, float, float]]:
+        return [(str(r["method"]), *r[key]) for r in rows if r.get(key) is not None]
+
+    recovered = pick("relatedness ρ")
+    panels = 3 if recovered else 2
+    height = 1.2 + 0.3 * len(rows)
+    fig = _figure(4.2 * panels, max(3.0, height))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, key, label in (
+        (axes[0], "Δm%", "Δm% vs stl (lower is better)"),
+        *(((axes[2], "relatedness ρ", "relatedness recovered (Spearman ρ)"),) if recovered else ()),
+    ):
+        shown = pick(key)
+        ticks = np.arange(len(shown))
+        ax.errorbar(
+            np.array([m for _, m, _ in shown]), ticks, xerr=np.array([h for _, _, h in shown]), fmt="o", capsize=3
+        )
+        ax.set_yticks(ticks, [n for n, _, _ in shown])
+        ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    safety = [(str(r["method"]), r["Δ_I%"][0], r["η̂"][0]) for r in rows if r.get("Δ_I%") and r.get("η̂")]
+    ax = axes[1]
+    ax.scatter(np.array([d for _, d, _ in safety]), np.array([e for _, _, e in safety]))
+    for name, d, e in safety:
+        ax.annotate(name, (d, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("Δ_I% vs stl (higher is better)")
+    ax.set_ylabel("η̂ (100: no task worse than stl)")
+    fig.suptitle(data)
+    return fig
+
+
+def plot_ranks(ranks: Mapping[str, float], critical_difference: float | None, datasets: int):
+    """Average ranks (1 is best) on one axis, with Nemenyi's critical difference drawn as a bar:
+    methods closer than it are not told apart at the 5% level (a critical-difference diagram)."""
+    names = list(ranks)
+    fig = _figure(6.0, 1.5 + 0.28 * len(names))
+    ax = fig.add_subplot()
+    ticks = np.arange(len(names))
+    ax.scatter(np.array([ranks[n] for n in names]), ticks)
+    ax.set_yticks(ticks, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0.5, len(names) + 0.5)
+    ax.set_xlabel(f"average rank by Δm% over {datasets} datasets (1 is best)")
+    if critical_difference is not None:
+        best = ranks[names[0]]
+        ax.axvspan(best, best + critical_difference, color="tab:orange", alpha=0.2, label="critical difference (5%)")
+        ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
 def run_figures(
     doc: Mapping[str, Any], history: Sequence[Mapping[str, float]], context: MethodContext | None = None
 ) -> dict[str, Callable[..., Any]]:
@@ -196,7 +254,7 @@ def plot_run(
     plain (:func:`~pyromtl.rundir.plain_name`), so it stays there. Returns the paths written; with
     ``only_missing`` existing files are kept as they are."""
     return [
-        run.write_png(name, _png(make()))
+        run.write_png(name, png_bytes(make()))
         for name, make in run_figures(doc, history, context).items()
         if not (only_missing and (run.plots_dir / plain_name(name)).exists())
     ]

@@ -1,4 +1,5 @@
-"""``pyromtl bench``: the grid, resumable cells, and the leaderboard's numbers."""
+"""``pyromtl bench``: the grid, resumable cells on each executor, and the leaderboard's numbers,
+relatedness recovery and rank summary."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from scipy import stats
 
 import pyromtl
-from pyromtl import bench, metrics
+from pyromtl import bench, leaderboard, metrics
 from pyromtl.cli import main
 
 TINY = {"steps": 5, "hidden": [8], "latent_dim": 4, "eval_every": 5}
@@ -49,10 +50,10 @@ def test_a_bad_option_fails_before_any_cell_trains(tmp_path):
 
 def test_interval_is_the_student_t_interval():
     values = [0.5, 0.7, 0.65]
-    mean, half = bench.interval(values)
+    mean, half = leaderboard.interval(values)
     low, high = stats.t.interval(0.95, 2, loc=statistics.fmean(values), scale=stats.sem(values))
     assert mean == pytest.approx((low + high) / 2) and half == pytest.approx((high - low) / 2)
-    assert bench.interval([0.3]) == (0.3, 0.0)
+    assert leaderboard.interval([0.3]) == (0.3, 0.0)
 
 
 @pytest.mark.slow
@@ -67,7 +68,7 @@ def test_bench_trains_each_cell_once_as_fit_would_and_ranks_against_stl(tmp_path
                 "bench",
                 "--methods",
                 "bmtl",
-                "--data",
+                "--datasets",
                 "digits-domains",
                 "--seeds",
                 "2",
@@ -92,13 +93,13 @@ def test_bench_trains_each_cell_once_as_fit_would_and_ranks_against_stl(tmp_path
         for m in ("bmtl", "stl")
         for s in (0, 1)
     }
-    rows = {r["method"]: r for r in bench.tables(out)["digits-domains"]}
+    rows = {r["method"]: r for r in leaderboard.tables(out)["digits-domains"]}
     task = next(iter(docs["bmtl", 0]["tasks"]))
     assert rows["bmtl"][f"{task}:accuracy"] == pytest.approx(
-        bench.interval([docs["bmtl", s]["tasks"][task]["accuracy"] for s in (0, 1)])
+        leaderboard.interval([docs["bmtl", s]["tasks"][task]["accuracy"] for s in (0, 1)])
     )
     want = [metrics.delta_m(docs["bmtl", s]["tasks"], docs["stl", s]["tasks"]) for s in (0, 1)]
-    assert rows["bmtl"]["Δm%"] == pytest.approx(bench.interval(want))
+    assert rows["bmtl"]["Δm%"] == pytest.approx(leaderboard.interval(want))
     assert rows["stl"]["η̂"] == (100.0, 0.0) and rows["stl"]["Δm%"] == (0.0, 0.0)
     assert rows["bmtl"]["parameters"] == sum(p.numel() for p in fit.objective.trainable_parameters()) > 0
     with (out / "leaderboard.csv").open() as f:
@@ -106,3 +107,78 @@ def test_bench_trains_each_cell_once_as_fit_would_and_ranks_against_stl(tmp_path
     assert written["bmtl", "Δm%"] == pytest.approx(statistics.fmean(want))
     assert "| bmtl |" in (out / "leaderboard.md").read_text()
     assert "<table>" in (out / "leaderboard.html").read_text()
+    assert (out / "leaderboard_digits-domains.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recovery_is_the_rank_correlation_with_the_truth():
+    truth = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    related = [[0, 0.6, 0.2, 0.2], [0.6, 0, 0.2, 0.2], [0.2, 0.2, 0, 0.6], [0.2, 0.2, 0.6, 0]]
+    assert leaderboard.recovery("alpha", related, truth) == pytest.approx(1.0)
+    # a distance reads the other way round; the same matrix as a distance is perfectly wrong
+    assert leaderboard.recovery("distance", related, truth) == pytest.approx(-1.0)
+    # off-diagonal pairs only: the diagonal is neither a pair nor evidence
+    off = [(t, s) for t in range(4) for s in range(4) if t != s]
+    noisy = [[0.0, 0.5, 0.3, 0.1], [0.4, 0.0, 0.2, 0.3], [0.1, 0.3, 0.0, 0.6], [0.2, 0.1, 0.5, 0.0]]
+    want = stats.spearmanr([noisy[t][s] for t, s in off], [truth[t][s] for t, s in off]).statistic
+    assert leaderboard.recovery("alpha", noisy, truth) == pytest.approx(want)
+    # a gate per task (diag) against each task's mean true relatedness to the others
+    lonely = [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
+    gates = [[0.9, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0.7, 0], [0, 0, 0, 0.1]]
+    assert leaderboard.recovery("gates", gates, lonely) == pytest.approx(
+        stats.spearmanr([0.9, 0.8, 0.7, 0.1], [2 / 3, 2 / 3, 2 / 3, 0]).statistic
+    )
+    assert leaderboard.recovery("gates", gates, truth) is None  # equal clusters: no task shares more
+    with pytest.raises(ValueError, match="shape"):
+        leaderboard.recovery("alpha", [[0, 1], [1, 0]], truth)
+
+
+def test_rank_summary_ranks_by_delta_m_with_friedman_and_nemenyi():
+    def row(name, dm):
+        return {"method": name, "Δm%": (dm, 0.0)}
+
+    boards = {
+        "a": [row("stl", 0.0), row("x", -5.0), row("y", 3.0), row("z", -1.0)],
+        "b": [row("stl", 0.0), row("x", -2.0), row("y", 1.0), row("z", 2.0), row("only-b", -9.0)],
+        "c": [row("stl", 0.0), row("x", -1.0), row("y", 4.0), row("z", -3.0)],
+    }
+    summary = leaderboard.rank_summary(boards)
+    assert summary is not None and summary.datasets == ["a", "b", "c"]
+    assert "only-b" not in summary.ranks  # ranked only where every dataset has it
+    assert summary.ranks == pytest.approx({"x": 4 / 3, "z": 7 / 3, "stl": 8 / 3, "y": 11 / 3})
+    assert list(summary.ranks) == ["x", "z", "stl", "y"]  # best first
+    table = [[0.0, -5.0, 3.0, -1.0], [0.0, -2.0, 1.0, 2.0], [0.0, -1.0, 4.0, -3.0]]
+    assert summary.friedman_p == pytest.approx(stats.friedmanchisquare(*zip(*table)).pvalue)
+    # Demšar (2006), Table 5(a): q_0.05 = 2.569 for k = 4
+    assert summary.critical_difference == pytest.approx(2.569 * (4 * 5 / (6 * 3)) ** 0.5, rel=1e-3)
+    two = leaderboard.rank_summary({k: v[:2] for k, v in boards.items()})
+    assert two is not None and two.friedman_p is None  # fewer than 3 methods: no test
+    assert leaderboard.rank_summary({"a": [{"method": "x", "Δm%": None}]}) is None
+
+
+def test_bad_executor_and_jobs_fail_before_any_cell_trains(tmp_path):
+    with pytest.raises(ValueError, match="executor"):
+        bench.bench(["bmtl"], ["digits-domains"], seeds=1, out=tmp_path, executor="slurm", quiet=True)
+    with pytest.raises(ValueError, match="jobs sets the local"):
+        bench.bench(["bmtl"], ["digits-domains"], seeds=1, out=tmp_path, executor="ray", jobs=2, quiet=True)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ray_cells_are_fit_runs_and_the_leaderboard_scores_relatedness(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = bench.bench(
+            ["vmtl"], ["synthetic-clusters"], seeds=1, out=tmp_path, executor="ray", options=TINY, quiet=True
+        )
+    finally:
+        ray.shutdown()
+    assert sorted(c.method for c in result.trained) == ["stl", "vmtl"]
+    doc = json.loads((tmp_path / "synthetic-clusters" / "vmtl-s0" / "metrics.json").read_text())
+    fit = pyromtl.fit("vmtl", "synthetic-clusters", seed=0, quiet=True, **TINY)
+    for task, scores in fit.metrics()["tasks"].items():
+        assert doc["tasks"][task] == pytest.approx(scores, rel=1e-6), task
+    rows = {r["method"]: r for r in leaderboard.tables(tmp_path)["synthetic-clusters"]}
+    want = leaderboard.recovery("alpha", doc["relatedness"]["alpha"], doc["true_relatedness"])
+    assert rows["vmtl"]["relatedness ρ"] == pytest.approx((want, 0.0))
+    assert rows["stl"]["relatedness ρ"] is None  # stl reads no relatedness
