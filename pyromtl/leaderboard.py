@@ -4,7 +4,7 @@ Per dataset, every variant (a method with its grid options) gets:
 
 * per task, the primary metric's mean and 95% Student-t interval over seeds (:func:`interval`);
 * Δm% (BayesAgg-MTL's, lower is better), Δ_I% and η̂ (SMTL's, higher is better) against the
-  ``stl`` run of the same seed;
+  ``stl`` run of the same seed (and the same grid options, where the grid gave ``stl`` some);
 * ECE and NLL averaged over the classification tasks, the median seconds per step and the
   number of trained parameters;
 * where the dataset knows its task relatedness (``metrics.json``'s ``true_relatedness``), how
@@ -108,9 +108,12 @@ def tables(out: str | Path) -> dict[str, list[dict[str, Any]]]:
         by_data.setdefault(doc["dataset"], {}).setdefault(_variant(cell["name"], doc["seed"]), []).append(cell)
     result: dict[str, list[dict[str, Any]]] = {}
     for data, variants in sorted(by_data.items()):
-        baseline = {c["doc"]["seed"]: c["doc"]["tasks"] for c in variants.get(BASELINE, [])}
         rows = []
         for variant, runs in sorted(variants.items()):
+            # against stl run with the same grid options (e.g. the same lr) where the grid gave it some
+            same = BASELINE + variant[len(runs[0]["doc"]["method"]) :]
+            base = variants.get(same) or variants.get(BASELINE, [])
+            baseline = {c["doc"]["seed"]: c["doc"]["tasks"] for c in base}
             tasks = runs[0]["doc"]["tasks"]
             row: dict[str, Any] = {"method": variant, "seeds": sorted(r["doc"]["seed"] for r in runs)}
             for task, scores in tasks.items():

@@ -182,3 +182,34 @@ def test_ray_cells_are_fit_runs_and_the_leaderboard_scores_relatedness(tmp_path)
     want = leaderboard.recovery("alpha", doc["relatedness"]["alpha"], doc["true_relatedness"])
     assert rows["vmtl"]["relatedness ρ"] == pytest.approx((want, 0.0))
     assert rows["stl"]["relatedness ρ"] is None  # stl reads no relatedness
+
+
+def _cell(out, name, method, seed, accuracy, relatedness=None):
+    """A finished cell as the leaderboard reads it: ``metrics.json`` and ``complete.json``."""
+    path = out / "toy" / name
+    path.mkdir(parents=True)
+    doc = {
+        "method": method,
+        "dataset": "toy",
+        "seed": seed,
+        "tasks": {t: {"accuracy": accuracy} for t in "abc"},
+        "train": {"steps": 10, "seconds": 1.0, "parameters": 7},
+        "relatedness": relatedness or {},
+        "true_relatedness": [[1, 1, 0], [1, 1, 0], [0, 0, 1]],
+    }
+    (path / "metrics.json").write_text(json.dumps(doc))
+    (path / "complete.json").write_text(json.dumps({"step": 10}))
+
+
+def test_a_grid_variant_is_compared_with_stl_run_on_the_same_grid_options(tmp_path):
+    alpha = [[0, 0.8, 0.2], [0.7, 0, 0.3], [0.4, 0.6, 0]]
+    for seed in (0, 1):
+        _cell(tmp_path, f"stl-s{seed}", "stl", seed, 0.5)
+        _cell(tmp_path, f"stl-lr=0.1-s{seed}", "stl", seed, 0.8)
+        _cell(tmp_path, f"vmtl-lr=0.1-s{seed}", "vmtl", seed, 0.8, {"alpha": alpha})
+    rows = {r["method"]: r for r in leaderboard.tables(tmp_path)["toy"]}
+    assert rows["vmtl-lr=0.1"]["Δm%"] == (0.0, 0.0)  # against stl-lr=0.1 (0.8), not stl (0.5)
+    assert rows["stl-lr=0.1"]["Δm%"] == (0.0, 0.0)
+    rho = leaderboard.recovery("alpha", alpha, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert rows["vmtl-lr=0.1"]["relatedness ρ"] == pytest.approx((rho, 0.0)) and rho > 0.5
+    assert rows["stl"]["relatedness ρ"] is None and rows["stl"]["parameters"] == 7
