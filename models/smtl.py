@@ -21,6 +21,15 @@ larger than 0.5", otherwise private, so a gate at exactly 0.5, where every gate 
 private), which :func:`export_pruned` turns into a network holding only the chosen encoders and
 decoders (Fig. 1, right). The gate is recorded as the deterministic site ``gate``.
 
+The gate logits have their own Adam (``gate_lr``, default 3e-2, ten times the trainer's ``lr``;
+a schedule), in the joint objective of eq. 2 as in the bi-level one. Under Adam a parameter moves
+by about one step size per step at most, whatever its gradient's size, and the logit's gradient
+changes sign from batch to batch: in the trainer's optimiser (``lr`` 3e-3) the gates stayed at
+α_t = 0.37-0.54 after 1,000 steps and never decided. The soft gates start at the tie (0.5); the
+lite ones at ``α_t = 0.25`` (:class:`LiteSMTLOptions`), since a straight-through draw trains only
+the side it picks. Both are our choices, beyond the paper (which gives neither);
+``examples/smtl_gates.py`` measures them.
+
 By default everything is a point estimate (the prior of ``gate`` is ``deterministic``), so the
 ELBO is the log-likelihood of eq. 2, summed over tasks where eq. 2 averages them (a constant
 factor ``m``; the authors' code sums too). Beyond the paper, the prior
@@ -251,40 +260,65 @@ def export_pruned(ctx: MethodContext) -> PrunedSMTL:
 class GateObjective(Objective):
     """The log-likelihood of eq. 2; with ``gates = "bilevel"`` the upper level of eq. 6 as well.
 
-    Bi-level: the trainer's optimiser leaves the gate logits alone (:meth:`own_parameters`);
-    after each of its steps on a training batch, one Adam step moves the gates on a batch of
-    the ``gates`` split (carved out of val by :func:`carve_gate_split`).
+    The gate logits always have their own Adam at ``gate_lr`` (:meth:`own_parameters` keeps them
+    out of the trainer's optimiser). Joint (eq. 2): it steps after each training step on the
+    gradient that step's backward pass left on the logits, the same objective as the rest of
+    the network at the gates' own step size. Under Adam a parameter moves at most about one
+    learning rate per step whatever its gradient's size, so at the trainer's ``lr`` a logit
+    cannot cross more than ``lr × steps`` (3 at 1,000 steps of 3e-3) and in practice, with a
+    gradient whose sign flips from batch to batch, moves far less (``examples/smtl_gates.py``).
+    Bi-level: after each training step, one step moves the gates on a batch of the ``gates``
+    split (carved out of val by :func:`carve_gate_split`).
     """
 
-    def __init__(self, loss: nn.Module, cfg: Mapping[str, Any]):
+    def __init__(self, loss: nn.Module, cfg: Mapping[str, Any], task_names: list[str] | None = None):
         super().__init__(loss)
         if cfg["gates"] not in GATE_MODES:
             raise ValueError(f"gates must be one of {GATE_MODES}, got {cfg['gates']!r}")
         self.bilevel = cfg["gates"] == "bilevel"
         self.gate_batch_size = cfg["batch_size"]
-        self.gate_optim = torch.optim.Adam([self.model.gate_logit], lr=cfg["gate_lr"]) if self.bilevel else None
+        self.gate_lr = as_schedule(cfg["gate_lr"])
+        self.gate_optim = torch.optim.Adam([self.model.gate_logit], lr=self.model.state.value(self.gate_lr))
+        self.task_names = list(task_names) if task_names is not None else None
+
+    def _gate_step(self) -> None:
+        for group in self.gate_optim.param_groups:  # the schedule's value at this step
+            group["lr"] = self.model.state.value(self.gate_lr)
+        self.gate_optim.step()
 
     def own_parameters(self) -> list[nn.Parameter]:
-        return [self.model.gate_logit] if self.bilevel else []
+        return [self.model.gate_logit]
 
     def after_step(self, ctx: TrainContext) -> None:
-        if self.gate_optim is None:  # not bi-level
+        logit = self.model.gate_logit
+        if not self.bilevel:  # eq. 2: the training step's own gradient on the logits
+            if logit.grad is None:
+                return
+            if self.group is not None:  # the global batch's gradient: the mean of the shards'
+                self.group.mean_([logit.grad])
+            self._gate_step()
+            logit.grad = None  # the trainer's zero_grad does not reach the gates' optimiser
             return
         batch = ctx.data.train_batch(self.gate_batch_size, ctx.generator, ctx.device, split=GATE_SPLIT)
-        logit = self.model.gate_logit
         # only the gates move here: the lower-level parameters' gradients are not even formed
         if self.group is None:
             (logit.grad,) = torch.autograd.grad(self.loss(batch), [logit])
         else:  # the global gate batch's gradient: the mean of the shards'
             (logit.grad,) = torch.autograd.grad(self.loss(self.group.shard(batch)), [logit])
             self.group.mean_([logit.grad])
-        self.gate_optim.step()
+        self._gate_step()
+
+    def diagnostics(self) -> dict[str, float]:
+        """``α_t`` per task (``alpha/<task>``), logged into the run's history over training."""
+        alpha = self.model.alpha().detach().cpu().tolist()
+        names = self.task_names or [str(t) for t in range(len(alpha))]
+        return {f"alpha/{name}": float(a) for name, a in zip(names, alpha, strict=True)}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"gate_optim": self.gate_optim.state_dict() if self.gate_optim is not None else None}
+        return {"gate_optim": self.gate_optim.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.gate_optim is not None:  # bi-level
+        if state.get("gate_optim") is not None:  # a checkpoint from before the joint gates had their own
             self.gate_optim.load_state_dict(state["gate_optim"])
 
 
@@ -320,13 +354,18 @@ class SMTLOptions(NetworkOptions):
     #: A network registered with ``pyromtl.networks.register`` (by name, ``factory(in_dim, out_dim)``)
     #: for the decoders; empty: an MLP.
     decoder: str = ""
-    #: ``α_t`` at the start, in (0, 1).
+    #: ``α_t`` at the start, in (0, 1): the tie for the soft gates; the lite variants start towards
+    #: their private side (:class:`LiteSMTLOptions`).
     gate_init: float = 0.5
     #: ``τ`` of the straight-through gates (lite variants; the authors use 0.1); a schedule anneals it.
     temperature: ScheduleValue = 0.1
     #: ``joint`` (eq. 2: the gates learn on train) or ``bilevel`` (eq. 6: on a part of val).
     gates: str = "joint"
-    gate_lr: float = 3e-3
+    #: The step size of the gates' own Adam, in both modes (a schedule: e.g. held at a small value
+    #: while the encoders warm up). Adam moves a logit by at most about this much per step, so at
+    #: the trainer's ``lr`` (3e-3, where the gates were before) α_t stayed at 0.37-0.54 in 1,000
+    #: steps; 10× that lets them decide (``examples/smtl_gates.py``).
+    gate_lr: ScheduleValue = 3e-2
     #: Bi-level: the share of val kept for model selection; the gates learn on the rest.
     selection_fraction: float = 0.5
 
@@ -339,6 +378,22 @@ class SMTLOptions(NetworkOptions):
         networks.check("decoder", cfg["decoder"])
 
 
+@dataclass
+class LiteSMTLOptions(SMTLOptions):
+    """The lite variants' options: as :class:`SMTLOptions`, but the gates start at ``α_t = 0.25``
+    (logit −ln 3), towards the private side.
+
+    A straight-through gate (eq. 3-4) trains only the side it draws, so at the tie whichever side
+    fits faster early on, in practice the public one (it learns from every task that draws it),
+    is drawn more, trained more and chosen for good; started private-leaning, a task's gate
+    turns public only where the public side's training loss wins against a private encoder that
+    trains in most steps. Beyond the paper, which states no initial value (``examples/smtl_gates.py``
+    measures both).
+    """
+
+    gate_init: float = 0.25
+
+
 def _builder(lite: bool, combine: str) -> Callable[[MethodContext], tuple[SMTLModel, GateGuide]]:
     def build(ctx: MethodContext) -> tuple[SMTLModel, GateGuide]:
         data, cfg, state, device = ctx.data, ctx.config, ctx.state, ctx.device
@@ -349,7 +404,7 @@ def _builder(lite: bool, combine: str) -> Callable[[MethodContext], tuple[SMTLMo
 
 
 def gate_objective(ctx: MethodContext) -> GateObjective:
-    return GateObjective(ctx.method.elbo(ctx)(ctx.model, ctx.guide), ctx.config)
+    return GateObjective(ctx.method.elbo(ctx)(ctx.model, ctx.guide), ctx.config, ctx.data.task_names)
 
 
 def gate_relatedness(ctx: MethodContext) -> dict[str, np.ndarray]:
@@ -380,7 +435,7 @@ METHODS: tuple[Method, ...] = tuple(
         summary=summary,
         paper=PAPER,
         build=_builder(lite, combine),
-        options=SMTLOptions,
+        options=LiteSMTLOptions if lite else SMTLOptions,
         priors={"gate": "deterministic"},
         settings=("simo",),
         objective=gate_objective,

@@ -9,7 +9,7 @@ plates (eq. 11), with conditional priors that mix the other tasks' variational p
   where ``f`` is cross-attention of ``x_tn`` over task i's training samples of the same class,
   encoded by the same inference network ``phi`` as the guide. Eq. 9 conditions on the previous
   iteration's ``phi``, so the components are computed without a graph by default;
-  ``z_prior_grad = true`` lets gradients reach ``phi`` through them (a deviation, see README).
+  ``z_prior_grad = true`` lets gradients reach ``phi`` through them (a deviation, see docs/methods/vmtl.md).
   Encoding every ``f(x_tn, D_i)`` costs ``T·B·(T-1)`` encoder rows a step, quadratic in T; with
   ``z_components = k < T - 1`` each sample encodes k other tasks drawn uniformly without
   replacement, and the KL bound of eq. 11 is estimated without bias from them
@@ -19,7 +19,10 @@ The mixing weights and the KL treatment come from the prior specs (``task_mixtur
 ``weights = gumbel_softmax | learned | uniform`` and ``kl = upper_bound | monte_carlo``), so the
 paper's ablations (Tables 1–2) are configuration, not code paths. α and β are recorded as the
 deterministic sites ``w_weights`` and ``z_weights``, exported to ArviZ, and their expectations
-are ``Fit.relatedness()``'s ``alpha`` and ``beta``.
+are ``Fit.relatedness()``'s ``alpha`` and ``beta``. The logits π of α and β (eq. 7) are stepped by
+an optimiser of their own at ``lr · mixture_lr_scale`` (:class:`MixtureLogitsObjective`; default 10,
+a deviation: the paper trains every parameter with one Adam), so that α and β leave uniform
+within a short run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pyro.optim.clipped_adam import ClippedAdam
 
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.vmtl import AmortizedClassifier, MonteCarloDraws, VMTLGuide
@@ -43,6 +47,7 @@ from pyromtl.latent import (
 )
 from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import GaussianEncoder, cross_attention
+from pyromtl.objective import Objective, TrainContext
 from pyromtl.priors import PriorSite, mixture_weights, other_tasks, uses_components
 from pyromtl.schedules import TrainState, as_schedule
 
@@ -127,6 +132,20 @@ class VMTLModel(MonteCarloDraws, LatentMTLModel):
         self.z_num_components = _check_z_components(cfg, data.num_tasks)
         # [T, T-1]: row t lists the tasks i != t, whose components the z prior mixes (eq. 9)
         self._others = other_tasks(data.num_tasks, attention.device)
+
+    def mixture_logits(self) -> list[torch.nn.Parameter]:
+        """The learned logits π ``[T, T-1]`` of α and β (eq. 7), created now if no build made them yet.
+
+        Created as ``task_mixture`` creates them (zeros: uniform weights), so the first build finds
+        them; sites with ``weights = "uniform"`` or another prior kind (Table 1, 2 ablations) have none.
+        """
+        T = self.info.num_tasks
+        out = []
+        for site in (self.w_prior, self.z_prior):
+            if site.spec.kind == "task_mixture" and site.spec.params["weights"] != "uniform":
+                site.param("logits", torch.zeros(T, T - 1, device=site._anchor.device))
+                out.append(site.params["logits"])
+        return out
 
     def head(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """All L x M pairs: ``z [..., L, 1, T, B, d]`` and ``w [..., M, T, 1, K, d]`` give ``[..., L, M, T, B, K]``."""
@@ -217,7 +236,12 @@ def _check_z_components(cfg: Mapping[str, Any], num_tasks: int) -> int:
 class VMTLOptions(LatentOptions):
     """VMTL's options: the baselines' plus its Monte-Carlo draws and the VMTL-AC switch."""
 
-    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {"mc_z": (1, True), "mc_w": (1, True), "z_components": (1, True)}
+    MINIMA: ClassVar[dict[str, tuple[float, bool]]] = {
+        "mc_z": (1, True),
+        "mc_w": (1, True),
+        "z_components": (1, True),
+        "mixture_lr_scale": (0.0, False),
+    }
 
     mc_z: int = 10  # L draws of each z (eq. 11)
     mc_w: int = 10  # M draws of each w
@@ -225,10 +249,68 @@ class VMTLOptions(LatentOptions):
     ac_min_scale: float = 0.2  # floor of the amortised classifier's scales (guides/vmtl.py)
     attention_max_mb: float = 1024.0  # the precomputed attention stays on the device up to this size
     z_prior_grad: bool = False  # True: gradients reach phi through the z prior's components (not eq. 9)
-    z_component_min_scale: float = 1.0  # floor on the z prior's component scales (README: deviations)
+    z_component_min_scale: float = 1.0  # floor on the z prior's component scales (docs/methods/vmtl.md: deviations)
     #: k other tasks' components per sample in the z prior (eq. 9). k >= T-1: all of them, exact;
     #: k < T-1: k drawn at random, the KL bound (eq. 11) estimated without bias at T·B·k encoder rows.
     z_components: int = 8
+    #: Learning rate of the mixture logits π of α and β (eq. 7) as a multiple of ``lr`` (a
+    #: separate ClippedAdam, :class:`MixtureLogitsObjective`); 1: one optimiser for everything, as
+    #: in the paper. Adam's steps do not grow with the gradient, so the logits move at most about
+    #: ``lr`` a step, too little for α to leave uniform in a 100-step run (docs: VMTL, relatedness).
+    mixture_lr_scale: float = 10.0
+
+
+class MixtureLogitsObjective(Objective):
+    """VMTL's ELBO (eq. 11), with the mixture logits π of α and β (eq. 7) on an optimiser of their own.
+
+    The loss and every gradient are the ELBO's, unchanged; only the step differs. The trainer's
+    ClippedAdam updates everything but the logits (``own_parameters``); after each of its
+    steps a second ClippedAdam, with ``lr · mixture_lr_scale`` and otherwise the trainer's
+    settings (``clip_norm``, ``lr_decay``, ``weight_decay``), updates the logits from the same
+    step's gradients. Adam's step is about ``lr`` whatever the gradient's size, so neither the
+    KL tempering ``kl_weights`` nor a gradient multiplier can speed α up; a learning rate can.
+    With ``mixture_lr_scale = 1`` the objective owns nothing and the trainer's optimiser steps
+    the logits too, as in the paper (one Adam for all parameters).
+    """
+
+    def __init__(self, loss: torch.nn.Module, cfg: Mapping[str, Any]):
+        super().__init__(loss)
+        scale = cfg["mixture_lr_scale"]  # checked > 0 by config.resolve (VMTLOptions.MINIMA)
+        self.logits = self.model.mixture_logits() if scale != 1 else []
+        self.logit_optim = (
+            ClippedAdam(
+                self.logits,
+                lr=cfg["lr"] * scale,
+                clip_norm=cfg["clip_norm"],
+                lrd=cfg["lr_decay"],
+                weight_decay=cfg["weight_decay"],
+            )
+            if self.logits
+            else None
+        )
+
+    def own_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.logits)
+
+    def after_step(self, ctx: TrainContext) -> None:
+        if self.logit_optim is None:
+            return
+        if self.group is not None:  # the global batch's gradient, as the trainer's parameters get
+            self.group.mean_gradients(self.logits, torch.zeros((), device=ctx.device))
+        self.logit_optim.step()
+        self.logit_optim.zero_grad(set_to_none=True)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"logit_optim": self.logit_optim.state_dict() if self.logit_optim is not None else None}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.logit_optim is not None and state.get("logit_optim") is not None:
+            self.logit_optim.load_state_dict(state["logit_optim"])
+
+
+def vmtl_objective(ctx: MethodContext) -> Objective:
+    """The ELBO with the mixture logits on their own learning rate (:class:`MixtureLogitsObjective`)."""
+    return MixtureLogitsObjective(ctx.method.elbo(ctx)(ctx.model, ctx.guide), ctx.config)
 
 
 def build_vmtl(ctx: MethodContext) -> tuple[VMTLModel, VMTLGuide]:
@@ -325,6 +407,7 @@ METHODS: tuple[Method, ...] = tuple(
         paper=VMTL_PAPER,
         build=build_vmtl,
         options=VMTLOptions,
+        objective=vmtl_objective,
         overrides={
             **tempered(1e-2),
             "amortized_classifier": amortized,

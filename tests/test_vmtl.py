@@ -375,7 +375,9 @@ def test_class_attention_on_regression_attends_over_every_training_sample():
 def test_alpha_puts_its_mass_on_tasks_of_the_same_cluster(weights):
     """8 tasks in 2 clusters of 4: a task's 3 same-cluster partners get most of α and of β.
 
-    The default probabilistic z and the method's own KL weights (only the warm-up is off).
+    The default probabilistic z and the method's own KL weights (only the warm-up is off), with
+    one optimiser for every parameter as in the paper (``mixture_lr_scale = 1``) at a larger lr;
+    ``test_vmtl_relatedness.py`` checks the default's own learning rate for the logits.
     """
     data = datasets.load("synthetic-clusters")
     related = data.relatedness.astype(bool) & ~np.eye(data.num_tasks, dtype=bool)
@@ -385,6 +387,7 @@ def test_alpha_puts_its_mass_on_tasks_of_the_same_cluster(weights):
         priors={"w": {"weights": weights}},
         steps=200,
         lr=0.02,
+        mixture_lr_scale=1.0,
         device="cpu",
         **{**SMALL, "mc_z": 1, "mc_w": 1, "eval_every": 1000},
     )

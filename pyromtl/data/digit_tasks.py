@@ -86,3 +86,53 @@ def overlay_pairs(images: np.ndarray, partner: np.ndarray, near: np.ndarray, far
         out[i, r1 : r1 + h, c1 : c1 + w] = images[i]
         out[i, r2 : r2 + h, c2 : c2 + w] = np.maximum(out[i, r2 : r2 + h, c2 : c2 + w], images[partner[i]])
     return out
+
+
+#: The clustered MIMO problems of :func:`clustered_tasks` (VMTL's relatedness study).
+CLUSTER_KINDS = ("grouped", "permuted", "inverted")
+_CLUSTERED_SEED = 1030
+
+
+def clustered_tasks(
+    x: np.ndarray, digits: np.ndarray, kind: str, tasks_per_cluster: int = 3
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[int], np.ndarray]:
+    """MIMO tasks in 2 known clusters, each task on its own disjoint share of the images.
+
+    ``x [N, D]`` are the images (pixels in [0, 1]) and ``digits [N]`` their digits. The images
+    are shuffled with a fixed seed and cut into ``2 * tasks_per_cluster`` disjoint parts, one per
+    task; tasks ``0 .. tasks_per_cluster-1`` form cluster 0, the rest cluster 1. ``kind``:
+
+    * ``grouped``: :data:`GROUPS`'s digit-subset tasks (``tasks_per_cluster = 3``), MIMO: task
+      ``dABC`` labels its part's digits by their position in ``(A, B, C)``, "none" otherwise;
+    * ``permuted``: the tasks share their classes within a cluster and not across: cluster c
+      labels digit d as ``(d + 5c) mod 10``, the same inputs carry other labels across;
+    * ``inverted``: the tasks share an input transform within a cluster and not across: cluster
+      1's images are inverted (``1 - x``), every task labels the digit itself.
+
+    Returns ``(xs, ys, names, num_classes, relatedness)``, ``relatedness`` the ``[T, T]`` cluster
+    indicator (1 within a cluster and on the diagonal, 0 across).
+    """
+    if kind not in CLUSTER_KINDS:
+        raise ValueError(f"kind must be one of {list(CLUSTER_KINDS)}, got {kind!r}")
+    check_int("tasks_per_cluster", tasks_per_cluster, 1)
+    if kind == "grouped" and tasks_per_cluster != 3:
+        raise ValueError(f"kind 'grouped' has 3 tasks per cluster (GROUPS), got tasks_per_cluster={tasks_per_cluster}")
+    T = 2 * tasks_per_cluster
+    parts = np.array_split(np.random.default_rng(_CLUSTERED_SEED).permutation(len(digits)), T)
+    cluster = np.arange(T) // tasks_per_cluster
+    xs = [np.asarray(x[p], dtype=np.float32) for p in parts]
+    if kind == "grouped":
+        names = list(GROUPS)
+        ys, ncls = [], []
+        for name, p in zip(names, parts):
+            targets, counts, _ = group_targets(digits[p], {name: GROUPS[name]})
+            ys.append(targets[name])
+            ncls.append(counts[0])
+    else:
+        names = [f"c{c}t{t % tasks_per_cluster}" for t, c in enumerate(cluster)]
+        shift = 5 if kind == "permuted" else 0
+        ys = [(digits[p] + shift * c) % 10 for p, c in zip(parts, cluster)]
+        ncls = [10] * T
+        if kind == "inverted":
+            xs = [1.0 - xi if c == 1 else xi for xi, c in zip(xs, cluster)]
+    return xs, ys, names, ncls, (cluster[:, None] == cluster[None, :]).astype(float)
