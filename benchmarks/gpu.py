@@ -59,7 +59,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("vmtl", "bayesagg", "hib", "smtl", "weighting")
 
-#: Each benchmark's settings on a GPU: the scripts' own CUDA (or README) settings.
+#: Each benchmark's settings on a GPU: the scripts' own CUDA (or docs/benchmarks.md) settings.
 FULL: dict[str, dict[str, Any]] = {
     "vmtl": {
         "shapes": ["clusters-4", "clusters-8", "clusters-16", "clusters-32", "office-home"],

@@ -3,9 +3,9 @@
     python examples/custom_prior.py                 # 300 steps of VBMTL on digits-domains (5%)
     python examples/custom_prior.py --steps 5 --scale 0.2
 
-A kind is one function registered with ``pyromtl.priors.register`` (README, "Priors,
-declaratively"). It gets the resolved spec (``spec.params``: the table's values, defaults filled
-in) and a context ``ctx`` with the site's ``batch_shape`` and ``event_shape``, ``ctx.full`` for
+A kind is one function registered with ``pyromtl.priors.register`` (docs/guide/priors.md). It
+gets the resolved spec (``spec.params``: the table's values, defaults filled in) and a context
+``ctx`` with the site's ``batch_shape`` and ``event_shape``, ``ctx.full`` for
 constant tensors on the model's device and ``ctx.param`` for learned prior parameters, which the
 model then owns and trains with everything else. Torch registers a closed-form KL from the
 guide's Normal to a Laplace, so ``TraceMeanField_ELBO`` uses it; for a kind without one it falls

@@ -9,7 +9,7 @@ val, as every fit does; the kept steps are reported.
 
 The default data is ``digits-mixed``: two digit tasks (``even``, ``digit``) that must ignore
 each image's rotation, and ``angle``, which asks for exactly that rotation. There hard sharing
-is worse than single-task learning on ``angle`` and ``even`` on every seed (README, "SMTL as
+is worse than single-task learning on ``angle`` and ``even`` on every seed (docs/methods/smtl.md, "As
 implemented"); ``digits-conflict``'s one-bit ``clockwise`` conflict is too easy to show it.
 
     python examples/smtl_conflict.py --seeds 5 --steps 1000 --out results/smtl_conflict

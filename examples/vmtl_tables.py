@@ -1,4 +1,4 @@
-"""Regenerate the README's VMTL results on the embedded digits data.
+"""Regenerate the VMTL results of docs/methods/vmtl.md on the embedded digits data.
 
     python examples/vmtl_tables.py --table sweep --seeds 5 --jobs 2
     python examples/vmtl_tables.py --table all --seeds 5 --jobs 2 --out results/
@@ -55,7 +55,7 @@ TABLE1 = {
     "z ✓, w ✓": "table1_z_prob_w_prob",
 }
 TABLE2 = {"mean": "table2_mean", "learned": "table2_learned", "gumbel_softmax": "table2_gumbel"}
-#: Each deviation from the paper (README), against the defaults, at 5%: (label, method, options).
+#: Each deviation from the paper (docs/methods/vmtl.md), against the defaults, at 5%: (label, method, options).
 DEVIATIONS = [
     ("vmtl (defaults)", "vmtl", {}),
     ("vmtl, z_prior_grad = true", "vmtl", {"z_prior_grad": True}),

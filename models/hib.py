@@ -28,7 +28,7 @@ over draws: validation, which picks the kept step, over ``eval_samples`` (20, th
 default, kept for HIB), and the final metrics over at least ``MIN_DRAWS`` (100) draws
 (:meth:`pyromtl.fit.Fit.predict`). So ``metrics.json`` scores the Monte-Carlo predictive, not one
 noisy draw; the paper's single test draw is ``Fit.evaluate("test", num_samples=1)``. Measured on
-``digits-grouped`` at the defaults, seeds 0, 1, 2 (on one CPU; see the README's HIB section):
+``digits-grouped`` at the defaults, seeds 0, 1, 2 (on one CPU; see docs/methods/hib.md):
 
 * one test draw scores 0.936, 0.941, 0.945 mean accuracy where the 100-draw predictive scores
   0.978, 0.979, 0.982 (a single draw's own accuracy averages 0.937-0.948 over 100 draws);

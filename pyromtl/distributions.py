@@ -37,7 +37,7 @@ __all__ = ["KL_MODES", "DiagNormal", "GaussianPrecision", "TaskMixture", "factor
 # The sample shapes torch's Distribution.sample/rsample take (its torch.types._size).
 _SampleShape = torch.Size | list[int] | tuple[int, ...]
 
-#: Values of :attr:`TaskMixture.kl`.
+#: Values of :class:`TaskMixture`'s ``kl`` argument.
 KL_MODES = ("upper_bound", "monte_carlo")
 
 

@@ -41,7 +41,11 @@ MIN_DRAWS = 100
 
 @dataclass
 class Fit:
-    """A trained method on a dataset: evaluate it, read task relatedness, export to ArviZ, save."""
+    """A trained method on a dataset: evaluate it, read task relatedness, export to ArviZ, save.
+
+    Returned by :func:`fit` and :func:`load`; not built by hand. ``history`` holds the logged
+    training steps (``{"step", "loss", ...}`` dicts, with the validation metric where evaluated).
+    """
 
     spec: RunSpec
     objective: Objective
@@ -126,17 +130,33 @@ class Fit:
             return draw(self.model, self.guide, batch, 1, self.method.max_plate_nesting).loglik.shape[0]
 
     def evaluate(self, split: str = "test", num_samples: int | None = None) -> dict[str, dict]:
-        """Per-task metrics and their average, shaped like ``metrics.json``'s ``tasks``/``average``."""
+        """Per-task metrics and their average, shaped like ``metrics.json``'s ``tasks``/``average``.
+
+        :param split: ``"train"``, ``"val"`` or ``"test"``.
+        :param num_samples: model passes to average (default as in :meth:`predict`).
+        :returns: ``{"tasks": {task: {metric: value}}, "average": {metric: value}}``, e.g.
+            ``accuracy``, ``auc``, ``ece``, ``brier`` and ``nll`` for classification, ``mse``,
+            ``mae`` and ``nmse`` for regression (:func:`pyromtl.metrics.task_metrics`).
+        """
         return score_prediction(self.data, self.predict(split, num_samples))
 
     @local_params
     def relatedness(self) -> dict[str, np.ndarray]:
-        """Task-by-task matrices (VMTL α and β, ...); empty for methods without any."""
+        """Task-by-task matrices of what the method learns about its tasks; empty for methods without any.
+
+        :returns: ``{name: [T, T] array}`` with task order ``data.task_names``: ``alpha`` and
+            ``beta`` (VMTL's mixture weights of the ``z`` and ``w`` priors, rows summing to 1),
+            ``distance`` (HIB's eq. 11), ``gates`` (SMTL's ``α_t`` on the diagonal).
+        """
         return self.context.relatedness()
 
     @local_params
     def export_pruned(self) -> torch.nn.Module:
-        """A plain ``nn.Module`` holding only what inference uses (the method's ``export_pruned``)."""
+        """A plain ``nn.Module`` holding only what inference uses (the method's ``export_pruned``).
+
+        :raises ValueError: the method has none (SMTL's variants have one: each task keeps only
+            the side its gate chose).
+        """
         if self.method.export_pruned is None:
             raise ValueError(f"method {self.method.name!r} has no pruned export")
         with torch.no_grad():
@@ -145,7 +165,14 @@ class Fit:
     @local_params
     def to_arviz(self, num_samples: int | None = None, split: str = "test"):
         """An ArviZ DataTree with posterior, posterior_predictive, log_likelihood, observed_data,
-        from the draws of :meth:`predict` (by default those of the metrics)."""
+        from the draws of :meth:`predict` (by default those of the metrics).
+
+        :param num_samples: model passes (default as in :meth:`predict`).
+        :param split: the split whose predictions and observations it holds.
+        :returns: an :class:`xarray.DataTree` with dimensions named ``task``, ``other_task``,
+            ``class`` and ``latent_dim``; ``az.loo`` and ``az.compare`` read its
+            ``log_likelihood`` group.
+        """
         from pyromtl.export import to_datatree
 
         return to_datatree(self, num_samples=num_samples, split=split)
@@ -191,6 +218,10 @@ class Fit:
 
         A checkpoint already there is kept only if it is this fit's own (the trainer wrote it
         while training into ``out``); any other is replaced by this fit's state.
+
+        :param out: the run directory (created if missing).
+        :returns: its path.
+        :raises ValueError: ``out`` holds a different run, or another process is writing it.
         """
         from pyromtl.plots import plot_run
 
@@ -230,6 +261,21 @@ def fit(
     registered network), an ``nn.Module`` mapping ``[B, *input_shape]`` to ``[B, F]`` (a template:
     copies of it are trained, never it), or a callable ``factory(input_shape)`` returning one
     (see :mod:`pyromtl.backbones`).
+
+    :param method: a registered method name (:func:`pyromtl.methods.available`).
+    :param data: the data, or the name of a registered dataset (:func:`pyromtl.datasets.available`);
+        ``None`` takes the config's ``data`` (the method's default dataset).
+    :param priors: ``{site: spec}`` replacing the method's default priors (anything
+        :func:`pyromtl.priors.parse_spec` takes).
+    :param seed: seeds the data split, the initialisation and every draw.
+    :param device: ``"auto"`` (CUDA where available), ``"cpu"`` or ``"cuda"``.
+    :param out: a run directory to checkpoint into and save to (``pyromtl fit --out``).
+    :param backbone: the network in front of the method's own parts (above).
+    :param options: config keys (``pyromtl show METHOD`` lists a method's keys and defaults).
+    :returns: the trained fit, its state the one model selection kept.
+    :raises ValueError: an unknown method, dataset, prior kind or option, a value out of range,
+        data the method cannot learn, or a run directory holding a different run.
+    :raises ~pyromtl.errors.TrainingError: the loss became NaN or infinite.
     """
     m = methods.get(method)
     obj = None
@@ -342,6 +388,14 @@ def load(
     Embedded and benchmark datasets are rebuilt from the config; a custom ``MultiTaskData``
     must be passed as ``data``, and a backbone given from Python as ``backbone`` (a registered
     one is found by its name, once the module that registers it is imported).
+
+    :param run_dir: a directory written by :meth:`Fit.save` or ``pyromtl fit``.
+    :param data: the data the run was fitted on, where it is not a registered dataset.
+    :param device: where to load it (default: the run's own device setting).
+    :param backbone: the backbone object the run was fitted with, where it was given from Python.
+    :returns: the fit, as it was saved; nothing is trained.
+    :raises ValueError: the directory is not a complete run, is being written by another
+        process, or names a method, prior kind, dataset or network that is not registered.
     """
     run = RunDir(run_dir)
     for path in (run.config_path, run.checkpoint_path):

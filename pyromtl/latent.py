@@ -50,7 +50,7 @@ def tempered(weight: float) -> dict[str, Any]:
 
     Every site's KL is scaled by ``weight`` (``kl_weights``), the likelihood is not: the
     posterior of a likelihood raised to the power ``1 / weight``. Each method's weight was
-    picked on validation accuracy from {1e-7, 1e-4, 1e-2, 0.1, 1} (README, "KL weight sweep").
+    picked on validation accuracy from {1e-7, 1e-4, 1e-2, 0.1, 1} (docs/methods/vmtl.md, "KL weight sweep").
     """
     return {"kl_weight": dict(KL_WARMUP), "kl_weights": {"z": weight, "w": weight}}
 

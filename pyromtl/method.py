@@ -211,11 +211,11 @@ class Method:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        """The method's option defaults (its dataclass's, then :attr:`overrides`), fresh copies."""
+        """The method's option defaults (its dataclass's, then ``overrides``), fresh copies."""
         return {**self.options.defaults(), **{k: _copy(v) for k, v in self.overrides.items()}}
 
     def prepare(self, ctx: MethodContext) -> MultiTaskData:
-        """``ctx.data`` as this method trains on it (:attr:`prepare_data`, if declared)."""
+        """``ctx.data`` as this method trains on it (``prepare_data``, if declared)."""
         return ctx.data if self.prepare_data is None else self.prepare_data(ctx)
 
     def check_data(self, data: MultiTaskData) -> None:

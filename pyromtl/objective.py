@@ -12,9 +12,9 @@ does more than that supplies its own subclass through ``Method.objective``:
 * parameters listed by :meth:`Objective.own_parameters` are left out of the trainer's optimiser,
   so the objective can update them with optimisers of its own. Checkpoint those optimisers (and
   any other state) through ``get_extra_state``/``set_extra_state``, the ``nn.Module`` hooks that
-  put it into :meth:`state_dict`: a resumed run then continues exactly.
+  put it into :meth:`~torch.nn.Module.state_dict`: a resumed run then continues exactly.
 
-An objective is an ``nn.Module`` whose :meth:`state_dict` is what a checkpoint stores.
+An objective is an ``nn.Module`` whose :meth:`~torch.nn.Module.state_dict` is what a checkpoint stores.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_the_core_imports_plug_ins_only_in_the_registry_table() -> None:
 
 def test_a_new_method_touches_its_two_files_and_the_registry_table() -> None:
     """Outside a plug-in's own ``models/<name>.py`` and ``guides/<name>.py``, only
-    ``pyromtl/methods.py`` names it in code (tests, README and golden cases aside), in the
+    ``pyromtl/methods.py`` names it in code (tests, docs and golden cases aside), in the
     import and the tuple of its table."""
     table = (ROOT / "pyromtl" / "methods.py").read_text()
     plugins = sorted({p for m in MODULES if (p := _plugin(m))})

@@ -503,7 +503,7 @@ def test_multiclass_quadrature_beats_plain_monte_carlo_at_equal_draws():
 
 @pytest.mark.parametrize(("points", "mean_bound", "var_bound"), [(None, 0.10, 0.08), (1024, 0.02, 0.02)])
 def test_multiclass_moments_are_within_their_stated_error(points, mean_bound, var_bound):
-    """The stated error of the logit points (README, BayesAgg-MTL): against 2¹⁴ points, the mean's
+    """The stated error of the logit points (docs/methods/bayesagg.md, "As implemented"): against 2¹⁴ points, the mean's
     relative error (norm over h's coordinates) for the worst row, and the variance's for the
     median row. At the default 64 points: under 10% and 8% (measured: at most 8% and 6% over 20
     scrambles of three such problems); at the paper's 1,024: under 2% for both. The posterior is

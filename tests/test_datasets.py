@@ -232,7 +232,7 @@ def test_digits_mixed_tasks_agree_with_each_other():
 
 
 def test_digits_mixed_angle_is_the_rotation_of_the_input_and_independent_of_the_digit():
-    """The SMTL demonstration's conflict (README, "SMTL as implemented"): ``angle`` needs what the
+    """The SMTL demonstration's conflict (docs/methods/smtl.md, "Results"): ``angle`` needs what the
     digit tasks must ignore, so it has to be the input's own rotation and carry nothing of the digit."""
     data = datasets.load("digits-mixed")
     mean, std = data.target_stats[0]

@@ -189,7 +189,7 @@ def test_default_beta_is_the_papers_0_1():
 
     It is the paper's β for its Grouped-MNIST clustering experiments (§V-B: Figs. 2-3 and Table V
     use 0.1), and the β at which our ``digits-grouped`` runs cluster (5 of 5 and 20 of 20 seeds in
-    the README's "Results (HIB issue)", against 2-3 of 5 at β ≤ 0.01); every recorded HIB number
+    the results of docs/methods/hib.md, against 2-3 of 5 at β ≤ 0.01); every recorded HIB number
     depends on it. Change it only with those results.
     """
     from pyromtl.models.hib import HIBOptions

@@ -1,4 +1,4 @@
-"""Learning tests on the embedded data: what the README's results claim, at test scale.
+"""Learning tests on the embedded data: what the docs' results (docs/methods/) claim, at test scale.
 
 Each run is a default ``pyromtl.fit`` on ``digits-domains`` (its default fraction, 0.05: about
 one training image per class and task), so these are the numbers a user gets. Runs are shared

@@ -1,22 +1,29 @@
-"""The README's shell and Python code blocks, run top to bottom in one fresh directory, work.
+"""The shell and Python code blocks of the README and the docs pages, run top to bottom in one
+fresh directory, work.
 
-A new user copies the README's commands in order into one directory, where a command that
-reuses a run directory an earlier one wrote with another config, or with more steps than it
-asks for, is refused. This test does what that user does:
+A new user copies the README's commands in order into one directory, then those of the docs
+pages, where a command that reuses a run directory an earlier one wrote with another config, or
+with more steps than it asks for, is refused. This test does what that user does:
 
-* **What runs.** Every ```bash and ```python block of README.md, in order. A bash block is cut
+* **What runs.** Every ```bash and ```python block of README.md, then of each docs page in the
+  order of :data:`PAGES`, in one directory, so a page can use the runs an earlier page made (the
+  ArviZ guide reopens the quick start's ``runs/vmtl``). Every Markdown page under ``docs/``
+  outside ``docs/api/`` with such a block must be listed there. A bash block is cut
   into its command lines (``\\`` continuations joined), and a line that chains commands with
   ``&&`` into those commands. What is not meant to be run here is skipped by a rule of
   :data:`SKIPS`, each with its reason: shell commands one at a time (the set-up blocks' install
   steps, GPU-only and real-data commands), Python blocks whole (illustrative fragments). Every
   skipped piece matches exactly one rule and every rule matches something, so the list cannot
-  silently grow or go stale.
+  silently grow or go stale. A block that repeats an earlier block verbatim (the docs' Getting
+  started repeats the README's quick start) is skipped whole by :data:`REPEAT` and runs once.
+  A block that is not meant to run at all (illustrative output, a SLURM script) is fenced with
+  another language, e.g. ```text, and is never read.
 * **Where.** A fresh temporary directory ``work/``, with a copy of ``examples/`` where the
-  README's relative paths look for it, and ``.venv`` linked to this venv (what the set-up block
+  pages' relative paths look for it, and ``.venv`` linked to this venv (what the set-up block
   creates, so the rest of that block, ``.venv/bin/pyromtl fit vmtl ...``, runs too and leaves
   its run directory for later commands to collide with). The Python blocks run in one
   interpreter and one namespace, as pasted into one session; that interpreter (a subprocess,
-  :func:`_drive`) runs the shell lines too, so everything keeps the README's order.
+  :func:`_drive`) runs the shell lines too, so everything keeps the pages' order.
 * **How a shell line runs.** Every command is a process of its own, started from nothing that an
   earlier command or Python block left behind. A line of plain words and quotes (no expansion,
   redirection, pipe, glob or other shell syntax, :data:`SHELL_SYNTAX`) whose commands run this
@@ -50,9 +57,9 @@ asks for, is refused. This test does what that user does:
 
 The library has no knob for any of this: the commands run as written, plus the appended
 ``--set steps=N``, with one intra-op thread per process (``OMP_NUM_THREADS=1``, as the other
-tests run). On a quiet 2-core machine the test takes about one minute (the README unshortened,
+tests run). On a quiet 2-core machine the test takes about one minute (the pages unshortened,
 every command in a new interpreter, about three and a half), most of it in the runs whose
-length the README states (``--set steps=500`` of the Table 2 ablation, the custom-method
+length the pages state (``--set steps=500`` of the Table 2 ablation, the custom-method
 script's 200 steps).
 """
 
@@ -77,6 +84,32 @@ from tests.conftest import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: The pages whose blocks run, in this order, in one directory: the README, then the docs pages
+#: in the order a reader meets them (the site's front page, then Getting started; the ArviZ guide
+#: reopens a quick-start run).
+PAGES = (
+    "README.md",
+    "docs/index.md",
+    "docs/guide/getting-started.md",
+    "docs/guide/own-data.md",
+    "docs/guide/run-directories.md",
+    "docs/guide/priors.md",
+    "docs/guide/own-method.md",
+    "docs/guide/own-network.md",
+    "docs/guide/arviz.md",
+    "docs/guide/cuda.md",
+    "docs/guide/many-devices.md",
+    "docs/guide/leaderboard.md",
+    "docs/datasets.md",
+    "docs/methods/index.md",
+    "docs/methods/vmtl.md",
+    "docs/methods/bayesagg.md",
+    "docs/methods/hib.md",
+    "docs/methods/smtl.md",
+    "docs/methods/weighting.md",
+    "docs/benchmarks.md",
+    "docs/changelog.md",
+)
 #: This venv (not resolved: its ``bin/python`` is a link that must keep its path to find the venv).
 VENV = Path(sys.executable).parent.parent
 #: Steps that a default-length run may train past the largest stated count below its length.
@@ -96,7 +129,7 @@ PRELOAD = ["pyromtl.cli", "torch._dynamo", "sklearn.metrics", "h5netcdf", "matpl
 
 @dataclass(frozen=True)
 class Skip:
-    """A piece of the README that is not run here: ``what`` is ``"command"`` (one shell command)
+    """A piece of a page that is not run here: ``what`` is ``"command"`` (one shell command)
     or ``"block"`` (a whole Python block); ``pattern`` a regular expression it matches."""
 
     what: str
@@ -108,19 +141,25 @@ SKIPS = (
     Skip("command", r"^python3\.12 -m venv\b", "creates the virtual environment, which this test runs in"),
     Skip("command", r"\bpip install\b", "installs packages"),
     Skip("command", r"\bpython -m pytest\b", "runs the whole test suite, this test included"),
+    Skip("command", r"^bash \.ci/docs\b", "builds the docs, which CI does in a step of its own"),
     Skip("command", r"--device cuda\b", "needs a CUDA GPU"),
     Skip("command", r"--root /data/", "reads a benchmark's files, which are not embedded"),
     Skip("block", r"\bx_task0\b", "illustrative: the reader's own arrays (x_task0, y_age, ...) are placeholders"),
     Skip("block", r"\bmy_resnet\b", "illustrative: the reader's own networks (my_resnet, MyNet) are placeholders"),
     Skip("block", r"(?m)^\s*\.\.\.\s*$", "abridged source of models/vmtl.py (`...` elides code), not a script"),
 )
+#: The rule for a block whose language and text repeat an earlier block's exactly: it ran (or was
+#: skipped) once already. Checked before :data:`SKIPS`, so a repeat is skipped for this reason only.
+REPEAT = Skip("block", "", "repeats, verbatim, a block of an earlier page or of this one")
 
 
 @dataclass
 class Unit:
-    """One thing to run: a shell command line (its ``&&`` parts) or a Python block."""
+    """One thing to run: a shell command line (its ``&&`` parts) or a Python block, and where it
+    is (``page``, a path from the repository root, and ``line``)."""
 
     kind: str
+    page: str
     line: int
     parts: list[str] = field(default_factory=list)
     code: str = ""
@@ -145,28 +184,41 @@ def _rules(what: str, piece: str) -> list[Skip]:
     return [rule for rule in SKIPS if rule.what == what and re.search(rule.pattern, piece)]
 
 
-def plan(text: str) -> tuple[list[Unit], list[tuple[int, str, Skip]]]:
-    """The units to run, in order, and every skipped piece as ``(line, piece, rule)``."""
+def read_pages() -> list[tuple[str, str]]:
+    """``(page, text)`` of every page of :data:`PAGES`, in order."""
+    return [(page, (ROOT / page).read_text(encoding="utf-8")) for page in PAGES]
+
+
+def plan(pages: list[tuple[str, str]]) -> tuple[list[Unit], list[tuple[str, int, str, Skip]]]:
+    """The units to run, in order, and every skipped piece as ``(page, line, piece, rule)``."""
     units: list[Unit] = []
-    skipped: list[tuple[int, str, Skip]] = []
-    for lang, line, body in readme_blocks(text):
-        if lang == "python":
-            rules = _rules("block", body)
-            if rules:
-                skipped += [(line, body, rule) for rule in rules]
-            else:
-                units.append(Unit("python", line, code=body))
-        elif lang == "bash":
+    skipped: list[tuple[str, int, str, Skip]] = []
+    seen: set[tuple[str, str]] = set()
+    for page, text in pages:
+        for lang, line, body in readme_blocks(text):
+            if lang not in ("python", "bash"):
+                continue
+            if (lang, body) in seen:
+                skipped.append((page, line, body, REPEAT))
+                continue
+            seen.add((lang, body))
+            if lang == "python":
+                rules = _rules("block", body)
+                if rules:
+                    skipped += [(page, line, body, rule) for rule in rules]
+                else:
+                    units.append(Unit("python", page, line, code=body))
+                continue
             for command in re.sub(r"\\\n[ \t]*", " ", body).splitlines():
                 parts = []
                 for part in re.split(r"\s+&&\s+", command.strip()):
                     rules = _rules("command", part)
                     if rules:
-                        skipped += [(line, part, rule) for rule in rules]
+                        skipped += [(page, line, part, rule) for rule in rules]
                     elif part and not part.startswith("#"):
                         parts.append(part)
                 if parts:
-                    units.append(Unit("bash", line, parts=parts))
+                    units.append(Unit("bash", page, line, parts=parts))
     return units, skipped
 
 
@@ -217,7 +269,7 @@ def _shorten(units: list[dict], resolved: list[dict], short: int) -> tuple[list[
         steps = shortened(r["steps"], stated_list, short)
         assert lengths.setdefault(steps, r["steps"]) == r["steps"], f"{r['steps']} and {lengths[steps]} steps merge"
         part["text"] = shlex.join([*shlex.split(part["text"], comments=True), "--set", f"steps={steps}"])
-        changed.append(f"README.md:{unit['line']}: {r['steps']} steps by default, {steps} here: {part['text']}")
+        changed.append(f"{unit['page']}:{unit['line']}: {r['steps']} steps by default, {steps} here: {part['text']}")
     return stated_list, lengths, changed
 
 
@@ -481,7 +533,7 @@ def _drive(plan_file: str, server) -> None:
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
                 try:
-                    exec(compile(unit["text"], f"README.md, block at line {unit['line']}", "exec"), namespace)
+                    exec(compile(unit["text"], f"{unit['page']}, block at line {unit['line']}", "exec"), namespace)
                     ok = True
                 except Exception:
                     ok = False
@@ -542,15 +594,26 @@ def launcher(part: str, work: Path, path: str) -> tuple[str, str]:
 
 
 def test_every_block_is_run_or_skipped_for_one_stated_reason() -> None:
-    units, skipped = plan(README.read_text(encoding="utf-8"))
-    pieces = [(line, piece) for line, piece, _ in skipped]
+    units, skipped = plan(read_pages())
+    pieces = [(page, line, piece) for page, line, piece, _ in skipped]
     ambiguous = sorted({p for p in pieces if pieces.count(p) > 1})
     assert not ambiguous, f"skipped for more than one reason, make the rules exclusive: {ambiguous}"
-    unused = [rule.reason for rule in SKIPS if not any(rule is r for _, _, r in skipped)]
-    assert not unused, f"skip rules that match nothing in README.md any more: {unused}"
+    unused = [rule.reason for rule in SKIPS if not any(rule is r for *_, r in skipped)]
+    assert not unused, f"skip rules that match nothing in the pages any more: {unused}"
     kinds = [u.kind for u in units]
     assert kinds.count("bash") >= 10 and kinds.count("python") >= 3, kinds
     assert any(fit_argv(p) for u in units for p in u.parts), "no `pyromtl fit` command left to run"
+
+
+def test_every_docs_page_with_code_blocks_is_run() -> None:
+    """A bash or Python block on a docs page outside :data:`PAGES` would never run: list it."""
+    assert all((ROOT / page).is_file() for page in PAGES), [p for p in PAGES if not (ROOT / p).is_file()]
+    for path in sorted((ROOT / "docs").rglob("*.md")):
+        page = path.relative_to(ROOT).as_posix()
+        if page in PAGES or page.startswith("docs/api/"):
+            continue
+        langs = {lang for lang, _, _ in readme_blocks(path.read_text(encoding="utf-8"))}
+        assert not langs & {"bash", "python"}, f"{page} has bash or python blocks: add it to PAGES"
 
 
 def test_shortening_never_moves_a_length_across_a_stated_count() -> None:
@@ -586,7 +649,7 @@ def test_a_run_of_an_unregistered_method_says_to_pass_import(tmp_path: Path, cap
 @pytest.mark.slow
 def test_readme_blocks_run_in_order_in_a_fresh_directory(tmp_path: Path) -> None:
     assert (VENV / "bin" / "pyromtl").exists(), f"no pyromtl CLI in {VENV}"
-    units, skipped = plan(README.read_text(encoding="utf-8"))
+    units, skipped = plan(read_pages())
     work, harness = tmp_path / "work", tmp_path / "harness"
     harness.mkdir()
     shutil.copytree(ROOT / "examples", work / "examples", ignore=shutil.ignore_patterns("__pycache__"))
@@ -608,14 +671,14 @@ def test_readme_blocks_run_in_order_in_a_fresh_directory(tmp_path: Path) -> None
     spec_units, through_bash = [], False
     for u in units:
         if u.kind == "python":
-            spec_units.append({"kind": "python", "line": u.line, "text": u.code})
+            spec_units.append({"kind": "python", "page": u.page, "line": u.line, "text": u.code})
             continue
         runs = [launcher(part, work, env["PATH"]) for part in u.parts]
         via = "bash" if any(run == "bash" for run, _ in runs) else "fork"
         if via == "fork" and not through_bash and any(run == "pyromtl" for run, _ in runs):
             via, through_bash = "bash", True
         parts = [{"text": part, "run": run, "program": program} for part, (run, program) in zip(u.parts, runs)]
-        spec_units.append({"kind": "bash", "line": u.line, "text": u.text, "via": via, "parts": parts})
+        spec_units.append({"kind": "bash", "page": u.page, "line": u.line, "text": u.text, "via": via, "parts": parts})
     assert through_bash, "no `pyromtl` command of this venv's CLI runs through bash"
 
     spec = {
@@ -647,14 +710,14 @@ def test_readme_blocks_run_in_order_in_a_fresh_directory(tmp_path: Path) -> None
 
     how = {"bash": "bash", "fork": "fork", None: "py  "}
     lines = [
-        f"{r['seconds']:6.1f} s  {'ok ' if r['ok'] else 'FAILED'} {how[r.get('via')]} README.md:{r['line']}: "
+        f"{r['seconds']:6.1f} s  {'ok ' if r['ok'] else 'FAILED'} {how[r.get('via')]} {r['page']}:{r['line']}: "
         for r in report
     ]
     lines = [ln + r["text"].splitlines()[0] + (" ..." if "\n" in r["text"] else "") for ln, r in zip(lines, report)]
     lines += [entry for r in report for entry in r["log"]] + changed
-    lines += [f"skipped README.md:{line}: {piece.splitlines()[0]!r}: {rule.reason}" for line, piece, rule in skipped]
-    print(f"README blocks: {len(report)} of {len(units)} units run in {wall:.0f} s", *lines, sep="\n")
+    lines += [f"skipped {page}:{line}: {piece.splitlines()[0]!r}: {rule.reason}" for page, line, piece, rule in skipped]
+    print(f"README and docs blocks: {len(report)} of {len(units)} units run in {wall:.0f} s", *lines, sep="\n")
     bad = next((r for r in report if not r["ok"]), None)
-    assert bad is None, f"README.md:{bad['line']} failed:\n{bad['text']}\n{bad['output'][-4000:]}"
+    assert bad is None, f"{bad['page']}:{bad['line']} failed:\n{bad['text']}\n{bad['output'][-4000:]}"
     assert not failure, failure
     assert len(report) == len(units)

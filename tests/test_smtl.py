@@ -206,10 +206,10 @@ def test_compare_reports_eta_hat_and_delta_i_by_hand(tmp_path: Path, capsys) -> 
 
 @pytest.mark.slow
 def test_hard_sharing_is_worse_than_stl_on_the_conflicting_angle() -> None:
-    """Negative sharing on digits-mixed at the defaults and the README's 1,000 steps: ``bmtl``'s
+    """Negative sharing on digits-mixed at the defaults and the 1,000 steps of docs/methods/smtl.md: ``bmtl``'s
     angle NMSE is above ``stl``'s (25-35 s on two cores).
 
-    The README's five seeds put bmtl 8-16% above stl on every seed; seed 3 (16%) is checked
+    Its five seeds put bmtl 8-16% above stl on every seed; seed 3 (16%) is checked
     with a 5% margin, which leaves room for numerical drift between library versions.
     """
     # validation checks every distribution built; off, the two fits take a third less time

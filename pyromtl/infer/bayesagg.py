@@ -289,7 +289,7 @@ class GaussianStats:
         mean, cov = regression_posterior(h, y, prior_mean, prior_precision)
     """
 
-    #: Chunks wait until this many rows have come, then are summed in one product: a step pays
+    #: Chunks wait until this many rows have come, then are summed in one product, so a step pays
     #: for a list append, not for its own float64 matmuls, and memory stays bounded.
     flush_rows = 16384
 

@@ -10,7 +10,7 @@ TASK_TYPES: tuple[str, ...] = ("classification", "binary", "regression")
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "auc", "ece", "brier", "nll")
 #: Metric keys reported for ``regression`` tasks, in order.
 REGRESSION_METRICS: tuple[str, ...] = ("mse", "mae", "nmse")
-#: Metric keys reported for each dense task (:func:`dense_task_metrics`), in order.
+#: Metric keys reported for each dense task (:func:`~pyromtl.metrics.dense_task_metrics`), in order.
 DENSE_METRICS: dict[str, tuple[str, ...]] = {
     "segmentation": ("miou", "pixel_acc"),
     "depth": ("abs_err", "rel_err"),

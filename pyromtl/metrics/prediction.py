@@ -138,13 +138,14 @@ def auc(probs, y) -> float:
 
 
 def ece(probs, y, n_bins: int = 15) -> float:
-    """Expected calibration error with ``n_bins`` equal-width confidence bins.
+    r"""Expected calibration error with ``n_bins`` equal-width confidence bins.
 
     Following Naeini et al. (2015) and Guo et al. (2017, eq. 3), which BayesAgg-MTL
     (App. C.1) uses with 15 bins: with top-label confidence ``conf_i = max_c p_ic``, predicted
     label ``argmax_c p_ic``, and bins ``B_m = ((m-1)/M, m/M]``,
 
-        ECE = Σ_m |B_m| / N · |acc(B_m) − conf(B_m)|.
+    .. math:: \mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{N} \,
+              \bigl|\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\bigr|.
 
     Binary ``probs [N]`` are treated as the two classes ``[1 − p, p]``, so the confidence is
     ``max(p, 1 − p)``. A perfectly calibrated predictor has ECE 0; the range is ``[0, 1]``.

@@ -30,7 +30,7 @@ class PriorSite(LocalParamsModule):
     """The prior of one latent site, owned by a model; builds a distribution per call.
 
     Learned prior parameters (``learned_normal``'s loc/scale, ``task_mixture``'s logits π) are
-    created lazily on the first :meth:`build` as ``torch.nn.Parameter`` s in :attr:`params`, so
+    created lazily on the first :meth:`build` as ``torch.nn.Parameter`` s in ``params``, so
     they appear in ``parameters()`` and ``state_dict()``. Build optimisers after one dry-run
     call. ``load_state_dict`` also creates parameters it finds in the state dict and does not hold
     yet, so a checkpoint loads into a fresh site (the trainer's dry run beforehand is harmless).
