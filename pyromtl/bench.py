@@ -121,14 +121,14 @@ def _known_keys(method: methods.Method) -> set[str]:
 
 def _run(cell: Cell, out: str, options: Mapping[str, Any], plugins: Sequence[str], threads: int) -> dict[str, Any]:
     """Train (or reopen) one cell, in whatever process runs it; return whether it trained and
-    how long it took. ``plugins`` are the ``--import`` modules, imported again in a worker,
-    since they may define the method or the data."""
+    how long it took. ``plugins`` are the ``--import`` modules: a worker process imports those it
+    has not imported yet (it runs many cells), since they may define the method or the data."""
     import torch
 
     from pyromtl.fit import fit_resolved
-    from pyromtl.plugins import import_plugins
+    from pyromtl.plugins import IMPORTED, import_plugins
 
-    import_plugins(plugins)
+    import_plugins([p for p in plugins if p not in IMPORTED])
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -19,8 +19,7 @@ def import_plugins(specs: Sequence[str]) -> None:
 
     This is how a run of a user's own method, prior kind or dataset is fitted, evaluated or
     reported: the module registers it. Only modules given on the command line are imported;
-    nothing named inside a run directory ever is. A module this process already imported
-    through here is not imported again.
+    nothing named inside a run directory ever is.
     """
     import importlib
     import importlib.util
@@ -31,8 +30,6 @@ def import_plugins(specs: Sequence[str]) -> None:
             if not path.is_file():
                 raise ValueError(f"--import: no such file {spec}")
             spec = str(path.resolve())  # a worker of a multi-process run may start elsewhere
-            if spec in IMPORTED:
-                continue
             name = f"pyromtl_plugin_{path.stem}"
             loader = importlib.util.spec_from_file_location(name, path)
             if loader is None or loader.loader is None:
@@ -44,8 +41,6 @@ def import_plugins(specs: Sequence[str]) -> None:
             except Exception as err:  # the user's code: one line saying which file failed, and how
                 sys.modules.pop(name, None)
                 raise ValueError(f"--import {spec}: running it raised {type(err).__name__}: {err}") from None
-        elif spec in IMPORTED:
-            continue
         else:
             try:
                 importlib.import_module(spec)
