@@ -259,14 +259,15 @@ def test_bilevel_gates_learn_on_a_val_part_that_model_selection_never_sees() -> 
     assert len(objective.gate_optim.state_dict()["state"]) == 1
 
 
-def test_bilevel_gates_resume_exactly_from_a_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gates", ["joint", "bilevel"])
+def test_gates_resume_exactly_from_a_checkpoint(tmp_path: Path, gates: str) -> None:
     """A run stopped at step 25 and resumed to 30 ends where one run of 30 steps ends: every
-    parameter, the gates and their own optimiser's moments."""
+    parameter, the gates and their own optimiser's moments (joint and bi-level alike)."""
     m = methods.get("lsmtl")
     data = mixed_simo()
     cfg = config.resolve(
         m,
-        {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu", "gates": "bilevel", "gate_lr": 0.05},
+        {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu", "gates": gates, "gate_lr": 0.05},
         data=data,
     )
     train(RunSpec.build(m, cfg, data, tmp_path / "once"))

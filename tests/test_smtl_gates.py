@@ -5,7 +5,6 @@ under the soft (eq. 1) and the straight-through (eq. 3-4) gates, at the gates' o
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import torch
 import pyromtl
 from pyromtl import config, methods
 from pyromtl.data.core import MultiTaskData
-from pyromtl.rundir import RunDir
 from pyromtl.runspec import RunSpec
 from pyromtl.train import train
 from tests.conftest import TINY, built, mixed_simo
@@ -81,23 +79,6 @@ def test_lite_gates_start_towards_private_and_soft_gates_at_the_tie() -> None:
         cfg = config.resolve(m, {**TINY, "device": "cpu"}, data=data)
         model, _ = built(m, cfg, data)
         torch.testing.assert_close(model.alpha().detach(), torch.full((3,), alpha))
-
-
-def test_joint_gates_resume_exactly_from_a_checkpoint(tmp_path: Path) -> None:
-    """The joint gates' own optimiser is checkpointed: 25 steps then 5 more end where 30 end."""
-    m = methods.get("lsmtl")
-    data = mixed_simo()
-    cfg = config.resolve(m, {**TINY, "steps": 30, "checkpoint_every": 10, "device": "cpu"}, data=data)
-    train(RunSpec.build(m, cfg, data, tmp_path / "once"))
-    train(RunSpec.build(m, {**cfg, "steps": 25}, data, tmp_path / "resumed"))
-    train(RunSpec.build(m, cfg, data, tmp_path / "resumed"))
-    a, b = (RunDir(tmp_path / d).read_checkpoint()["objective"] for d in ("once", "resumed"))
-    for k, v in a.items():
-        if torch.is_tensor(v):
-            torch.testing.assert_close(b[k], v, rtol=0, atol=0, msg=k)
-    moments = [o["_extra_state"]["gate_optim"]["state"][0] for o in (a, b)]
-    torch.testing.assert_close(moments[1], moments[0], rtol=0, atol=0)
-    assert not torch.equal(moments[0]["exp_avg"], torch.zeros(3))
 
 
 @pytest.mark.parametrize(
