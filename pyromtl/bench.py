@@ -48,6 +48,14 @@ class Cell:
         return f"{self.method}[{','.join(f'{k}={_word(v)}' for k, v in self.options)}]"
 
     def directory(self, out: Path) -> Path:
+        """The cell's run directory under ``out``: ``out/<data>/<method>[-key=value...]-s<seed>``.
+
+        Args:
+            out: the bench's output folder.
+
+        Returns:
+            The path (not created).
+        """
         options = "".join(f"-{k}={_word(v)}" for k, v in self.options)
         return out / self.data / f"{self.method}{options}-s{self.seed}"
 
@@ -57,7 +65,18 @@ def _word(value: Any) -> str:
 
 
 def parse_grid(assignments: Iterable[str]) -> dict[str, list[Any]]:
-    """``["beta=0.01,0.1", ...]`` as ``{"beta": [0.01, 0.1]}``; values are read as TOML scalars."""
+    """``["beta=0.01,0.1", ...]`` as ``{"beta": [0.01, 0.1]}``; values are read as TOML scalars.
+
+    Args:
+        assignments: ``KEY=V1,V2,...`` strings (``--set-grid``).
+
+    Returns:
+        ``{key: [value, ...]}``.
+
+    Raises:
+        ValueError: an assignment without a key or values, an invalid key, or a value that is
+            not one TOML value (bare words are read as strings).
+    """
     grid: dict[str, list[Any]] = {}
     for text in assignments:
         key, sep, values = text.partition("=")
@@ -84,6 +103,19 @@ def plan(
     method is paired only with the datasets it accepts (its setting and task count); named
     explicitly on data it refuses, that is an error naming both. ``stl`` joins every dataset as
     the baseline. Grid options apply to the methods that have them (others run once).
+
+    Args:
+        method_names: registered method names; None: all of them.
+        datasets: registered dataset names; None: the embedded ones.
+        seeds: seeds per cell, ``0 .. seeds - 1``.
+        grid: ``{config key: [value, ...]}`` to try, as a product.
+
+    Returns:
+        The cells, dataset by dataset.
+
+    Raises:
+        ValueError: ``seeds`` below 1, an unknown method or dataset, or an explicitly named
+            method on data it refuses.
     """
     from pyromtl import datasets as datasets_mod
 
@@ -178,6 +210,25 @@ def bench(
     without it. ``out`` must then be a folder every machine of the cluster sees.
 
     Raises ``ValueError`` for a bad grid, option, ``jobs`` or ``executor``, before any training.
+
+    Args:
+        method_names: registered method names; None: all of them.
+        datasets: registered dataset names; None: the embedded ones.
+        seeds: seeds per cell.
+        out: the folder the runs and the leaderboard go to.
+        jobs: cells trained at once by the local executor.
+        executor: ``"local"`` or ``"ray"``.
+        grid: ``{config key: [value, ...]}`` to try.
+        options: config keys every cell gets.
+        quiet: hide the progress bar.
+
+    Returns:
+        The cells, their directories' root and which of them trained in this call.
+
+    Raises:
+        ValueError: an unknown ``executor``, ``jobs`` below 1 (or not 1 with Ray), or anything
+            :func:`plan` or the config refuses, all before any training.
+        ~pyromtl.errors.TrainingError: a cell's loss became NaN or infinite.
     """
     from tqdm.auto import tqdm
 

@@ -360,6 +360,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser and main
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyromtl`` command's parser, with every subcommand and option.
+
+    Returns:
+        The parser.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--import",
@@ -468,7 +473,15 @@ def _error(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    Args:
+        argv: the arguments, without the program name.
+
+    Returns:
+        The exit code: the subcommand's (0 on success), 2 for a usage error or refused input
+        (errors are printed as one line, not raised), 1 when training fails, 130 on Ctrl-C.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) and argparse's usage errors (2)

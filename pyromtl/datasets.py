@@ -47,7 +47,16 @@ def register(name: str, *, replace: bool = False) -> Callable[[Builder], Builder
             \"\"\"MIMO, 65 classes, 4 domains: Office-Home read from ``root``.\"\"\"
             ...
 
-    :param replace: allow re-registering an existing name.
+    Args:
+        name: the dataset's name, as :func:`load` takes it.
+        replace: allow re-registering an existing name.
+
+    Returns:
+        The decorator; it returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string; when decorating, the builder is not
+            callable, or ``name`` is taken by another builder and ``replace`` is False.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a dataset name must be a non-empty string, got {name!r}")
@@ -70,17 +79,38 @@ DEFAULT_FRACTIONS: dict[str, float] = {"digits-domains": 0.05}
 
 
 def default_fraction(name: str) -> float | None:
-    """The training fraction a run uses by default on ``name`` (None: the whole train split)."""
+    """The training fraction a run uses by default on ``name`` (None: the whole train split).
+
+    Args:
+        name: a dataset name.
+
+    Returns:
+        The fraction, or None where the dataset has no default (including unknown names).
+    """
     return DEFAULT_FRACTIONS.get(name)
 
 
 def available() -> list[str]:
-    """Names of the registered datasets: the embedded ones first, then the benchmark loaders."""
+    """Names of the registered datasets: the embedded ones first, then the benchmark loaders.
+
+    Returns:
+        The names, in registration order.
+    """
     return list(_REGISTRY)
 
 
 def describe(name: str) -> str:
-    """The first line of a dataset's docstring: its setting, tasks and how it is built."""
+    """The first line of a dataset's docstring: its setting, tasks and how it is built.
+
+    Args:
+        name: a registered dataset name.
+
+    Returns:
+        The line, or ``""`` when the builder has no docstring.
+
+    Raises:
+        ValueError: an unknown dataset.
+    """
     doc = inspect.getdoc(_builder(name)) or ""
     return doc.splitlines()[0] if doc else ""
 
@@ -99,6 +129,20 @@ def load(name: str, fraction: float | None = None, seed: int = 0, **options: Any
     ``root`` are read once per process), so loading again with the same name, seed and options
     is cheap; every call returns its own object.
     Unknown names or options, and a bad ``fraction`` or ``seed``, raise ``ValueError``.
+
+    Args:
+        name: a registered dataset name (:func:`available`).
+        fraction: the fraction of each task's train split to keep, in (0, 1]; None keeps all.
+        seed: a non-negative integer seeding the split and the few-shot draw.
+        options: the builder's options; ``root`` for the datasets that read files.
+
+    Returns:
+        A fresh :class:`~pyromtl.MultiTaskData`.
+
+    Raises:
+        ValueError: an unknown dataset or option, a missing or unwanted ``root``, a ``fraction``
+            outside (0, 1], or a negative or non-integer ``seed``.
+        TypeError: the builder returned something other than a :class:`~pyromtl.MultiTaskData`.
     """
     builder = _builder(name)
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0 < fraction <= 1):

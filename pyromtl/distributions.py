@@ -124,6 +124,10 @@ class TaskMixture(_UnexpandedParams):
     ``has_rsample`` is ``False``: :meth:`rsample` reparameterises only the Gaussian draw given a
     sampled component, so no gradient flows to ``weights`` through samples. As a prior, the site is
     replayed from the guide in SVI and never sampled from in the loss.
+
+    Raises:
+        ValueError: a negative ``event_dim``, an unknown ``kl``, ``sampled`` with
+            ``kl="monte_carlo"``, or ``weights``, ``loc`` or ``scale`` without a component dim.
     """
 
     has_rsample = False
@@ -364,6 +368,10 @@ class DiagNormal(_UnexpandedParams):
     :meth:`expand` returns a ``DiagNormal``, so the KLs registered below stay reachable under
     ``pyro.plate``: to and from ``Normal(...).to_event(k)`` (closed form), to a
     :class:`TaskMixture` (VMTL's bound, eq. 11), and Pyro's ``Delta`` to it (``-log_prob``).
+
+    Raises:
+        ValueError: ``loc`` and ``scale`` do not broadcast (to ``shape``, if given), or
+            ``event_dim`` is outside ``[0, len(shape)]``.
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
@@ -525,6 +533,16 @@ class GaussianPrecision(TorchDistribution):
     BayesAgg's priors and posteriors are precisions (``S_p⁻¹ + HᵀH``, ``B̃``); building one is free
     and only :meth:`rsample` and :meth:`log_prob` factorise it. ``precision`` is ``[P, P]`` (shared
     by the whole batch, e.g. an isotropic prior) or ``[*batch_shape, P, P]``.
+
+    Args:
+        loc: the mean ``[*batch_shape, P]``.
+        precision: the precision, ``[P, P]`` or ``[*batch_shape, P, P]``, positive definite
+            (checked only when factorised: :meth:`rsample` and :meth:`log_prob` then raise
+            ``torch.linalg.LinAlgError``).
+        validate_args: ignored (no argument validation).
+
+    Raises:
+        ValueError: batch shapes of ``loc`` and ``precision`` that do not broadcast.
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
@@ -584,6 +602,11 @@ class _Unit(Unit):
 
 
 def factor(name: str, log_factor: Tensor) -> None:
-    """``pyro.factor(name, log_factor)`` in a model, on the factor's device (see :class:`_Unit`)."""
+    """``pyro.factor(name, log_factor)`` in a model, on the factor's device (see :class:`_Unit`).
+
+    Args:
+        name: the site's name.
+        log_factor: the log-density term added to the model, any shape.
+    """
     unit = _Unit(log_factor)
     pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True})

@@ -96,6 +96,14 @@ class Fit:
         By default it takes ``eval_samples`` passes, or more where those give fewer than
         :data:`~pyromtl.fit.MIN_DRAWS` draws (a pass of VMTL gives L·M). With the default and nothing kept, a
         split is predicted once and reused: the metrics and the ArviZ export read the same draws.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            num_samples: model passes (None: the default above).
+            keep: names of model or guide sites whose draws to keep as well.
+
+        Raises:
+            ValueError: an unknown split.
         """
         cached = num_samples is None and not keep
         if cached and split in self._predictions:
@@ -124,7 +132,14 @@ class Fit:
     @local_params
     def draws_per_pass(self, split: str = "test") -> int:
         """How many posterior draws one model pass gives (1; VMTL's inner plates give L·M), from one
-        pass on a batch of ``split`` (the RNGs are left as they were)."""
+        pass on a batch of ``split`` (the RNGs are left as they were).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Raises:
+            ValueError: an unknown split.
+        """
         batch = next(iter(self.data.eval_batches(split, self.device)))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             return draw(self.model, self.guide, batch, 1, self.method.max_plate_nesting).loglik.shape[0]
@@ -304,6 +319,21 @@ def fit_resolved(
     written (``Fit.train_info["complete"]`` is then true); a run trained to its end whose files
     were not all written (an interrupted or failed save) gets them, with nothing trained
     (``train_info["finished_save"]``).
+
+    Args:
+        method: the registered method.
+        cfg: the resolved config.
+        data: the data, or None to load the config's ``data``.
+        out: a run directory to checkpoint into and save to, or None.
+        backbone: the backbone object, if given from Python.
+
+    Returns:
+        The trained (or reopened) fit.
+
+    Raises:
+        ValueError: anything the run's checks refuse, a run directory holding a different run
+            or being written by another process.
+        ~pyromtl.errors.TrainingError: the loss became NaN or infinite.
     """
     if out is None:
         return _fit_spec(RunSpec.build(method, cfg, data, None, backbone))

@@ -41,7 +41,17 @@ DISTANCES = frozenset({"distance"})
 
 
 def interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
+    """Mean and the half-width of its 95% Student-t interval (0 for one value).
+
+    Args:
+        values: at least one number.
+
+    Returns:
+        ``(mean, half_width)``.
+
+    Raises:
+        statistics.StatisticsError: no values.
+    """
     from scipy import stats
 
     mean = statistics.fmean(values)
@@ -58,6 +68,17 @@ def recovery(key: str, reading: Sequence[Sequence[float]], truth: Sequence[Seque
     ``diag(α_t)``: how much task t shares, not with whom) is compared per task with the task's
     mean true relatedness to the others. ``None`` when either side is constant, where ρ is
     undefined (a per-task reading on clusters of equal size, for one).
+
+    Args:
+        key: the reading's name in ``metrics.json``'s ``relatedness`` (``"distance"`` is flipped).
+        reading: the method's ``[T, T]`` reading.
+        truth: the dataset's ``[T, T]`` true relatedness.
+
+    Returns:
+        ρ, in [-1, 1], or None.
+
+    Raises:
+        ValueError: the two are not square matrices of one shape.
     """
     from scipy import stats
 
@@ -101,7 +122,17 @@ def _recovered(doc: Mapping[str, Any]) -> float | None:
 
 
 def tables(out: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """The leaderboard's rows per dataset, read from the cells under ``out`` (see the module doc)."""
+    """The leaderboard's rows per dataset, read from the cells under ``out`` (see the module doc).
+
+    Args:
+        out: a bench folder (``out/<dataset>/<cell>/`` run directories; unfinished ones are skipped).
+
+    Returns:
+        ``{dataset: [row, ...]}``, one row per variant: its seeds and, per column, ``(mean, ci95)``.
+
+    Raises:
+        ValueError: a malformed ``metrics.json``, or a run whose tasks differ from its baseline's.
+    """
     by_data: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for cell in _cells(Path(out)):
         doc = cell["doc"]
@@ -157,7 +188,15 @@ def rank_summary(boards: Mapping[str, Sequence[Mapping[str, Any]]]) -> RankSumma
 
     Friedman's χ² tests whether the average ranks differ; Nemenyi's critical difference is
     ``q_0.05(k) / √2 · √(k (k + 1) / (6 N))`` for k variants on N datasets (Demšar 2006, §3.2.2).
-    ``None`` when no variant with a Δm% is on every dataset."""
+    ``None`` when no variant with a Δm% is on every dataset.
+
+    Args:
+        boards: :func:`tables`'s rows per dataset.
+
+    Returns:
+        The datasets, the average ranks (best first), Friedman's p-value and the critical
+        difference (both None with fewer than 3 variants or 2 datasets); or None.
+    """
     from scipy import stats
 
     scores: dict[str, dict[str, float]] = {}
@@ -228,7 +267,17 @@ def _rank_lines(summary: RankSummary) -> list[str]:
 def write_leaderboard(out: str | Path) -> list[Path]:
     """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.html`` and the figures
     (``leaderboard_<dataset>.png``; ``ranks.png`` with two datasets or more) into ``out``.
-    Returns the paths written."""
+    Returns the paths written.
+
+    Args:
+        out: a bench folder.
+
+    Returns:
+        The markdown, CSV and HTML files, then the figures.
+
+    Raises:
+        ValueError: as :func:`tables`.
+    """
     from pyromtl.plots import plot_leaderboard, plot_ranks, png_bytes
     from pyromtl.rundir import plain_name
 

@@ -87,26 +87,61 @@ class MethodContext:
 
     @property
     def data(self) -> MultiTaskData:
+        """The data: the loaded data for ``prepare_data``, the prepared data afterwards.
+
+        Raises:
+            RuntimeError: this phase of the run does not provide it.
+        """
         return self._need(self._data, "data")
 
     @property
     def model(self) -> Any:
+        """The model ``build`` returned.
+
+        Raises:
+            RuntimeError: this phase of the run does not provide it.
+        """
         return self._need(self._model, "model")
 
     @property
     def guide(self) -> Any:
+        """The guide ``build`` returned.
+
+        Raises:
+            RuntimeError: this phase of the run does not provide it.
+        """
         return self._need(self._guide, "guide")
 
     @property
     def doc(self) -> Mapping[str, Any]:
+        """The run's ``metrics.json`` document (for ``plots``).
+
+        Raises:
+            RuntimeError: this phase of the run does not provide it.
+        """
         return self._need(self._doc, "doc")
 
     @property
     def backbone(self) -> Backbone:
+        """The network in front of the method's own parts (for ``build``).
+
+        Raises:
+            RuntimeError: this phase of the run does not provide it.
+        """
         return self._need(self._backbone, "backbone")
 
     def replace(self, **changes: Any) -> MethodContext:
-        """A copy with ``changes`` to the keyword fields (``data=``, ``model=``, ``guide=``, ...)."""
+        """A copy with ``changes`` to the keyword fields (``data=``, ``model=``, ``guide=``, ...).
+
+        Args:
+            changes: new values of keyword fields.
+
+        Returns:
+            The new context; this one is unchanged.
+
+        Raises:
+            TypeError: a name that is not a keyword field.
+        """
         fields = {
             "device": self.device,
             "state": self.state,
@@ -122,7 +157,14 @@ class MethodContext:
         return MethodContext(self.method, self.config, **{**fields, **changes})
 
     def relatedness(self) -> dict[str, np.ndarray]:
-        """The method's task-by-task matrices (``Method.relatedness``), as numpy; empty if it declares none."""
+        """The method's task-by-task matrices (``Method.relatedness``), as numpy; empty if it declares none.
+
+        Returns:
+            ``{name: [T, T] array}``, computed without gradients.
+
+        Raises:
+            RuntimeError: the method reads a field this context lacks (e.g. ``model``).
+        """
         if self.method.relatedness is None:
             return {}
         with torch.no_grad():
@@ -131,13 +173,30 @@ class MethodContext:
 
 def meanfield_elbo(ctx: MethodContext) -> ELBO:
     """``TraceMeanField_ELBO`` (as :class:`~pyromtl.infer.meanfield.MeanFieldELBO`, which skips the
-    log-densities its analytic KL terms replace): analytic KL wherever one is registered."""
+    log-densities its analytic KL terms replace): analytic KL wherever one is registered.
+
+    Args:
+        ctx: the context; its config's ``num_particles`` sets the particles (vectorised above 1).
+
+    Returns:
+        The ELBO.
+    """
     n = ctx.config["num_particles"]
     return MeanFieldELBO(num_particles=n, vectorize_particles=n > 1, max_plate_nesting=ctx.method.max_plate_nesting)
 
 
 def default_objective(ctx: MethodContext) -> Objective:
-    """The method's ELBO of the context's model and guide, and ``backward()``."""
+    """The method's ELBO of the context's model and guide, and ``backward()``.
+
+    Args:
+        ctx: the context, with ``model`` and ``guide``.
+
+    Returns:
+        An :class:`~pyromtl.objective.Objective` wrapping ``ctx.method.elbo(ctx)``'s loss.
+
+    Raises:
+        RuntimeError: ``ctx`` has no model or guide yet.
+    """
     return Objective(ctx.method.elbo(ctx)(ctx.model, ctx.guide))
 
 
@@ -215,11 +274,28 @@ class Method:
         return {**self.options.defaults(), **{k: _copy(v) for k, v in self.overrides.items()}}
 
     def prepare(self, ctx: MethodContext) -> MultiTaskData:
-        """``ctx.data`` as this method trains on it (``prepare_data``, if declared)."""
+        """``ctx.data`` as this method trains on it (``prepare_data``, if declared).
+
+        Args:
+            ctx: the context, with the loaded data.
+
+        Returns:
+            The data to train on.
+
+        Raises:
+            RuntimeError: ``ctx`` has no data.
+        """
         return ctx.data if self.prepare_data is None else self.prepare_data(ctx)
 
     def check_data(self, data: MultiTaskData) -> None:
-        """Refuse data the method cannot learn (its setting, too few tasks), naming the problem."""
+        """Refuse data the method cannot learn (its setting, too few tasks), naming the problem.
+
+        Args:
+            data: the data to check.
+
+        Raises:
+            ValueError: a setting the method does not support, or fewer than ``min_tasks`` tasks.
+        """
         if data.setting not in self.settings:
             raise ValueError(
                 f"method {self.name!r} needs {' or '.join(s.upper() for s in self.settings)} data; "

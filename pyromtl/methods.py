@@ -24,6 +24,12 @@ def builtin() -> Mapping[str, Method]:
     """The built-in methods by name, from the ``METHODS`` of each module of ``pyromtl.models``.
 
     Imported on first use, so ``import pyromtl`` and the CLI start without building them.
+
+    Returns:
+        A read-only mapping ``{name: Method}``.
+
+    Raises:
+        RuntimeError: two built-in methods share a name.
     """
     from pyromtl.models import baselines, bayesagg, cross_stitch, hib, smtl, vmtl, weighting
 
@@ -38,7 +44,17 @@ def builtin() -> Mapping[str, Method]:
 
 
 def register(method: Method) -> Method:
-    """Add ``method`` under its name; a name can be registered once (built-in names are taken)."""
+    """Add ``method`` under its name; a name can be registered once (built-in names are taken).
+
+    Args:
+        method: the declaration.
+
+    Returns:
+        ``method``, unchanged.
+
+    Raises:
+        ValueError: its name is already registered.
+    """
     if method.name in builtin() or method.name in _USER:
         raise ValueError(f"method {method.name!r} is already registered")
     _USER[method.name] = method
@@ -46,12 +62,26 @@ def register(method: Method) -> Method:
 
 
 def available() -> list[str]:
-    """The registered method names, sorted."""
+    """The registered method names, sorted.
+
+    Returns:
+        The built-in and user-registered names.
+    """
     return sorted({**builtin(), **_USER})
 
 
 def get(name: str) -> Method:
-    """The method registered as ``name``; ``ValueError`` listing the names if there is none."""
+    """The method registered as ``name``; ``ValueError`` listing the names if there is none.
+
+    Args:
+        name: a registered method name.
+
+    Returns:
+        Its :class:`~pyromtl.method.Method`.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     method = builtin().get(name) or _USER.get(name)
     if method is None:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")

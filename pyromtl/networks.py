@@ -38,7 +38,20 @@ _REGISTRY: dict[str, NetworkFactory] = {}
 
 
 def register(name: str, factory: NetworkFactory, *, replace: bool = False) -> NetworkFactory:
-    """Register ``factory`` under ``name`` (a non-empty name; ``replace=True`` overrides an existing one)."""
+    """Register ``factory`` under ``name`` (a non-empty name; ``replace=True`` overrides an existing one).
+
+    Args:
+        name: the name a config gives (e.g. ``backbone = "wide"``).
+        factory: builds the network (see the module docstring for its arguments).
+        replace: allow re-registering an existing name.
+
+    Returns:
+        ``factory``, unchanged.
+
+    Raises:
+        ValueError: an empty or reserved name, a factory that is not callable, or a name
+            already registered and ``replace`` False.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a network name is a non-empty string, got {name!r}")
     if name in ("mlp", "cnn") or name.startswith("python:"):
@@ -52,18 +65,40 @@ def register(name: str, factory: NetworkFactory, *, replace: bool = False) -> Ne
 
 
 def available() -> list[str]:
-    """The registered network names, sorted."""
+    """The registered network names, sorted.
+
+    Returns:
+        The names.
+    """
     return sorted(_REGISTRY)
 
 
 def check(option: str, name: str) -> None:
-    """Refuse a config value ``name`` of ``option`` that names no registered network ('' is the method's own MLP)."""
+    """Refuse a config value ``name`` of ``option`` that names no registered network ('' is the method's own MLP).
+
+    Args:
+        option: the config key, named in the error.
+        name: its value.
+
+    Raises:
+        ValueError: ``name`` is neither empty nor registered.
+    """
     if name and name not in _REGISTRY:
         raise ValueError(_unknown(f"config key {option!r} names network {name!r}", name))
 
 
 def get(name: str) -> NetworkFactory:
-    """The factory registered as ``name``; ``ValueError`` listing the registered names if there is none."""
+    """The factory registered as ``name``; ``ValueError`` listing the registered names if there is none.
+
+    Args:
+        name: a registered network name.
+
+    Returns:
+        The factory.
+
+    Raises:
+        ValueError: ``name`` is not registered.
+    """
     if name not in _REGISTRY:
         raise ValueError(_unknown(f"unknown network {name!r}", name))
     return _REGISTRY[name]

@@ -33,7 +33,17 @@ if TYPE_CHECKING:
 
 
 def is_finite(loss: torch.Tensor) -> bool:
-    """Whether a scalar loss is finite: one copy to the host, where ``torch.isfinite`` costs four ops more."""
+    """Whether a scalar loss is finite: one copy to the host, where ``torch.isfinite`` costs four ops more.
+
+    Args:
+        loss: a one-element tensor.
+
+    Returns:
+        False for NaN or ±inf.
+
+    Raises:
+        RuntimeError: ``loss`` has more than one element.
+    """
     return math.isfinite(loss.item())
 
 
@@ -54,7 +64,11 @@ class TrainContext:
 
 
 class Objective(torch.nn.Module):
-    """The method's ELBO (an ``ELBOModule`` holding the model and guide) and ``backward()``."""
+    """The method's ELBO (an ``ELBOModule`` holding the model and guide) and ``backward()``.
+
+    Args:
+        loss: the ELBO module, called with a batch; it has ``model`` and ``guide``.
+    """
 
     def __init__(self, loss: torch.nn.Module):
         super().__init__()
@@ -66,14 +80,23 @@ class Objective(torch.nn.Module):
 
     @property
     def model(self):
+        """The loss module's model."""
         return self.loss.model
 
     @property
     def guide(self):
+        """The loss module's guide."""
         return self.loss.guide
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """The loss of ``batch`` (a differentiable tensor)."""
+        """The loss of ``batch`` (a differentiable tensor).
+
+        Args:
+            batch: a training batch.
+
+        Returns:
+            The scalar loss.
+        """
         return self.loss(batch)
 
     def backward(self, batch: Batch) -> torch.Tensor:
@@ -81,6 +104,12 @@ class Objective(torch.nn.Module):
 
         The trainer stops on a NaN or infinite loss before its optimiser steps; such a loss is
         not back-propagated.
+
+        Args:
+            batch: a training batch.
+
+        Returns:
+            The scalar loss, detached.
         """
         loss = self.loss(batch)
         if is_finite(loss):
@@ -102,7 +131,15 @@ class Objective(torch.nn.Module):
         return {}
 
     def after_step(self, ctx: TrainContext) -> None:
-        """Runs after every optimiser step."""
+        """Runs after every optimiser step.
+
+        Args:
+            ctx: the run and its progress.
+        """
 
     def end_epoch(self, ctx: TrainContext) -> None:
-        """Runs at the end of every epoch (``ctx.epoch`` epochs done)."""
+        """Runs at the end of every epoch (``ctx.epoch`` epochs done).
+
+        Args:
+            ctx: the run and its progress.
+        """

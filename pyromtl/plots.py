@@ -22,7 +22,14 @@ from pyromtl.rundir import RunDir, plain_name
 
 
 def png_bytes(fig) -> bytes:
-    """The figure as PNG bytes (110 dpi)."""
+    """The figure as PNG bytes (110 dpi).
+
+    Args:
+        fig: a matplotlib ``Figure``.
+
+    Returns:
+        The PNG file's bytes.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)  # constrained layout already fits; "tight" would draw twice
     return buf.getvalue()
@@ -40,6 +47,13 @@ def plot_training(history: Sequence[Mapping[str, float]], kept_step: int | None 
     """Training loss and, when recorded, the validation score against the step (stacked panels).
 
     ``kept_step`` (the state model selection kept) is marked on both panels.
+
+    Args:
+        history: the run's history: dicts with ``step``, ``loss`` and optionally ``val_score``.
+        kept_step: the step model selection kept (not marked when None or 0).
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
     """
     scored = [h for h in history if "val_score" in h]
     fig = _figure(6.0, 5.0 if scored else 3.0)
@@ -66,7 +80,15 @@ def plot_training(history: Sequence[Mapping[str, float]], kept_step: int | None 
 
 def plot_task_metrics(tasks: Mapping[str, Mapping[str, float]], split: str = "test"):
     """Each task's headline metric as a bar, one panel per metric (accuracy: higher is better;
-    NMSE: lower is better), so metrics of different scales never share an axis."""
+    NMSE: lower is better), so metrics of different scales never share an axis.
+
+    Args:
+        tasks: ``{task: {metric: value}}``.
+        split: the split named in the titles.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
+    """
     names = list(tasks)
     keys = [primary_metric(tasks[n]) or next(iter(tasks[n])) for n in names]
     kinds = list(dict.fromkeys(keys))
@@ -95,6 +117,15 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str, 
 
     The colour scale spans the off-diagonal values (a task's weight on itself is 0 by
     construction and drawn grey), so 0.08 and 0.16 look different.
+
+    Args:
+        matrix: ``[T, T]`` values.
+        task_names: the T task names.
+        title: the figure's title.
+        value_label: the colour bar's label.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     T = len(task_names)
@@ -124,7 +155,16 @@ def plot_relatedness(matrix: np.ndarray, task_names: Sequence[str], title: str, 
 
 
 def plot_gates(alpha: Sequence[float] | np.ndarray, task_names: Sequence[str], title: str):
-    """One bar per task: its gate α_t in [0, 1] (SMTL: the weight of the public side), the tie at 0.5 marked."""
+    """One bar per task: its gate α_t in [0, 1] (SMTL: the weight of the public side), the tie at 0.5 marked.
+
+    Args:
+        alpha: ``[T]`` gate values.
+        task_names: the T task names.
+        title: the figure's title.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
+    """
     values = np.asarray(alpha, dtype=np.float64)
     width = max(4.0, 0.7 * len(task_names) + 1.5)
     fig = _figure(width, 3.5)
@@ -142,7 +182,19 @@ def plot_gates(alpha: Sequence[float] | np.ndarray, task_names: Sequence[str], t
 
 def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str = "task clustering"):
     """Dendrogram of a scipy linkage matrix (e.g. :func:`pyromtl.infer.hib.cluster_tasks`), one labelled
-    leaf per task; the x tick labels are the task names in leaf order."""
+    leaf per task; the x tick labels are the task names in leaf order.
+
+    Args:
+        linkage: a ``[T − 1, 4]`` scipy linkage matrix.
+        task_names: the T task names.
+        title: the figure's title.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
+
+    Raises:
+        ValueError: an invalid linkage matrix, or a number of names other than T.
+    """
     from scipy.cluster import hierarchy
 
     linkage = np.asarray(linkage, dtype=np.float64)
@@ -163,7 +215,15 @@ def plot_dendrogram(linkage: np.ndarray, task_names: Sequence[str], title: str =
 def plot_leaderboard(data: str, rows: Sequence[Mapping[str, Any]]):
     """A dataset's leaderboard (:func:`pyromtl.leaderboard.tables` rows) in two or three panels:
     Δm% with its 95% interval per method; Δ_I% against η̂ (safety: up and right is better); and,
-    where the dataset knows its relatedness, each method's recovery ρ with its interval."""
+    where the dataset knows its relatedness, each method's recovery ρ with its interval.
+
+    Args:
+        data: the dataset's name.
+        rows: its leaderboard rows.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
+    """
 
     def pick(key: str) -> list[tuple[str, float, float]]:
         return [(str(r["method"]), *r[key]) for r in rows if r.get(key) is not None]
@@ -200,7 +260,16 @@ def plot_leaderboard(data: str, rows: Sequence[Mapping[str, Any]]):
 
 def plot_ranks(ranks: Mapping[str, float], critical_difference: float | None, datasets: int):
     """Average ranks (1 is best) on one axis, with Nemenyi's critical difference drawn as a bar:
-    methods closer than it are not told apart at the 5% level (a critical-difference diagram)."""
+    methods closer than it are not told apart at the 5% level (a critical-difference diagram).
+
+    Args:
+        ranks: ``{method: average rank}``, best first.
+        critical_difference: Nemenyi's critical difference (None: no bar).
+        datasets: how many datasets the ranks average over.
+
+    Returns:
+        A matplotlib ``Figure`` (not registered with pyplot).
+    """
     names = list(ranks)
     fig = _figure(6.0, 1.5 + 0.28 * len(names))
     ax = fig.add_subplot()
@@ -224,7 +293,16 @@ def run_figures(
     one ``relatedness_<name>.png`` per matrix and the figures the method declares (``Method.plots``,
     which may replace any of those). ``doc`` is the run's ``metrics.json`` and ``history`` its
     training history; ``context`` is the method's (without one, a run of a method that is not
-    registered, only the generic figures are drawn)."""
+    registered, only the generic figures are drawn).
+
+    Args:
+        doc: the run's ``metrics.json`` document.
+        history: its training history.
+        context: the method's context, or None.
+
+    Returns:
+        ``{file name: zero-argument function returning a Figure}``; nothing is drawn yet.
+    """
     tasks = doc["tasks"]
     names = list(tasks)
     titles = context.method.relatedness_titles if context is not None else {}
@@ -252,7 +330,18 @@ def plot_run(
 ) -> list[Path]:
     """Write the figures of :func:`run_figures` into the run's ``plots/``; each file name is made
     plain (:func:`~pyromtl.rundir.plain_name`), so it stays there. Returns the paths written; with
-    ``only_missing`` existing files are kept as they are."""
+    ``only_missing`` existing files are kept as they are.
+
+    Args:
+        run: the run directory.
+        doc: its ``metrics.json`` document.
+        history: its training history.
+        context: the method's context, or None.
+        only_missing: draw only the figures whose file is absent.
+
+    Returns:
+        The paths written.
+    """
     return [
         run.write_png(name, png_bytes(make()))
         for name, make in run_figures(doc, history, context).items()

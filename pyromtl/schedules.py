@@ -59,27 +59,76 @@ class Schedule:
 
     @classmethod
     def constant(cls, value: float) -> Schedule:
+        """``value`` at every step (no validation: see :func:`as_schedule`).
+
+        Args:
+            value: the value.
+
+        Returns:
+            The schedule.
+        """
         return cls("constant", float(value), float(value))
 
     @classmethod
     def exponential(cls, start: float, end: float, rate: float) -> Schedule:
+        """``max(end, start · exp(−rate · step))`` (no validation: see :func:`as_schedule`).
+
+        Args:
+            start: the value at step 0.
+            end: the floor it decays to.
+            rate: the decay rate per step.
+
+        Returns:
+            The schedule.
+        """
         return cls("exponential", float(start), float(end), rate=float(rate))
 
     @classmethod
     def linear(cls, start: float, end: float, steps: int) -> Schedule:
+        """From ``start`` to ``end`` linearly over ``steps`` steps, then ``end`` (no validation).
+
+        Args:
+            start: the value at step 0.
+            end: the value from step ``steps`` on.
+            steps: the length of the ramp, at least 1.
+
+        Returns:
+            The schedule.
+        """
         return cls("linear", float(start), float(end), steps=int(steps))
 
     @classmethod
     def relative(cls, kind: Literal["exponential", "linear"], start: float, end: float, fraction: float) -> Schedule:
-        """A schedule that anneals over ``fraction`` of the run, whatever its length."""
+        """A schedule that anneals over ``fraction`` of the run, whatever its length.
+
+        Args:
+            kind: ``"exponential"`` or ``"linear"``.
+            start: the value at step 0.
+            end: the final value.
+            fraction: the fraction of the run it anneals over, in (0, 1].
+
+        Returns:
+            The schedule; :meth:`over` turns it into absolute steps.
+        """
         return cls(kind, float(start), float(end), fraction=float(fraction))
 
     @property
     def is_relative(self) -> bool:
+        """Whether the schedule is written as a fraction of the run."""
         return self.fraction > 0
 
     def over(self, total_steps: int | None) -> Schedule:
-        """This schedule in absolute steps for a run of ``total_steps`` (itself if not relative)."""
+        """This schedule in absolute steps for a run of ``total_steps`` (itself if not relative).
+
+        Args:
+            total_steps: the run's length, or None where it is unknown.
+
+        Returns:
+            The absolute schedule.
+
+        Raises:
+            ValueError: a relative schedule and an unknown ``total_steps``.
+        """
         if not self.is_relative:
             return self
         if total_steps is None:
@@ -102,7 +151,17 @@ class Schedule:
         return self.start + (self.end - self.start) * frac
 
     def settled(self, total_steps: int | None = None) -> float:
-        """The first step at which the schedule holds its final value (``inf`` if it never does)."""
+        """The first step at which the schedule holds its final value (``inf`` if it never does).
+
+        Args:
+            total_steps: the run's length (needed by a relative schedule).
+
+        Returns:
+            The step, or ``inf``.
+
+        Raises:
+            ValueError: a relative schedule and an unknown ``total_steps``.
+        """
         s = self.over(total_steps)
         if s.kind == "constant" or s.start == s.end:
             return 0
@@ -115,7 +174,11 @@ class Schedule:
         return step if s(step) == s.end else step + 1
 
     def to_config(self) -> float | dict[str, float | int]:
-        """The number or table that :func:`as_schedule` turns back into this schedule (TOML-ready)."""
+        """The number or table that :func:`as_schedule` turns back into this schedule (TOML-ready).
+
+        Returns:
+            A number for a constant schedule, else a table.
+        """
         if self.kind == "constant":
             return self.start
         if self.is_relative:
@@ -126,7 +189,11 @@ class Schedule:
         return {"start": self.start, "end": self.end, "steps": self.steps}
 
     def minimum(self) -> float:
-        """The smallest value the schedule ever takes (for checks such as "temperature > 0")."""
+        """The smallest value the schedule ever takes (for checks such as "temperature > 0").
+
+        Returns:
+            ``min(start, end)``.
+        """
         return min(self.start, self.end)
 
 
@@ -145,7 +212,14 @@ def _fraction(key: str, value: Any) -> float:
 
 
 def is_schedule_table(value: Any) -> bool:
-    """Whether ``value`` is written as an annealing table (any of the four key sets)."""
+    """Whether ``value`` is written as an annealing table (any of the four key sets).
+
+    Args:
+        value: a config value.
+
+    Returns:
+        True for a mapping whose keys are exactly one of the key sets.
+    """
     return isinstance(value, Mapping) and frozenset(value) in _KEY_SETS
 
 
@@ -154,6 +228,16 @@ def find_schedules(cfg: Mapping[str, Any], scheduled_keys: Iterable[str] = ()) -
 
     That is each schedule table at any depth, and each top-level key of ``scheduled_keys``
     (options typed as schedules), where a plain number is a constant schedule.
+
+    Args:
+        cfg: a resolved config.
+        scheduled_keys: top-level keys that are schedules even as plain numbers.
+
+    Returns:
+        ``{dotted path: Schedule}``.
+
+    Raises:
+        ValueError: a value :func:`as_schedule` refuses.
     """
     found = {key: as_schedule(cfg[key]) for key in scheduled_keys if key in cfg}
 
@@ -174,6 +258,15 @@ def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
 
     Raises ``ValueError`` naming the offending key for unknown or missing keys and for
     non-finite, negative (``rate``), non-positive (``steps``) or out-of-range (fractions) values.
+
+    Args:
+        value: a number, a schedule table or a :class:`Schedule`.
+
+    Returns:
+        The schedule (``value`` itself if it is one).
+
+    Raises:
+        ValueError: as above, and an exponential decay whose ``end`` exceeds its ``start``.
     """
     if isinstance(value, Schedule):
         return value
@@ -228,5 +321,15 @@ class TrainState:
     total_steps: int | None = None
 
     def value(self, schedule: Schedule) -> float:
-        """``schedule`` at the current step of this run."""
+        """``schedule`` at the current step of this run.
+
+        Args:
+            schedule: the schedule.
+
+        Returns:
+            Its value.
+
+        Raises:
+            ValueError: a relative schedule and no ``total_steps`` set.
+        """
         return schedule(self.step, self.total_steps)

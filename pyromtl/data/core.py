@@ -142,6 +142,32 @@ class MultiTaskData:
         index array shared by all tasks in SIMO), disjoint; otherwise a random split stratified by
         class is drawn with ``seed`` (SIMO: one split, stratified by the task with the most classes).
         Every problem raises ``ValueError`` naming the task and what is wrong.
+
+        Args:
+            x: MIMO: a list of per-task input arrays ``[N_t, ...]``; SIMO: one array ``[N, ...]``.
+            y: MIMO: a list of per-task target arrays ``[N_t]``; SIMO: a dict ``{task: [N]}``.
+            task_types: one task type for all tasks, or one per task.
+            task_names: the tasks' names (by default taken from ``y``'s keys, or numbered).
+            num_classes: classes per classification task (one for all, or one per task, None to
+                infer from the labels).
+            splits: ``train``/``val``/``test`` index arrays; None draws a random split.
+            val_fraction: fraction of each task held out for validation by the random split.
+            test_fraction: fraction of each task held out for test by the random split.
+            seed: seeds the random split.
+            standardize: standardise regression targets on the training split.
+            name: the dataset's name, recorded in runs.
+            relatedness: an optional ``[T, T]`` matrix of known task relatedness.
+            class_names: optional names of the classes of the widest classification task.
+            description: a free-text description.
+
+        Returns:
+            The validated, split dataset.
+
+        Raises:
+            ValueError: inconsistent shapes, unknown task types, bad labels or targets (including
+                regression targets that overflow float32 once standardised), overlapping or
+                out-of-range splits, ``class_names`` of the wrong length, or a ``relatedness``
+                that is not ``[T, T]``.
         """
         checked = validate_arrays(x, y, task_types, task_names, num_classes)
         xs, ys, names, types, ncls, simo = checked
@@ -212,6 +238,17 @@ class MultiTaskData:
         return tuple(x.shape[1:])
 
     def split_sizes(self, split: str = "train") -> list[int]:
+        """Each task's number of samples in ``split``.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            One size per task.
+
+        Raises:
+            KeyError: no such split.
+        """
         return [int(i.numel()) for i in self.splits[split]]
 
     @property
@@ -232,7 +269,17 @@ class MultiTaskData:
         )
 
     def task_index(self, task: str | int) -> int:
-        """Position of a task, by name or index; unknown tasks raise ``ValueError``."""
+        """Position of a task, by name or index; unknown tasks raise ``ValueError``.
+
+        Args:
+            task: a task name, or an index in ``range(num_tasks)``.
+
+        Returns:
+            The task's index.
+
+        Raises:
+            ValueError: no such task.
+        """
         if isinstance(task, (int, np.integer)) and 0 <= int(task) < self.num_tasks:
             return int(task)
         if task in self.task_names:
@@ -242,7 +289,18 @@ class MultiTaskData:
     def with_input_shape(self, shape: Sequence[int], name: str | None = None) -> MultiTaskData:
         """The same data with every sample's input reshaped to ``shape`` (e.g. flat 64-d digits as
         ``(1, 8, 8)`` images for a convolutional backbone), under ``name`` (by default the name
-        and the shape, ``digits-mixed-1x8x8``: a run names the data it was fitted on)."""
+        and the shape, ``digits-mixed-1x8x8``: a run names the data it was fitted on).
+
+        Args:
+            shape: the new per-sample input shape.
+            name: the new dataset's name (None: derived from the name and the shape).
+
+        Returns:
+            A new dataset sharing this one's targets and splits.
+
+        Raises:
+            ValueError: ``shape`` holds a different number of values, or a size below 1.
+        """
         shape = tuple(int(n) for n in shape)
         if math.prod(shape) != math.prod(self.input_shape) or any(n < 1 for n in shape):
             raise ValueError(
@@ -264,6 +322,16 @@ class MultiTaskData:
         share one subset, stratified by the task with the most classes, and every class of every
         classification or binary task keeps at least one sample. val and test are untouched.
         ``fraction=None`` or 1 returns the data unchanged.
+
+        Args:
+            fraction: the fraction of each task's training split to keep, in (0, 1], or None.
+            seed: seeds the draw.
+
+        Returns:
+            A new dataset with the reduced training split (or this one, unchanged).
+
+        Raises:
+            ValueError: ``fraction`` is not above 0.
         """
         if fraction is None or fraction >= 1.0:
             return self
@@ -301,6 +369,16 @@ class MultiTaskData:
 
         MIMO: ``x [T, Nmax, ...]``, ``y [T, Nmax]``; SIMO: the shared ``x [N, ...]`` and ``y [T, N]``.
         ``n [T]`` holds each task's size and ``index [T, Nmax]`` each entry's row (padding repeats the first).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            device: where the tensors go.
+
+        Returns:
+            The padded split.
+
+        Raises:
+            KeyError: no such split.
         """
         key = (split, str(device))
         if key not in self._cache:
@@ -335,6 +413,18 @@ class MultiTaskData:
 
         A task with fewer than ``batch_size`` training samples contributes all of them (the rest
         of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased.
+
+        Args:
+            batch_size: the most samples drawn per task.
+            generator: the random generator for the draw (None: the global one).
+            device: where the batch goes.
+            split: the split it is drawn from.
+
+        Returns:
+            The batch, with its mask, scale and positions.
+
+        Raises:
+            KeyError: no such split.
         """
         device = torch.device(device)
         pad = self.padded(split, device)
@@ -364,7 +454,19 @@ class MultiTaskData:
         return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=False, split=split)
 
     def eval_batches(self, split: str, device: torch.device | str, batch_size: int = 4096) -> Iterator[Batch]:
-        """Yield the whole split in padded, masked chunks (``scale = 1``)."""
+        """Yield the whole split in padded, masked chunks (``scale = 1``).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            device: where the batches go.
+            batch_size: positions per chunk.
+
+        Yields:
+            The split's batches, in order.
+
+        Raises:
+            ValueError: no such split.
+        """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         device = torch.device(device)
@@ -387,7 +489,17 @@ class MultiTaskData:
             )
 
     def split_arrays(self, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-task ``(x, y)`` numpy arrays of one split (targets standardised)."""
+        """Per-task ``(x, y)`` numpy arrays of one split (targets standardised).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            Two lists, inputs and targets, one array per task.
+
+        Raises:
+            KeyError: no such split.
+        """
         xs, ys = [], []
         for t in range(self.num_tasks):
             i = self.splits[split][t]
@@ -417,7 +529,11 @@ class MultiTaskData:
         return "/".join(str(self.splits[s][t].numel()) for s in SPLITS)
 
     def summary(self) -> str:
-        """One line per task: type, classes and split sizes."""
+        """One line per task: type, classes and split sizes.
+
+        Returns:
+            A header line (name, setting, task count, input shape), then one line per task.
+        """
         lines = [f"{self.name}: {self.setting.upper()}, {self.num_tasks} tasks, input {self.input_shape}"]
         lines += [f"  {self._task_kind(t)}, train/val/test = {self._task_sizes(t)}" for t in range(self.num_tasks)]
         return "\n".join(lines)

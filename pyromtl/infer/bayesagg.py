@@ -79,7 +79,14 @@ def _shape(t: Tensor) -> str:
 
 
 def add_bias(h: Tensor) -> Tensor:
-    """Append a constant-1 feature: ``[..., d] -> [..., d+1]``, so a bias is the last weight."""
+    """Append a constant-1 feature: ``[..., d] -> [..., d+1]``, so a bias is the last weight.
+
+    Args:
+        h: features ``[..., d]``.
+
+    Returns:
+        ``[..., d + 1]``, of ``h``'s dtype and device.
+    """
     return torch.cat([h, h.new_ones(h.shape[:-1] + (1,))], dim=-1)
 
 
@@ -192,6 +199,10 @@ def sufficient_stats(h: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[
 
     Returns:
         ``HᵀH`` ``[d, d]`` (``[K, d, d]`` with a mask: each task's observed rows) and ``Hᵀy`` ``[K, d]``.
+
+    Raises:
+        ValueError: ``h`` not ``[N, d]``, ``y`` not ``[N, K]`` with the same N, or a mask of
+            another shape than ``y``.
     """
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [N, d]")
     _require(
@@ -243,6 +254,10 @@ def regression_posterior(
         ``(mean [K, d], cov [K, d, d])``, plus ``precision [K, d, d]`` with ``with_precision``.
         Without a mask, with a scalar noise and a shared prior precision, the covariance and
         precision are one matrix broadcast to ``[K, d, d]`` (views: copy them before writing).
+
+    Raises:
+        ValueError: shapes that do not match the above, a noise τ that is not positive, or a
+            posterior precision that is not positive definite even with a diagonal jitter.
     """
     return regression_posterior_from_stats(
         *sufficient_stats(h, y, mask), prior_mean, prior_precision, noise, with_precision=with_precision
@@ -260,6 +275,20 @@ def regression_posterior_from_stats(
 ) -> tuple[Tensor, ...]:
     """:func:`regression_posterior` from :func:`sufficient_stats`' ``HᵀH`` and ``Hᵀy``, for a
     caller that keeps them too (e.g. to add a batch's to :class:`GaussianStats`).
+
+    Args:
+        gram: ``HᵀH``, ``[d, d]`` or ``[K, d, d]``.
+        cross: ``Hᵀy``, ``[K, d]``.
+        prior_mean: scalar, ``[d]`` or ``[K, d]``.
+        prior_precision: scalar (times I), ``[d, d]`` or ``[K, d, d]``.
+        noise: observation sd τ, a scalar or ``[K]``.
+        with_precision: also return the posterior precision.
+
+    Returns:
+        As :func:`regression_posterior`.
+
+    Raises:
+        ValueError: as :func:`regression_posterior`.
     """
     _check_stats(gram, cross)
     mean_p, precision_p = _prior(prior_mean, prior_precision, cross.shape[0], (cross.shape[1],), cross)
@@ -307,6 +336,15 @@ class GaussianStats:
 
         The first chunk with a mask switches to one ``HᵀH`` per task (``[K, d, d]``). The
         chunk's tensors are kept, not copied, until they are summed: do not write to them.
+
+        Args:
+            h: features ``[n, d]``.
+            y: targets ``[n, K]``.
+            mask: optional ``[n, K]`` bool, False where a label is missing.
+
+        Raises:
+            ValueError: ``h`` or ``y`` not 2-D with the same n, a ``d`` or ``K`` other than the
+                first chunk's, or (when the chunks are summed) a mask of another shape than ``y``.
         """
         _require(
             h.dim() == 2 and y.dim() == 2 and y.shape[0] == h.shape[0],
@@ -341,7 +379,16 @@ class GaussianStats:
         """Add the statistics of ``rows`` samples computed elsewhere (:func:`sufficient_stats`), e.g.
         a batch posterior's: no second product over the features. Float32 statistics keep the
         rounding of their own product; the sum over chunks is float64 as :meth:`update`'s. A
-        ``[K, d, d]`` ``gram`` switches to one ``HᵀH`` per task, as a masked chunk does."""
+        ``[K, d, d]`` ``gram`` switches to one ``HᵀH`` per task, as a masked chunk does.
+
+        Args:
+            gram: ``HᵀH``, ``[d, d]`` or ``[K, d, d]``.
+            cross: ``Hᵀy``, ``[K, d]``.
+            rows: the number of samples they sum over.
+
+        Raises:
+            ValueError: shapes that do not match, or a ``d`` or ``K`` other than the first chunk's.
+        """
         _check_stats(gram, cross)
         self._check_sizes(cross.shape[1], cross.shape[0], cross.dtype)
         self._accumulate(gram.detach(), cross.detach())
@@ -374,11 +421,23 @@ class GaussianStats:
         type(self).__init__(self)
 
     def state_dict(self) -> dict:
-        """The sums so far, for a checkpoint (:meth:`load_state_dict` restores them exactly)."""
+        """The sums so far, for a checkpoint (:meth:`load_state_dict` restores them exactly).
+
+        Returns:
+            ``{"gram", "cross", "count", "dtype"}`` (the sums None before any data).
+        """
         self._flush()
         return {"gram": self.gram, "cross": self.cross, "count": self.count, "dtype": self._dtype}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replace everything accumulated with a :meth:`state_dict`.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            KeyError: a missing entry.
+        """
         self.reset()
         self.gram, self.cross, self.count, self._dtype = state["gram"], state["cross"], state["count"], state["dtype"]
         if self.gram is not None:
@@ -399,7 +458,19 @@ class GaussianStats:
     def posterior(
         self, prior_mean: Tensor | float = 0.0, prior_precision: Tensor | float = 1.0, noise: Tensor | float = 1.0
     ) -> tuple[Tensor, Tensor]:
-        """``(mean [K, d], cov [K, d, d])``: what :func:`regression_posterior` gives on all chunks."""
+        """``(mean [K, d], cov [K, d, d])``: what :func:`regression_posterior` gives on all chunks.
+
+        Args:
+            prior_mean: scalar, ``[d]`` or ``[K, d]``.
+            prior_precision: scalar (times I), ``[d, d]`` or ``[K, d, d]``.
+            noise: observation sd τ, a scalar or ``[K]``.
+
+        Returns:
+            ``(mean, cov)``, in the dtype of the first chunk.
+
+        Raises:
+            ValueError: no data yet, or what :func:`regression_posterior` refuses.
+        """
         mean, cov, _ = self._solve(prior_mean, prior_precision, noise)
         return mean, cov
 
@@ -409,6 +480,17 @@ class GaussianStats:
         """The same posterior as ``(mean [K, d], precision [K, d, d])``, ready to be the next prior.
 
         The precision is ``S_p⁻¹ + HᵀH/τ²`` itself, so no covariance is inverted back.
+
+        Args:
+            prior_mean: scalar, ``[d]`` or ``[K, d]``.
+            prior_precision: scalar (times I), ``[d, d]`` or ``[K, d, d]``.
+            noise: observation sd τ, a scalar or ``[K]``.
+
+        Returns:
+            ``(mean, precision)``, in the dtype of the first chunk.
+
+        Raises:
+            ValueError: no data yet, or what :func:`regression_posterior` refuses.
         """
         mean, _, precision = self._solve(prior_mean, prior_precision, noise)
         return mean, precision
@@ -422,6 +504,9 @@ def regression_gradient(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
 
     Returns:
         ``[..., B, K, d]``.
+
+    Raises:
+        ValueError: shapes that do not match the above.
     """
     _require(
         h.dim() == 2 and w.dim() >= 2 and w.shape[-1] == h.shape[1],
@@ -465,6 +550,9 @@ def regression_moments(
     Returns:
         ``(mu, var)``, each ``[B, K, coords or d]``: views of head-major ``[K, B, ·]`` memory,
         the layout in which :func:`aggregate` reduces over the heads fastest.
+
+    Raises:
+        ValueError: shapes that do not match the above, or ``coords`` outside ``[1, d]``.
     """
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
     batch, dim = h.shape
@@ -536,6 +624,10 @@ def classification_gradient(h: Tensor, w: Tensor, y: Tensor, kind: Kind) -> Tens
 
     Returns:
         ``[..., B, K, d]``.
+
+    Raises:
+        ValueError: an unknown ``kind``, shapes that do not match the above, or labels that
+            are not valid for ``kind``.
     """
     _check_kind(kind)
     _require(h.dim() == 2, lambda: f"h has shape {_shape(h)}; expected [B, d]")
@@ -608,6 +700,10 @@ def laplace_posterior(
         ``(mean, cov)``: ``[K, d+1]`` and ``[K, d+1, d+1]`` (binary) or ``[K, C, d+1]`` and
         ``[K, C(d+1), C(d+1)]`` (multiclass); the bias is the last entry of each class's row.
         With ``with_precision``, ``B̃`` (shaped as ``cov``) comes third.
+
+    Raises:
+        ValueError: an unknown ``kind``, shapes that do not match the above, a ``chunk`` below 1,
+            or a ``B̃`` that is not positive definite even with a diagonal jitter.
     """
     mean, cov, precision = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
     return (mean, cov, precision) if with_precision else (mean, cov)
@@ -623,7 +719,17 @@ def laplace_as_prior(
     kind: Kind = "binary",
     chunk: int = 4096,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`laplace_posterior` as ``(mean, precision B̃)``, ready to be the next prior (the full-data prior)."""
+    """:func:`laplace_posterior` as ``(mean, precision B̃)``, ready to be the next prior (the full-data prior).
+
+    Args:
+        h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk: as in :func:`laplace_posterior`.
+
+    Returns:
+        ``(mean, precision)``, shaped as :func:`laplace_posterior`'s ``(mean, cov)``.
+
+    Raises:
+        ValueError: as :func:`laplace_posterior`.
+    """
     mean, _, precision = _laplace(h, y, w_hat, b_hat, prior_mean, prior_precision, kind, chunk)
     return mean, precision
 
@@ -828,7 +934,17 @@ def sobol_normal(count: int, dim: int, generator: torch.Generator | None, like: 
     Randomised quasi-Monte Carlo: the scrambling (seeded from ``generator``) makes every point
     uniform, so averages over the points are unbiased, and the points cover the space evenly,
     so their error falls about as ``1/count`` rather than Monte Carlo's ``1/√count``. Powers of 2
-    keep the sequence balanced."""
+    keep the sequence balanced.
+
+    Args:
+        count: the number of points.
+        dim: their dimension.
+        generator: seeds the scrambling (None: the global generator).
+        like: the points take its dtype and device.
+
+    Returns:
+        ``[count, dim]`` standard normal points.
+    """
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
     uniform = SobolEngine(dim, scramble=True, seed=seed).draw(count, dtype=torch.float64)
     # the open interval: icdf(0) and icdf(1) are infinite
@@ -934,6 +1050,11 @@ def classification_moments(
 
     Returns:
         ``(mu, var)``, each ``[B, K, d]``.
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``moments``, shapes that do not match the above,
+            labels of the wrong shape (or not integers, multiclass), ``num_samples`` below 2,
+            ``nodes`` outside 1 to 100, or ``chunk`` below 1.
     """
     _classification_shapes(h, mean, cov, kind)
     _check_labels(y, h.shape[0], mean.shape[0], kind)
@@ -974,6 +1095,10 @@ def aggregation_weights(
         ``(weights [B, K, d], total [B, d])``. The largest weight of a sample's coordinate is 1,
         so ``total ≥ 1``; a sample with no task has weights 0 and total 1, so ``Σ_k w μ / total``
         is 0 for it. ``weights`` is ``var``'s memory with ``overwrite_var``.
+
+    Raises:
+        ValueError: ``var`` not 3-D, a negative float ``s``, an ``s`` tensor not scalar or
+            ``[K]``, or a mask not ``[B, K]``.
     """
     _require(var.dim() == 3, lambda: f"var has shape {_shape(var)}; expected [B, K, d]")
     batch, num_tasks, _ = var.shape
@@ -1042,6 +1167,10 @@ def aggregate(
 
     Returns:
         ``g [B, d]``, or ``(g, weights)``.
+
+    Raises:
+        ValueError: ``mu`` not 3-D, ``var`` of another shape, or what :func:`aggregation_weights`
+            refuses.
     """
     _require(mu.dim() == 3, lambda: f"mu has shape {_shape(mu)}; expected [B, K, d]")
     _require(var.shape == mu.shape, lambda: f"var has shape {_shape(var)}; expected {_shape(mu)} as mu")

@@ -197,6 +197,9 @@ def clustering_margin(distance: ArrayLike | torch.Tensor, groups: ArrayLike | to
             1 for tasks in the same group (as ``MultiTaskData.relatedness`` holds). The diagonal
             of the matrix is ignored.
 
+    Returns:
+        The margin, in the units of ``distance``.
+
     Raises:
         ValueError: for invalid input, or a grouping without both a within-group pair and an
             across-group pair (the criterion is then undefined).
@@ -214,6 +217,16 @@ def clustering_success(distance: ArrayLike | torch.Tensor, groups: ArrayLike | t
     """The paper's success criterion (Section V-B): largest within-group distance < smallest across.
 
     Same arguments as :func:`clustering_margin`, which gives the margin as a number.
+
+    Args:
+        distance: ``[T, T]`` dissimilarity (e.g. :func:`noise_distance`).
+        groups: the true grouping, a label per task or a ``[T, T]`` 0/1 matrix.
+
+    Returns:
+        Whether the margin is positive.
+
+    Raises:
+        ValueError: as :func:`clustering_margin`.
     """
     return clustering_margin(distance, groups) > 0.0
 
@@ -331,10 +344,22 @@ class TwoTaskGaussian:
 
     @property
     def dim(self) -> int:
+        """``D``, the number of latent coordinates (and of features)."""
         return self.latent_var.shape[0]
 
     def task_covariances(self, task: int, latent: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cov_x [D, D], cov_xy [D, K], cov_y [K, K])`` of task 0 or 1, for ``X`` or, with ``latent``, ``X'``."""
+        """``(cov_x [D, D], cov_xy [D, K], cov_y [K, K])`` of task 0 or 1, for ``X`` or, with ``latent``, ``X'``.
+
+        Args:
+            task: 0 or 1.
+            latent: the covariances of the latent ``X'`` instead of the features ``X``.
+
+        Returns:
+            ``(cov_x, cov_xy, cov_y)``, as :func:`gaussian_optimal_precisions` takes them.
+
+        Raises:
+            ValueError: ``task`` is not 0 or 1.
+        """
         if task not in (0, 1):
             raise ValueError(f"task: expected 0 or 1, got {task!r}")
         support = self.support[task]
@@ -355,6 +380,15 @@ class TwoTaskGaussian:
         information matrix ``Σ_i (1/σ_i²) v_i v_iᵀ`` of its channel does not depend on how the
         eigenvectors of a repeated eigenvalue are chosen, and in the latent basis it is
         diagonal, so its diagonal holds the precision of each coordinate's channel.
+
+        Args:
+            beta: the Lagrange multiplier of ``I(X; W)`` in eq. 9, > 0.
+
+        Returns:
+            ``[2, D]`` precisions, 0 where a coordinate's channel is closed.
+
+        Raises:
+            ValueError: a β that is not positive and finite.
         """
         rows = []
         for task in (0, 1):
@@ -365,7 +399,15 @@ class TwoTaskGaussian:
     def sample(
         self, n: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` joint draws: ``(x [n, D], x_latent [n, D], y [n, 2, K])``."""
+        """``n`` joint draws: ``(x [n, D], x_latent [n, D], y [n, 2, K])``.
+
+        Args:
+            n: the number of draws.
+            generator: the random generator (None: the global one).
+
+        Returns:
+            ``(x, x_latent, y)``, on the CPU.
+        """
         x_latent = torch.randn(n, self.dim, generator=generator, dtype=self.latent_var.dtype) * self.latent_var.sqrt()
         noise = torch.randn(n, *self.noise_var.shape, generator=generator, dtype=self.latent_var.dtype)
         y = x_latent[:, self.support] + noise * self.noise_var.sqrt()
@@ -390,6 +432,13 @@ def two_task_gaussian(
             above (small λ: the target is informative about that coordinate).
         shared: how many coordinates the two tasks both read, ``0 <= shared <= K``.
         seed: for the latent variances and the mixing matrix.
+
+    Returns:
+        The problem, in float64.
+
+    Raises:
+        ValueError: ``lambdas`` not two sequences of equal length with values in (0, 1), or
+            ``shared`` outside ``[0, K]``.
     """
     lam = torch.as_tensor(lambdas, dtype=torch.float64)
     if lam.dim() != 2 or lam.shape[0] != 2:

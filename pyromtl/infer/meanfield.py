@@ -108,7 +108,17 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return elbo
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor | float:
-        """The negative ELBO as a differentiable tensor, without reading it back to the host."""
+        """The negative ELBO as a differentiable tensor, without reading it back to the host.
+
+        Args:
+            model: the Pyro model.
+            guide: the Pyro guide.
+            args, kwargs: passed to both (e.g. the batch).
+
+        Returns:
+            The negative ELBO averaged over ``num_particles`` particles (a float only when the
+            traces have no sample sites).
+        """
         loss: torch.Tensor | float = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss = loss - self._particle_elbo(model_trace, guide_trace) / self.num_particles
@@ -118,11 +128,31 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative ELBO as a number, computed without gradients.
+
+        Args:
+            model: the Pyro model.
+            guide: the Pyro guide.
+            args, kwargs: passed to both (e.g. the batch).
+
+        Returns:
+            The negative ELBO.
+        """
         with torch.no_grad():
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
         return float(loss)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The negative ELBO as a number, after back-propagating it into the parameters' gradients.
+
+        Args:
+            model: the Pyro model.
+            guide: the Pyro guide.
+            args, kwargs: passed to both (e.g. the batch).
+
+        Returns:
+            The negative ELBO.
+        """
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)

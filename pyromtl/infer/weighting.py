@@ -102,6 +102,10 @@ class TaskLossObjective(Objective):
     create lazy parameters; subclasses combine the losses in :meth:`backward`. The combiner is
     a submodule, so its parameters (``uw``'s log-variances) are trained and checkpointed with
     the rest, and its extra state (``dwa``'s history) is checkpointed too.
+
+    Args:
+        loss: the ``bmtl`` ELBO module, holding the model and guide.
+        combine: a torchjd scalariser or aggregator (:data:`COMBINERS`).
     """
 
     def __init__(self, loss: torch.nn.Module, combine: Combiner):
@@ -110,7 +114,14 @@ class TaskLossObjective(Objective):
 
     def task_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ℓ [T], z)``: each task's negative log-likelihood of ``batch`` and the shared
-        representation ``z`` the heads read (``[1, B, d]`` for SIMO data)."""
+        representation ``z`` the heads read (``[1, B, d]`` for SIMO data).
+
+        Args:
+            batch: a training batch.
+
+        Returns:
+            ``(losses, z)``; the losses keep their graph.
+        """
         guide_tr = poutine.trace(self.guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(self.model, trace=guide_tr)).get_trace(batch)
         y = model_tr.nodes["y"]
@@ -137,7 +148,13 @@ class ScalarizedObjective(TaskLossObjective):
 
 class JacobianDescentObjective(TaskLossObjective):
     """torchjd's ``mtl_backward``: each head gets ``∇ℓ_t`` of its own task, and the shared
-    encoder the aggregation of the Jacobian ``[∇ℓ_1; …; ∇ℓ_T]`` by ``combine``."""
+    encoder the aggregation of the Jacobian ``[∇ℓ_1; …; ∇ℓ_T]`` by ``combine``.
+
+    Args:
+        loss: the ``bmtl`` ELBO module, holding the model and guide.
+        combine: a torchjd aggregator.
+        shared: the shared encoder; its trainable parameters get the aggregated gradient.
+    """
 
     combine: aggregation.Aggregator
 
@@ -185,7 +202,21 @@ COMBINERS: dict[str, Callable[[Mapping[str, Any], int], Combiner]] = {
 
 
 def weighting_objective(name: str, loss: torch.nn.Module, model, cfg: Mapping[str, Any]) -> Objective:
-    """The objective of baseline ``name``: one scalarised backward, or Jacobian descent."""
+    """The objective of baseline ``name``: one scalarised backward, or Jacobian descent.
+
+    Args:
+        name: a key of :data:`COMBINERS`.
+        loss: the ``bmtl`` ELBO module of ``model`` and its guide.
+        model: the model; its ``info`` gives the task count and device, its ``encoder`` the
+            shared parameters of Jacobian descent.
+        cfg: the resolved config (the combiner's options, e.g. ``dwa_temperature``).
+
+    Returns:
+        A :class:`JacobianDescentObjective` for an aggregator, else a :class:`ScalarizedObjective`.
+
+    Raises:
+        KeyError: an unknown ``name``, or a config without the combiner's options.
+    """
     combine = COMBINERS[name](cfg, model.info.num_tasks).to(model.info.type_code.device)
     if isinstance(combine, aggregation.Aggregator):
         return JacobianDescentObjective(loss, combine, model.encoder)

@@ -92,6 +92,18 @@ def delta_m(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
 
     Raises ``ValueError`` naming the task when the tasks differ, a metric is missing or
     non-finite, or a baseline value is 0.
+
+    Args:
+        method: the method's ``{task: {metric: value}}``.
+        baseline: the baseline's ``{task: {metric: value}}`` (usually single-task learning).
+        metrics: the metrics to compare on; None: each task's primary metric.
+
+    Returns:
+        Δm in percent (lower is better).
+
+    Raises:
+        ValueError: the tasks differ, an empty or unknown ``metrics``, a metric missing or not
+            finite on either side, or a baseline value of 0.
     """
     rel = _relative(method, baseline, metrics)
     flat = [r for pairs in rel.values() for _, r in pairs]
@@ -108,6 +120,18 @@ def delta_i(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
     means better than the baseline (**higher is better**). Metrics are averaged within a
     task first, then over tasks. With one metric per task, ``delta_i == -delta_m``. Metric
     selection and errors are as in :func:`delta_m`.
+
+    Args:
+        method: the method's ``{task: {metric: value}}``.
+        baseline: the baseline's ``{task: {metric: value}}`` (usually single-task learning).
+        metrics: the metrics to compare on; None: each task's primary metric.
+
+    Returns:
+        Δ_I in percent (higher is better).
+
+    Raises:
+        ValueError: the tasks differ, an empty or unknown ``metrics``, a metric missing or not
+            finite on either side, or a baseline value of 0.
     """
     rel = _relative(method, baseline, metrics)
     per_task = [np.mean([r for _, r in pairs]) for pairs in rel.values()]
@@ -122,6 +146,18 @@ def eta_hat(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
     the (metric-averaged) percentage of tasks on which the method is **no worse** than the
     baseline; ties count as safe. η̂ = 100 is "safe multi-task learning" (no negative
     sharing). Metric selection and errors are as in :func:`delta_m`.
+
+    Args:
+        method: the method's ``{task: {metric: value}}``.
+        baseline: the baseline's ``{task: {metric: value}}`` (usually single-task learning).
+        metrics: the metrics to compare on; None: each task's primary metric.
+
+    Returns:
+        η̂, in [0, 100].
+
+    Raises:
+        ValueError: the tasks differ, an empty or unknown ``metrics``, a metric missing or not
+            finite on either side, or a baseline value of 0.
     """
     rel = _relative(method, baseline, metrics)
     per_task = [np.mean([1.0 if r >= 0 else 0.0 for _, r in pairs]) for pairs in rel.values()]
@@ -134,7 +170,17 @@ METRIC_GROUPS: tuple[tuple[str, ...], ...] = (CLASSIFICATION_METRICS, REGRESSION
 
 
 def check_metric_names(metrics: Sequence[str]) -> list[str]:
-    """``metrics`` as a list, refused (``ValueError``) if empty, with a name twice or an unknown name."""
+    """``metrics`` as a list, refused (``ValueError``) if empty, with a name twice or an unknown name.
+
+    Args:
+        metrics: metric names (surrounding spaces are stripped).
+
+    Returns:
+        The stripped names, in order.
+
+    Raises:
+        ValueError: no names or an empty one, a name listed twice, or an unknown name.
+    """
     names = [m.strip() for m in metrics]
     if not names or any(not m for m in names):
         raise ValueError(f"metrics: expected metric names separated by commas, got {','.join(metrics)!r}")
@@ -158,6 +204,16 @@ def metrics_per_task(reference: TaskResults, metrics: Sequence[str]) -> dict[str
     classification tasks on two metrics and regression tasks on one. Raises ``ValueError`` for
     an unknown name, a metric that applies to the task but is missing from its results, a task
     to which none applies, and a metric that applies to no task.
+
+    Args:
+        reference: ``{task: {metric: value}}`` that decides which metrics apply to each task.
+        metrics: the metric names.
+
+    Returns:
+        ``{task: [metric, ...]}``, in the order of ``metrics``.
+
+    Raises:
+        ValueError: as above, and for the cases :func:`check_metric_names` refuses.
     """
     names = check_metric_names(metrics)
     out: dict[str, list[str]] = {}
@@ -209,6 +265,18 @@ def compare_table(
     averaged over a task's ``m_t`` metrics first (Safe MTL §4), Δm over every (task, metric)
     pair. Then a metric that applies to a task but is missing from a compared run's results
     is a ``ValueError`` naming the run, not ``n/a``.
+
+    Args:
+        runs: ``{run name: {task: {metric: value}}}``.
+        baseline: the name of the run to compare the others against, or None.
+        metrics: the metrics to score on; None: each task's primary metric.
+
+    Returns:
+        The markdown table.
+
+    Raises:
+        ValueError: no runs or no tasks, a ``baseline`` that is not a run, a run that is not a
+            dict, bad ``metrics`` (:func:`metrics_per_task`), or a listed metric missing from a run.
     """
     if not runs:
         raise ValueError("no runs to compare")

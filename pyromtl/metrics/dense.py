@@ -62,6 +62,19 @@ def miou(pred, target, num_classes: int) -> float:
     argmax of the logits). Per class ``c``, ``IoU_c = TP / (TP + FP + FN)`` counted over all
     images together (one confusion matrix, as LibMTL accumulates it); classes in neither
     ``pred`` nor ``target`` are left out of the mean.
+
+    Args:
+        pred: predicted labels.
+        target: true labels, -1 where unlabelled.
+        num_classes: the number of classes ``C``, at least 2.
+
+    Returns:
+        The mIoU, in [0, 1].
+
+    Raises:
+        ValueError: ``pred`` and ``target`` not numeric, empty, not finite or of different
+            shapes; no labelled pixel; labels that are not integers or fall outside [0, C);
+            ``num_classes`` not an integer >= 2.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -74,14 +87,38 @@ def miou(pred, target, num_classes: int) -> float:
 
 
 def pixel_accuracy(pred, target) -> float:
-    """Fraction of the labelled pixels (target not -1) whose predicted label is right."""
+    """Fraction of the labelled pixels (target not -1) whose predicted label is right.
+
+    Args:
+        pred: predicted labels.
+        target: true labels of the same shape, -1 where unlabelled.
+
+    Returns:
+        The pixel accuracy, in [0, 1].
+
+    Raises:
+        ValueError: ``pred`` and ``target`` not numeric, empty, not finite or of different
+            shapes; no labelled pixel; labels that are not integers or fall outside [0, C).
+    """
     p, t = _labelled(pred, target, None)
     return float(np.mean(p == t))
 
 
 def depth_errors(pred, target) -> dict[str, float]:
     """``abs_err`` (mean ``|pred − target|``) and ``rel_err`` (mean ``|pred − target| / target``)
-    over the pixels with a depth reading (``target ≠ 0``); ``pred`` and ``target`` of one shape."""
+    over the pixels with a depth reading (``target ≠ 0``); ``pred`` and ``target`` of one shape.
+
+    Args:
+        pred: predicted depths.
+        target: true depths, 0 where there is no reading.
+
+    Returns:
+        ``{"abs_err": ..., "rel_err": ...}``.
+
+    Raises:
+        ValueError: ``pred`` and ``target`` not numeric, empty, not finite or of different
+            shapes; a negative target depth; no pixel with a reading.
+    """
     pred, target = _dense_pair(pred, target)
     if target.min() < 0:
         raise ValueError(f"target depth must be >= 0 (0: no reading), found {target.min():g}")
@@ -96,7 +133,19 @@ def depth_errors(pred, target) -> dict[str, float]:
 def normal_angle(pred, target) -> float:
     """Mean angle in degrees between predicted and true surface normals, over the pixels with a
     normal (target not the zero vector). Channels are dim 1 (``[N, 3, H, W]``); both sides are
-    normalised first, so ``pred`` need not be unit length (a zero prediction counts as 90°)."""
+    normalised first, so ``pred`` need not be unit length (a zero prediction counts as 90°).
+
+    Args:
+        pred: predicted normals ``[N, 3, ...]``.
+        target: true normals of the same shape, the zero vector where there is none.
+
+    Returns:
+        The mean angle, in degrees.
+
+    Raises:
+        ValueError: ``pred`` and ``target`` not numeric, empty, not finite or of different
+            shapes; no 3 channels on dim 1; no pixel with a normal.
+    """
     pred, target = _dense_pair(pred, target)
     if pred.ndim < 2 or pred.shape[1] != 3:
         raise ValueError(f"normals must be shaped [N, 3, ...] (channels on dim 1), got {list(pred.shape)}")
@@ -117,6 +166,19 @@ def dense_task_metrics(task: str, pred, target, num_classes: int | None = None) 
       (needs ``num_classes``);
     * ``"depth"``: ``pred`` depth map → ``abs_err``, ``rel_err``;
     * ``"normal"``: ``pred`` normals ``[N, 3, ...]`` → ``mean_angle`` (degrees).
+
+    Args:
+        task: ``"segmentation"``, ``"depth"`` or ``"normal"``.
+        pred: the predictions, shaped as above.
+        target: the targets, of the same shape.
+        num_classes: the number of classes (segmentation only).
+
+    Returns:
+        ``{metric: value}``.
+
+    Raises:
+        ValueError: an unknown task, segmentation without ``num_classes``, or inputs the
+            metric refuses.
     """
     if task == "segmentation":
         if num_classes is None:  # miou's own check and message, before the call

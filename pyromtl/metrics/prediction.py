@@ -109,6 +109,17 @@ def accuracy(probs, y) -> float:
     ``probs`` is ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 for a
     binary task (predicted label ``1`` when ``p > 0.5``; a tie at exactly 0.5 predicts 0,
     the same as ``argmax`` of ``[1 - p, p]``). ``y`` is ``[N]`` integer labels.
+
+    Args:
+        probs: ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 (binary).
+        y: ``[N]`` integer class labels.
+
+    Returns:
+        The accuracy, in [0, 1].
+
+    Raises:
+        ValueError: ``probs`` of the wrong shape, empty, not finite, outside [0, 1] or with rows
+            not summing to 1; ``y`` not 1-D, of another length, or not integer labels in [0, C).
     """
     p, y = _check_probs(probs, y)
     return float(np.mean(np.argmax(p, axis=1) == y))
@@ -124,6 +135,17 @@ def auc(probs, y) -> float:
 
     Returns ``nan`` (and raises nothing) when ``y`` contains only one class, where the
     ROC curve is undefined.
+
+    Args:
+        probs: ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 (binary).
+        y: ``[N]`` integer class labels.
+
+    Returns:
+        The AUC, in [0, 1], or NaN.
+
+    Raises:
+        ValueError: ``probs`` of the wrong shape, empty, not finite, outside [0, 1] or with rows
+            not summing to 1; ``y`` not 1-D, of another length, or not integer labels in [0, C).
     """
     from sklearn.metrics import roc_auc_score  # lazy: keeps `import pyromtl.metrics` (and the CLI) quick
 
@@ -149,6 +171,19 @@ def ece(probs, y, n_bins: int = 15) -> float:
 
     Binary ``probs [N]`` are treated as the two classes ``[1 − p, p]``, so the confidence is
     ``max(p, 1 − p)``. A perfectly calibrated predictor has ECE 0; the range is ``[0, 1]``.
+
+    Args:
+        probs: ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 (binary).
+        y: ``[N]`` integer class labels.
+        n_bins: the number of confidence bins ``M``.
+
+    Returns:
+        The ECE, in [0, 1].
+
+    Raises:
+        ValueError: ``probs`` of the wrong shape, empty, not finite, outside [0, 1] or with rows
+            not summing to 1; ``y`` not 1-D, of another length, or not integer labels in [0, C).
+        ValueError: ``n_bins`` is not a positive integer.
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
@@ -171,6 +206,17 @@ def brier(probs, y) -> float:
     Binary ``probs [N]`` are treated as the two classes ``[1 − p, p]``, so the value is
     ``2 · mean((p − y)²)`` — twice the "binary" Brier score some libraries report. The range
     is ``[0, 2]``; perfect predictions score 0 and uniform predictions ``(C − 1)/C``.
+
+    Args:
+        probs: ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 (binary).
+        y: ``[N]`` integer class labels.
+
+    Returns:
+        The Brier score, in [0, 2].
+
+    Raises:
+        ValueError: ``probs`` of the wrong shape, empty, not finite, outside [0, 1] or with rows
+            not summing to 1; ``y`` not 1-D, of another length, or not integer labels in [0, C).
     """
     p, y = _check_probs(probs, y)
     onehot = np.zeros_like(p)
@@ -183,6 +229,18 @@ def nll(probs, y, floor: float = 1e-12) -> float:
 
     The probability is floored at ``floor`` so that one confident mistake gives a large finite
     value instead of ``inf`` (``-log 1e-12 ≈ 27.6``).
+
+    Args:
+        probs: ``[N, C]`` class probabilities, or ``[N]`` probabilities of class 1 (binary).
+        y: ``[N]`` integer class labels.
+        floor: the smallest probability taken.
+
+    Returns:
+        The mean NLL, at least 0.
+
+    Raises:
+        ValueError: ``probs`` of the wrong shape, empty, not finite, outside [0, 1] or with rows
+            not summing to 1; ``y`` not 1-D, of another length, or not integer labels in [0, C).
     """
     p, y = _check_probs(probs, y)
     return float(-np.mean(np.log(np.maximum(p[np.arange(y.shape[0]), y], floor))))
@@ -190,13 +248,35 @@ def nll(probs, y, floor: float = 1e-12) -> float:
 
 # ----------------------------------------------------------------------------- regression
 def mse(pred, y) -> float:
-    """Mean squared error ``(1/N) Σ_i (ŷ_i − y_i)²`` of predictive means ``pred [N]``."""
+    """Mean squared error ``(1/N) Σ_i (ŷ_i − y_i)²`` of predictive means ``pred [N]``.
+
+    Args:
+        pred: ``[N]`` predictive means.
+        y: ``[N]`` targets.
+
+    Returns:
+        The MSE.
+
+    Raises:
+        ValueError: ``pred`` or ``y`` not 1-D, empty, not finite, or of different lengths.
+    """
     pred, y = _check_regression(pred, y)
     return float(np.mean((pred - y) ** 2))
 
 
 def mae(pred, y) -> float:
-    """Mean absolute error ``(1/N) Σ_i |ŷ_i − y_i|`` of predictive means ``pred [N]``."""
+    """Mean absolute error ``(1/N) Σ_i |ŷ_i − y_i|`` of predictive means ``pred [N]``.
+
+    Args:
+        pred: ``[N]`` predictive means.
+        y: ``[N]`` targets.
+
+    Returns:
+        The MAE.
+
+    Raises:
+        ValueError: ``pred`` or ``y`` not 1-D, empty, not finite, or of different lengths.
+    """
     pred, y = _check_regression(pred, y)
     return float(np.mean(np.abs(pred - y)))
 
@@ -209,6 +289,16 @@ def nmse(pred, y) -> float:
     It is invariant to the scale of the targets (standardised or original units give the same
     value), and predicting the mean of ``y`` everywhere scores exactly 1. Returns ``nan``
     when ``y`` is constant (e.g. a single sample), where the ratio is undefined.
+
+    Args:
+        pred: ``[N]`` predictive means.
+        y: ``[N]`` targets.
+
+    Returns:
+        The NMSE, or NaN.
+
+    Raises:
+        ValueError: ``pred`` or ``y`` not 1-D, empty, not finite, or of different lengths.
     """
     pred, y = _check_regression(pred, y)
     var = float(np.var(y))
@@ -232,6 +322,17 @@ def task_metrics(task_type: str, pred, y) -> dict[str, float]:
     * ``"binary"``: ``pred [N]`` probability of class 1 (``[N, 2]`` is also accepted) →
       the same five keys;
     * ``"regression"``: ``pred [N]`` predictive mean → ``mse``, ``mae``, ``nmse``.
+
+    Args:
+        task_type: ``"classification"``, ``"binary"`` or ``"regression"``.
+        pred: the predictions, shaped as above.
+        y: ``[N]`` labels or targets.
+
+    Returns:
+        ``{metric: value}``.
+
+    Raises:
+        ValueError: an unknown task type, or predictions or targets the metrics refuse.
     """
     _check_task_type(task_type)
     if task_type == "regression":
@@ -253,6 +354,15 @@ def primary_metric(task: str | Mapping[str, float]) -> str | None:
 
     ``task`` is a task type, or one task's results (``accuracy`` if reported, else ``nmse``,
     else ``None``).
+
+    Args:
+        task: a task type, or one task's ``{metric: value}``.
+
+    Returns:
+        The metric's key, or None for results with neither.
+
+    Raises:
+        ValueError: an unknown task type.
     """
     if isinstance(task, Mapping):
         return next((k for k in ("accuracy", "nmse") if k in task), None)
@@ -267,6 +377,17 @@ def selection_score(task_results: TaskResults, task_types: Sequence[str]) -> flo
     ``task_types`` lists the types in the order of ``task_results`` (one string applies to
     all tasks). Tasks whose value is NaN (e.g. NMSE of a constant target) are skipped; if
     every task is NaN the score is NaN, which never compares greater than a best score.
+
+    Args:
+        task_results: ``{task: {metric: value}}`` on the validation split.
+        task_types: the tasks' types, in order, or one type for all.
+
+    Returns:
+        The score, or NaN.
+
+    Raises:
+        ValueError: no tasks, a count of types that differs from the tasks', an unknown task
+            type, a task missing its primary metric, or an infinite value.
     """
     if not task_results:
         raise ValueError("task_results is empty")
@@ -296,6 +417,15 @@ def average(tasks: TaskResults) -> dict[str, float]:
 
     This is the ``average`` entry of ``metrics.json``. A metric that is NaN for every task
     that has it averages to NaN. Keys keep the order in which they first appear.
+
+    Args:
+        tasks: ``{task: {metric: value}}``.
+
+    Returns:
+        ``{metric: mean}``.
+
+    Raises:
+        ValueError: no tasks, a task's results that are not a dict, or a value that is not a number.
     """
     if not tasks:
         raise ValueError("no tasks to average")

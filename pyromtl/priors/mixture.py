@@ -16,7 +16,15 @@ MIXTURE_WEIGHTS = ("gumbel_softmax", "learned", "uniform")
 
 
 def other_tasks(num_tasks: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``[T, T-1]`` column indices of the other tasks of each row: row t lists ``i ≠ t`` in order."""
+    """``[T, T-1]`` column indices of the other tasks of each row: row t lists ``i ≠ t`` in order.
+
+    Args:
+        num_tasks: the number of tasks T.
+        device: where the indices go.
+
+    Returns:
+        ``[T, T-1]`` int64 indices.
+    """
     j = torch.arange(num_tasks - 1, device=device)
     t = torch.arange(num_tasks, device=device).unsqueeze(-1)
     return j + (j >= t).long()
@@ -48,6 +56,21 @@ def mixture_weights(
     logits=π_t)`` (eq. 7), one per ``sample_shape`` entry; ``learned`` gives ``softmax(π_t)``
     (also the Gumbel-Softmax's expected class); ``uniform`` gives ``1 / (T-1)`` (``logits``
     unused). ``logits`` ``[T, T-1]`` are the learned π.
+
+    Args:
+        mode: ``"gumbel_softmax"``, ``"learned"`` or ``"uniform"``.
+        num_tasks: the number of tasks T.
+        logits: the learned π, ``[T, T-1]`` (not needed for ``uniform``).
+        tau: the Gumbel-Softmax temperature τ.
+        sample_shape: leading dims of the result (independent draws for ``gumbel_softmax``).
+        device: the device of uniform weights.
+        dtype: the dtype of uniform weights.
+
+    Returns:
+        ``[*sample_shape, T, T]`` weights, each row on the simplex with a zero diagonal.
+
+    Raises:
+        ValueError: ``logits`` missing for a mode other than ``uniform``.
     """
     if mode == "uniform":
         rows = _uniform_rows(num_tasks, device, dtype).expand(*sample_shape, num_tasks, num_tasks - 1)

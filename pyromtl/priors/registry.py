@@ -39,22 +39,30 @@ def register(
 ) -> Callable[[Builder], Builder]:
     """Decorator that registers ``fn(spec, ctx) -> Distribution`` as the builder of prior ``kind``.
 
-    :param defaults: the accepted parameter names and their default values (none: the kind
-        takes no parameters). Values given by a user are checked against the type of the
-        default (bool, number, string) unless ``checks`` has an entry for that name.
-    :param checks: per-parameter functions ``value -> normalised value`` that raise
-        ``ValueError`` with a short reason for an invalid value.
-    :param uses_components: whether the builder reads ``ctx.components``. Declare ``False`` when
-        it does not: a model may then skip computing them (VMTL's z components cost an attention
-        pass and an encoder pass over every sample's other tasks).
-    :param replace: allow re-registering an existing kind.
-
     Example::
 
         @register("laplace", defaults={"scale": 1.0})
         def laplace(spec, ctx):
             d = dist.Laplace(torch.zeros((), device=ctx.device), spec.params["scale"])
             return d.expand(ctx.batch_shape + ctx.event_shape).to_event(len(ctx.event_shape))
+
+    Args:
+        kind: the kind's name, as a spec's ``kind`` gives it.
+        defaults: the accepted parameter names and their default values (none: the kind
+            takes no parameters). Values given by a user are checked against the type of the
+            default (bool, number, string) unless ``checks`` has an entry for that name.
+        checks: per-parameter functions ``value -> normalised value`` that raise
+            ``ValueError`` with a short reason for an invalid value.
+        uses_components: whether the builder reads ``ctx.components``. Declare ``False`` when
+            it does not: a model may then skip computing them (VMTL's z components cost an attention
+            pass and an encoder pass over every sample's other tasks).
+        replace: allow re-registering an existing kind.
+
+    Returns:
+        The decorator; it returns the builder unchanged.
+
+    Raises:
+        ValueError: ``kind`` is already registered and ``replace`` is False.
     """
     if kind in _REGISTRY and not replace:
         raise ValueError(f"prior kind {kind!r} is already registered; pass replace=True to override it")
@@ -67,17 +75,41 @@ def register(
 
 
 def available() -> list[str]:
-    """Names of the registered prior kinds, sorted."""
+    """Names of the registered prior kinds, sorted.
+
+    Returns:
+        The kind names.
+    """
     return sorted(_REGISTRY)
 
 
 def describe(kind: str) -> dict[str, Any]:
-    """The parameters of prior ``kind`` with their default values."""
+    """The parameters of prior ``kind`` with their default values.
+
+    Args:
+        kind: a registered prior kind.
+
+    Returns:
+        A new dict ``{parameter: default}``.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
     return dict(lookup(kind).defaults)
 
 
 def uses_components(kind: str) -> bool:
-    """Whether prior ``kind`` reads mixture components (see :func:`register`)."""
+    """Whether prior ``kind`` reads mixture components (see :func:`register`).
+
+    Args:
+        kind: a registered prior kind.
+
+    Returns:
+        The kind's ``uses_components`` flag.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
     return lookup(kind).uses_components
 
 
@@ -94,6 +126,16 @@ def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
     ``obj`` is a :class:`PriorSpec`, a kind name (``"normal"``) or a table with a ``kind`` key and
     the kind's parameters (a dict, e.g. from ``tomllib``). Raises ``ValueError`` naming an unknown
     kind or parameter (with the valid ones) or an invalid value.
+
+    Args:
+        obj: the spec: a :class:`PriorSpec`, a kind name or a table.
+
+    Returns:
+        The resolved spec, every parameter filled in.
+
+    Raises:
+        ValueError: a table without ``kind``, an object of another type, an unknown kind or
+            parameter, or an invalid value.
     """
     if isinstance(obj, PriorSpec):
         kind, given = obj.kind, dict(obj.params)
@@ -110,7 +152,18 @@ def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
 
 
 def build(spec: PriorSpec | str | Mapping[str, Any], ctx: PriorContext) -> TorchDistributionMixin:
-    """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``."""
+    """Parse ``spec``, call its kind's builder and check the result's shapes against ``ctx``.
+
+    Args:
+        spec: anything :func:`parse_spec` takes.
+        ctx: the site's shapes, task count, step and components.
+
+    Returns:
+        The prior distribution, with ``ctx``'s batch and event shapes.
+
+    Raises:
+        ValueError: an invalid spec, or a built prior whose shapes differ from the site's.
+    """
     return build_parsed(parse_spec(spec), ctx)
 
 

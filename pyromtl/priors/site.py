@@ -39,6 +39,9 @@ class PriorSite(LocalParamsModule):
     :param spec: its prior spec (anything :func:`parse_spec` takes).
     :param device: default device for new tensors (follows ``.to()``); a build's components or an
         explicit ``device=`` take precedence.
+
+    Raises:
+        ValueError: a spec :func:`parse_spec` refuses.
     """
 
     def __init__(self, site: str, spec: PriorSpec | str | Mapping[str, Any], device: torch.device | str | None = None):
@@ -55,7 +58,19 @@ class PriorSite(LocalParamsModule):
     def param(
         self, name: str, init: torch.Tensor, constraint: constraints.Constraint = constraints.real
     ) -> torch.Tensor:
-        """See :meth:`PriorContext.param`."""
+        """See :meth:`PriorContext.param`.
+
+        Args:
+            name: the parameter's name within the site.
+            init: its initial (constrained) value, which also fixes its shape.
+            constraint: the constraint the returned value satisfies.
+
+        Returns:
+            The constrained value.
+
+        Raises:
+            ValueError: the stored parameter's shape differs from ``init``'s.
+        """
         transform = self._transforms.get(name)
         if transform is None:
             transform = self._transforms[name] = _transform_to(constraint)
@@ -86,6 +101,19 @@ class PriorSite(LocalParamsModule):
 
         ``state`` is the model's :class:`~pyromtl.schedules.TrainState`: the context's ``step`` and
         ``total_steps``, for annealed prior parameters (step 0 of a run of unknown length if None).
+
+        Args:
+            batch_shape: the site's batch shape.
+            event_shape: the site's event shape.
+            num_tasks: the number of tasks T.
+            state: the model's training state, or None.
+            components: the mixture components ``(loc, scale)``, for kinds that use them.
+            task_axis: the dim of ``batch_shape`` that indexes the tasks (default: the first).
+            device: the device of new tensors (by default the components', else the site's).
+            extras: anything else a kind reads.
+
+        Returns:
+            The context.
         """
         if device is None and components is None:
             device = self._anchor.device
@@ -105,7 +133,18 @@ class PriorSite(LocalParamsModule):
         )
 
     def build(self, **context: Any) -> TorchDistributionMixin:
-        """Build the prior; keyword arguments as in :meth:`context`."""
+        """Build the prior; keyword arguments as in :meth:`context`.
+
+        Args:
+            context: as in :meth:`context`.
+
+        Returns:
+            The prior distribution, with the context's batch and event shapes.
+
+        Raises:
+            ValueError: a built prior whose shapes differ from the site's, or what the kind's
+                builder refuses.
+        """
         ctx = self.context(**context)
         if self.num_tasks != ctx.num_tasks:  # a module attribute write costs ~15 us a step
             self.num_tasks = ctx.num_tasks

@@ -33,7 +33,11 @@ class PriorSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The TOML table of this spec: ``{"kind": ..., **params}``."""
+        """The TOML table of this spec: ``{"kind": ..., **params}``.
+
+        Returns:
+            A new dict.
+        """
         return {"kind": self.kind, **{k: dict(v) if isinstance(v, Mapping) else v for k, v in self.params.items()}}
 
 
@@ -50,6 +54,9 @@ class PriorKind:
     :param uses_components: whether the builder reads ``ctx.components``. ``False`` lets a model
         skip computing them (VMTL's z components cost an attention pass and an encoder pass over
         every sample's other tasks).
+
+    Raises:
+        ValueError: ``checks`` names a parameter without a default.
     """
 
     name: str
@@ -65,7 +72,17 @@ class PriorKind:
             )
 
     def parse(self, given: Mapping[str, Any]) -> PriorSpec:
-        """The spec of this kind with ``given`` parameters checked and the defaults filled in."""
+        """The spec of this kind with ``given`` parameters checked and the defaults filled in.
+
+        Args:
+            given: ``{parameter: value}``, any subset of the kind's parameters.
+
+        Returns:
+            The resolved spec.
+
+        Raises:
+            ValueError: an unknown parameter, or a value its check refuses.
+        """
         if unknown := sorted(set(given) - set(self.defaults)):
             raise ValueError(
                 f"unknown parameter(s) {unknown} for prior kind {self.name!r}; valid parameters: "
@@ -196,6 +213,13 @@ class PriorContext:
 
         Built through a :class:`PriorSite`, the same tensor is returned at every build, since
         priors ask for the same constants every step.
+
+        Args:
+            shape: the tensor's shape.
+            value: its value.
+
+        Returns:
+            The constant tensor (possibly shared: do not write to it).
         """
         key = (tuple(shape), float(value), self.device, self.dtype)
         cache = self.owner.constants if self.owner is not None else {}
@@ -213,6 +237,18 @@ class PriorContext:
 
         The owner stores it unconstrained and returns ``transform_to(constraint)`` of it, so
         the optimiser works in unconstrained space.
+
+        Args:
+            name: the parameter's name within the site.
+            init: its initial (constrained) value, which also fixes its shape.
+            constraint: the constraint the returned value satisfies.
+
+        Returns:
+            The constrained value, differentiable with respect to the stored parameter.
+
+        Raises:
+            RuntimeError: the context has no owner (it was not built through a :class:`PriorSite`).
+            ValueError: the stored parameter's shape differs from ``init``'s.
         """
         if self.owner is None:
             raise RuntimeError(
@@ -222,7 +258,17 @@ class PriorContext:
         return self.owner.param(name, init, constraint)
 
     def along_tasks(self, matrix: torch.Tensor) -> torch.Tensor:
-        """View a ``[T, C]`` matrix with its rows on ``task_axis`` of ``batch_shape`` (other dims 1), then ``C``."""
+        """View a ``[T, C]`` matrix with its rows on ``task_axis`` of ``batch_shape`` (other dims 1), then ``C``.
+
+        Args:
+            matrix: ``[T, C]``.
+
+        Returns:
+            A view shaped ``[1, ..., T, ..., 1, C]``.
+
+        Raises:
+            ValueError: the site has no task axis.
+        """
         if self.task_axis is None:
             raise ValueError(f"site {self.site!r} has no batch dims, so no task axis")
         n = len(self.batch_shape)
