@@ -209,8 +209,6 @@ def bench(
     machine, ``ray start --address=...`` on the others), or on a local instance started here
     without it. ``out`` must then be a folder every machine of the cluster sees.
 
-    Raises ``ValueError`` for a bad grid, option, ``jobs`` or ``executor``, before any training.
-
     Args:
         method_names: registered method names; None: all of them.
         datasets: registered dataset names; None: the embedded ones.

@@ -128,7 +128,6 @@ def load(name: str, fraction: float | None = None, seed: int = 0, **options: Any
     ``load("office-home", root="~/data/OfficeHome")``. The construction is cached (files under
     ``root`` are read once per process), so loading again with the same name, seed and options
     is cheap; every call returns its own object.
-    Unknown names or options, and a bad ``fraction`` or ``seed``, raise ``ValueError``.
 
     Args:
         name: a registered dataset name (:func:`available`).

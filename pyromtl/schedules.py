@@ -256,9 +256,6 @@ def find_schedules(cfg: Mapping[str, Any], scheduled_keys: Iterable[str] = ()) -
 def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
     """Turn a number, a schedule table (see the module docstring) or a Schedule into a Schedule.
 
-    Raises ``ValueError`` naming the offending key for unknown or missing keys and for
-    non-finite, negative (``rate``), non-positive (``steps``) or out-of-range (fractions) values.
-
     Args:
         value: a number, a schedule table or a :class:`Schedule`.
 
@@ -266,7 +263,9 @@ def as_schedule(value: Schedule | float | int | Mapping[str, Any]) -> Schedule:
         The schedule (``value`` itself if it is one).
 
     Raises:
-        ValueError: as above, and an exponential decay whose ``end`` exceeds its ``start``.
+        ValueError: naming the offending key, for unknown or missing keys, non-finite, negative
+            (``rate``), non-positive (``steps``) or out-of-range (fractions) values, and an
+            exponential decay whose ``end`` exceeds its ``start``.
     """
     if isinstance(value, Schedule):
         return value

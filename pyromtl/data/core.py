@@ -269,7 +269,7 @@ class MultiTaskData:
         )
 
     def task_index(self, task: str | int) -> int:
-        """Position of a task, by name or index; unknown tasks raise ``ValueError``.
+        """Position of a task, by name or index.
 
         Args:
             task: a task name, or an index in ``range(num_tasks)``.

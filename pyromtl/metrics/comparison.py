@@ -90,9 +90,6 @@ def delta_m(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
     the baseline reports it, else ``nmse``), or every metric in ``metrics`` that the
     baseline reports for the task. All pairs weigh equally (unlike :func:`delta_i`).
 
-    Raises ``ValueError`` naming the task when the tasks differ, a metric is missing or
-    non-finite, or a baseline value is 0.
-
     Args:
         method: the method's ``{task: {metric: value}}``.
         baseline: the baseline's ``{task: {metric: value}}`` (usually single-task learning).
@@ -102,8 +99,8 @@ def delta_m(method: TaskResults, baseline: TaskResults, metrics: Sequence[str] |
         Δm in percent (lower is better).
 
     Raises:
-        ValueError: the tasks differ, an empty or unknown ``metrics``, a metric missing or not
-            finite on either side, or a baseline value of 0.
+        ValueError: naming the task, when the tasks differ, for an empty or unknown
+            ``metrics``, a metric missing or not finite on either side, or a baseline value of 0.
     """
     rel = _relative(method, baseline, metrics)
     flat = [r for pairs in rel.values() for _, r in pairs]
@@ -201,9 +198,7 @@ def metrics_per_task(reference: TaskResults, metrics: Sequence[str]) -> dict[str
 
     A metric applies to a task that reports any metric of its group (:data:`METRIC_GROUPS`:
     classification and binary, regression, each dense task), so ``accuracy,nll,nmse`` scores
-    classification tasks on two metrics and regression tasks on one. Raises ``ValueError`` for
-    an unknown name, a metric that applies to the task but is missing from its results, a task
-    to which none applies, and a metric that applies to no task.
+    classification tasks on two metrics and regression tasks on one.
 
     Args:
         reference: ``{task: {metric: value}}`` that decides which metrics apply to each task.
@@ -213,7 +208,9 @@ def metrics_per_task(reference: TaskResults, metrics: Sequence[str]) -> dict[str
         ``{task: [metric, ...]}``, in the order of ``metrics``.
 
     Raises:
-        ValueError: as above, and for the cases :func:`check_metric_names` refuses.
+        ValueError: an unknown name, a metric that applies to a task but is missing from its
+            results, a task to which none applies, a metric that applies to no task, and the
+            cases :func:`check_metric_names` refuses.
     """
     names = check_metric_names(metrics)
     out: dict[str, list[str]] = {}

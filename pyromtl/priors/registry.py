@@ -124,8 +124,7 @@ def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
     """Validate a prior spec and fill in its defaults.
 
     ``obj`` is a :class:`PriorSpec`, a kind name (``"normal"``) or a table with a ``kind`` key and
-    the kind's parameters (a dict, e.g. from ``tomllib``). Raises ``ValueError`` naming an unknown
-    kind or parameter (with the valid ones) or an invalid value.
+    the kind's parameters (a dict, e.g. from ``tomllib``).
 
     Args:
         obj: the spec: a :class:`PriorSpec`, a kind name or a table.
@@ -135,7 +134,7 @@ def parse_spec(obj: PriorSpec | str | Mapping[str, Any]) -> PriorSpec:
 
     Raises:
         ValueError: a table without ``kind``, an object of another type, an unknown kind or
-            parameter, or an invalid value.
+            parameter (naming the valid ones), or an invalid value.
     """
     if isinstance(obj, PriorSpec):
         kind, given = obj.kind, dict(obj.params)
