@@ -33,6 +33,14 @@ class ScaleInvariant(scalarization.Scalarizer):
     """
 
     def forward(self, values: torch.Tensor, /) -> torch.Tensor:
+        """The sum of the losses' logarithms.
+
+        Args:
+            values: the task losses ``ℓ [T]``, positive.
+
+        Returns:
+            The scalar ``Σ_t log ℓ_t``; NaN if a loss is negative (not checked).
+        """
         return values.clamp_min(torch.finfo(values.dtype).tiny).log().sum()
 
 
@@ -45,9 +53,24 @@ class CheckpointedDWA(scalarization.DWA):
     """
 
     def get_extra_state(self) -> dict[str, Any]:
+        """DWA's loss history, for ``state_dict``.
+
+        Returns:
+            ``loss_sum`` (the current epoch's summed losses, None before its first batch),
+            ``batches`` (how many batches that sum holds) and ``averages`` (the average losses
+            of up to two finished epochs, oldest first).
+        """
         return {"loss_sum": self._loss_sum, "batches": self._n_batches, "averages": list(self._previous_averages)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the loss history saved by :meth:`get_extra_state` (``load_state_dict``).
+
+        Args:
+            state: the dict :meth:`get_extra_state` returned.
+
+        Raises:
+            KeyError: ``state`` lacks one of its keys.
+        """
         self._loss_sum, self._n_batches = state["loss_sum"], state["batches"]
         self._previous_averages = list(state["averages"])
 
@@ -61,16 +84,39 @@ class CheckpointedNashMTL(aggregation.NashMTL):
     """
 
     def get_extra_state(self) -> dict[str, Any]:
+        """The weighting's warm start, for ``state_dict``.
+
+        Returns:
+            ``step`` (calls so far, as torchjd counts them: a float) and ``alpha`` (the last
+            weights solved for, a ``[T]`` CPU tensor).
+        """
         w = self.weighting
         return {"step": float(w.step), "alpha": torch.as_tensor(w.prvs_alpha, device="cpu").clone()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the warm start saved by :meth:`get_extra_state` (``load_state_dict``), and
+        rebuild the convex problem that torchjd would otherwise build on its first call only.
+
+        Args:
+            state: the dict :meth:`get_extra_state` returned.
+
+        Raises:
+            KeyError: ``state`` lacks one of its keys.
+        """
         w = self.weighting
         w.step, w.prvs_alpha = state["step"], state["alpha"].cpu().numpy()
         if w.step:  # torchjd builds its convex problem on the first call only (step 0)
             w._init_optim_problem()
 
     def forward(self, matrix: Matrix, /) -> torch.Tensor:
+        """torchjd's Nash-MTL aggregation (Algorithm 1 of Navon et al.), without cvxpy's DPP warning.
+
+        Args:
+            matrix (torch.Tensor): the Jacobian ``[T, P]``, one task's gradient per row (a torchjd ``Matrix``).
+
+        Returns:
+            The aggregated gradient ``[P]``.
+        """
         # cvxpy warns on every solve that torchjd's problem is not DPP: nothing a user can act on
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
@@ -85,12 +131,21 @@ class PCGrad(aggregation.PCGrad):
     the default is not the CPU already."""
 
     def forward(self, matrix: Matrix, /) -> torch.Tensor:
+        """torchjd's PCGrad aggregation (Algorithm 1 of Yu et al.), its random orders drawn on the CPU.
+
+        Args:
+            matrix (torch.Tensor): the Jacobian ``[T, P]``, one task's gradient per row (a torchjd ``Matrix``).
+
+        Returns:
+            The aggregated gradient ``[P]``.
+        """
         if torch.get_default_device().type == "cpu":
             return super().forward(matrix)
         with torch.device("cpu"):
             return super().forward(matrix)
 
 
+#: What combines the task losses: a torchjd scalariser, or an aggregator of their Jacobian.
 Combiner = scalarization.Scalarizer | aggregation.Aggregator
 
 
@@ -133,6 +188,17 @@ class ScalarizedObjective(TaskLossObjective):
     """One backward pass of the scalarised losses: every parameter gets ``∇ combine(ℓ)``."""
 
     def backward(self, batch: Batch) -> torch.Tensor:
+        """Set every parameter's gradient to that of the combined task losses of ``batch``.
+
+        On several processes the combiner reads the global batch's losses. A non-finite total
+        is not back-propagated (the trainer stops on it), and then feeds no combiner history.
+
+        Args:
+            batch: a training batch (this process's shard on several).
+
+        Returns:
+            The sum of the task losses, detached: the step's loss that the trainer reports.
+        """
         losses, _ = self.task_losses(batch)
         if self.group is not None:  # combine the global batch's losses (a combiner may be nonlinear)
             losses = self.group.global_value(losses)
@@ -142,6 +208,11 @@ class ScalarizedObjective(TaskLossObjective):
         return total
 
     def end_epoch(self, ctx: TrainContext) -> None:
+        """Roll DWA's history on to the epoch just finished; other combiners keep no history.
+
+        Args:
+            ctx: the run and its progress (unused).
+        """
         if isinstance(self.combine, scalarization.DWA):
             self.combine.step()  # DWA's weights follow the per-epoch average losses
 
@@ -164,6 +235,18 @@ class JacobianDescentObjective(TaskLossObjective):
         self.shared = tuple(p for p in shared.parameters() if p.requires_grad)  # a frozen backbone is left alone
 
     def backward(self, batch: Batch) -> torch.Tensor:
+        """Set the gradients of one Jacobian-descent step on ``batch``: each head's from its own
+        task's loss, the shared encoder's the aggregation of the task Jacobian by ``combine``.
+
+        On several processes the Jacobian is averaged over them before it is aggregated (the
+        aggregators are not linear). A non-finite total is not back-propagated.
+
+        Args:
+            batch: a training batch (this process's shard on several).
+
+        Returns:
+            The sum of the task losses, detached: the step's loss that the trainer reports.
+        """
         losses, features = self.task_losses(batch)
         if self.group is not None:  # every process then decides alike whether the step is finite
             losses = self.group.global_value(losses)
