@@ -8,7 +8,7 @@ it reports, in the same run:
   clusters-4/8/16/32 and office-home; first ``vmtl_step.check`` (same loss and gradients, T=4, 16);
 * ``bayesagg``: ``bayesagg_step.step_ratio``, BayesAgg-MTL's aggregated step against linear
   scalarisation (LS), at each of the script's rows;
-* ``hib``: ``hib_step.bench``, HIB against the same method without noise channels, T = 2..32;
+* ``hib``: ``hib_step.bench``, HIB against the authors'-style plain step and without noise channels, T = 2..32;
 * ``smtl``: ``smtl_step.bench_shape``, every SMTL variant and stl against hard sharing (bmtl; dmtl
   at the cityscapes shape), training steps and inference, at conflict, wide and cityscapes;
 * ``weighting``: ``weighting_step.bench_data``, every gradient-weighting baseline against LS, on
@@ -180,12 +180,15 @@ def bayesagg_units(s: dict[str, Any], device: torch.device) -> list[Unit]:
 def hib_units(s: dict[str, Any], device: torch.device) -> list[Unit]:
     import hib_step
 
-    args = SimpleNamespace(steps=s["steps"], warmup=s["warmup"], rounds=s["rounds"])
+    args = SimpleNamespace(steps=s["steps"], warmup=s["warmup"], rounds=s["rounds"], shape="multimnist")
 
     def tasks(t: int) -> Callable[[], tuple[list[dict], Any]]:
         def run() -> tuple[list[dict], Any]:
             r = hib_step.bench(t, args, device)
-            return [entry(f"T={t}", "hib", r["hib_ms"], "no_noise", r["no_noise_ms"], r["ratio"])], r
+            return [
+                entry(f"T={t}", "hib", r["hib_ms"], "no_noise", r["no_noise_ms"], r["ratio"]),
+                entry(f"T={t}", "hib", r["hib_ms"], "authors", r["authors_ms"], r["ratio_authors"]),
+            ], r
 
         return run
 

@@ -95,7 +95,7 @@ def make_shape(name: str, hidden: list[int] | None):
 def make_optimizer(params, kind: str, lr: float):
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, foreach=True)
-    from pyro.optim.clipped_adam import ClippedAdam
+    from pyromtl.optim import ClippedAdam
 
     return ClippedAdam(params, lr=lr, clip_norm=10.0)
 
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
         "--optim",
         choices=("adam", "clipped"),
         default="adam",
-        help="torch.optim.Adam(foreach=True), or Pyro's ClippedAdam as pyromtl.train uses (both sides)",
+        help="torch.optim.Adam(foreach=True), or the ClippedAdam pyromtl.train uses (pyromtl.optim; both sides)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--check", action="store_true", help="first check that both losses agree on one batch")

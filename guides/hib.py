@@ -18,17 +18,18 @@ Variants (options and prior choices, see ``models/hib.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
+from pyro.poutine.mask_messenger import MaskMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import nn
 
-from pyromtl.base import MultiTaskModule, Plates, is_point
+from pyromtl.base import Handlers, MultiTaskModule, Plates, is_point
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import DiagNormal
 from pyromtl.nn import GaussianEncoder
@@ -64,19 +65,16 @@ class ChannelScale(MultiTaskModule):
         self.shared_beta = float(betas[0, 0]) if bool((betas == betas[0, 0]).all()) else None
         self.register_buffer("betas", betas, persistent=False)
 
-    @contextmanager
-    def beta_scope(self) -> Iterator[None]:
-        """β_j times the annealed ``kl_weight``; a zero weight masks the KL out (Pyro rejects a 0 scale)."""
+    def beta_scope(self) -> Messenger | Handlers:
+        """β_j times the annealed ``kl_weight`` (a handler to enter with ``with``); a zero weight
+        masks the KL out (Pyro rejects a 0 scale)."""
         anneal = self.state.value(self.kl_weight)
         if self.shared_beta is not None:
             weight = anneal * self.shared_beta
-            with poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False):
-                yield
-            return
+            return ScaleMessenger(weight) if weight > 0 else MaskMessenger(False)
         weight = anneal * self.betas
         positive = weight > 0
-        with poutine.scale(scale=torch.where(positive, weight, torch.ones_like(weight))), poutine.mask(mask=positive):
-            yield
+        return Handlers(ScaleMessenger(torch.where(positive, weight, torch.ones_like(weight))), MaskMessenger(positive))
 
 
 class HIBGuide(ChannelScale):

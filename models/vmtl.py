@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pyro.optim.clipped_adam import ClippedAdam
 
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.guides.vmtl import AmortizedClassifier, MonteCarloDraws, VMTLGuide
@@ -48,6 +47,7 @@ from pyromtl.latent import (
 from pyromtl.method import ExportSite, Method, MethodContext
 from pyromtl.nn import GaussianEncoder, cross_attention
 from pyromtl.objective import Objective, TrainContext
+from pyromtl.optim import ClippedAdam
 from pyromtl.priors import PriorSite, mixture_weights, other_tasks, uses_components
 from pyromtl.schedules import TrainState, as_schedule
 

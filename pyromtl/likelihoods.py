@@ -25,6 +25,8 @@ _CLS, _BIN, _REG = TYPE_CODE["classification"], TYPE_CODE["binary"], TYPE_CODE["
 
 def masked_logits(outputs: torch.Tensor, info: TaskInfo) -> torch.Tensor:
     """Set the logits of classes a task does not have to a large negative number."""
+    if info.all_classes:
+        return outputs
     mask = info.class_mask[:, None, :]  # [T, 1, K] broadcasts over [..., T, B, K]
     return outputs.masked_fill(~mask, -1e9)
 
@@ -32,7 +34,8 @@ def masked_logits(outputs: torch.Tensor, info: TaskInfo) -> torch.Tensor:
 class MultiTaskOutput(TorchDistribution):
     """``p(y | outputs)`` for every task and sample; ``batch_shape = outputs.shape[:-1]``.
 
-    ``noise`` (``[T]``) is the Gaussian observation scale of regression tasks. Only the task
+    ``noise`` (``[T]``) is the Gaussian observation scale of regression tasks (None without
+    regression tasks). Only the task
     types present are evaluated, so single-type datasets pay for one likelihood.
     """
 
@@ -40,7 +43,7 @@ class MultiTaskOutput(TorchDistribution):
     support = constraints.real
     has_rsample = False
 
-    def __init__(self, outputs: torch.Tensor, info: TaskInfo, noise: torch.Tensor, validate_args=None):
+    def __init__(self, outputs: torch.Tensor, info: TaskInfo, noise: torch.Tensor | None, validate_args=None):
         self.outputs = outputs
         self.info = info
         self.noise = noise
@@ -86,6 +89,7 @@ class MultiTaskOutput(TorchDistribution):
             return -F.binary_cross_entropy_with_logits(out[..., 0], value.expand_as(out[..., 0]), reduction="none")
 
         def reg():
+            assert self.noise is not None  # set whenever the data has regression tasks
             scale = self.noise[:, None]
             return -0.5 * ((value - out[..., 0]) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
 
@@ -102,6 +106,7 @@ class MultiTaskOutput(TorchDistribution):
                 return torch.bernoulli(torch.sigmoid(out[..., 0]))
 
             def reg():
+                assert self.noise is not None
                 return out[..., 0] + self.noise[:, None] * torch.randn_like(out[..., 0])
 
             return self._select(cls, binary, reg)

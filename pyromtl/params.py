@@ -13,7 +13,14 @@ import functools
 from typing import Any
 
 import pyro
+import pyro.nn.module as pyro_module
 from pyro.nn import PyroModule
+
+
+def _module_local() -> bool:
+    """``pyro.settings.get("module_local_params")``, read where that setting keeps it: ``get``
+    imports the module by name on every call, and a step asks a dozen times."""
+    return pyro_module._MODULE_LOCAL_PARAMS
 
 
 def local_params(fn):
@@ -49,19 +56,19 @@ class LocalParamsModule(PyroModule):
             plain = self.__dict__.get("_buffers", {}).get(name)
         if plain is not None:
             return plain
-        if pyro.settings.get("module_local_params"):
+        if _module_local():
             return super().__getattr__(name)
         with pyro.settings.context(module_local_params=True):
             return super().__getattr__(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if pyro.settings.get("module_local_params"):
+        if _module_local():
             return super().__setattr__(name, value)
         with pyro.settings.context(module_local_params=True):
             return super().__setattr__(name, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if pyro.settings.get("module_local_params"):
+        if _module_local():
             return super().__call__(*args, **kwargs)
         with pyro.settings.context(module_local_params=True):
             return super().__call__(*args, **kwargs)

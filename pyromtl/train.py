@@ -22,7 +22,6 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyromtl import config, metrics
@@ -32,6 +31,7 @@ from pyromtl.errors import TrainingError, TrainingInterrupted
 from pyromtl.evaluation import predict_split, score_prediction
 from pyromtl.method import Method
 from pyromtl.objective import Objective, TrainContext
+from pyromtl.optim import ClippedAdam
 from pyromtl.params import local_params
 from pyromtl.predict import evaluating
 from pyromtl.rundir import RunDir

@@ -35,6 +35,9 @@ def _loss_and_grads(elbo_cls, model, guide, batch, num_particles, seed):
         ("vmtl", False, {"priors": {"z": {"kl": "monte_carlo"}}}),  # no closed form: Monte-Carlo KL
         ("vbmtl", True, {"num_particles": 3}),  # vectorised particles
         ("stl", True, {}),  # point-mass guide, flat prior
+        ("hib", True, {"task_beta": {"cls": 0.3}}),  # per-task KL scales
+        ("mtvib", True, {}),  # a SIMO representation shared by the tasks
+        ("lsmtl", True, {}),  # straight-through gates
     ],
 )
 def test_matches_trace_mean_field_elbo(name, simo, extra, validate):
@@ -92,3 +95,28 @@ def test_loss_is_a_float_matching_the_differentiable_loss():
     loss = elbo.loss(model, guide)
     assert isinstance(loss, float)
     torch.testing.assert_close(torch.tensor(loss), elbo.differentiable_loss(model, guide).detach())
+
+
+def test_lean_traces_hold_the_sites_pyro_records() -> None:
+    """Without validation the ELBO's own traces hold exactly Pyro's sample sites, minus the
+    plates' subsample sites, with the same values, scales and masks."""
+    data = mixed_simo()
+    method = methods.get("hib")
+    cfg = resolve(method, TINY, data=data)
+    batch = data.train_batch(16, torch.Generator().manual_seed(0), "cpu")
+    elbo = MeanFieldELBO(max_plate_nesting=2)
+    with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
+        model, guide = built(method, cfg, data)
+        torch.manual_seed(0)
+        lean_model, lean_guide = elbo._get_trace(model, guide, (batch,), {})
+        torch.manual_seed(0)
+        guide_tr = pyro.poutine.trace(guide).get_trace(batch)
+        model_tr = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_tr)).get_trace(batch)
+    for lean, ref in ((lean_model, model_tr), (lean_guide, guide_tr)):
+        sample_sites = [n for n, s in ref.nodes.items() if s["type"] == "sample"]
+        assert list(lean.nodes) == sample_sites == [n for n in sample_sites if n in ("w", "y")]
+        for name in lean.nodes:
+            torch.testing.assert_close(lean.nodes[name]["value"], ref.nodes[name]["value"], rtol=0, atol=0)
+            assert str(lean.nodes[name]["scale"]) == str(ref.nodes[name]["scale"])
+            assert lean.nodes[name]["fn"].batch_shape == ref.nodes[name]["fn"].batch_shape
+    assert lean_model.nodes["w"]["value"] is lean_guide.nodes["w"]["value"]  # replayed

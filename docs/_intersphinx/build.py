@@ -128,6 +128,7 @@ PYRO: list[Entry] = [
     ("pyro.primitives.deterministic", "py:function", "primitives.html#$", ("pyro.deterministic",)),
     ("pyro.primitives.sample", "py:function", "primitives.html#$", ("pyro.sample",)),
     ("pyro.primitives.plate", "py:class", "primitives.html#$", ("pyro.plate",)),
+    ("pyro.optim.clipped_adam.ClippedAdam", "py:class", "optimization.html#$", ()),
 ]
 
 # ArviZ >= 1.0 documents its parts (arviz-base, arviz-stats, arviz-plots) as sub-projects of

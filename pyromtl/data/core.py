@@ -13,6 +13,7 @@ with one vectorised index operation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,26 +33,54 @@ class TaskInfo:
 
     ``out_dim`` is the width of every head: the largest class count, or 1 for binary and
     regression tasks. ``class_mask [T, out_dim]`` marks the logits that exist for a task.
+    Built by :attr:`MultiTaskData.info`.
     """
 
+    #: The tasks' names.
     names: tuple[str, ...]
+    #: Each task's type: ``classification``, ``binary`` or ``regression``.
     types: tuple[str, ...]
+    #: Each task's class count (as the dataset records it).
     num_classes: tuple[int, ...]
+    #: The width of every head.
     out_dim: int
+    #: ``[T]`` integer code of each task's type (``TYPE_CODE``).
     type_code: torch.Tensor
+    #: ``[T, out_dim]`` bool mask of the logits each task has.
     class_mask: torch.Tensor
+    #: True for SIMO data (one input shared by the tasks), False for MIMO.
     simo: bool
+    #: The shape of one sample's input.
     input_shape: tuple[int, ...]
 
     @property
     def num_tasks(self) -> int:
+        """The number of tasks ``T``."""
         return len(self.names)
 
     @property
     def input_dim(self) -> int:
+        """The number of values in one sample's input (the product of ``input_shape``)."""
         return int(np.prod(self.input_shape))
 
+    @functools.cached_property
+    def all_classes(self) -> bool:
+        """Whether every classification task has all ``out_dim`` classes (``class_mask`` then
+        masks no logit a likelihood reads), known without reading the mask off the device."""
+        return all(k == self.out_dim for k, t in zip(self.num_classes, self.types) if t == "classification")
+
     def to(self, device: torch.device | str) -> TaskInfo:
+        """The same facts with their tensors (``type_code``, ``class_mask``) on ``device``.
+
+        Args:
+            device: where the tensors go.
+
+        Returns:
+            A new :class:`TaskInfo`; this one is left as it is.
+
+        Raises:
+            RuntimeError: ``device`` names no valid device.
+        """
         return replace(self, type_code=self.type_code.to(device), class_mask=self.class_mask.to(device))
 
 
@@ -62,7 +91,8 @@ class Batch:
     ``x`` is ``[T, B, *input_shape]`` (MIMO) or ``[B, *input_shape]`` (SIMO); ``y`` and ``mask``
     are ``[T, B]`` (labels are stored as floats); ``scale [T, 1]`` is ``N_t / B_t`` for
     training batches (so subsampled log-likelihoods are unbiased) and 1 for evaluation;
-    ``index [T, B]`` gives each entry's position in its task's ``split``.
+    ``index [T, B]`` gives each entry's position in its task's ``split``. Built by
+    :meth:`MultiTaskData.train_batch` and :meth:`MultiTaskData.eval_batches`.
     """
 
     x: torch.Tensor
@@ -72,18 +102,29 @@ class Batch:
     index: torch.Tensor
     simo: bool
     split: str = "train"
+    #: True when ``mask`` is all True by construction (a SIMO training batch): models then skip
+    #: masking, which costs an op per site and step and changes nothing. Not an argument, so a
+    #: batch made with :func:`dataclasses.replace` (a new mask, say) is masked again.
+    unmasked: bool = field(default=False, init=False)
 
     @property
     def num_tasks(self) -> int:
+        """The number of tasks ``T`` (the rows of ``y``)."""
         return self.y.shape[0]
 
     @property
     def size(self) -> int:
+        """The positions per task ``B``, masked ones included (the columns of ``y``)."""
         return self.y.shape[1]
 
 
 @dataclass
 class Padded:
+    """One split stacked over tasks on a device, as :meth:`MultiTaskData.padded` caches it.
+
+    Rows past a task's size ``n[t]`` repeat its first row of the split and must be masked.
+    """
+
     x: torch.Tensor  # [T, Nmax, ...] (MIMO) or [N, ...] (SIMO)
     y: torch.Tensor  # [T, Nmax]
     n: torch.Tensor  # [T]
@@ -99,17 +140,29 @@ class MultiTaskData:
     keeps ``(mean, std)`` so metrics can be reported on the original scale.
     """
 
+    #: The dataset's name, recorded in runs.
     name: str
+    #: The tasks' names, in order.
     task_names: list[str]
+    #: Each task's type: ``classification``, ``binary`` or ``regression``.
     task_types: list[str]
+    #: Each task's class count.
     num_classes: list[int]
+    #: The inputs: one ``[N_t, ...]`` tensor per task (MIMO), or one ``[N, ...]`` tensor (SIMO).
     x: list[torch.Tensor] | torch.Tensor
+    #: Each task's ``[N_t]`` float targets (regression ones standardised).
     y: list[torch.Tensor]
+    #: ``train``/``val``/``test``: each task's row indices into its ``x`` and ``y``.
     splits: dict[str, list[torch.Tensor]]
+    #: Each task's ``(mean, std)`` of the standardisation, ``(0, 1)`` where none was applied.
     target_stats: list[tuple[float, float]]
+    #: A known ``[T, T]`` task relatedness, if the data come with one.
     relatedness: np.ndarray | None = None
+    #: The names of the classes of the widest classification task, if given.
     class_names: list[str] | None = None
+    #: Free text about the data.
     description: str = ""
+    #: The fraction of the training split kept by :meth:`with_fraction`; None for all of it.
     fraction: float | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -166,8 +219,9 @@ class MultiTaskData:
         Raises:
             ValueError: inconsistent shapes, unknown task types, bad labels or targets (including
                 regression targets that overflow float32 once standardised), overlapping or
-                out-of-range splits, ``class_names`` of the wrong length, or a ``relatedness``
-                that is not ``[T, T]``.
+                out-of-range splits, an empty train split, ``val_fraction``/``test_fraction``
+                outside [0, 1) or summing to 1 or more, a negative or non-integer ``seed``,
+                ``class_names`` of the wrong length, or a ``relatedness`` that is not ``[T, T]``.
         """
         checked = validate_arrays(x, y, task_types, task_names, num_classes)
         xs, ys, names, types, ncls, simo = checked
@@ -222,18 +276,22 @@ class MultiTaskData:
     # ------------------------------------------------------------------ facts
     @property
     def simo(self) -> bool:
+        """True when the tasks share one input tensor (SIMO), False when each has its own (MIMO)."""
         return isinstance(self.x, torch.Tensor)
 
     @property
     def setting(self) -> str:
+        """The setting's name: ``"simo"`` or ``"mimo"``."""
         return "simo" if self.simo else "mimo"
 
     @property
     def num_tasks(self) -> int:
+        """The number of tasks ``T``."""
         return len(self.task_names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's input (the same for every task)."""
         x = self.x if isinstance(self.x, torch.Tensor) else self.x[0]  # SIMO: one shared tensor
         return tuple(x.shape[1:])
 
@@ -253,6 +311,7 @@ class MultiTaskData:
 
     @property
     def info(self) -> TaskInfo:
+        """What models are built from (a new :class:`~pyromtl.data.core.TaskInfo`, on the CPU)."""
         out_dim = max([c if t == "classification" else 1 for c, t in zip(self.num_classes, self.task_types)])
         mask = torch.zeros(self.num_tasks, out_dim, dtype=torch.bool, device="cpu")
         for t, (c, kind) in enumerate(zip(self.num_classes, self.task_types)):
@@ -300,6 +359,7 @@ class MultiTaskData:
 
         Raises:
             ValueError: ``shape`` holds a different number of values, or a size below 1.
+            TypeError: an entry of ``shape`` is not a number.
         """
         shape = tuple(int(n) for n in shape)
         if math.prod(shape) != math.prod(self.input_shape) or any(n < 1 for n in shape):
@@ -321,17 +381,18 @@ class MultiTaskData:
         Classification tasks keep at least one sample per class present in train. SIMO tasks
         share one subset, stratified by the task with the most classes, and every class of every
         classification or binary task keeps at least one sample. val and test are untouched.
-        ``fraction=None`` or 1 returns the data unchanged.
+        ``fraction=None`` or 1 (or more) returns the data unchanged.
 
         Args:
             fraction: the fraction of each task's training split to keep, in (0, 1], or None.
-            seed: seeds the draw.
+            seed: seeds the draw (a non-negative integer).
 
         Returns:
             A new dataset with the reduced training split (or this one, unchanged).
 
         Raises:
-            ValueError: ``fraction`` is not above 0.
+            ValueError: ``fraction`` is not above 0 (or is NaN), or ``seed`` is negative or not an
+                integer (checked only when a subset is drawn).
         """
         if fraction is None or fraction >= 1.0:
             return self
@@ -415,7 +476,7 @@ class MultiTaskData:
         of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased.
 
         Args:
-            batch_size: the most samples drawn per task.
+            batch_size: the most samples drawn per task, at least 1 (not checked).
             generator: the random generator for the draw (None: the global one).
             device: where the batch goes.
             split: the split it is drawn from.
@@ -425,6 +486,7 @@ class MultiTaskData:
 
         Raises:
             KeyError: no such split.
+            RuntimeError: ``device`` names no valid device.
         """
         device = torch.device(device)
         pad = self.padded(split, device)
@@ -439,7 +501,9 @@ class MultiTaskData:
             pos = perm.expand(T, B)
             mask = torch.ones(T, B, dtype=torch.bool, device=device)
             scale = torch.full((T, 1), N / B, device=device)
-            return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=True, split=split)
+            batch = Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=True, split=split)
+            batch.unmasked = True
+            return batch
         nmax = pad.y.shape[1]
         B = min(batch_size, nmax)
         keys = torch.rand(T, nmax, generator=generator, device="cpu").to(device)
@@ -465,7 +529,7 @@ class MultiTaskData:
             The split's batches, in order.
 
         Raises:
-            ValueError: no such split.
+            ValueError: no such split (raised by the first ``next``, as for any generator).
         """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
@@ -526,6 +590,7 @@ class MultiTaskData:
         return f"{self.task_names[t]}: {kind}{extra}"
 
     def _task_sizes(self, t: int) -> str:
+        """``train/val/test`` sizes of task ``t``."""
         return "/".join(str(self.splits[s][t].numel()) for s in SPLITS)
 
     def summary(self) -> str:

@@ -9,12 +9,15 @@ twice per call (``.item()``) and checks it for NaN (more device syncs).
 
 This subclass computes the same estimator with the same gradients:
 
-* the observed sites' log-likelihoods;
+* the observed sites' log-likelihoods (a ``pyro.deterministic`` record scores 0 and is skipped);
 * ``kl_divergence(guide, prior)`` where one is registered (scaled and masked by the guide site);
 * otherwise, for that site only, the Monte-Carlo term ``log p(z) - log q(z)`` (entropy part of the
   guide's score, so reparameterised guides only, as ``TraceMeanField_ELBO`` requires);
 
-and scores nothing else. With validation on (``pyro.enable_validation``) every site is still
+and scores nothing else. Without validation it runs the guide and the model under one small
+messenger each (``_Sites``) instead of ``poutine.trace`` and ``poutine.replay``: the same sites
+in the same handler order, without the trace graphs, their copies and the subsample sites the
+ELBO would prune. With validation on (``pyro.enable_validation``) every site is still
 scored, for Pyro's model/guide and shape checks, and the NaN warning is kept. Use it wherever
 ``TraceMeanField_ELBO`` is used::
 
@@ -23,21 +26,34 @@ scored, for Pyro's model/guide and shape checks, and the NaN warning is kept. Us
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 from torch.distributions import kl_divergence
 
 __all__ = ["MeanFieldELBO"]
 
 
-def _only(name: str):
-    return lambda site_name, site: site_name == name
+def _scored(site) -> bool:
+    """An observed site whose log-likelihood counts: not a ``pyro.deterministic`` record (log p = 0)."""
+    return site["is_observed"] and not site["infer"].get("_deterministic", False)
+
+
+def _log_prob_sum(site) -> torch.Tensor:
+    """A site's scaled, masked log-density at its value, summed (cached in the site, as
+    :meth:`pyro.poutine.Trace.compute_log_prob` caches it)."""
+    if "log_prob_sum" not in site:
+        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        site["log_prob_sum"] = scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+    return site["log_prob_sum"]
 
 
 def _entropy_term(site) -> torch.Tensor:
@@ -48,31 +64,59 @@ def _entropy_term(site) -> torch.Tensor:
     return site["score_parts"].entropy_term
 
 
+class _Sites(Messenger):
+    """The sample sites of one run, by name: what ``poutine.trace`` records and the ELBO reads,
+    without the trace's graph, copies and subsample sites. With ``replay``, the model's latent
+    sites take the guide's values (``poutine.replay``).
+
+    Entered outermost, as ``poutine.trace(poutine.replay(model, guide_trace))`` is, so every
+    handler of the model or guide sees each site as it would under Pyro's own handlers.
+    """
+
+    def __init__(self, replay: dict[str, Any] | None = None):
+        super().__init__()
+        self.nodes: dict[str, Any] = {}
+        self.replay = replay
+
+    def _pyro_sample(self, msg) -> None:
+        guide_site = self.replay.get(msg["name"]) if self.replay is not None else None
+        if guide_site is not None and not msg["is_observed"]:
+            msg["done"] = True
+            msg["value"] = guide_site["value"]
+            msg["infer"] = guide_site["infer"]
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["infer"].get("_do_not_trace") or site_is_subsample(msg):
+            return
+        self.nodes[msg["name"]] = msg
+
+
 class MeanFieldELBO(TraceMeanField_ELBO):
     """Mean-field ELBO with analytic KLs that scores only the sites its loss needs (see module doc)."""
 
     def _get_trace(self, model, guide, args, kwargs):
+        if not is_validation_enabled():
+            with _Sites() as guide_sites:
+                guide(*args, **kwargs)
+            with _Sites(replay=guide_sites.nodes) as model_sites:
+                model(*args, **kwargs)
+            return model_sites, guide_sites
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
             *args, **kwargs
         )
-        validate = is_validation_enabled()
-        if validate:
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        if validate:
-            # Pyro's shape checks read every site's log-density: pay for it only when validating.
-            model_trace.compute_log_prob()
-            guide_trace.compute_score_parts()
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
-            _check_mean_field_requirement(model_trace, guide_trace)
-        else:
-            model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
+        # Pyro's shape checks read every site's log-density: paid for only when validating.
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, self.max_plate_nesting)
+        check_if_enumerated(guide_trace)
+        _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particle_elbo(self, model_trace, guide_trace) -> torch.Tensor | float:
@@ -81,7 +125,8 @@ class MeanFieldELBO(TraceMeanField_ELBO):
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
-                elbo = elbo + site["log_prob_sum"]
+                if _scored(site):
+                    elbo = elbo + _log_prob_sum(site)
                 continue
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():
@@ -90,8 +135,7 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                 kl = kl_divergence(guide_site["fn"], site["fn"])
             except NotImplementedError:
                 # no closed form: Monte-Carlo log p(z) - log q(z) at the guide's draw
-                model_trace.compute_log_prob(site_filter=_only(name))
-                elbo = elbo + site["log_prob_sum"] - _entropy_term(guide_site).sum()
+                elbo = elbo + _log_prob_sum(site) - _entropy_term(guide_site).sum()
                 continue
             kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
             if torch.is_tensor(kl):

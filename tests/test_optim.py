@@ -1,0 +1,61 @@
+"""pyromtl's ClippedAdam takes Pyro's ClippedAdam's steps bit for bit, with the same state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pyro.optim.clipped_adam import ClippedAdam as PyroClippedAdam
+
+from pyromtl.optim import ClippedAdam
+
+
+def _params(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).requires_grad_() for shape in [(5, 3), (7,), (2, 2, 2), (1,)]]
+
+
+def _run(cls, options: dict, steps: int = 40) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    params = _params(0)
+    optim = cls(params, **options)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            grad = 30 * torch.randn(p.shape, generator=gen)  # large enough that clipping bites
+            # the second tensor gets no gradient for 5 steps: it then lags the others' step count
+            p.grad = None if (i == 1 and step < 5) else grad
+        optim.step()
+    return params, optim
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": 0.01},
+        {"lr": 0.05, "lrd": 0.99, "clip_norm": 0.5, "weight_decay": 0.1, "betas": (0.8, 0.9), "eps": 1e-6},
+        {"lr": 0.01, "centered_variance": True},  # Pyro's own loop
+    ],
+)
+def test_same_steps_and_state_as_pyro(options: dict) -> None:
+    ours, ours_optim = _run(ClippedAdam, options)
+    ref, ref_optim = _run(PyroClippedAdam, options)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+    ours_state, ref_state = ours_optim.state_dict(), ref_optim.state_dict()
+    assert ours_state["param_groups"] == ref_state["param_groups"]  # the decayed lr included
+    for key, state in ref_state["state"].items():
+        assert ours_state["state"][key]["step"] == state["step"]
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours_state["state"][key][name], state[name])
+
+
+def test_resumes_from_pyros_state() -> None:
+    """A checkpoint written with Pyro's optimiser loads into ours and continues identically."""
+    _, ref_optim = _run(PyroClippedAdam, {"lr": 0.01}, steps=10)
+    params = _params(0)
+    ours = ClippedAdam(params, lr=0.01)
+    ours.load_state_dict(ref_optim.state_dict())
+    assert ours.state[params[0]]["step"] == 10 and ours.state[params[1]]["step"] == 5
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    assert ours.state[params[1]]["step"] == 6
