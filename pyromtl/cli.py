@@ -340,6 +340,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     for assignment in args.set:
         config.apply_set(options, assignment)
+    grid = bench.parse_grid(args.set_grid)
+    if not (args.methods or args.data) and (capped := bench.default_grid_lengths(None, None, options, grid)):
+        print(
+            f"the default grid: every method on every embedded dataset at its default length, capped at "
+            f"{bench.DEFAULT_GRID_STEPS} steps ({', '.join(capped)}); --set epochs=100 trains the full length"
+        )
     result = bench.bench(
         args.methods.split(",") if args.methods else None,
         args.data.split(",") if args.data else None,
@@ -347,7 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out=args.out,
         jobs=args.jobs,
         executor=args.executor,
-        grid=bench.parse_grid(args.set_grid),
+        grid=grid,
         options=options,
         quiet=args.quiet,
     )

@@ -48,6 +48,30 @@ def test_a_bad_option_fails_before_any_cell_trains(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_default_grid_caps_the_long_datasets_only():
+    """The default grid trains each dataset's default length up to ``DEFAULT_GRID_STEPS``; a grid
+    that names methods or datasets, or sets a length, is left as it is."""
+    lengths = bench.default_grid_lengths(None, None, {})
+    assert lengths["digits-mixed"] == {"steps": bench.DEFAULT_GRID_STEPS}  # 1,700 steps at its defaults
+    assert "digits-domains" not in lengths  # 100 steps at its default fraction
+    assert bench.default_grid_lengths(["ls"], None, {}) == {}
+    assert bench.default_grid_lengths(None, ["digits-mixed"], {}) == {}
+    assert bench.default_grid_lengths(None, None, {"epochs": 5}) == {}
+    assert bench.default_grid_lengths(None, None, {}, {"steps": [10, 20]}) == {}
+
+
+def test_the_default_grid_trains_capped_cells(tmp_path, monkeypatch, capsys):
+    """Run as the default grid (no methods, no datasets), a capped dataset's cells train the cap,
+    and the command says so."""
+    monkeypatch.setattr(bench, "DEFAULT_GRID_STEPS", 3)
+    monkeypatch.setattr(bench, "plan", lambda *args: [bench.Cell("ls", "digits-mixed", 0, ())])
+    sets = [a for k, v in TINY.items() if k != "steps" for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["bench", "--seeds", "1", "--out", str(tmp_path), "--quiet", *sets]) == 0
+    assert "capped at 3 steps" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "digits-mixed" / "ls-s0" / "metrics.json").read_text())
+    assert doc["train"]["steps"] == 3
+
+
 def test_interval_is_the_student_t_interval():
     values = [0.5, 0.7, 0.65]
     mean, half = leaderboard.interval(values)

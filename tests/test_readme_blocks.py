@@ -107,6 +107,7 @@ PAGES = (
     "docs/methods/hib.md",
     "docs/methods/smtl.md",
     "docs/methods/weighting.md",
+    "docs/methods/leaderboard.md",
     "docs/benchmarks.md",
     "docs/changelog.md",
 )
@@ -144,6 +145,7 @@ SKIPS = (
     Skip("command", r"^bash \.ci/docs\b", "builds the docs, which CI does in a step of its own"),
     Skip("command", r"--device cuda\b", "needs a CUDA GPU"),
     Skip("command", r"--root /data/", "reads a benchmark's files, which are not embedded"),
+    Skip("command", r"^pyromtl bench --jobs 2 --out bench$", "the default grid: 612 runs, 26 minutes on 2 cores"),
     Skip("block", r"\bx_task0\b", "illustrative: the reader's own arrays (x_task0, y_age, ...) are placeholders"),
     Skip("block", r"\bmy_resnet\b", "illustrative: the reader's own networks (my_resnet, MyNet) are placeholders"),
     Skip("block", r"(?m)^\s*\.\.\.\s*$", "abridged source of models/vmtl.py (`...` elides code), not a script"),
