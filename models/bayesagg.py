@@ -86,6 +86,10 @@ PAPER = "Achituve et al., Bayesian Uncertainty for Gradient Aggregation in Multi
 MOMENTS = ("quadrature", "monte_carlo")
 #: What predicts: the full-data posterior mean for regression tasks (the paper's), or the learned heads.
 PREDICT = ("posterior", "learned")
+#: The loss whose per-sample gradient a regression task's moments describe: eq. 3's squared error
+#: (the paper's), or the Gaussian negative log-likelihood at τ = 1, ½ of it, which the LS steps
+#: and the heads' gradient use (moments ½ and ¼ as large).
+REGRESSION_SCALES = ("squared", "gaussian")
 #: History key prefix of the per-task aggregation weights (followed by the task index).
 WEIGHT_KEY = "aggregation_weight_"
 #: The last-layer prior kinds (``pyromtl.priors.last_layer``): each reads only ``PriorStore``, so
@@ -246,7 +250,10 @@ class BayesAggObjective(Objective):
             raise ValueError(f"config key 'moments' must be one of {list(MOMENTS)}, got {cfg['moments']!r}")
         if cfg["num_samples"] < 2:
             raise ValueError(f"config key 'num_samples' must be at least 2, got {cfg['num_samples']}")
-        self.cfg = {k: cfg[k] for k in ("moments", "num_samples", "nodes", "pretrain_steps", "aggregate", "predict")}
+        if (scale := cfg["regression_scale"]) not in REGRESSION_SCALES:
+            raise ValueError(f"config key 'regression_scale' must be one of {list(REGRESSION_SCALES)}, got {scale!r}")
+        keys = ("moments", "num_samples", "nodes", "pretrain_steps", "aggregate", "predict", "regression_scale")
+        self.cfg = {k: cfg[k] for k in keys}
         self.prior_kind = cfg["priors"]["w"]["kind"]
         self.prior_scale = cfg["priors"]["w"].get("scale", 1.0)  # a user prior kind may have no γ
         regression = torch.tensor([kind == "regression" for kind in model.info.types], device=model.weight.device)
@@ -282,6 +289,8 @@ class BayesAggObjective(Objective):
             if group.kind == "regression":
                 # the constant feature's coordinate is not part of h: skip it
                 mu, var = regression_moments(features, post.mean, post.cov, labels, coords=dim)
+                if self.cfg["regression_scale"] == "gaussian":  # the gradient of ½(y − ŷ)²
+                    mu, var = mu.mul_(0.5), var.mul_(0.25)
             else:
                 mu, var = classification_moments(
                     h,
@@ -537,6 +546,9 @@ class BayesAggOptions(NetworkOptions):
     #: "posterior": regression tasks predict with their heads' full-data posterior mean, classification
     #: tasks with the learned heads (the paper's); "learned": every task with its learned head, as ``ls``
     predict: str = "posterior"
+    #: a regression task's moments: of eq. 3's squared error (the paper's), or "gaussian": of ½ of
+    #: it, the scale of the LS steps and of the heads' gradient (the Gaussian NLL at τ = 1)
+    regression_scale: str = "squared"
 
 
 def build_bayesagg(ctx: MethodContext) -> tuple[BayesAggModel, BayesAggGuide]:

@@ -430,3 +430,32 @@ def test_head_groups_index_consecutive_tasks_by_a_slice_and_others_by_index() ->
         mean_p, precision_p = group_prior(GaussianPrecision(loc, precision), group, 3)
         torch.testing.assert_close(mean_p, loc[group.tasks, 0])
         torch.testing.assert_close(precision_p, precision[group.tasks, 0])
+
+
+def test_regression_scale_halves_a_regression_tasks_moments_only() -> None:
+    """``regression_scale = "gaussian"``: the regression task's moments are those of ½(y − ŷ)², half
+    the mean and a quarter of the variance of eq. 3's; the classification tasks' are unchanged."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for scale in ("squared", "gaussian"):
+        data, _, model, _, objective = _build(regression_scale=scale)
+        batch = _batch(data)
+        features = add_bias(model.features(batch.x).detach())
+        moments = objective.moments
+
+        def spy(*args, _moments=moments, _scale=scale):
+            mu, var, s = _moments(*args)
+            captured[_scale] = (mu.clone(), var.clone())
+            return mu, var, s
+
+        objective.moments = spy
+        torch.manual_seed(1)  # the multiclass task's logit draws
+        objective.aggregated_gradient(features, batch.y)
+    (mu, var), (half_mu, half_var) = captured["squared"], captured["gaussian"]
+    column = int((objective.order == REG).nonzero())  # the tasks stack in group order
+    others = [c for c in range(mu.shape[1]) if c != column]
+    torch.testing.assert_close(half_mu[:, column], 0.5 * mu[:, column])
+    torch.testing.assert_close(half_var[:, column], 0.25 * var[:, column])
+    torch.testing.assert_close(half_mu[:, others], mu[:, others])
+    torch.testing.assert_close(half_var[:, others], var[:, others])
+    with pytest.raises(ValueError, match="regression_scale"):
+        _build(regression_scale="half")
