@@ -35,8 +35,8 @@ class MultiTaskOutput(TorchDistribution):
     """``p(y | outputs)`` for every task and sample; ``batch_shape = outputs.shape[:-1]``.
 
     ``noise`` (``[T]``) is the Gaussian observation scale of regression tasks (None without
-    regression tasks). Only the task
-    types present are evaluated, so single-type datasets pay for one likelihood.
+    regression tasks). Only the task types present are evaluated, so single-type datasets pay
+    for one likelihood.
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
