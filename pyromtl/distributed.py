@@ -40,6 +40,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
+
 from pyromtl.collective import Group, world_size
 from pyromtl.errors import TrainingError, TrainingInterrupted
 
@@ -72,6 +74,11 @@ def _worker(fabric, train: Callable[..., Any], payload: bytes, plugins: Sequence
         }
     if group.leader:
         Path(out).write_bytes(pickle.dumps(kept))
+    # Every process reaches here before any closes its connections: a process whose peers had
+    # already exited could abort in gloo's teardown (SIGABRT), most often on another machine.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 #: TrainResult fields the launching process rebuilds rather than receives.
