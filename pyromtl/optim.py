@@ -42,7 +42,10 @@ class ClippedAdam(PyroClippedAdam):
         """
         if any(group["centered_variance"] for group in self.param_groups):
             return super().step(closure)
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():  # the step runs without gradients; the closure needs them
+                loss = closure()
         for group in self.param_groups:
             group["lr"] *= group["lrd"]
             # Parameters advance together, but one added later starts at step 0: group by step

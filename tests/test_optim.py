@@ -59,3 +59,18 @@ def test_resumes_from_pyros_state() -> None:
         p.grad = torch.ones_like(p)
     ours.step()
     assert ours.state[params[1]]["step"] == 6
+
+
+def test_a_closure_computes_its_loss_with_gradients() -> None:
+    """``step(closure)`` evaluates the closure with gradients on, as torch's optimisers do."""
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    optim = ClippedAdam([x], lr=0.1)
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        loss = (x**2).sum()
+        loss.backward()
+        return loss
+
+    assert optim.step(closure).item() == 5.0
+    assert torch.all(x.abs() < torch.tensor([1.0, 2.0]))
