@@ -29,7 +29,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import nn
 
-from pyromtl.base import Handlers, MultiTaskModule, Plates, is_point
+from pyromtl.base import Handlers, MultiTaskModule, Plates, is_point, kl_weighted
 from pyromtl.data.core import Batch, MultiTaskData
 from pyromtl.distributions import DiagNormal
 from pyromtl.nn import GaussianEncoder
@@ -70,8 +70,7 @@ class ChannelScale(MultiTaskModule):
         masks the KL out (Pyro rejects a 0 scale)."""
         anneal = self.state.value(self.kl_weight)
         if self.shared_beta is not None:
-            weight = anneal * self.shared_beta
-            return ScaleMessenger(weight) if weight > 0 else MaskMessenger(False)
+            return kl_weighted(anneal * self.shared_beta)
         weight = anneal * self.betas
         positive = weight > 0
         return Handlers(ScaleMessenger(torch.where(positive, weight, torch.ones_like(weight))), MaskMessenger(positive))

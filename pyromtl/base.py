@@ -46,6 +46,12 @@ def is_point(spec) -> bool:
     return parse_spec(spec).kind == "deterministic"
 
 
+def kl_weighted(weight: float) -> Messenger:
+    """A handler scaling a site's KL by ``weight`` (enter it with ``with``); Pyro rejects a zero
+    scale, so a zero weight masks the KL terms out instead."""
+    return ScaleMessenger(weight) if weight > 0 else MaskMessenger(False)
+
+
 class Handlers:
     """Pyro handlers entered in order (the first outermost) and left in reverse: one flat context
     manager where nested ``with`` blocks of generator context managers cost a step several
@@ -174,9 +180,7 @@ class MultiTaskModule(LocalParamsModule):
     def kl_scope(self, site: str) -> Messenger:
         """Scale the KL of ``site`` by the annealed weight times the site's own weight (a handler
         to enter with ``with``)."""
-        weight = self.state.value(self.kl_weight) * self.site_weights.get(site, 1.0)
-        # Pyro rejects a zero scale; a zero weight masks the KL terms out instead.
-        return ScaleMessenger(weight) if weight > 0 else MaskMessenger(False)
+        return kl_weighted(self.state.value(self.kl_weight) * self.site_weights.get(site, 1.0))
 
 
 class MultiTaskModel(MultiTaskModule):
