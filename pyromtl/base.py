@@ -25,8 +25,8 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.nn import PyroParam
-from pyro.poutine.broadcast_messenger import BroadcastMessenger
 from pyro.poutine.mask_messenger import MaskMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.plate_messenger import PlateMessenger
@@ -74,8 +74,39 @@ class Handlers:
             self.handlers[self.entered].__exit__(*exc)
 
 
+class _Broadcast(Messenger):
+    """Expand a sample site's distribution to the batch shape its plates give it, as Pyro's
+    :class:`~pyro.poutine.broadcast_messenger.BroadcastMessenger` does, but only where that shape
+    differs from the distribution's own. Pyro's wraps every site in a warnings filter for the
+    JIT and expands even to the same shape: two Python-level costs per site, every step."""
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if msg["done"] or not isinstance(fn, TorchDistributionMixin):
+            return
+        # A dim the distribution has as 1 (or lacks) takes its plate's size; any other size must
+        # equal the plate's. None marks "not set by a plate yet".
+        shape: list[int | None] = [None if n == 1 else n for n in fn.batch_shape]
+        for frame in msg["cond_indep_stack"]:
+            if frame.dim is None or frame.size == -1:
+                continue
+            if -frame.dim > len(shape):
+                shape[:0] = [None] * (-frame.dim - len(shape))
+            if shape[frame.dim] not in (None, frame.size):
+                raise ValueError(
+                    f"site {msg['name']!r}: its distribution has size {shape[frame.dim]} at dim {frame.dim}, "
+                    f"where plate {frame.name!r} has size {frame.size}"
+                )
+            shape[frame.dim] = frame.size
+        target = torch.Size(1 if n is None else n for n in shape)
+        if target != fn.batch_shape:
+            msg["fn"] = fn.expand(target)
+            if msg["fn"].has_rsample != fn.has_rsample:
+                msg["fn"].has_rsample = fn.has_rsample
+
+
 class _Plate(PlateMessenger):
-    """A plate that leaves broadcasting to one :class:`BroadcastMessenger` outside all of
+    """A plate that leaves broadcasting to one :class:`_Broadcast` outside all of
     :class:`Plates`' plates: Pyro's plate broadcasts a site's distribution at every plate, and
     all but the outermost expansion are redone by the next one."""
 
@@ -117,7 +148,7 @@ class Plates:
 
     def globals(self) -> Handlers:
         """Per-task latents (batch ``[M, T, 1]``, or ``[T, 1]``)."""
-        return Handlers(BroadcastMessenger(), *self._draws(self._global_draws), self._task)
+        return Handlers(_Broadcast(), *self._draws(self._global_draws), self._task)
 
     def locals(self, shared: bool = False) -> Handlers:
         """Per-sample latents (batch ``[L, 1, T|1, B]``, or ``[T|1, B]``), scaled by ``N_t / B_t`` and masked.
@@ -125,13 +156,11 @@ class Plates:
         ``shared=True`` is for a SIMO representation all tasks share: no task plate, and the
         scale and mask of the first task (SIMO tasks share their samples).
         """
-        return Handlers(*self._sample_weights(shared), BroadcastMessenger(), *self._local_plates(shared))
+        return Handlers(*self._sample_weights(shared), _Broadcast(), *self._local_plates(shared))
 
     def observations(self) -> Handlers:
         """The likelihood of every sample (and of every (L, M) pair of draws, each weighted ``1/(L M)``)."""
-        return Handlers(
-            *self._sample_weights(), BroadcastMessenger(), *self._draws(self._global_draws), *self._local_plates()
-        )
+        return Handlers(*self._sample_weights(), _Broadcast(), *self._draws(self._global_draws), *self._local_plates())
 
     @staticmethod
     def _draws(plate: PlateMessenger | None) -> tuple[Messenger, ...]:

@@ -77,9 +77,11 @@ class _UnexpandedParams(TorchDistribution):
         raise NotImplementedError
 
     def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape and _instance is None:
+            return self  # Pyro's broadcast expands every site's distribution, mostly to its own shape
         cls = type(self)
         new = self._get_checked_instance(cls, _instance)
-        batch_shape = torch.Size(batch_shape)
         if broadcast_shape(self.batch_shape, batch_shape) != batch_shape:
             raise RuntimeError(
                 f"cannot expand {cls.__name__} of batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"

@@ -51,6 +51,8 @@ class MultiTaskOutput(TorchDistribution):
         super().__init__(outputs.shape[:-1], torch.Size(), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
+        if torch.Size(batch_shape) == self.batch_shape and _instance is None:
+            return self  # already at the plates' shape
         new = self._get_checked_instance(MultiTaskOutput, _instance)
         shape = torch.Size(batch_shape) + self.outputs.shape[-1:]
         new.outputs = self.outputs.expand(shape)

@@ -35,13 +35,55 @@ def local_params(fn):
     return wrapper
 
 
+class _SwappedScope(pyro_module._Context):
+    """PyroModule's call context, with its parameter-store scope made by swapping the store's
+    dicts rather than copying them.
+
+    Under module-local parameters Pyro scopes the global store to the module's own state for
+    the length of a top-level call (``ParamStoreDict.scope``: copy the store's state, clear it,
+    load the module's, run, copy it back, reload the old): about 20 µs a call for a store that
+    is empty on both sides. Here the call gets fresh dicts holding the module's state, and the
+    store's own dicts are put back afterwards, unchanged: the same contents inside and after
+    the call, a ``pyro.param`` inside still lands in the module's state.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not hasattr(self, "param_state"):  # Pyro makes it only under module-local parameters
+            self.param_state = {"params": {}, "constraints": {}}
+
+    def __enter__(self) -> None:
+        if not self.active and _module_local():
+            store = pyro.get_param_store()
+            self._outer = (store._params, store._param_to_name, store._constraints)
+            params, constraints = self.param_state["params"], self.param_state["constraints"]
+            store._params, store._constraints = dict(params), dict(constraints)
+            store._param_to_name = {param: name for name, param in params.items()}
+        self.active += 1
+        self.used = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+        if not self.active:
+            self.cache.clear()
+            if _module_local():
+                store = pyro.get_param_store()
+                self.param_state.update(store.get_state())
+                store._params, store._param_to_name, store._constraints = self._outer
+                del self._outer
+
+
 class LocalParamsModule(PyroModule):
     """A ``PyroModule`` that never reads or writes the global parameter store.
 
     Attribute access and calls switch module-local parameters on for their duration (a no-op
     when they already are, as during training), so tracing the module from user code cannot
-    pick up another fit's parameters.
+    pick up another fit's parameters. Its submodules share its :class:`_SwappedScope`.
     """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.__dict__["_pyro_context"] = _SwappedScope()
 
     def __getattr__(self, name: str) -> Any:
         # A plain nn.Parameter or nn.Module: inside a trace PyroModule would issue a "param"

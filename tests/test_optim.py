@@ -74,3 +74,37 @@ def test_a_closure_computes_its_loss_with_gradients() -> None:
 
     assert optim.step(closure).item() == 5.0
     assert torch.all(x.abs() < torch.tensor([1.0, 2.0]))
+
+
+def test_step_hooks_and_the_profiler_still_see_the_lean_step() -> None:
+    """The step skips torch's hook and profiler wrapper only when there is nothing for it to do:
+    a registered step hook runs, a profiler records the step's range, and the parameters move
+    the same either way; ``zero_grad`` drops or zeroes the gradients as torch's does."""
+    params, optim = _run(ClippedAdam, {"lr": 0.01}, steps=1)
+    calls: list[str] = []
+    handles = [
+        optim.register_step_pre_hook(lambda *_: calls.append("pre")),
+        optim.register_step_post_hook(lambda *_: calls.append("post")),
+    ]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optim.step()
+    assert calls == ["pre", "post"]
+    for handle in handles:
+        handle.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optim.step()
+    assert any(e.name == "Optimizer.step#ClippedAdam.step" for e in prof.events())
+    plain, plain_optim = _run(ClippedAdam, {"lr": 0.01}, steps=1)
+    for _ in range(2):
+        for p in plain:
+            p.grad = torch.ones_like(p)
+        plain_optim.step()
+    for a, b in zip(params, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    optim.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    optim.zero_grad()
+    assert all(p.grad is None for p in params)

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 
 from pyromtl import methods
-from pyromtl.base import Plates
+from pyromtl.base import Plates, _Plate
 from pyromtl.config import resolve
 from pyromtl.predict import evaluating
 from tests.conftest import TINY, built, mixed_simo
@@ -62,3 +62,52 @@ def test_task_and_data_plates_broadcast_on_their_own() -> None:
     with plates.task, plates.data:
         value = pyro.sample("x", dist.Normal(0.0, 1.0))
     assert value.shape == (batch.num_tasks, batch.size)
+
+
+def _broadcast_shapes(handler: type, batch_shape: tuple[int, ...], plates: list[tuple[int, int]]):
+    """The batch shape a site's ``Normal`` of ``batch_shape`` gets under ``handler`` with the plates
+    ``(size, dim)`` inside it, and whether the site kept its own distribution object; or the
+    error's type."""
+    d = dist.Normal(torch.zeros(batch_shape), 1.0)
+    frames = [_Plate(f"p{i}", size, dim=dim) for i, (size, dim) in enumerate(plates)]
+    try:
+        with pyro.poutine.trace() as tr, handler():
+            for frame in frames:
+                frame.__enter__()
+            try:
+                pyro.sample("x", d)
+            finally:
+                for frame in reversed(frames):
+                    frame.__exit__(None, None, None)
+    except ValueError:
+        return ValueError
+    fn = tr.trace.nodes["x"]["fn"]
+    return tuple(fn.batch_shape), fn is d
+
+
+def test_one_broadcast_expands_as_pyros_and_only_when_the_shape_changes() -> None:
+    """``_Broadcast`` gives every site the batch shape Pyro's ``BroadcastMessenger`` gives it (and
+    refuses the same mismatches), and keeps a distribution that is already at that shape."""
+    from pyro.poutine.broadcast_messenger import BroadcastMessenger
+
+    from pyromtl.base import _Broadcast
+
+    cases = [
+        ((), [(3, -1)]),
+        ((1,), [(4, -2), (3, -1)]),
+        ((3,), [(4, -2)]),
+        ((4, 3), [(4, -2), (3, -1)]),
+        ((5, 1, 3), [(2, -2)]),
+        ((3,), [(2, -1)]),  # a mismatch
+        ((2,), [(6, -4)]),
+    ]
+    for batch_shape, plates in cases:
+        ours, pyros = (
+            _broadcast_shapes(_Broadcast, batch_shape, plates),
+            _broadcast_shapes(BroadcastMessenger, batch_shape, plates),
+        )
+        if pyros is ValueError:
+            assert ours is ValueError, batch_shape
+            continue
+        assert ours[0] == pyros[0], (batch_shape, plates)
+        assert ours[1] == (ours[0] == batch_shape), (batch_shape, plates)  # expanded only when it must be

@@ -223,6 +223,57 @@ def test_a_global_param_store_entry_is_never_read() -> None:
         pyro.clear_param_store()
 
 
+def _param_calls(base: type) -> tuple[dict, dict, list[float]]:
+    """A module of class ``base`` (a parent holding a child of the same kind) whose call issues
+    ``pyro.param`` statements, called twice under module-local parameters with an entry in the
+    global store: what the store holds afterwards, the module's own state, what the calls saw."""
+
+    class Child(base):
+        def forward(self) -> torch.Tensor:
+            return pyro.param("child", lambda: torch.tensor(2.0))
+
+    class Parent(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.child = Child()
+
+        def forward(self) -> torch.Tensor:
+            seen.append("outer" in pyro.get_param_store())
+            value = pyro.param("own", lambda: torch.tensor(1.0)) + self.child()
+            with torch.no_grad():
+                pyro.param("own").add_(10.0)  # kept in the module's state for the next call
+            return value
+
+    seen: list = []
+    pyro.clear_param_store()
+    try:
+        with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
+            module = Parent()
+            pyro.get_param_store()["outer"] = torch.tensor(5.0)
+            values = [module().item(), module().item()]
+            store = {k: v.item() for k, v in pyro.get_param_store().items()}
+            own = {k: v.item() for k, v in module._pyro_context.param_state["params"].items()}
+    finally:
+        pyro.clear_param_store()
+    return store, own, [*seen, *values]
+
+
+def test_a_pyro_param_inside_a_module_stays_in_the_module_as_under_pyros_own_scope() -> None:
+    """LocalParamsModule's call scope swaps the store's dicts instead of Pyro's copy-clear-load:
+    a ``pyro.param`` inside still goes to the module's state, persists between calls, never
+    sees or changes the global store, the same as a plain PyroModule."""
+    from pyro.nn import PyroModule
+
+    from pyromtl.params import LocalParamsModule
+
+    ours, pyros = _param_calls(LocalParamsModule), _param_calls(PyroModule)
+    assert ours == pyros
+    store, own, seen = ours
+    assert store == {"outer": 5.0}
+    assert own == {"own": 21.0, "child": 2.0}
+    assert seen == [False, False, 3.0, 13.0]
+
+
 # ----------------------------------------------------------------------------- the package and the CLI
 def test_submodules_are_attributes_of_the_package() -> None:
     code = (
