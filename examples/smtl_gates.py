@@ -18,12 +18,8 @@ other three tasks for the digit):
 ``sweep``
     Final α_t and Δ_I against ``stl`` (same seed) over the gates' learning rate, τ and initial
     value, for smtl and lsmtl on digits-mixed.
-``safety``
-    Δ_I and η̂ against ``stl`` over seeds (Student-t intervals) for bmtl, cross-stitch and the four
-    SMTL variants at their defaults, on both datasets (``results/smtl_safety.{json,md}``).
 
     python examples/smtl_gates.py trajectories gradients sweep --out results/smtl_gates
-    python examples/smtl_gates.py safety --seeds 5 --steps 1000 --out results/smtl_safety
 
 Every part writes its section into ``<out>.json`` (kept across calls) and re-renders ``<out>.md``;
 ``trajectories`` also draws ``<out>.png``. Runs use one CPU thread.
@@ -46,18 +42,32 @@ from pyromtl import metrics
 from pyromtl.schedules import as_schedule
 from pyromtl.tables import render
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smtl_conflict import headline, primary, relative
-from vmtl_tables import mean_ci
-
 VARIANTS = ("smtl", "lsmtl", "smtl-c", "lsmtl-c")
-SAFETY = ("bmtl", "cross-stitch", *VARIANTS)
 #: name -> (dataset, fraction of its training split; 0: the dataset's default, the whole split)
 DATASETS = {"digits-mixed": ("digits-mixed", 0.0), "digits-conflict-10%": ("digits-conflict", 0.1)}
 OLD_GATE_LR = 3e-3  # the trainer's lr: the gates' step size when the trainer's optimiser held them
 #: The gates as they were before the gates had their own step size: the trainer's step size, every gate at the tie.
 OLD = {"gate_lr": OLD_GATE_LR, "gate_init": 0.5}
 COMMAND = "python examples/smtl_gates.py"
+
+
+#: Task results as ``Fit.evaluate()["tasks"]`` holds them: ``{task: {metric: value}}``.
+Tasks = dict[str, dict[str, float]]
+
+
+def primary(tasks: Tasks) -> Tasks:
+    """Each task's primary metric only, so Δ_I and η̂ count one metric per task."""
+    return {t: {(key := metrics.primary_metric(m)): m[key]} for t, m in tasks.items()}
+
+
+def relative(run: Tasks, base: Tasks) -> dict[str, float]:
+    """Δ_t in percent of the baseline, signed so that positive is better (as in Δ_I)."""
+    out = {}
+    for t, m in primary(run).items():
+        ((key, value),) = m.items()
+        sign = 1.0 if metrics.HIGHER_IS_BETTER[key] else -1.0
+        out[t] = 100.0 * sign * (value - base[t][key]) / base[t][key]
+    return out
 
 
 def fit(method: str, dataset: str, seed: int, steps: int, **options: Any) -> pyromtl.Fit:
@@ -232,67 +242,6 @@ def sweep(steps: int) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------- safety
-def safety(seeds: int, steps: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for dataset in DATASETS:
-        runs: dict[str, list[dict]] = {m: [] for m in ("stl", *SAFETY)}
-        for seed in range(seeds):
-            for method in runs:
-                f = fit(method, dataset, seed, steps)
-                gates = f.relatedness().get("gates")
-                runs[method].append(
-                    {
-                        "seed": seed,
-                        "tasks": f.evaluate()["tasks"],
-                        "best_step": f.train_info["best_step"],
-                        "alpha": None if gates is None else np.diag(gates).round(4).tolist(),
-                    }
-                )
-                shown = " ".join(f"{t}={v:.4f}" for t, v in headline(runs[method][-1]["tasks"]).items())
-                print(f"safety {dataset} seed {seed} {method:12s} {shown}", flush=True)
-        out[dataset] = runs
-    return out
-
-
-def safety_old(doc: dict[str, Any], datasets: list[str]) -> None:
-    """The four variants with the gates as they were (:data:`OLD`) on the seeds of ``doc``'s
-    safety runs, added as ``<method> (old gates)`` rows beside the defaults' (same stl runs)."""
-    for dataset in datasets:
-        runs = doc["runs"][dataset]
-        for seed in range(len(runs["stl"])):
-            for method in VARIANTS:
-                f = fit(method, dataset, seed, doc["steps"], **OLD)
-                gates = np.diag(f.relatedness()["gates"]).round(4).tolist()
-                rec = {
-                    "seed": seed,
-                    "tasks": f.evaluate()["tasks"],
-                    "best_step": f.train_info["best_step"],
-                    "alpha": gates,
-                }
-                runs.setdefault(f"{method} (old gates)", []).append(rec)
-                shown = " ".join(f"{t}={v:.4f}" for t, v in headline(rec["tasks"]).items())
-                print(f"old gates {dataset} seed {seed} {method:8s} {shown}", flush=True)
-
-
-def safety_rows(runs: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
-    stl = runs["stl"]
-    tasks = list(primary(stl[0]["tasks"]))
-    rows = []
-    for n in (m for m in runs if m != "stl"):
-        pairs = list(zip(runs[n], stl, strict=True))
-        deltas = [relative(r["tasks"], b["tasks"]) for r, b in pairs]
-        di = [metrics.delta_i(primary(r["tasks"]), primary(b["tasks"])) for r, b in pairs]
-        eta = [metrics.eta_hat(primary(r["tasks"]), primary(b["tasks"])) for r, b in pairs]
-        alpha = (
-            "–"
-            if runs[n][0]["alpha"] is None
-            else " ".join(f"{x:.2f}" for x in np.mean([r["alpha"] for r in runs[n]], 0))
-        )
-        rows.append([n, *[mean_ci([d[t] for d in deltas], 2) for t in tasks], mean_ci(di, 2), mean_ci(eta, 1), alpha])
-    return ["method", *[f"Δ {t} %" for t in tasks], "Δ_I % ↑", "η̂ ↑", "α_t (mean)"], rows
-
-
 # ---------------------------------------------------------------------------- report
 def render_gates(doc: dict[str, Any]) -> str:
     out = [
@@ -373,53 +322,14 @@ def render_gates(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_safety(doc: dict[str, Any]) -> str:
-    out = [
-        f"# SMTL safety\n\nMade by `{doc['command']}`: {doc['seeds']} seeds, {doc['steps']} steps each "
-        "(val-selected step kept), one CPU thread, every method at its defaults. Mean ± 95% Student-t interval "
-        "over seeds of the per-seed difference from the same seed's `stl` run; Δ positive is better.\n"
-    ]
-    if "command_old" in doc:
-        out.append(
-            f"Rows `(old gates)`: `{doc['command_old']}`, the gates before they had their own step size (in the "
-            "trainer's Adam at lr 3e-3, every gate starting at 0.5), on the same seeds.\n"
-        )
-    for dataset, runs in doc["runs"].items():
-        header, rows = safety_rows(runs)
-        stl = ", ".join(
-            f"{t} {mean_ci([headline(r['tasks'])[t] for r in runs['stl']], 4)}"
-            for t in primary(runs["stl"][0]["tasks"])
-        )
-        out += [f"## {dataset}\n", f"stl: {stl}.\n", render(header, rows), ""]
-    return "\n".join(out)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("parts", nargs="+", choices=["trajectories", "gradients", "sweep", "safety", "old", "render"])
-    p.add_argument("--old-data", default="digits-mixed", help="datasets of the 'old' part, comma-separated")
+    p.add_argument("parts", nargs="+", choices=["trajectories", "gradients", "sweep", "render"])
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)  # small networks: extra threads only contend on a shared machine
     command = f"{COMMAND} {' '.join(sys.argv[1:])}"
-    if "old" in args.parts:  # the variants with the old gates, added to an existing safety table
-        out = Path(args.out or "results/smtl_safety")
-        doc = json.loads(out.with_suffix(".json").read_text())
-        safety_old(doc, args.old_data.split(","))
-        doc["command_old"] = command
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-        out.with_suffix(".md").write_text(render_safety(doc) + "\n")
-        print(render_safety(doc))
-        return
-    if "safety" in args.parts:
-        out = Path(args.out or "results/smtl_safety")
-        doc = {"command": command, "seeds": args.seeds, "steps": args.steps, "runs": safety(args.seeds, args.steps)}
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-        out.with_suffix(".md").write_text(render_safety(doc) + "\n")
-        print(render_safety(doc))
-        return
     out = Path(args.out or "results/smtl_gates")
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {}

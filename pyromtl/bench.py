@@ -16,6 +16,7 @@ classification tasks; the seconds per training step and the number of trained pa
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import time
@@ -59,6 +60,30 @@ class Cell:
         options = "".join(f"-{k}={_word(v)}" for k, v in self.options)
         return out / self.data / f"{self.method}{options}-s{self.seed}"
 
+    def config(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (every cell's) with this cell's grid values set; a dotted key reaches into
+        a table (``priors.w.kind``) without changing ``options``' own tables.
+
+        Args:
+            options: the options every cell gets.
+
+        Returns:
+            A new dict of options.
+
+        Raises:
+            ValueError: a dotted key runs through an option that is not a table.
+        """
+        merged = copy.deepcopy(dict(options))
+        for key, value in self.options:
+            *path, last = key.split(".")
+            node = merged
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set-grid {key}: {part!r} is not a table here, it is {node!r}")
+            node[last] = copy.deepcopy(value)
+        return merged
+
 
 def _word(value: Any) -> str:
     return str(value).replace("/", "_").replace(" ", "")
@@ -66,6 +91,7 @@ def _word(value: Any) -> str:
 
 def parse_grid(assignments: Iterable[str]) -> dict[str, list[Any]]:
     """``["beta=0.01,0.1", ...]`` as ``{"beta": [0.01, 0.1]}``; values are read as TOML scalars.
+    A dotted key reaches into a table, e.g. ``priors.w.kind=deterministic,learned_normal``.
 
     Args:
         assignments: ``KEY=V1,V2,...`` strings (``--set-grid``).
@@ -82,12 +108,14 @@ def parse_grid(assignments: Iterable[str]) -> dict[str, list[Any]]:
         key, sep, values = text.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ValueError(f"--set-grid takes KEY=V1,V2,..., got {text!r}")
-        parsed = []
+        key, parsed = key.strip(), []
         for value in values.split(","):
             holder: dict[str, Any] = {}
-            config_mod.apply_set(holder, f"{key.strip()}={value.strip()}")
-            parsed.append(holder[key.strip()])
-        grid[key.strip()] = parsed
+            config_mod.apply_set(holder, f"{key}={value.strip()}")
+            for part in key.split("."):
+                holder = holder[part]
+            parsed.append(holder)
+        grid[key] = parsed
     return grid
 
 
@@ -140,15 +168,19 @@ def plan(
                 if explicit and name != BASELINE:
                     raise ValueError(f"{name} on {data}: {err}") from None
                 continue
-            own = {k: v for k, v in (grid or {}).items() if k in _known_keys(method)}
+            own = {k: v for k, v in (grid or {}).items() if _known(method, k)}
             for values in itertools.product(*own.values()):
                 options = tuple(zip(own, values))
                 cells += [Cell(name, data, seed, options) for seed in range(seeds)]
     return cells
 
 
-def _known_keys(method: methods.Method) -> set[str]:
-    return set(config_mod.TRAIN_DEFAULTS) | set(method.defaults)
+def _known(method: methods.Method, key: str) -> bool:
+    """Whether ``method`` has the option ``key``; ``priors.<site>...`` where it has that site."""
+    root, *rest = key.split(".")
+    if root == "priors":
+        return bool(rest) and rest[0] in method.priors
+    return root in config_mod.TRAIN_DEFAULTS or root in method.defaults
 
 
 def _run(cell: Cell, out: str, options: Mapping[str, Any], plugins: Sequence[str], threads: int) -> dict[str, Any]:
@@ -165,9 +197,7 @@ def _run(cell: Cell, out: str, options: Mapping[str, Any], plugins: Sequence[str
         torch.set_num_threads(threads)
     start = time.perf_counter()
     method = methods.get(cell.method)
-    cfg = config_mod.resolve(
-        method, {**options, **dict(cell.options), "data": cell.data, "seed": cell.seed, "quiet": True}
-    )
+    cfg = config_mod.resolve(method, {**cell.config(options), "data": cell.data, "seed": cell.seed, "quiet": True})
     fit = fit_resolved(method, cfg, out=cell.directory(Path(out)))
     return {"trained": not fit.train_info.get("complete", False), "seconds": time.perf_counter() - start}
 
@@ -289,7 +319,7 @@ def bench(
         return {**options, **lengths.get(cell.data, {})}
 
     for cell in {(c.method, c.data, c.options): c for c in cells}.values():  # bad keys fail before any training
-        config_mod.resolve(methods.get(cell.method), {**cell_options(cell), **dict(cell.options), "data": cell.data})
+        config_mod.resolve(methods.get(cell.method), {**cell.config(cell_options(cell)), "data": cell.data})
     out = Path(out)
     result = BenchResult(out=out, cells=cells)
     start = time.perf_counter()

@@ -2,13 +2,17 @@
 
 Per dataset, every variant (a method with its grid options) gets:
 
-* per task, the primary metric's mean and 95% Student-t interval over seeds (:func:`interval`);
+* per task, the primary metric's mean and 95% Student-t interval over seeds (:func:`interval`),
+  and where every task has the same primary metric, its mean over tasks (``mean accuracy``);
 * Δm% (BayesAgg-MTL's, lower is better), Δ_I% and η̂ (SMTL's, higher is better) against the
-  ``stl`` run of the same seed (and the same grid options, where the grid gave ``stl`` some);
+  ``stl`` run of the same seed, with the grid options it shares with the row where the grid gave
+  ``stl`` some (``smtl[gate_lr=0.003,latent_dim=4]`` against ``stl[latent_dim=4]``);
 * ECE and NLL averaged over the classification tasks, the median seconds per step and the
   number of trained parameters;
 * where the dataset knows its task relatedness (``metrics.json``'s ``true_relatedness``), how
-  well the method's reading recovers it (:func:`recovery`).
+  well the method's reading recovers it (:func:`recovery`), and, for a method that clusters the
+  tasks (HIB, ``extra.clustering``), the share of seeds that recover the groups exactly and the
+  clustering margin.
 
 Across datasets, :func:`rank_summary` ranks the variants present on every dataset by Δm% and
 tests whether they differ (Friedman's test, Nemenyi's critical difference; Demšar, JMLR 2006).
@@ -20,6 +24,7 @@ import csv
 import html
 import io
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +117,12 @@ def _variant(name: str, seed: int) -> str:
     return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
+def _grid_options(variant: str, method: str) -> frozenset[str]:
+    """A leaderboard row's grid options as ``key=value`` words: ``smtl-gate_lr=0.003-latent_dim=4``
+    has ``{"gate_lr=0.003", "latent_dim=4"}``."""
+    return frozenset(word for word in re.split(r"-(?=[A-Za-z_][\w.]*=)", variant[len(method) :]) if word)
+
+
 def _recovered(doc: Mapping[str, Any]) -> float | None:
     """:func:`recovery` of a run's first relatedness reading, if the dataset knows the truth."""
     truth, readings = doc.get("true_relatedness"), doc.get("relatedness") or {}
@@ -140,17 +151,26 @@ def tables(out: str | Path) -> dict[str, list[dict[str, Any]]]:
     result: dict[str, list[dict[str, Any]]] = {}
     for data, variants in sorted(by_data.items()):
         rows = []
+        baselines = {
+            _grid_options(v, BASELINE): runs for v, runs in variants.items() if runs[0]["doc"]["method"] == BASELINE
+        }
         for variant, runs in sorted(variants.items()):
-            # against stl run with the same grid options (e.g. the same lr) where the grid gave it some
-            same = BASELINE + variant[len(runs[0]["doc"]["method"]) :]
-            base = variants.get(same) or variants.get(BASELINE, [])
+            # against stl run with the grid options it shares (e.g. the same lr) where the grid gave it some
+            options = _grid_options(variant, runs[0]["doc"]["method"])
+            shared = [o for o in baselines if o <= options]
+            base = baselines[max(shared, key=len)] if shared else []
             baseline = {c["doc"]["seed"]: c["doc"]["tasks"] for c in base}
             tasks = runs[0]["doc"]["tasks"]
             row: dict[str, Any] = {"method": variant, "seeds": sorted(r["doc"]["seed"] for r in runs)}
-            for task, scores in tasks.items():
-                key = primary_metric(scores)
+            primary = {task: primary_metric(scores) for task, scores in tasks.items()}
+            for task, key in primary.items():
                 if key is not None:
                     row[f"{task}:{key}"] = interval([r["doc"]["tasks"][task][key] for r in runs])
+            if len(kinds := set(primary.values())) == 1 and None not in kinds:  # one metric for all: its task mean
+                key = kinds.pop()
+                row[f"mean {key}"] = interval(
+                    [statistics.fmean(t[key] for t in r["doc"]["tasks"].values()) for r in runs]
+                )
             paired = [r for r in runs if r["doc"]["seed"] in baseline]
             for label, fn in (("Δm%", metrics.delta_m), ("Δ_I%", metrics.delta_i), ("η̂", metrics.eta_hat)):
                 values = [fn(r["doc"]["tasks"], baseline[r["doc"]["seed"]]) for r in paired]
@@ -165,6 +185,10 @@ def tables(out: str | Path) -> dict[str, list[dict[str, Any]]]:
             if any("true_relatedness" in r["doc"] for r in runs):
                 recovered = [rho for r in runs if (rho := _recovered(r["doc"])) is not None]
                 row["relatedness ρ"] = interval(recovered) if recovered else None
+            clustered = [c for r in runs if (c := (r["doc"].get("extra") or {}).get("clustering"))]
+            if clustered:  # HIB's §V-B criterion: the groups recovered exactly, and by what margin
+                row["clustering success"] = interval([float(c["success"]) for c in clustered])
+                row["clustering margin"] = interval([c["margin"] for c in clustered])
             train = [r["doc"]["train"] for r in runs]
             row["ms/step"] = statistics.median(1e3 * t["seconds"] / t["steps"] for t in train)
             row["parameters"] = train[0].get("parameters")  # absent from runs made before it was recorded

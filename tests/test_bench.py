@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -40,6 +41,27 @@ def test_grid_values_are_parsed_as_config_values():
     }
     with pytest.raises(ValueError, match="KEY=V1,V2"):
         bench.parse_grid(["beta"])
+
+
+def test_a_dotted_grid_key_reaches_into_a_table_of_the_methods_that_have_it():
+    """``--set-grid priors.w.kind=...`` (HIB's no-noise row): parsed as one value per entry, given
+    to the methods with a ``w`` site only, and merged into the cell's options without changing the
+    options every cell shares."""
+    grid = bench.parse_grid(["priors.w.kind=deterministic,learned_normal"])
+    assert grid == {"priors.w.kind": ["deterministic", "learned_normal"]}
+    cells = bench.plan(["hib", "mtvib"], ["digits-grouped"], seeds=1, grid=grid)
+    assert sorted(c.options for c in cells if c.method == "hib") == [
+        (("priors.w.kind", "deterministic"),),
+        (("priors.w.kind", "learned_normal"),),
+    ]
+    assert [c.options for c in cells if c.method == "mtvib"] == [()]  # its sites are z only
+    shared = {"steps": 5, "priors": {"w": {"scale": 2.0}}}
+    cell = next(c for c in cells if c.method == "hib")
+    assert cell.config(shared) == {"steps": 5, "priors": {"w": {"scale": 2.0, "kind": "deterministic"}}}
+    assert shared == {"steps": 5, "priors": {"w": {"scale": 2.0}}}
+    assert cell.directory(Path("B")).name == "hib-priors.w.kind=deterministic-s0"
+    with pytest.raises(ValueError, match="not a table"):
+        cell.config({"priors": {"w": "normal"}})
 
 
 def test_a_bad_option_fails_before_any_cell_trains(tmp_path):
@@ -122,6 +144,8 @@ def test_bench_trains_each_cell_once_as_fit_would_and_ranks_against_stl(tmp_path
     assert rows["bmtl"][f"{task}:accuracy"] == pytest.approx(
         leaderboard.interval([docs["bmtl", s]["tasks"][task]["accuracy"] for s in (0, 1)])
     )
+    task_mean = [statistics.fmean(t["accuracy"] for t in docs["bmtl", s]["tasks"].values()) for s in (0, 1)]
+    assert rows["bmtl"]["mean accuracy"] == pytest.approx(leaderboard.interval(task_mean))
     want = [metrics.delta_m(docs["bmtl", s]["tasks"], docs["stl", s]["tasks"]) for s in (0, 1)]
     assert rows["bmtl"]["Δm%"] == pytest.approx(leaderboard.interval(want))
     assert rows["stl"]["η̂"] == (100.0, 0.0) and rows["stl"]["Δm%"] == (0.0, 0.0)
@@ -208,7 +232,7 @@ def test_ray_cells_are_fit_runs_and_the_leaderboard_scores_relatedness(tmp_path)
     assert rows["stl"]["relatedness ρ"] is None  # stl reads no relatedness
 
 
-def _cell(out, name, method, seed, accuracy, relatedness=None):
+def _cell(out, name, method, seed, accuracy, relatedness=None, extra=None):
     """A finished cell as the leaderboard reads it: ``metrics.json`` and ``complete.json``."""
     path = out / "toy" / name
     path.mkdir(parents=True)
@@ -220,6 +244,7 @@ def _cell(out, name, method, seed, accuracy, relatedness=None):
         "train": {"steps": 10, "seconds": 1.0, "parameters": 7},
         "relatedness": relatedness or {},
         "true_relatedness": [[1, 1, 0], [1, 1, 0], [0, 0, 1]],
+        **({"extra": extra} if extra else {}),
     }
     (path / "metrics.json").write_text(json.dumps(doc))
     (path / "complete.json").write_text(json.dumps({"step": 10}))
@@ -237,3 +262,31 @@ def test_a_grid_variant_is_compared_with_stl_run_on_the_same_grid_options(tmp_pa
     rho = leaderboard.recovery("alpha", alpha, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
     assert rows["vmtl-lr=0.1"]["relatedness ρ"] == pytest.approx((rho, 0.0)) and rho > 0.5
     assert rows["stl"]["relatedness ρ"] is None and rows["stl"]["parameters"] == 7
+
+
+def test_a_clustering_method_gets_its_success_rate_and_margin(tmp_path):
+    """HIB's ``extra.clustering`` (§V-B): the share of seeds whose clustering recovers the groups,
+    and the mean margin, each with its interval; a method without it gets neither column."""
+    margins = [2.0, -1.0, 4.0]
+    for seed, margin in enumerate(margins):
+        _cell(tmp_path, f"stl-s{seed}", "stl", seed, 0.5)
+        _cell(
+            tmp_path, f"hib-s{seed}", "hib", seed, 0.6, extra={"clustering": {"success": margin > 0, "margin": margin}}
+        )
+    rows = {r["method"]: r for r in leaderboard.tables(tmp_path)["toy"]}
+    assert rows["hib"]["clustering success"] == pytest.approx(leaderboard.interval([1.0, 0.0, 1.0]))
+    assert rows["hib"]["clustering margin"] == pytest.approx(leaderboard.interval(margins))
+    assert "clustering success" not in rows["stl"]
+
+
+def test_a_variant_with_options_stl_lacks_is_compared_with_stl_on_the_options_it_has(tmp_path):
+    """A row whose grid gave it an option ``stl`` does not have (``gate_lr``) is compared with the
+    ``stl`` row on the options they share (``latent_dim=4``), not the plain one."""
+    for seed in (0, 1):
+        _cell(tmp_path, f"stl-latent_dim=64-s{seed}", "stl", seed, 0.5)
+        _cell(tmp_path, f"stl-latent_dim=4-s{seed}", "stl", seed, 0.8)
+        _cell(tmp_path, f"smtl-c-gate_lr=0.003-latent_dim=4-s{seed}", "smtl-c", seed, 0.8)
+        _cell(tmp_path, f"smtl-c-gate_lr=0.003-latent_dim=64-s{seed}", "smtl-c", seed, 0.8)
+    rows = {r["method"]: r for r in leaderboard.tables(tmp_path)["toy"]}
+    assert rows["smtl-c-gate_lr=0.003-latent_dim=4"]["Δm%"] == (0.0, 0.0)  # against stl-latent_dim=4 (0.8)
+    assert rows["smtl-c-gate_lr=0.003-latent_dim=64"]["Δm%"][0] < 0  # against stl-latent_dim=64 (0.5)
