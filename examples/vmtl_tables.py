@@ -12,10 +12,6 @@ records the selected step with its KL weights and temperature in ``results/vmtl_
   validation and test accuracy, NLL, ECE and the selected step; plotted to
   ``results/vmtl_kl_sweep.png``;
 * ``floor``: VMTL's floor on the z prior's component scales, {0.1, 0.25, 0.5, 1, 2}, at 5% and 20%;
-* ``domains``: test accuracy on ``digits-domains`` at 5% / 10% / 20% for stl, vstl, bmtl,
-  vbmtl, vmtl-ac and vmtl (mean ± 95% CI over seeds);
-* ``rotation``: test NMSE on ``digits-rotation`` for the same methods, and VMTL with its z or
-  its w prior made deterministic (which prior costs it on regression);
 * ``table1``: VMTL Table 1, z and/or w probabilistic (``examples/configs/table1_*.toml``);
 * ``table2``: VMTL Table 2, the mixture weights: mean, learned, Gumbel-Softmax
   (``examples/configs/table2_*.toml``);
@@ -40,11 +36,7 @@ from scipy import stats
 from pyromtl.tables import render as table
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-METHODS = ["stl", "vstl", "bmtl", "vbmtl", "vmtl-ac", "vmtl"]
 FRACTIONS = [0.05, 0.1, 0.2]
-ROTATION_FRACTION = 0.1
-#: Which of VMTL's priors costs it on regression: each one made deterministic in turn.
-ROTATION_VARIANTS = {"vmtl, z ×": {"priors": {"z": "deterministic"}}, "vmtl, w ×": {"priors": {"w": "deterministic"}}}
 SWEEP_WEIGHTS = [1e-7, 1e-4, 1e-2, 0.1, 1.0]
 SWEEP_METHODS = ["vstl", "vbmtl", "vmtl-ac", "vmtl"]
 SWEEP_FRACTIONS = [0.05, 0.2]
@@ -72,7 +64,7 @@ DEVIATIONS = [
 ]
 #: The floor on the z prior's component scales (z_component_min_scale), picked on validation.
 FLOORS = [0.1, 0.25, 0.5, 1.0, 2.0]
-TABLES = ["sweep", "floor", "domains", "rotation", "table1", "table2", "deviations"]
+TABLES = ["sweep", "floor", "table1", "table2", "deviations"]
 
 
 def _run(job: dict) -> dict:
@@ -120,8 +112,6 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
                 for f in SWEEP_FRACTIONS
                 for w in SWEEP_WEIGHTS
             ]
-        elif name == "domains":
-            out += [{**base, "method": m, "fraction": f, "seed": seed, "label": m} for m in METHODS for f in FRACTIONS]
         elif name == "floor":
             out += [
                 {
@@ -139,30 +129,6 @@ def jobs_for(name: str, seeds: int) -> list[dict]:
             out += [
                 {**base, "method": m, "fraction": 0.05, "seed": seed, "label": label, "options": options}
                 for label, m, options in DEVIATIONS
-            ]
-        elif name == "rotation":
-            out += [
-                {
-                    **base,
-                    "data": "digits-rotation",
-                    "method": m,
-                    "fraction": ROTATION_FRACTION,
-                    "seed": seed,
-                    "label": m,
-                }
-                for m in METHODS
-            ]
-            out += [
-                {
-                    **base,
-                    "data": "digits-rotation",
-                    "method": "vmtl",
-                    "fraction": ROTATION_FRACTION,
-                    "seed": seed,
-                    "label": label,
-                    "options": options,
-                }
-                for label, options in ROTATION_VARIANTS.items()
             ]
         else:
             rows = TABLE1 if name == "table1" else TABLE2
@@ -267,24 +233,6 @@ def render(results: list[dict]) -> str:
             "### Deviations, digits-domains at 5% (mean ± 95% CI)",
             "",
             table(["run", "val accuracy", "test accuracy", "test ECE", "selected step"], rows),
-            "",
-        ]
-    if dom := by_table["domains"]:
-        rows = [[m, *_cells(dom, acc, FRACTIONS, in_fraction(m))] for m in METHODS]
-        lines += [
-            "### digits-domains: test accuracy (mean ± 95% CI over seeds)",
-            "",
-            table(["method", *(f"fraction {f}" for f in FRACTIONS)], rows),
-            "",
-        ]
-    if rot := by_table["rotation"]:
-        rows = [
-            [m, mean_ci([r["average"]["nmse"] for r in rot if r["label"] == m])] for m in [*METHODS, *ROTATION_VARIANTS]
-        ]
-        lines += [
-            f"### digits-rotation: test NMSE at fraction {ROTATION_FRACTION} (lower is better)",
-            "",
-            table(["method", "NMSE"], rows),
             "",
         ]
     for name, rows_of, title in (
