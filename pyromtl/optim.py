@@ -71,7 +71,10 @@ class ClippedAdam(PyroClippedAdam):
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         if any(group["centered_variance"] for group in self.param_groups):
-            return PyroClippedAdam.step(self, closure)
+            pyros: Callable[..., Any] = PyroClippedAdam.step
+            if getattr(pyros, "hooked", False):  # torch wrapped Pyro's step too; ours ran the hooks
+                pyros = pyros.__wrapped__  # type: ignore[attr-defined]
+            return pyros(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():  # the step runs without gradients; the closure needs them

@@ -66,11 +66,11 @@ class _SwappedScope(pyro_module._Context):
         self.active -= 1
         if not self.active:
             self.cache.clear()
-            if _module_local():
+            outer = self.__dict__.pop("_outer", None)
+            if outer is not None:  # swapped on entry
                 store = pyro.get_param_store()
                 self.param_state.update(store.get_state())
-                store._params, store._param_to_name, store._constraints = self._outer
-                del self._outer
+                store._params, store._param_to_name, store._constraints = outer
 
 
 class LocalParamsModule(PyroModule):

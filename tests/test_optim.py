@@ -108,3 +108,17 @@ def test_step_hooks_and_the_profiler_still_see_the_lean_step() -> None:
     assert all(p.grad is not None and not p.grad.any() for p in params)
     optim.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+def test_hooks_run_once_on_pyros_loop() -> None:
+    """``centered_variance`` runs Pyro's own step, which torch wraps in its hook wrapper once a
+    Pyro ClippedAdam exists: a step hook still runs once per step, not twice."""
+    PyroClippedAdam(_params(0), lr=0.01)  # torch wraps Pyro's class's step on the first instance
+    params = _params(0)
+    optim = ClippedAdam(params, lr=0.01, centered_variance=True)
+    calls: list[str] = []
+    optim.register_step_pre_hook(lambda *_: calls.append("pre"))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optim.step()
+    assert calls == ["pre"]

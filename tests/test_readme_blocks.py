@@ -146,6 +146,11 @@ SKIPS = (
     Skip("command", r"--device cuda\b", "needs a CUDA GPU"),
     Skip("command", r"--root /data/", "reads a benchmark's files, which are not embedded"),
     Skip("command", r"^pyromtl bench --jobs 2 --out bench$", "the default grid: 612 runs, 26 minutes on 2 cores"),
+    Skip(
+        "command",
+        r"^pyromtl bench .*--seeds 5 .*--out bench/(vmtl|smtl|hib)$",
+        "a method page's results: 5 seeds at full length, 5 to 17 minutes on 2 cores (test_bench.py runs the CLI)",
+    ),
     Skip("block", r"\bx_task0\b", "illustrative: the reader's own arrays (x_task0, y_age, ...) are placeholders"),
     Skip("block", r"\bmy_resnet\b", "illustrative: the reader's own networks (my_resnet, MyNet) are placeholders"),
     Skip("block", r"(?m)^\s*\.\.\.\s*$", "abridged source of models/vmtl.py (`...` elides code), not a script"),
