@@ -77,3 +77,33 @@ def test_a_network_that_cannot_be_allocated_is_one_line() -> None:
     """Two layers of 2**20 (the widest a config may ask for) need 4 TiB: refused before training."""
     with pytest.raises(ValueError, match=r"the networks of bmtl do not fit in memory .*; ask for smaller sizes"):
         pyromtl.fit("bmtl", "digits-mixed", steps=1, device="cpu", quiet=True, hidden=[2**20, 2**20])
+
+
+def test_a_task_without_rows_in_a_split_gets_scale_zero_not_nan() -> None:
+    """A split where one task has no rows (a small task's ``val``, say): that task's batch row is
+    masked with scale 0 (Pyro scales before it masks, so 0/0 would make the loss NaN); the other
+    tasks keep ``N_t / B_t``."""
+    data = MultiTaskData.from_arrays(
+        [np.random.default_rng(0).normal(size=(7, 3)) for _ in range(2)],
+        [np.arange(7) % 2, np.arange(7) % 2],
+        "binary",
+        splits={"train": [[0, 1, 2, 3], [0, 1, 2, 3]], "val": [[4, 5], []], "test": [[6], [4, 5, 6]]},
+    )
+    batch = data.train_batch(4, None, "cpu", split="val")
+    assert batch.scale[:, 0].tolist() == [1.0, 0.0]
+    assert batch.mask[1].sum() == 0 and batch.mask[0].sum() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_a_batch_size_below_one_or_not_an_integer_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match="batch_size must be an integer of at least 1"):
+        MultiTaskData.from_arrays([np.zeros((4, 2))] * 2, [np.arange(4) % 2] * 2, "binary").train_batch(
+            bad, None, "cpu"
+        )
+
+
+def test_a_task_index_is_not_a_bool() -> None:
+    data = MultiTaskData.from_arrays([np.zeros((4, 2))] * 2, [np.arange(4) % 2] * 2, "binary")
+    assert data.task_index(1) == 1
+    with pytest.raises(ValueError, match="unknown task True"):
+        data.task_index(True)

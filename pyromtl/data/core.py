@@ -339,7 +339,7 @@ class MultiTaskData:
         Raises:
             ValueError: no such task.
         """
-        if isinstance(task, (int, np.integer)) and 0 <= int(task) < self.num_tasks:
+        if isinstance(task, (int, np.integer)) and not isinstance(task, bool) and 0 <= int(task) < self.num_tasks:
             return int(task)
         if task in self.task_names:
             return self.task_names.index(task)
@@ -473,10 +473,11 @@ class MultiTaskData:
         some parameters elsewhere, e.g. gates on val).
 
         A task with fewer than ``batch_size`` training samples contributes all of them (the rest
-        of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased.
+        of its row is masked). ``scale = N_t / B_t`` keeps the subsampled likelihood unbiased; a
+        task without rows in ``split`` gets a fully masked row and scale 0.
 
         Args:
-            batch_size: the most samples drawn per task, at least 1 (not checked).
+            batch_size: the most samples drawn per task, at least 1.
             generator: the random generator for the draw (None: the global one).
             device: where the batch goes.
             split: the split it is drawn from.
@@ -486,14 +487,19 @@ class MultiTaskData:
 
         Raises:
             KeyError: no such split.
+            ValueError: ``batch_size`` below 1, or a SIMO split without rows.
             RuntimeError: ``device`` names no valid device.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         device = torch.device(device)
         pad = self.padded(split, device)
         T = self.num_tasks
         n = pad.n
         if self.simo:
             N = int(n[0])
+            if N == 0:
+                raise ValueError(f"split {split!r} of {self.name!r} has no rows to draw a batch from")
             B = min(batch_size, N)
             perm = torch.randperm(N, generator=generator, device="cpu")[:B].to(device)
             rows = pad.index[0, perm]
@@ -514,7 +520,7 @@ class MultiTaskData:
         rows = torch.arange(T, device=device)[:, None]
         x = pad.x[rows, pos]
         y = pad.y[rows, pos]
-        scale = (n / taken).to(torch.float32)[:, None]
+        scale = (n / taken.clamp(min=1)).to(torch.float32)[:, None]  # a task without rows: 0, not 0/0
         return Batch(x=x, y=y, mask=mask, scale=scale, index=pos, simo=False, split=split)
 
     def eval_batches(self, split: str, device: torch.device | str, batch_size: int = 4096) -> Iterator[Batch]:
