@@ -96,7 +96,7 @@ def test_a_task_without_rows_in_a_split_gets_scale_zero_not_nan() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_a_batch_size_below_one_or_not_an_integer_is_refused(bad) -> None:
-    with pytest.raises(ValueError, match="batch_size must be an integer of at least 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         MultiTaskData.from_arrays([np.zeros((4, 2))] * 2, [np.arange(4) % 2] * 2, "binary").train_batch(
             bad, None, "cpu"
         )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pyromtl.data.constants import SPLITS, TASK_TYPES, TYPE_CODE
-from pyromtl.data.validate import as_names, as_real_array, validate_arrays
+from pyromtl.data.validate import as_names, as_real_array, check_int, validate_arrays
 
 __all__ = ["SPLITS", "TASK_TYPES", "TYPE_CODE", "Batch", "MultiTaskData", "TaskInfo"]
 
@@ -490,8 +490,7 @@ class MultiTaskData:
             ValueError: ``batch_size`` below 1, or a SIMO split without rows.
             RuntimeError: ``device`` names no valid device.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         device = torch.device(device)
         pad = self.padded(split, device)
         T = self.num_tasks

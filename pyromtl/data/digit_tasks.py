@@ -9,6 +9,8 @@ from itertools import combinations
 
 import numpy as np
 
+from pyromtl.data.validate import check_int
+
 #: digits-grouped's default tasks: each task's digit subset, and the cluster it belongs to.
 GROUPS: dict[str, tuple[tuple[int, ...], int]] = {
     "d012": ((0, 1, 2), 0),
@@ -19,11 +21,6 @@ GROUPS: dict[str, tuple[tuple[int, ...], int]] = {
     "d579": ((5, 7, 9), 1),
 }
 _GROUPS_SEED = 1008
-
-
-def check_int(what: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
 
 
 def digit_groups(

@@ -19,7 +19,8 @@ import numpy as np
 
 from pyromtl.data.cache import cached_arrays
 from pyromtl.data.core import MultiTaskData
-from pyromtl.data.digit_tasks import GROUPS, check_int, digit_groups, group_targets
+from pyromtl.data.digit_tasks import GROUPS, digit_groups, group_targets
+from pyromtl.data.validate import check_int
 
 __all__ = [
     "ARRAY_VERSIONS",

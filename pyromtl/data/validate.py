@@ -22,6 +22,21 @@ MAX_CLASSES = 100_000
 LARGE_INPUT = 1e6
 
 
+def check_int(what: str, value, low: int) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) of at least ``low``.
+
+    Args:
+        what: the value's name, for the message.
+        value: the value.
+        low: the least value allowed.
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+
+
 def as_real_array(a, what: str) -> np.ndarray:
     """``a`` as a finite float64 array that fits float32, or ``ValueError``."""
     if isinstance(a, torch.Tensor):
